@@ -1,0 +1,84 @@
+"""Where a site's data and local state live, from the node config.
+
+Deployment: the SuperNode's node config names them (``data-path``, ``state-dir``,
+``site-name``, ``device``). Simulation: Flower gives each virtual node a
+``partition-id``, and site *k* lives in ``<sites-root>/site-k/``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedshift.common.config import FederationConfig
+from fedshift.common.data import Dataset, load_npz
+from fedshift.common.errors import ConfigError
+from fedshift.common.io import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+SITE_DATA_FILE = "data.npz"
+LOCAL_STATE_FILE = "site_local.safetensors"
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """One hospital's local facts."""
+
+    name: str  # display name in reports
+    data_path: Path  # MedMNIST-layout .npz with train/val/test splits
+    state_dir: Path  # site-local state (input adapter, later the privacy ledger)
+    device: str  # auto, cpu or cuda:N
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], fed: FederationConfig) -> SiteSettings:
+        device = str(node_config.get("device", fed.device))
+        if "data-path" in node_config:
+            data_path = Path(str(node_config["data-path"]))
+            state_dir = Path(str(node_config.get("state-dir", data_path.parent)))
+            name = str(node_config.get("site-name", data_path.stem))
+            return cls(name, data_path, state_dir, device)
+        if "partition-id" in node_config and fed.sites_root:
+            name = f"site-{int(node_config['partition-id'])}"
+            site_dir = Path(fed.sites_root) / name
+            return cls(name, site_dir / SITE_DATA_FILE, site_dir, device)
+        raise ConfigError(
+            "Expected the node config to set 'data-path' (deployment) or the run config to set "
+            "'sites-root' (simulation), but neither is set; pass "
+            "--node-config \"data-path='/path/site.npz'\""
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(path: str, mtime_ns: int) -> Dataset:
+    return load_npz(path)
+
+
+def load_site_data(settings: SiteSettings) -> Dataset:
+    """The site's dataset, read once per process (re-read when the file changes)."""
+    path = settings.data_path
+    mtime = path.stat().st_mtime_ns if path.exists() else 0
+    return _load_cached(str(path), mtime)
+
+
+def load_local_state(state_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The site-local tensors saved in ``state_dir``, or ``None`` before the first round."""
+    path = state_dir / LOCAL_STATE_FILE
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return dict(load_file(str(path)))
+
+
+def save_local_state(state_dir: Path, state: Mapping[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().cpu().contiguous() for k, v in state.items()})
+    atomic_write_bytes(state_dir / LOCAL_STATE_FILE, blob)

@@ -1,0 +1,65 @@
+"""The ``fedshift`` command line: a thin dispatcher over per-package subcommands.
+
+Each subcommand lives beside the code it drives (``fedshift.simulations.cli``,
+``fedshift.client.cli``) and registers itself here by module path, so that
+``fedshift --help`` stays fast and ``common`` imports nothing above it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from fedshift.common.errors import FedshiftError
+
+# subcommand -> module with ``register(subparsers)``; later issues add server, client, certs, ledger
+COMMANDS = {
+    "simulate": "fedshift.simulations.cli",
+    "evaluate": "fedshift.client.cli",
+}
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("flwr", "ray", "matplotlib", "PIL", "timm", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedshift",
+        description="Federated fine-tuning of pretrained imaging backbones across hospitals.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in dict.fromkeys(COMMANDS.values()):
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; user mistakes end in one line on stderr and exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except FedshiftError as exc:
+        print(f"fedshift {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fedshift {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

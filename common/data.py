@@ -1,0 +1,542 @@
+"""Image datasets: the MedMNIST ``.npz`` layout, image folders and a synthetic generator.
+
+Everything here is plain numpy (PIL only to read folders, torch only in :func:`to_tensor`).
+A :class:`Dataset` holds grayscale ``uint8`` images per split; ``synthetic`` marks generated
+data so that every report can say so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedshift.common.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+CLASS_NAMES_BINARY = ("normal", "abnormal")
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+SYNTHETIC_SOURCE = "synthetic-cxr"
+
+_FIX_DATA = "pass --data with an existing .npz or image folder"
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSet:
+    """Images and labels of one split."""
+
+    images: np.ndarray  # (N, H, W) uint8 grayscale
+    labels: np.ndarray  # (N,) int64 class indices 0..C-1
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 3 or self.images.dtype != np.uint8:
+            raise DataError(
+                f"Expected images to be a (N, H, W) uint8 array, but got shape "
+                f"{self.images.shape} and dtype {self.images.dtype}; "
+                "convert them to grayscale uint8"
+            )
+        if self.labels.ndim != 1 or self.labels.dtype != np.int64:
+            raise DataError(
+                f"Expected labels to be a (N,) int64 array, but got shape {self.labels.shape} "
+                f"and dtype {self.labels.dtype}; cast them with labels.astype(np.int64)"
+            )
+        if len(self.images) != len(self.labels):
+            raise DataError(
+                f"Expected as many labels as images, but got {len(self.images)} images and "
+                f"{len(self.labels)} labels; give every image exactly one label"
+            )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        """Number of images per class, length ``num_classes`` (int64)."""
+        return np.bincount(self.labels, minlength=num_classes).astype(np.int64)
+
+    def subset(self, idx: np.ndarray) -> ImageSet:
+        """The images at ``idx`` (integer indices or a boolean mask), as copies."""
+        idx = np.asarray(idx)
+        return ImageSet(images=self.images[idx].copy(), labels=self.labels[idx].copy())
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A labelled dataset with named splits."""
+
+    splits: dict[str, ImageSet]  # keys among "train", "val", "test"
+    class_names: tuple[str, ...]  # one name per class index
+    source: str  # a path, or "synthetic-cxr"
+    synthetic: bool  # True for generated data; shown as "SYNTHETIC" in every report
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.splits) - set(SPLITS))
+        if not self.splits or unknown:
+            raise DataError(
+                f"Expected split names among {list(SPLITS)}, but got {sorted(self.splits)}; rename the splits"
+            )
+        if len(self.class_names) < 1:
+            raise DataError("Expected at least one class name, but got none; pass class_names")
+        shapes = {s.images.shape[1:] for s in self.splits.values() if len(s)}
+        if len(shapes) > 1:
+            raise DataError(
+                f"Expected every split to have the same image size, but got {sorted(shapes)}; "
+                "resize the images to one size"
+            )
+        for name, subset in self.splits.items():
+            if len(subset) and int(subset.labels.max()) >= len(self.class_names):
+                raise DataError(
+                    f"Expected labels below {len(self.class_names)} (the number of class names), "
+                    f"but split '{name}' has label {int(subset.labels.max())}; "
+                    "pass one class name per class"
+                )
+
+    def split(self, name: str) -> ImageSet:
+        """The split called ``name``; :class:`DataError` naming the available ones if missing."""
+        if name not in self.splits:
+            raise DataError(
+                f"Expected a '{name}' split in {self.label}, but it has only "
+                f"{sorted(self.splits)}; use one of those or add a '{name}' split"
+            )
+        return self.splits[name]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (length of ``class_names``)."""
+        return len(self.class_names)
+
+    @property
+    def label(self) -> str:
+        """Short name for reports, e.g. ``pneumoniamnist.npz`` or ``synthetic-cxr (SYNTHETIC)``."""
+        name = Path(self.source).name or self.source
+        return f"{name} (SYNTHETIC)" if self.synthetic else name
+
+    def pooled(self) -> ImageSet:
+        """All splits concatenated, in train, val, test order."""
+        parts = [self.splits[s] for s in SPLITS if s in self.splits]
+        return ImageSet(
+            images=np.concatenate([p.images for p in parts]),
+            labels=np.concatenate([p.labels for p in parts]),
+        )
+
+
+# --------------------------------------------------------------------------- npz
+
+
+def _rgb_to_luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B``, rounded (PIL's fixed-point formula)."""
+    c = rgb.astype(np.uint32)
+    y = (c[..., 0] * 19595 + c[..., 1] * 38470 + c[..., 2] * 7471 + 0x8000) >> 16
+    return y.astype(np.uint8)
+
+
+def _as_gray_uint8(images: np.ndarray, key: str, path: Path) -> np.ndarray:
+    if images.ndim == 4 and images.shape[-1] in (1, 3):
+        pass
+    elif images.ndim != 3:
+        raise DataError(
+            f"Expected '{key}' in {path} to have shape (N, H, W), (N, H, W, 1) or (N, H, W, 3), "
+            f"but got {images.shape}; save grayscale or RGB images in the MedMNIST layout"
+        )
+    if images.dtype != np.uint8:
+        ok = np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)
+        if ok and images.size:
+            ok = bool(np.all(np.isfinite(images))) and bool(np.all(images == np.round(images)))
+            ok = ok and float(images.min()) >= 0 and float(images.max()) <= 255
+        if not ok:
+            raise DataError(
+                f"Expected '{key}' in {path} to be uint8 pixel values 0..255, but got dtype "
+                f"{images.dtype}; convert the images with np.clip(x, 0, 255).astype(np.uint8)"
+            )
+        images = images.astype(np.uint8)
+    if images.ndim == 4:
+        images = images[..., 0] if images.shape[-1] == 1 else _rgb_to_luma(images)
+    return np.ascontiguousarray(images)
+
+
+def _as_labels(labels: np.ndarray, key: str, path: Path) -> np.ndarray:
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise DataError(
+            f"Expected '{key}' in {path} to have shape (N,) or (N, 1), but got {labels.shape}; "
+            "store one integer class index per image"
+        )
+    if labels.dtype == np.bool_:
+        labels = labels.astype(np.int64)
+    if np.issubdtype(labels.dtype, np.floating):
+        finite = bool(np.all(np.isfinite(labels)))
+        if not finite or not bool(np.all(labels == np.round(labels))):
+            bad = labels[~np.isfinite(labels) | (labels != np.round(labels))][0].item()
+            raise DataError(
+                f"Expected integer class labels in '{key}' of {path}, but got non-integer label "
+                f"{bad!r}; store class indices 0..C-1 (soft or multi-label labels are unsupported)"
+            )
+    elif not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"Expected integer class labels in '{key}' of {path}, but got non-numeric dtype "
+            f"{labels.dtype}; store class indices 0..C-1 and the names under 'class_names'"
+        )
+    if labels.size and float(labels.min()) < 0:
+        raise DataError(
+            f"Expected non-negative class labels in '{key}' of {path}, but got negative label "
+            f"{labels.min().item()}; store class indices 0..C-1"
+        )
+    return labels.astype(np.int64)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(
+                f"Expected {path} to be an .npz archive, but it holds a single array; "
+                "save it with np.savez or fedshift's save_npz"
+            )
+        with loaded as archive:
+            return {k: np.asarray(archive[k]) for k in archive.files}
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise DataError(
+            f"Expected {path} to be a valid .npz archive, but it cannot be read ({exc}); "
+            "the file is corrupt or not an .npz: re-download or re-export it"
+        ) from exc
+
+
+def _default_class_names(num_classes: int) -> tuple[str, ...]:
+    if num_classes == 2:
+        return CLASS_NAMES_BINARY
+    return tuple(f"class-{i}" for i in range(num_classes))
+
+
+def _check_two_classes(splits: dict[str, ImageSet], where: str) -> None:
+    present = np.unique(np.concatenate([s.labels for s in splits.values()]))
+    if present.size < 2:
+        raise DataError(
+            f"Expected at least 2 classes in {where}, but found {present.size} "
+            f"({present.tolist()}); a classifier needs examples of every class"
+        )
+
+
+def load_npz(path: str | Path) -> Dataset:
+    """Read a MedMNIST-v2-style ``.npz``: ``{split}_images`` and ``{split}_labels``."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(
+            f"Expected {path} to be an .npz file, but it is a directory; "
+            "use load_image_folder (or load_dataset) for image folders"
+        )
+    if not path.is_file():
+        raise DataError(f"No such data file: {path}; {_FIX_DATA}")
+    arrays = _read_npz(path)
+    found = [s for s in SPLITS if f"{s}_images" in arrays or f"{s}_labels" in arrays]
+    if not found:
+        raise DataError(
+            f"Expected {path} to contain '<split>_images' and '<split>_labels' arrays "
+            f"(split among {list(SPLITS)}), but it has keys {sorted(arrays)}; "
+            "save it in the MedMNIST layout (e.g. train_images, train_labels)"
+        )
+    splits: dict[str, ImageSet] = {}
+    for s in found:
+        ikey, lkey = f"{s}_images", f"{s}_labels"
+        if ikey not in arrays or lkey not in arrays:
+            missing = ikey if ikey not in arrays else lkey
+            raise DataError(
+                f"Expected both '{ikey}' and '{lkey}' in {path}, but '{missing}' is missing; "
+                "save images and labels together"
+            )
+        images = _as_gray_uint8(arrays[ikey], ikey, path)
+        labels = _as_labels(arrays[lkey], lkey, path)
+        if len(images) != len(labels):
+            raise DataError(
+                f"Expected as many labels as images in split '{s}' of {path}, but got "
+                f"{len(images)} images and {len(labels)} labels; re-export the split"
+            )
+        splits[s] = ImageSet(images=images, labels=labels)
+    if "train" not in splits:
+        raise DataError(
+            f"Expected a 'train' split in {path}, but it has only {sorted(splits)}; "
+            "add train_images and train_labels"
+        )
+    _check_two_classes(splits, str(path))
+    num_classes = max(int(s.labels.max()) for s in splits.values() if len(s)) + 1
+    if "class_names" in arrays:
+        names = tuple(str(n) for n in np.asarray(arrays["class_names"]).ravel())
+        if len(names) < num_classes:
+            raise DataError(
+                f"Expected at least {num_classes} entries in 'class_names' of {path}, but got "
+                f"{len(names)} ({list(names)}); store one name per class"
+            )
+    else:
+        names = _default_class_names(num_classes)
+    synthetic = bool(np.asarray(arrays["synthetic"]).item()) if "synthetic" in arrays else False
+    logger.info("Loaded %s: %s", path, {k: len(v) for k, v in splits.items()})
+    return Dataset(splits=splits, class_names=names, source=str(path), synthetic=synthetic)
+
+
+def save_npz(path: str | Path, dataset: Dataset) -> None:
+    """Write ``dataset`` in the layout :func:`load_npz` reads, atomically (temp file + rename).
+
+    The file is written exactly at ``path`` (no ``.npz`` is appended).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise DataError(f"Expected the folder {path.parent} to exist, but it does not; create it first")
+    arrays: dict[str, np.ndarray] = {}
+    for name, subset in dataset.splits.items():
+        small = len(subset) == 0 or int(subset.labels.max()) < 256
+        arrays[f"{name}_images"] = subset.images
+        arrays[f"{name}_labels"] = subset.labels.astype(np.uint8 if small else np.int64)[:, None]
+    arrays["class_names"] = np.asarray(dataset.class_names, dtype=str)
+    arrays["synthetic"] = np.asarray(dataset.synthetic, dtype=bool)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # A file object stops np.savez from appending ".npz" to the temp name.
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.info("Saved %s (%s)", path, {k: len(v) for k, v in dataset.splits.items()})
+
+
+# ------------------------------------------------------------------ image folders
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(path: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _read_image(path: Path, image_size: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            gray = im.convert("L").resize((image_size, image_size), Image.Resampling.BILINEAR)
+            return np.asarray(gray, dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise DataError(
+            f"Expected {path} to be a readable PNG/JPEG image, but it cannot be decoded ({exc}); "
+            "remove or replace the file"
+        ) from exc
+
+
+def load_image_folder(path: str | Path, image_size: int = 64) -> Dataset:
+    """Read ``root/<class>/*.png`` (all into "train") or ``root/<split>/<class>/*.png``.
+
+    Class names are the sorted class folder names; images become grayscale
+    ``image_size`` x ``image_size`` (PIL bilinear).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"Expected {root} to be a directory of class folders, but it is not; {_FIX_DATA}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(
+            f"Expected image_size to be a positive integer, but got {image_size!r}; pass e.g. 64"
+        )
+    top = _subdirs(root)
+    split_layout = bool(top) and {p.name for p in top} <= set(SPLITS)
+    layout = {p.name: p for p in top} if split_layout else {"train": root}
+    class_dirs = {s: _subdirs(d) for s, d in layout.items()}
+    class_names = tuple(sorted({c.name for dirs in class_dirs.values() for c in dirs}))
+    if len(class_names) < 2:
+        where = " ".join(str(d) for d in layout.values())
+        raise DataError(
+            f"Expected at least 2 class folders in {where}, but found {len(class_names)} "
+            f"({', '.join(repr(c) for c in class_names) or 'none'}); put each class's images "
+            "in its own subfolder, e.g. normal/ and abnormal/"
+        )
+    if split_layout and "train" not in layout:
+        raise DataError(
+            f"Expected a 'train' folder in {root}, but it has only {sorted(layout)}; "
+            "add root/train/<class>/ images"
+        )
+    splits: dict[str, ImageSet] = {}
+    for s in SPLITS:
+        if s not in class_dirs:
+            continue
+        images: list[np.ndarray] = []
+        labels: list[int] = []
+        for cdir in class_dirs[s]:
+            files = _image_files(cdir)
+            if not files:
+                logger.warning("Class folder %s has no .png/.jpg/.jpeg images", cdir)
+            images.extend(_read_image(f, image_size) for f in files)
+            labels.extend([class_names.index(cdir.name)] * len(files))
+        stack = np.stack(images) if images else np.zeros((0, image_size, image_size), np.uint8)
+        splits[s] = ImageSet(images=stack, labels=np.asarray(labels, dtype=np.int64))
+    if sum(len(v) for v in splits.values()) == 0:
+        raise DataError(
+            f"Expected .png/.jpg/.jpeg images in the class folders of {root}, but found none; "
+            "check the path and file extensions"
+        )
+    _check_two_classes(splits, str(root))
+    logger.info("Loaded %s: %s, classes %s", root, {k: len(v) for k, v in splits.items()}, class_names)
+    return Dataset(splits=splits, class_names=class_names, source=str(root), synthetic=False)
+
+
+# ------------------------------------------------------------------ synthetic CXR
+
+
+def _soft_ellipse(
+    yy: np.ndarray, xx: np.ndarray, cy: Any, cx: Any, ry: Any, rx: Any, edge: float
+) -> np.ndarray:
+    """1 inside the ellipse, 0 outside, with a smooth edge of width ``edge`` (unit coords)."""
+    r = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
+    return 1.0 / (1.0 + np.exp(np.clip((r - 1.0) / edge, -30.0, 30.0)))
+
+
+def _render_cxr(p: dict[str, np.ndarray], size: int) -> np.ndarray:
+    """Render images from per-image parameters ``p`` (each an array of shape (n, 1, 1))."""
+    axis = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
+    yy, xx = np.meshgrid(axis, axis, indexing="ij")
+    yy, xx = yy[None], xx[None]
+    edge = 0.06
+    body = _soft_ellipse(yy, xx, 0.05, p["cx"], 0.98 * p["scale"], 0.82 * p["scale"], edge)
+    img = p["bg"] + (p["body"] - p["bg"]) * body
+    lungs = np.zeros_like(img)
+    for side in (-1.0, 1.0):
+        lcx = p["cx"] + side * p["lung_dx"] * p["scale"]
+        lungs = lungs + _soft_ellipse(
+            yy, xx, p["lung_cy"], lcx, p["lung_ry"] * p["scale"], p["lung_rx"] * p["scale"], edge
+        )
+    ribs = 0.5 + 0.5 * np.sin(p["rib_freq"] * (yy + 0.25 * (xx - p["cx"]) ** 2) + p["rib_phase"])
+    img = img - lungs * (p["lung_depth"] - p["rib_amp"] * ribs)
+    spine = np.exp(-(((xx - p["cx"]) / p["spine_w"]) ** 2)) * body
+    heart = _soft_ellipse(yy, xx, 0.35, p["cx"] + 0.1, 0.3, 0.22, 0.1)
+    img = img + p["spine_amp"] * spine + 0.5 * p["spine_amp"] * heart
+    d2 = (yy - p["les_y"]) ** 2 + (xx - p["les_x"]) ** 2
+    lesion = p["les_amp"] * np.exp(-0.5 * d2 / p["les_sigma"] ** 2) * np.clip(lungs, 0.0, 1.0)
+    img = p["gain"] * (img + lesion) + p["noise"]
+    return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+
+
+def make_synthetic_cxr(n: int, prevalence: float = 0.5, size: int = 28, seed: int = 0) -> Dataset:
+    """SYNTHETIC chest-X-ray-like images; label 1 = a soft bright opacity in one lung.
+
+    Exactly ``round(n * prevalence)`` positives, shuffled; deterministic for a seed.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(
+            f"Expected the number of synthetic images to be a positive integer, but got {n!r}; "
+            "pass e.g. --synthetic-n 2000"
+        )
+    if not 0.0 <= float(prevalence) <= 1.0:
+        raise ConfigError(f"Expected prevalence to be in [0, 1], but got {prevalence!r}; pass e.g. 0.5")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise ConfigError(f"Expected size to be an integer >= 8, but got {size!r}; pass e.g. 28")
+    rng = np.random.default_rng(seed)
+    positives = round(n * prevalence)
+    labels = np.zeros(n, dtype=np.int64)
+    labels[:positives] = 1
+    labels = rng.permutation(labels)
+
+    def u(lo: float, hi: float) -> np.ndarray:
+        return rng.uniform(lo, hi, size=(n, 1, 1)).astype(np.float32)
+
+    p = {
+        "cx": u(-0.06, 0.06),
+        "scale": u(0.9, 1.05),
+        "bg": u(0.02, 0.1),
+        "body": u(0.5, 0.62),
+        "lung_dx": u(0.36, 0.42),
+        "lung_cy": u(-0.12, 0.0),
+        "lung_ry": u(0.5, 0.62),
+        "lung_rx": u(0.22, 0.28),
+        "lung_depth": u(0.22, 0.34),
+        "rib_amp": u(0.03, 0.07),
+        "rib_freq": u(16.0, 20.0),
+        "rib_phase": u(0.0, 2 * np.pi),
+        "spine_w": u(0.07, 0.11),
+        "spine_amp": u(0.12, 0.2),
+        "gain": u(0.85, 1.15),
+    }
+    # Lesion: inside one lung (random side), random position in the lung, size and strength.
+    side = np.where(rng.random((n, 1, 1)) < 0.5, -1.0, 1.0).astype(np.float32)
+    angle = u(0.0, 2 * np.pi)
+    radius = np.sqrt(u(0.0, 1.0)) * 0.6
+    lcx = p["cx"] + side * p["lung_dx"] * p["scale"]
+    p["les_x"] = lcx + radius * np.cos(angle) * p["lung_rx"] * p["scale"]
+    p["les_y"] = p["lung_cy"] + radius * np.sin(angle) * p["lung_ry"] * p["scale"]
+    p["les_sigma"] = u(0.1, 0.18)
+    p["les_amp"] = u(0.24, 0.4) * (labels == 1).astype(np.float32)[:, None, None]
+    p["noise"] = rng.normal(0.0, 0.025, size=(n, size, size)).astype(np.float32)
+    chunk = 1024
+    images = np.concatenate(
+        [_render_cxr({k: v[i : i + chunk] for k, v in p.items()}, size) for i in range(0, n, chunk)]
+    )
+    logger.info("Generated %d SYNTHETIC chest X-rays (%d with lesion), size %d", n, positives, size)
+    return Dataset(
+        splits={"train": ImageSet(images=images, labels=labels)},
+        class_names=CLASS_NAMES_BINARY,
+        source=SYNTHETIC_SOURCE,
+        synthetic=True,
+    )
+
+
+# ------------------------------------------------------------------ entry points
+
+
+def load_dataset(
+    path: str | Path | None, *, synthetic_n: int = 2000, seed: int = 0, image_size: int = 64
+) -> Dataset:
+    """``None`` -> synthetic data; a ``.npz`` file -> :func:`load_npz`; a folder -> images."""
+    if path is None:
+        return make_synthetic_cxr(synthetic_n, 0.5, size=28, seed=seed)
+    p = Path(path)
+    if p.is_dir():
+        return load_image_folder(p, image_size=image_size)
+    if not p.exists():
+        raise DataError(f"No such data file: {p}; {_FIX_DATA}")
+    if p.suffix.lower() == ".npz":
+        return load_npz(p)
+    raise DataError(
+        f"Expected --data to be an .npz file or an image folder, but got {p} "
+        f"(suffix '{p.suffix}'); {_FIX_DATA}"
+    )
+
+
+def to_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:
+    """``(N, H, W)`` uint8 -> float32 ``(N, 1, S, S)`` in [0, 1] (antialiased bilinear resize)."""
+    import torch
+    import torch.nn.functional as F
+
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataError(
+            f"Expected images to be a (N, H, W) uint8 array, but got shape {images.shape} and "
+            f"dtype {images.dtype}; load them with fedshift.common.data"
+        )
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(
+            f"Expected image_size to be a positive integer, but got {image_size!r}; pass e.g. 64"
+        )
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0).unsqueeze(1)
+    if images.shape[1:] != (image_size, image_size) and len(images):
+        x = F.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+        ).clamp_(0.0, 1.0)
+    elif len(images) == 0:
+        x = x.new_zeros((0, 1, image_size, image_size))
+    return x

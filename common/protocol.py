@@ -1,0 +1,7 @@
+"""Names of the records exchanged between the ServerApp and the ClientApp."""
+
+ARRAYS_KEY = "arrays"  # ArrayRecord: the shared adapter tensors (and nothing else)
+METRICS_KEY = "metrics"  # MetricRecord: aggregate metrics of one site
+CONFIG_KEY = "config"  # ConfigRecord: the server's round config
+SITE_KEY = "site"  # ConfigRecord: the site's display name (configuration, not patient data)
+WEIGHT_KEY = "num-examples"  # metric used as the FedAvg weight

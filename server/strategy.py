@@ -1,0 +1,132 @@
+"""FedAvg over the shared adapters, with reply validation, checkpoints and a history.
+
+Only ``aggregate_*`` are overridden: the round loop stays Flower's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+from fedshift.common.checkpoint import save_checkpoint
+from fedshift.common.model import ModelConfig
+from fedshift.common.protocol import ARRAYS_KEY, METRICS_KEY, SITE_KEY, WEIGHT_KEY
+from fedshift.server.validation import ArraySpec, reply_problem
+
+logger = logging.getLogger(__name__)
+
+
+def site_name(msg: Message) -> str:
+    """The display name a site put in its reply, else its node id."""
+    record = msg.content.config_records.get(SITE_KEY) if not msg.has_error() else None
+    name = record.get("name") if record is not None else None
+    return str(name) if name else f"node-{msg.metadata.src_node_id}"
+
+
+@dataclass
+class RunHistory:
+    """Per-round, per-site facts the server saw (JSON-able)."""
+
+    train: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
+    evaluate: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "train": {str(r): v for r, v in self.train.items()},
+            "evaluate": {str(r): v for r, v in self.evaluate.items()},
+            "rejected": self.rejected,
+        }
+
+
+def _metrics_of(msg: Message) -> dict[str, float]:
+    record = msg.content.metric_records[METRICS_KEY]
+    return {k: float(v) for k, v in record.items() if not isinstance(v, list)}
+
+
+class AdapterFedAvg(FedAvg):
+    """FedAvg that validates every reply, checkpoints every round and keeps a history."""
+
+    def __init__(
+        self,
+        *,
+        expected: dict[str, ArraySpec],
+        checkpoint_dir: str | Path,
+        model_config: ModelConfig,
+        num_rounds: int,
+        min_nodes: int = 2,
+    ) -> None:
+        super().__init__(
+            min_train_nodes=min_nodes,
+            min_evaluate_nodes=min_nodes,
+            min_available_nodes=min_nodes,
+            weighted_by_key=WEIGHT_KEY,
+            arrayrecord_key=ARRAYS_KEY,
+        )
+        self.expected = expected
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.model_config = model_config
+        self.num_rounds = num_rounds
+        self.history = RunHistory()
+
+    def _accept(self, server_round: int, replies: Iterable[Message], stage: str) -> list[Message]:
+        good = []
+        for msg in replies:
+            problem = reply_problem(msg, self.expected, with_arrays=stage == "train")
+            if problem is None:
+                good.append(msg)
+                continue
+            node = msg.metadata.src_node_id
+            logger.warning(
+                "Round %d %s: left out the reply of %s: %s",
+                server_round,
+                stage,
+                site_name(msg),
+                problem,
+            )
+            self.history.rejected.append(
+                {
+                    "round": server_round,
+                    "stage": stage,
+                    "node": node,
+                    "site": site_name(msg),
+                    "reason": problem,
+                }
+            )
+        return good
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        good = self._accept(server_round, replies, "train")
+        per_site = {}
+        for msg in good:
+            site_metrics = _metrics_of(msg)
+            site_metrics["bytes-sent"] = float(msg.content.array_records[ARRAYS_KEY].count_bytes())
+            per_site[site_name(msg)] = site_metrics
+        self.history.train[server_round] = per_site
+        arrays, metrics = super().aggregate_train(server_round, good)
+        if arrays is not None:
+            save_checkpoint(
+                self.checkpoint_dir,
+                {k: v.numpy() for k, v in arrays.items()},
+                self.model_config,
+                server_round,
+                extra={"sites": sorted(per_site)},
+            )
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        good = self._accept(server_round, replies, "evaluate")
+        per_site = {site_name(m): _metrics_of(m) for m in good}
+        self.history.evaluate[server_round] = per_site
+        aucs = " | ".join(f"{name} {m.get('auc', math.nan):.3f}" for name, m in sorted(per_site.items()))
+        logger.info("Round %d/%d validation AUC: %s", server_round, self.num_rounds, aucs)
+        return super().aggregate_evaluate(server_round, good)

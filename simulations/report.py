@@ -1,0 +1,104 @@
+"""Tables and plots of a simulated federation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+COLUMNS = (("auc", "AUC"), ("accuracy", "acc"), ("balanced_accuracy", "bal.acc"), ("ece", "ECE"))
+
+
+def _fmt(value: float) -> str:
+    return "  n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _metric(m: Mapping[str, float], key: str) -> float:
+    # Flower metric keys are kebab-case; local results use snake_case.
+    return float(m.get(key, m.get(key.replace("_", "-"), math.nan)))
+
+
+def mean_metric(per_site: Mapping[str, Mapping[str, float]], key: str) -> float:
+    values = [_metric(m, key) for m in per_site.values()]
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def site_table(
+    federated: Mapping[str, Mapping[str, float]],
+    local: Mapping[str, Mapping[str, float]] | None,
+    bytes_per_round: Mapping[str, float],
+    data_label: str,
+) -> str:
+    """Per-site test metrics, federated beside local-only, plus bytes sent per round."""
+    head = ["site", "n"] + [f"fed {c}" for _, c in COLUMNS]
+    if local is not None:
+        head += [f"local {c}" for _, c in COLUMNS]
+    head.append("bytes/round")
+    rows = [head]
+    for site in sorted(federated):
+        fed = federated[site]
+        row = [site, str(int(_metric(fed, "n")))] + [_fmt(_metric(fed, k)) for k, _ in COLUMNS]
+        if local is not None:
+            loc = local.get(site, {})
+            row += [_fmt(_metric(loc, k)) for k, _ in COLUMNS]
+        row.append(f"{int(bytes_per_round.get(site, 0)):,}")
+        rows.append(row)
+    mean = ["mean", ""] + [_fmt(mean_metric(federated, k)) for k, _ in COLUMNS]
+    if local is not None:
+        mean += [_fmt(mean_metric(local, k)) for k, _ in COLUMNS]
+    mean.append("")
+    rows.append(mean)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [f"Per-site test results on {data_label}"]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+        if i == 0 or i == len(rows) - 2:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_auc_per_round(
+    evaluate_history: Mapping[str, Mapping[str, Mapping[str, float]]],
+    path: str | Path,
+    title: str,
+    local: Mapping[str, Mapping[str, float]] | None = None,
+) -> Path:
+    """PNG of each site's validation AUC per round (dashed: local-only test AUC)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = sorted(evaluate_history, key=int)
+    sites = sorted({s for r in rounds for s in evaluate_history[r]})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for site in sites:
+        xs: list[int] = []
+        ys: list[float] = []
+        for r in rounds:
+            if site in evaluate_history[r]:
+                xs.append(int(r))
+                ys.append(_metric(evaluate_history[r][site], "auc"))
+        (line,) = ax.plot(xs, ys, marker="o", label=site)
+        if local and site in local:
+            ax.axhline(_metric(local[site], "auc"), color=line.get_color(), ls="--", lw=0.8)
+    ax.set_xlabel("round")
+    ax.set_ylabel("validation AUC (dashed: local-only test AUC)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bytes_per_round(train_history: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, float]:
+    """Mean bytes each site sent per round."""
+    sent: dict[str, list[float]] = {}
+    for per_site in train_history.values():
+        for site, metrics in per_site.items():
+            sent.setdefault(site, []).append(float(metrics["bytes-sent"]))
+    return {site: sum(v) / len(v) for site, v in sent.items()}

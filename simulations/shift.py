@@ -1,0 +1,451 @@
+"""Shift simulator: turn one labelled image pool into N hospital sites.
+
+Each site gets its own disease prevalence (label shift), its own size (quantity skew) and its
+own scanner profile (domain shift: gamma, contrast, offset, blur, noise, resolution). Images are
+drawn without replacement, so no image appears at two sites.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from fedshift.common.data import SPLITS, Dataset, ImageSet
+from fedshift.common.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+MIN_SITE_IMAGES = 20
+
+# Short names of the profile parameters, used in tables ("low-dose (noise=0.06)").
+_PARAM_LABELS = {
+    "gamma": "gamma",
+    "contrast": "contrast",
+    "offset": "offset",
+    "blur_sigma": "blur",
+    "noise_std": "noise",
+    "resolution": "res",
+}
+
+
+@dataclass(frozen=True)
+class ScannerProfile:
+    """A scanner's intensity and sharpness characteristics, applied to [0, 1] images."""
+
+    name: str  # preset name shown in reports, e.g. "low-dose"
+    gamma: float = 1.0  # intensity gamma, x -> x**gamma on [0, 1]
+    contrast: float = 1.0  # (x - 0.5) * contrast + 0.5
+    offset: float = 0.0  # additive intensity offset on [0, 1] scale
+    blur_sigma: float = 0.0  # gaussian blur sigma in pixels
+    noise_std: float = 0.0  # additive gaussian noise std on [0, 1] scale
+    resolution: float = 1.0  # in (0, 1]: downsample to round(H * resolution), then back up
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(
+                f"Expected ScannerProfile.name to be a non-empty string, but got {self.name!r}; "
+                "name the profile, e.g. 'low-dose'"
+            )
+        checks = {
+            "gamma": (lambda v: v > 0, "> 0", 1.0),
+            "contrast": (lambda v: v > 0, "> 0", 1.0),
+            "offset": (lambda v: True, "finite", 0.0),
+            "blur_sigma": (lambda v: v >= 0, ">= 0", 0.0),
+            "noise_std": (lambda v: v >= 0, ">= 0", 0.0),
+            "resolution": (lambda v: 0 < v <= 1, "in (0, 1]", 1.0),
+        }
+        for field, (rule, text, default) in checks.items():
+            value = getattr(self, field)
+            numeric = isinstance(value, int | float) and not isinstance(value, bool)
+            if not numeric or not math.isfinite(value) or not rule(value):
+                raise ConfigError(
+                    f"Expected {field} of scanner profile '{self.name}' to be a number {text}, "
+                    f"but got {value!r}; use e.g. {default} (no change)"
+                )
+
+    def changed(self) -> dict[str, float]:
+        """The parameters that differ from the identity profile."""
+        return {
+            f.name: float(getattr(self, f.name))
+            for f in fields(self)
+            if f.name != "name" and getattr(self, f.name) != f.default
+        }
+
+    def describe(self) -> str:
+        """E.g. ``"low-dose (noise=0.06)"``; just the name for an identity profile."""
+        params = ", ".join(f"{_PARAM_LABELS[k]}={v:g}" for k, v in self.changed().items())
+        return f"{self.name} ({params})" if params else self.name
+
+    def apply(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Transform ``(N, H, W)`` uint8 images; uint8 out, clipped to [0, 255].
+
+        Order: resolution, blur, gamma, contrast, offset, noise, clip, round.
+        """
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise DataError(
+                f"Expected images to be a (N, H, W) uint8 array, but got shape {images.shape} "
+                f"and dtype {images.dtype}; load them with fedshift.common.data"
+            )
+        x = images.astype(np.float64) / 255.0
+        if self.resolution < 1.0 and x.size:
+            x = _resample(x, self.resolution)
+        if self.blur_sigma > 0:
+            x = gaussian_filter(x, sigma=(0.0, self.blur_sigma, self.blur_sigma))
+        if self.gamma != 1.0:
+            x = np.clip(x, 0.0, 1.0) ** self.gamma
+        if self.contrast != 1.0:
+            x = (x - 0.5) * self.contrast + 0.5
+        if self.offset != 0.0:
+            x = x + self.offset
+        if self.noise_std > 0:
+            x = x + rng.normal(0.0, self.noise_std, size=x.shape)
+        return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _resample(x: np.ndarray, resolution: float) -> np.ndarray:
+    """Down to ``round(H * resolution)`` (antialiased bilinear), then back up (bilinear)."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = x.shape[1:]
+    low = (max(1, round(h * resolution)), max(1, round(w * resolution)))
+    t = torch.from_numpy(x).unsqueeze(1)
+    t = F.interpolate(t, size=low, mode="bilinear", antialias=True, align_corners=False)
+    t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
+    return t.squeeze(1).numpy()
+
+
+DEFAULT_PROFILES: tuple[ScannerProfile, ...] = (
+    ScannerProfile("reference"),
+    ScannerProfile("low-dose", noise_std=0.06),
+    ScannerProfile("soft-kernel", blur_sigma=1.0),
+    ScannerProfile("high-contrast", contrast=1.4),
+    ScannerProfile("old-detector", resolution=0.5, gamma=1.3),
+    ScannerProfile("bright-offset", offset=0.08, contrast=0.9),
+)
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """What one simulated hospital gets."""
+
+    name: str  # "site-0", ...
+    prevalence: float  # target fraction of label 1 (binary)
+    n: int  # total images at the site (before its train/val/test split)
+    profile: ScannerProfile  # the site's scanner
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.prevalence) or not 0.0 <= self.prevalence <= 1.0:
+            raise ConfigError(
+                f"Expected the prevalence of {self.name} to be in [0, 1], but got "
+                f"{self.prevalence!r}; pass a fraction of positive images"
+            )
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 0:
+            raise ConfigError(
+                f"Expected the size of {self.name} to be a non-negative integer, but got "
+                f"{self.n!r}; pass a whole number of images"
+            )
+
+
+def _check_fraction_list(values: Sequence[float], what: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    bad = [v for v in arr.tolist() if not (math.isfinite(v) and 0.0 <= v <= 1.0)]
+    if bad:
+        raise ConfigError(
+            f"Expected every {what} to be in [0, 1], but got {bad[0]!r}; pass fractions such as 0.1,0.5,0.9"
+        )
+    return arr
+
+
+def _site_counts(n: int, p: float) -> tuple[int, int]:
+    """(negatives, positives) of a site with ``n`` images and prevalence ``p``."""
+    pos = round(n * p)
+    return n - pos, pos
+
+
+def plan_sites(
+    num_sites: int,
+    *,
+    prevalences: Sequence[float] | None = None,
+    dirichlet_alpha: float | None = None,
+    quantity_skew: float = 0.0,
+    profiles: Sequence[ScannerProfile] | None = None,
+    pool_counts: Sequence[int],
+    max_per_site: int | None = None,
+    seed: int = 0,
+) -> list[SiteSpec]:
+    """Choose prevalence, size and scanner of every site, feasible for the pool's class counts.
+
+    Sizes use as much of the pool as the label shift allows (largest common scale such that no
+    class is over-drawn), capped at ``max_per_site``.
+    """
+    if isinstance(num_sites, bool) or not isinstance(num_sites, int) or num_sites < 1:
+        raise ConfigError(
+            f"Expected --sites to be a positive integer, but got {num_sites!r}; pass e.g. --sites 4"
+        )
+    counts = [int(c) for c in pool_counts]
+    if len(counts) != 2:
+        raise ConfigError(
+            f"Expected a binary-labelled pool (2 classes), but got {len(counts)} classes; "
+            "the shift simulator supports binary labels only for now: map labels to 0/1"
+        )
+    if min(counts) < 0:
+        raise ConfigError(f"Expected non-negative pool_counts, but got {counts}; pass class counts")
+    if prevalences is not None and dirichlet_alpha is not None:
+        raise ConfigError(
+            "Expected either explicit prevalences or a Dirichlet alpha, but got both; drop one of them"
+        )
+    if isinstance(quantity_skew, bool) or not math.isfinite(quantity_skew) or quantity_skew < 0:
+        raise ConfigError(
+            f"Expected quantity_skew to be >= 0, but got {quantity_skew!r}; use 0 for equal sizes"
+        )
+    if max_per_site is not None and (
+        isinstance(max_per_site, bool) or not isinstance(max_per_site, int) or max_per_site < 1
+    ):
+        raise ConfigError(
+            f"Expected max_per_site to be a positive integer, but got {max_per_site!r}; "
+            "pass e.g. 500 or leave it unset"
+        )
+    label_seq, size_seq = np.random.SeedSequence(seed).spawn(2)
+    if prevalences is not None:
+        if len(prevalences) != num_sites:
+            raise ConfigError(
+                f"Expected {num_sites} prevalences (one per site), but got {len(prevalences)} "
+                f"({list(prevalences)}); pass one prevalence per site"
+            )
+        prev_arr = _check_fraction_list(prevalences, "prevalence")
+    elif dirichlet_alpha is not None:
+        if not math.isfinite(dirichlet_alpha) or dirichlet_alpha <= 0:
+            raise ConfigError(
+                f"Expected the Dirichlet alpha to be > 0, but got {dirichlet_alpha!r}; "
+                "use e.g. 0.5 (strong label shift) or 10 (mild)"
+            )
+        alpha = float(dirichlet_alpha)
+        prev_arr = np.random.default_rng(label_seq).beta(alpha, alpha, num_sites)
+    else:
+        prev_arr = np.linspace(0.2, 0.8, num_sites) if num_sites > 1 else np.array([0.5])
+    prev = [float(p) for p in prev_arr]
+    if quantity_skew > 0:
+        weights = np.random.default_rng(size_seq).lognormal(0.0, quantity_skew, num_sites)
+    else:
+        weights = np.ones(num_sites)
+    weights = weights / weights.sum()
+
+    total = float(sum(counts))
+    scale = total
+    reason = ""
+    demands = (float(np.sum(weights * (1 - prev_arr))), float(np.sum(weights * prev_arr)))
+    for c, demand in enumerate(demands):
+        if demand > 0 and counts[c] / demand < scale:
+            scale, reason = counts[c] / demand, f"class {c} has only {counts[c]} images"
+    if max_per_site is not None and max_per_site / weights.max() < scale:
+        scale, reason = max_per_site / float(weights.max()), f"max_per_site={max_per_site}"
+    sizes = [math.floor(scale * w + 1e-9) for w in weights]
+    if max_per_site is not None:
+        sizes = [min(s, max_per_site) for s in sizes]
+    # Rounding of per-site positives can over-draw a class by a few images: trim the largest site.
+    for c in (0, 1):
+        while sum(_site_counts(n, p)[c] for n, p in zip(sizes, prev, strict=True)) > counts[c]:
+            k = max(range(num_sites), key=lambda i: _site_counts(sizes[i], prev[i])[c])
+            sizes[k] -= 1
+    if sum(sizes) < total:
+        logger.info(
+            "Scaled sites down to %d of %d pool images (%s); sizes %s",
+            sum(sizes),
+            int(total),
+            reason or "rounding",
+            sizes,
+        )
+    small = [(k, n) for k, n in enumerate(sizes) if n < MIN_SITE_IMAGES]
+    if small:
+        k, n = small[0]
+        raise ConfigError(
+            f"Expected every site to get at least {MIN_SITE_IMAGES} images, but site-{k} gets {n} "
+            f"(pool: {counts[0]} class-0 and {counts[1]} class-1 images for {num_sites} sites, "
+            f"prevalences {np.round(prev_arr, 2).tolist()}); use fewer --sites, a smaller quantity "
+            "skew, milder label shift or a larger dataset"
+        )
+    chosen = list(profiles) if profiles is not None else list(DEFAULT_PROFILES)
+    if not chosen or not all(isinstance(p, ScannerProfile) for p in chosen):
+        raise ConfigError(
+            "Expected profiles to be a non-empty sequence of ScannerProfile, but got "
+            f"{profiles!r}; pass e.g. DEFAULT_PROFILES"
+        )
+    return [
+        SiteSpec(
+            name=f"site-{k}",
+            prevalence=float(prev[k]),
+            n=int(sizes[k]),
+            profile=chosen[k % len(chosen)],
+        )
+        for k in range(num_sites)
+    ]
+
+
+@dataclass(frozen=True)
+class SimulatedSite:
+    """One simulated hospital: its plan and its (shifted) data."""
+
+    spec: SiteSpec  # what was asked for
+    data: Dataset  # splits train/val/test, already passed through the site's scanner profile
+
+
+def _split_counts(m: int, fractions: Sequence[float]) -> list[int]:
+    """Largest-remainder split of ``m`` items; every split with a positive fraction gets at
+    least one item when ``m >= 3``."""
+    raw = [m * f for f in fractions]
+    counts = [math.floor(r) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: (counts[i] - raw[i], i))
+    for i in order[: m - sum(counts)]:
+        counts[i] += 1
+    if m >= 3:
+        for i, f in enumerate(fractions):
+            if f > 0 and counts[i] == 0:
+                donor = max(range(len(counts)), key=lambda j: counts[j])
+                counts[donor] -= 1
+                counts[i] += 1
+    return counts
+
+
+def _check_split_fractions(split_fractions: Sequence[float]) -> tuple[float, ...]:
+    fr = tuple(float(f) for f in split_fractions)
+    if (
+        len(fr) != 3
+        or any(not math.isfinite(f) or f < 0 for f in fr)
+        or abs(sum(fr) - 1.0) > 1e-6
+        or fr[0] <= 0
+    ):
+        raise ConfigError(
+            f"Expected split_fractions to be three non-negative numbers (train > 0) summing to 1, "
+            f"but got {split_fractions!r}; use e.g. (0.6, 0.2, 0.2)"
+        )
+    return fr
+
+
+def simulate_sites(
+    pool: ImageSet,
+    specs: Sequence[SiteSpec],
+    *,
+    class_names: tuple[str, ...],
+    source: str,
+    synthetic: bool,
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    seed: int = 0,
+) -> list[SimulatedSite]:
+    """Draw disjoint images for every site, apply its scanner and split it (stratified)."""
+    fractions = _check_split_fractions(split_fractions)
+    if not specs:
+        raise ConfigError("Expected at least one site spec, but got none; build them with plan_sites")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"Expected unique site names, but got {names}; rename the sites")
+    if len(class_names) != 2 or (len(pool) and int(pool.labels.max()) > 1):
+        raise ConfigError(
+            "Expected a binary-labelled pool (2 classes), but got class names "
+            f"{list(class_names)} and labels up to {int(pool.labels.max()) if len(pool) else 0}; "
+            "the shift simulator supports binary labels only for now: map labels to 0/1"
+        )
+    rng = np.random.default_rng(seed)
+    queues = [rng.permutation(np.flatnonzero(pool.labels == c)) for c in (0, 1)]
+    taken = [0, 0]
+    sites: list[SimulatedSite] = []
+    for k, spec in enumerate(specs):
+        want = _site_counts(spec.n, spec.prevalence)
+        got = [min(want[c], len(queues[c]) - taken[c]) for c in (0, 1)]
+        if got != list(want):
+            logger.warning(
+                "%s: pool exhausted, drew %d/%d negatives and %d/%d positives",
+                spec.name,
+                got[0],
+                want[0],
+                got[1],
+                want[1],
+            )
+        per_class = [queues[c][taken[c] : taken[c] + got[c]] for c in (0, 1)]
+        taken = [taken[c] + got[c] for c in (0, 1)]
+        # Separate streams, so a site's split does not depend on whether its scanner adds noise.
+        profile_seq, split_seq = np.random.SeedSequence([seed, k]).spawn(2)
+        site_rng = np.random.default_rng(split_seq)
+        idx = np.concatenate(per_class)
+        shifted = ImageSet(
+            images=spec.profile.apply(pool.images[idx], np.random.default_rng(profile_seq)),
+            labels=pool.labels[idx].copy(),
+        )
+        parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+        start = 0
+        for c in (0, 1):
+            local = np.arange(start, start + got[c])
+            start += got[c]
+            local = site_rng.permutation(local)
+            offset = 0
+            for s, m in zip(SPLITS, _split_counts(got[c], fractions), strict=True):
+                parts[s].append(local[offset : offset + m])
+                offset += m
+        splits = {
+            s: shifted.subset(site_rng.permutation(np.concatenate(parts[s])))
+            for s, f in zip(SPLITS, fractions, strict=True)
+            if f > 0
+        }
+        data = Dataset(splits=splits, class_names=class_names, source=source, synthetic=synthetic)
+        sites.append(SimulatedSite(spec=spec, data=data))
+        logger.info(
+            "%s: %d images (%d positive), profile %s",
+            spec.name,
+            len(idx),
+            got[1],
+            spec.profile.describe(),
+        )
+    return sites
+
+
+def site_summary(site: SimulatedSite) -> dict[str, object]:
+    """JSON-able facts about a site, for reports."""
+    data = site.data
+    pooled = data.pooled()
+    counts = pooled.class_counts(data.num_classes)
+    total = int(counts.sum())
+    return {
+        "site": site.spec.name,
+        "n": {s: len(v) for s, v in data.splits.items()},
+        "n_total": total,
+        "class_counts": {name: int(c) for name, c in zip(data.class_names, counts, strict=True)},
+        "target_prevalence": float(site.spec.prevalence),
+        "prevalence": float(counts[1] / total) if total else None,
+        "profile": site.spec.profile.name,
+        "profile_params": site.spec.profile.changed(),
+        "profile_label": site.spec.profile.describe(),
+        "source": data.label,
+        "synthetic": bool(data.synthetic),
+    }
+
+
+def format_site_table(sites: Sequence[SimulatedSite]) -> str:
+    """Plain-text table: site, n train/val/test, realised prevalence, scanner profile."""
+    header = ("site", "train", "val", "test", "prevalence", "profile")
+    rows = []
+    for site in sites:
+        counts = site.data.pooled().class_counts(site.data.num_classes)
+        total = int(counts.sum())
+        rows.append(
+            (
+                site.spec.name,
+                *(str(len(site.data.splits[s])) if s in site.data.splits else "0" for s in SPLITS),
+                f"{counts[1] / total:.3f}" if total else "n/a",
+                site.spec.profile.describe(),
+            )
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    synthetic = sorted({s.data.source for s in sites if s.data.synthetic})
+    if synthetic:
+        joined = ", ".join(synthetic)
+        lines.append(f"SYNTHETIC data ({joined}): generated images, not real patients")
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return "\n".join(lines)

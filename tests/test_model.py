@@ -1,0 +1,113 @@
+"""Adapters and the model's parameter groups."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedshift.common.adapters import InputAdapter, LoRAConv1x1, LoRALinear
+from fedshift.common.errors import ConfigError
+from fedshift.common.model import ModelConfig, build_model, size_report
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(ModelConfig(image_size=32))
+
+
+def test_lora_conv_equals_closed_form() -> None:
+    torch.manual_seed(0)
+    base = nn.Conv2d(6, 5, kernel_size=1, bias=False)
+    lora = LoRAConv1x1(base, rank=2, alpha=4.0)
+    nn.init.normal_(lora.lora_up.weight)
+    x = torch.randn(3, 6, 4, 4)
+    w = base.weight[:, :, 0, 0] + 2.0 * lora.lora_up.weight[:, :, 0, 0] @ lora.lora_down.weight[:, :, 0, 0]
+    expected = torch.einsum("oc,nchw->nohw", w, x)
+    torch.testing.assert_close(lora(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_linear_starts_as_identity_update() -> None:
+    base = nn.Linear(7, 3)
+    lora = LoRALinear(base, rank=2, alpha=2.0)
+    x = torch.randn(4, 7)
+    torch.testing.assert_close(lora(x), base(x))
+
+
+def test_input_adapter_equals_copy_and_normalise() -> None:
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    adapter = InputAdapter(mean, std)
+    x = torch.rand(2, 1, 5, 5)
+    expected = (x.repeat(1, 3, 1, 1) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+        1, 3, 1, 1
+    )
+    torch.testing.assert_close(adapter(x), expected)
+    with pytest.raises(ConfigError, match="channels"):
+        InputAdapter(mean, std, in_chans=2)
+
+
+def test_fresh_model_computes_the_pretrained_features(model) -> None:
+    """LoRA starts at zero: adapted backbone == pretrained backbone on the same input."""
+    from fedshift.common.backbones import create_backbone
+
+    plain = create_backbone("efficientnet_lite0")
+    plain.reset_classifier(0)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        expected = plain((x.repeat(1, 3, 1, 1) - 0.5) / 0.5)
+        torch.testing.assert_close(model.forward_features(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_parameter_groups(model) -> None:
+    shared = model.shared_state_dict()
+    assert shared and all(".lora_" in k or k.startswith("head.") for k in shared)
+    assert set(model.local_state_dict()) == {"input_adapter.conv.weight", "input_adapter.conv.bias"}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    expected = {id(p) for p in model.trainable_parameters()}
+    assert trainable == expected
+    n_shared = sum(v.numel() for v in shared.values())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert n_trainable == n_shared + 6  # + the 1->3 input adapter (3 weights, 3 biases)
+
+
+def test_shared_round_trip_and_errors(model) -> None:
+    state = {
+        k: np.random.default_rng(0).normal(size=v.shape).astype(np.float32)
+        for k, v in model.shared_state_dict().items()
+    }
+    model.load_shared_state_dict(state)
+    for k, v in model.shared_state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), state[k])
+    key = next(iter(state))
+    with pytest.raises(ConfigError, match="missing"):
+        model.load_shared_state_dict({k: v for k, v in state.items() if k != key})
+    with pytest.raises(ConfigError, match="shape"):
+        model.load_shared_state_dict({**state, key: np.zeros((1, 1), np.float32)})
+
+
+def test_backward_reaches_only_trainable_parameters(model) -> None:
+    model.train(True)
+    loss = model(torch.rand(4, 1, 32, 32)).logsumexp(1).sum()
+    loss.backward()
+    grads = [p.grad for p in model.trainable_parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in model.backbone.parameters() if not p.requires_grad)
+    assert not model.backbone.training  # frozen BN statistics stay frozen
+
+
+def test_adapters_are_a_small_fraction_of_the_backbone(model) -> None:
+    size = size_report(model)
+    assert size["shared_bytes"] == 4 * size["shared_params"]
+    assert size["shared_bytes"] <= 0.05 * size["backbone_bytes"]
+    assert size["backbone_params"] > 3_000_000
+
+
+def test_placement_and_rank_are_configurable() -> None:
+    head_only = build_model(ModelConfig(adapter_rank=0))
+    assert set(head_only.shared_state_dict()) == {"head.weight", "head.bias"}
+    deeper = build_model(ModelConfig(adapter_stages=3, adapter_rank=8))
+    assert len(deeper.adapted_layers) > len(build_model(ModelConfig()).adapted_layers)
+    assert deeper.shared_state_dict()[f"backbone.{deeper.adapted_layers[0]}.lora_down.weight"].shape[0] == 8
+    with pytest.raises(ConfigError, match="adapter-stages"):
+        build_model(ModelConfig(adapter_stages=99))
