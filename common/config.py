@@ -19,9 +19,9 @@ from fedshift.common.model import ModelConfig
 class TrainConfig:
     """Local optimisation settings, identical at every site."""
 
-    local_epochs: int = 2  # passes over the site's training split per round
+    local_epochs: int = 1  # passes over the site's training split per round
     batch_size: int = 32  # samples per step
-    learning_rate: float = 3e-3  # AdamW learning rate for the trainable parameters
+    learning_rate: float = 1e-3  # AdamW learning rate for the trainable parameters
     weight_decay: float = 0.0  # AdamW weight decay
 
     def __post_init__(self) -> None:
@@ -36,7 +36,7 @@ class TrainConfig:
 class FederationConfig:
     """One federation: rounds, model, local training and where things live."""
 
-    num_rounds: int = 5  # federated rounds
+    num_rounds: int = 10  # federated rounds
     min_nodes: int = 2  # fewest sites a round may run with
     run_dir: str = "runs/flower"  # server: checkpoint and results go here
     sites_root: str = ""  # simulation: site k's data lives in <sites-root>/site-k/
@@ -67,6 +67,7 @@ class FederationConfig:
             "image-size": m.image_size,
             "adapter-rank": m.adapter_rank,
             "adapter-stages": m.adapter_stages,
+            "local-norm": m.local_norm,
             "local-epochs": t.local_epochs,
             "batch-size": t.batch_size,
             "learning-rate": t.learning_rate,
@@ -91,7 +92,7 @@ class FederationConfig:
                 return float(value)
             if want is int and isinstance(value, float) and value.is_integer():
                 return int(value)
-            if not isinstance(value, want) or isinstance(value, bool):
+            if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
                 raise ConfigError(f"Expected run-config {key!r} to be {want.__name__}, but got {value!r}")
             return value
 
@@ -110,6 +111,7 @@ class FederationConfig:
                 image_size=get("image-size"),
                 adapter_rank=get("adapter-rank"),
                 adapter_stages=get("adapter-stages"),
+                local_norm=get("local-norm"),
                 seed=seed,
             ),
             train=TrainConfig(

@@ -7,9 +7,8 @@ data so that every report can say so.
 
 from __future__ import annotations
 
+import io
 import logging
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedshift.common.errors import ConfigError, DataError
+from fedshift.common.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -291,8 +291,6 @@ def save_npz(path: str | Path, dataset: Dataset) -> None:
     The file is written exactly at ``path`` (no ``.npz`` is appended).
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        raise DataError(f"Expected the folder {path.parent} to exist, but it does not; create it first")
     arrays: dict[str, np.ndarray] = {}
     for name, subset in dataset.splits.items():
         small = len(subset) == 0 or int(subset.labels.max()) < 256
@@ -300,17 +298,9 @@ def save_npz(path: str | Path, dataset: Dataset) -> None:
         arrays[f"{name}_labels"] = subset.labels.astype(np.uint8 if small else np.int64)[:, None]
     arrays["class_names"] = np.asarray(dataset.class_names, dtype=str)
     arrays["synthetic"] = np.asarray(dataset.synthetic, dtype=bool)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # A file object stops np.savez from appending ".npz" to the temp name.
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
+    atomic_write_bytes(path, buffer.getvalue())
     logger.info("Saved %s (%s)", path, {k: len(v) for k, v in dataset.splits.items()})
 
 

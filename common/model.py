@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, cast
 
@@ -20,11 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedshift.common.adapters import LORA_TYPES, InputAdapter, inject_lora
+from fedshift.common.adapters import LORA_TYPES, InputAdapter, backbone_stages, inject_lora
 from fedshift.common.backbones import DEFAULT_BACKBONE, backbone_norm, create_backbone
 from fedshift.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class ModelConfig:
     adapter_rank: int = 4  # LoRA rank; 0 = head only (linear probe)
     adapter_stages: int = 2  # LoRA in the pointwise layers of the last k stages
     in_chans: int = 1  # channels of the input images (1 = grayscale)
+    local_norm: bool = True  # FedBN-style: norm affine parameters of the adapted stages stay at the site
     seed: int = 0  # seeds the initial shared parameters
 
     def __post_init__(self) -> None:
@@ -86,6 +90,13 @@ class FedshiftModel(nn.Module):
             backbone, rank=config.adapter_rank, last_stages=config.adapter_stages
         )
         self.input_adapter = InputAdapter(mean, std, in_chans=config.in_chans)
+        self.local_norms = nn.ModuleDict()
+        if config.local_norm and config.adapter_stages > 0:
+            stages = backbone_stages(backbone)[-config.adapter_stages :]
+            chosen = {id(m) for stage in stages for m in stage.modules() if isinstance(m, NORM_TYPES)}
+            for name, module in backbone.named_modules():
+                if id(module) in chosen:
+                    self.local_norms[name.replace(".", "__")] = module
         self.backbone = backbone
         self.head = nn.Linear(int(cast(Any, backbone).num_features), config.num_classes)
         self.train(False)
@@ -137,18 +148,30 @@ class FedshiftModel(nn.Module):
                     )
                 target.copy_(value.to(target.dtype))
 
-    def local_state_dict(self) -> dict[str, torch.Tensor]:
-        """Site-local tensors (never sent): the input adapter."""
-        return {f"input_adapter.{k}": v.detach() for k, v in self.input_adapter.state_dict().items()}
+    def _local_params(self) -> dict[str, nn.Parameter]:
+        out = {f"input_adapter.{k}": p for k, p in self.input_adapter.named_parameters()}
+        for name, norm in self.local_norms.items():
+            for k, p in norm.named_parameters(recurse=False):
+                out[f"local_norms.{name}.{k}"] = p
+        return out
 
-    def load_local_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        prefix = "input_adapter."
-        self.input_adapter.load_state_dict(
-            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True
-        )
+    def local_state_dict(self) -> dict[str, torch.Tensor]:
+        """Site-local tensors (never sent): the input adapter and the adapted stages' norm affines."""
+        return {k: v.detach() for k, v in self._local_params().items()}
+
+    def load_local_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        own = self._local_params()
+        if set(state) != set(own):
+            raise ConfigError(
+                f"Expected the site-local tensors {sorted(own)[:2]}..., but got {sorted(state)[:2]}...; "
+                "the site state was saved for another model configuration: move it away"
+            )
+        with torch.no_grad():
+            for key, param in own.items():
+                param.copy_(state[key])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        params = list(self.input_adapter.parameters()) + list(self.head.parameters())
+        params = list(self._local_params().values()) + list(self.head.parameters())
         for module in self.backbone.modules():
             if isinstance(module, LORA_TYPES):
                 params += [module.lora_down.weight, module.lora_up.weight]
@@ -174,8 +197,13 @@ def size_report(model: FedshiftModel) -> dict[str, int]:
     """Parameter counts and float32 bytes: shared adapters vs. the full backbone."""
     shared = sum(t.numel() for t in model.shared_state_dict().values())
     local = sum(t.numel() for t in model.local_state_dict().values())
-    lora_ids = {id(p) for p in model.trainable_parameters()}
-    backbone = sum(p.numel() for p in model.backbone.parameters() if id(p) not in lora_ids)
+    lora = {
+        id(p)
+        for m in model.backbone.modules()
+        if isinstance(m, LORA_TYPES)
+        for p in (m.lora_down.weight, m.lora_up.weight)
+    }
+    backbone = sum(p.numel() for p in model.backbone.parameters() if id(p) not in lora)
     return {
         "shared_params": shared,
         "shared_bytes": 4 * shared,

@@ -42,10 +42,10 @@ def register(sub: Any) -> None:
     d.add_argument("--max-per-site", type=int, help="cap on images per site")
     d.add_argument("--synthetic-n", type=int, default=2000, help="images to generate without --data")
     f = p.add_argument_group("federation")
-    f.add_argument("--rounds", type=int, default=5, help="federated rounds")
-    f.add_argument("--local-epochs", type=int, default=2, help="local epochs per round")
+    f.add_argument("--rounds", type=int, default=10, help="federated rounds")
+    f.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
     f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    f.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     f.add_argument("--no-baseline", action="store_true", help="skip the local-only baseline")
@@ -55,6 +55,12 @@ def register(sub: Any) -> None:
     m.add_argument("--image-size", type=int, default=64, help="input side in pixels")
     m.add_argument("--adapter-rank", type=int, default=4, help="LoRA rank (0 = head only)")
     m.add_argument("--adapter-stages", type=int, default=2, help="LoRA in the last k stages")
+    m.add_argument(
+        "--no-local-norm",
+        action="store_true",
+        help="share nothing but LoRA and head, and keep norm layers frozen (default: FedBN-style "
+        "site-local norm affines in the adapted stages)",
+    )
     p.add_argument("--out", type=Path, help="run directory (default: runs/simulate-<time>)")
     p.set_defaults(func=run)
 
@@ -82,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             adapter_rank=args.adapter_rank,
             adapter_stages=args.adapter_stages,
+            local_norm=not args.no_local_norm,
             seed=args.seed,
         ),
         train=TrainConfig(local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.lr),

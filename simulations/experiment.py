@@ -147,7 +147,8 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
     plot_auc_per_round(
         server["history"]["evaluate"],
         out / "auc_per_round.png",
-        title=f"Per-site validation AUC per round — {data_label}",
+        title=f"Per-site AUC per round — {data_label}",
+        final_test=server["final_test"],
         local=local,
     )
     report["table"] = site_table(server["final_test"], local, sent, data_label)

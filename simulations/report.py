@@ -62,9 +62,11 @@ def plot_auc_per_round(
     evaluate_history: Mapping[str, Mapping[str, Mapping[str, float]]],
     path: str | Path,
     title: str,
+    final_test: Mapping[str, Mapping[str, float]] | None = None,
     local: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Path:
-    """PNG of each site's validation AUC per round (dashed: local-only test AUC)."""
+    """PNG of each site's validation AUC per round; after the last round, test AUC of the
+    federated model (star) and of the local-only baseline (cross)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,10 +83,13 @@ def plot_auc_per_round(
                 xs.append(int(r))
                 ys.append(_metric(evaluate_history[r][site], "auc"))
         (line,) = ax.plot(xs, ys, marker="o", label=site)
+        end = (xs[-1] if xs else 0) + 0.5
+        if final_test and site in final_test:
+            ax.plot([end], [_metric(final_test[site], "auc")], marker="*", ms=12, color=line.get_color())
         if local and site in local:
-            ax.axhline(_metric(local[site], "auc"), color=line.get_color(), ls="--", lw=0.8)
+            ax.plot([end + 0.3], [_metric(local[site], "auc")], marker="x", ms=9, color=line.get_color())
     ax.set_xlabel("round")
-    ax.set_ylabel("validation AUC (dashed: local-only test AUC)")
+    ax.set_ylabel("AUC: validation per round; test: ★ federated, × local-only")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")

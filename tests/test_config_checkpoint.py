@@ -65,3 +65,19 @@ def test_checkpoint_round_trip_and_corruption(tmp_path: Path) -> None:
     (tmp_path / "checkpoint.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="incomplete or corrupt"):
         load_checkpoint(tmp_path)
+
+
+def test_flower_recognises_the_app() -> None:
+    """Flower's own pyproject validator accepts the app and resolves both components."""
+    import tomllib
+
+    from flwr.common.config import validate_config
+
+    root = Path(__file__).resolve().parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    valid, errors, _ = validate_config(config, check_module=True, project_dir=root)
+    assert valid, errors
+    assert config["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "fedshift.server.app:app",
+        "clientapp": "fedshift.client.app:app",
+    }

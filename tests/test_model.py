@@ -62,13 +62,23 @@ def test_fresh_model_computes_the_pretrained_features(model) -> None:
 def test_parameter_groups(model) -> None:
     shared = model.shared_state_dict()
     assert shared and all(".lora_" in k or k.startswith("head.") for k in shared)
-    assert set(model.local_state_dict()) == {"input_adapter.conv.weight", "input_adapter.conv.bias"}
+    local = model.local_state_dict()
+    assert {"input_adapter.conv.weight", "input_adapter.conv.bias"} <= set(local)
+    norms = [k for k in local if k.startswith("local_norms.")]
+    # FedBN-style: weight and bias of every norm layer in the two adapted stages (5 blocks x 3 BN)
+    assert len(norms) == 2 * 15 and all(
+        k.startswith("local_norms.blocks__5") or k.startswith("local_norms.blocks__6") for k in norms
+    )
+    assert not set(local) & set(shared)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     expected = {id(p) for p in model.trainable_parameters()}
     assert trainable == expected
     n_shared = sum(v.numel() for v in shared.values())
+    n_local = sum(v.numel() for v in local.values())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert n_trainable == n_shared + 6  # + the 1->3 input adapter (3 weights, 3 biases)
+    assert n_trainable == n_shared + n_local
+    no_norm = build_model(ModelConfig(image_size=32, local_norm=False))
+    assert set(no_norm.local_state_dict()) == {"input_adapter.conv.weight", "input_adapter.conv.bias"}
 
 
 def test_shared_round_trip_and_errors(model) -> None:
