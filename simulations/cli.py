@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -130,5 +129,4 @@ def run(args: argparse.Namespace) -> int:
     )
     if math.isnan(fed_auc):
         logger.warning("No site reported a test AUC; see %s", out / "results.json")
-    logger.debug("%s", json.dumps(report["mean_test_auc"]))
     return 0

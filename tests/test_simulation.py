@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message
 
-from fedshift.client.cli import run as evaluate_command  # noqa: F401  (import check)
 from fedshift.common.checkpoint import load_checkpoint
 from fedshift.common.cli import main
 from fedshift.common.config import FederationConfig, TrainConfig
