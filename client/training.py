@@ -50,7 +50,12 @@ def resolve_device(setting: str = "auto") -> torch.device:
                 f"Expected a CUDA GPU for device={setting!r}, but none is available; use "
                 "device='auto' or 'cpu'"
             )
-        device = torch.device(setting)
+        try:
+            device = torch.device(setting)
+        except RuntimeError:
+            raise ConfigError(
+                f"Expected device to be 'auto', 'cpu' or 'cuda:N', but got {setting!r}"
+            ) from None
         index = device.index or 0
         if index >= torch.cuda.device_count():
             raise ConfigError(f"Expected device index < {torch.cuda.device_count()}, but got {setting!r}")

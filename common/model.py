@@ -170,12 +170,17 @@ class FedshiftModel(nn.Module):
             for key, param in own.items():
                 param.copy_(state[key])
 
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The low-rank factors of every LoRA module (shared, trainable)."""
+        return [
+            p
+            for m in self.backbone.modules()
+            if isinstance(m, LORA_TYPES)
+            for p in (m.lora_down.weight, m.lora_up.weight)
+        ]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        params = list(self._local_params().values()) + list(self.head.parameters())
-        for module in self.backbone.modules():
-            if isinstance(module, LORA_TYPES):
-                params += [module.lora_down.weight, module.lora_up.weight]
-        return params
+        return [*self._local_params().values(), *self.head.parameters(), *self.lora_parameters()]
 
     def freeze_for_training(self) -> None:
         """requires_grad only on the trainable groups (shared + site-local)."""
@@ -197,12 +202,7 @@ def size_report(model: FedshiftModel) -> dict[str, int]:
     """Parameter counts and float32 bytes: shared adapters vs. the full backbone."""
     shared = sum(t.numel() for t in model.shared_state_dict().values())
     local = sum(t.numel() for t in model.local_state_dict().values())
-    lora = {
-        id(p)
-        for m in model.backbone.modules()
-        if isinstance(m, LORA_TYPES)
-        for p in (m.lora_down.weight, m.lora_up.weight)
-    }
+    lora = {id(p) for p in model.lora_parameters()}
     backbone = sum(p.numel() for p in model.backbone.parameters() if id(p) not in lora)
     return {
         "shared_params": shared,

@@ -92,9 +92,12 @@ def run(args: argparse.Namespace) -> int:
         ),
         train=TrainConfig(local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.lr),
     )
-    # Fail on a bad backbone before any data is simulated or Ray is started.
+    # Fail on a bad backbone or device before any data is simulated or Ray is started:
+    # inside Ray these would only surface as failed replies from every site.
+    from fedshift.client.training import resolve_device
     from fedshift.common.model import build_model
 
+    resolve_device(args.device)
     build_model(federation.model)
     spec = ExperimentSpec(
         out_dir=out,

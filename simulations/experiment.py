@@ -12,7 +12,6 @@ from typing import Any
 from fedshift.client.site import SITE_DATA_FILE
 from fedshift.common.config import FederationConfig
 from fedshift.common.data import load_dataset, save_npz
-from fedshift.common.errors import ConfigError
 from fedshift.common.io import as_jsonable, atomic_write_json
 from fedshift.server.app import RESULTS_FILE
 from fedshift.simulations.baseline import local_only
@@ -52,8 +51,6 @@ class ExperimentSpec:
 
 def build_sites(spec: ExperimentSpec) -> tuple[list[SimulatedSite], str]:
     """Load the source data and turn it into shifted sites; returns the sites and a data label."""
-    if spec.sites < 1:
-        raise ConfigError(f"Expected --sites to be a positive integer, but got {spec.sites}")
     dataset = load_dataset(
         spec.data,
         synthetic_n=spec.synthetic_n,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fedshift.common.cli import main
@@ -65,6 +66,19 @@ def test_non_integer_labels(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
 def test_non_positive_sites(capsys: pytest.CaptureFixture[str], tmp_path: Path, sites: str) -> None:
     code, err = _run(["simulate", "--sites", sites, "--out", str(tmp_path / "r")], capsys)
     _one_line_error(code, err, "--sites", sites)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_device_without_gpu(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, err = _run(["simulate", "--device", "cuda:0", "--out", str(tmp_path / "r")], capsys)
+    _one_line_error(code, err, "cuda:0", "auto")
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x"])
+def test_unknown_device(capsys: pytest.CaptureFixture[str], tmp_path: Path, device: str) -> None:
+    code, err = _run(["simulate", "--device", device, "--out", str(tmp_path / "r")], capsys)
+    _one_line_error(code, err, device)
 
 
 def test_missing_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

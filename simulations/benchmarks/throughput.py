@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedshift.client.training import evaluate, predict_proba, resolve_device, train_local
@@ -31,10 +32,7 @@ logger = logging.getLogger(__name__)
 def measure(device_name: str, image_size: int, n_train: int, epochs: int) -> dict[str, Any]:
     device = resolve_device(device_name)
     data = make_synthetic_cxr(n_train + 400, prevalence=0.5, size=28, seed=1).split("train")
-    train, test = (
-        data.subset(torch.arange(n_train).numpy()),
-        data.subset(torch.arange(n_train, len(data)).numpy()),
-    )
+    train, test = data.subset(np.arange(n_train)), data.subset(np.arange(n_train, len(data)))
     model = build_model(ModelConfig(image_size=image_size))
     stats = train_local(model, train, TrainConfig(local_epochs=epochs, batch_size=64), device, seed=0)
     predict_proba(model, test.images[:64], device)  # warm-up
