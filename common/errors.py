@@ -26,3 +26,15 @@ class BackboneError(FedshiftError):
 
 class CheckpointError(FedshiftError):
     """A checkpoint is missing, incomplete or does not match the model."""
+
+
+class PrivacyError(FedshiftError):
+    """A privacy setting is missing or impossible, or the privacy ledger cannot be trusted."""
+
+
+class BudgetExhausted(PrivacyError):
+    """Training would spend more privacy budget than the site allows."""
+
+
+class LedgerError(PrivacyError):
+    """The privacy ledger on disk is corrupt, inconsistent or cannot be written."""

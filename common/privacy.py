@@ -1,0 +1,138 @@
+"""Privacy accounting math: epsilon of a history of subsampled Gaussian mechanisms.
+
+Pure functions over a *history*: a sequence of ``(noise_multiplier, sample_rate,
+steps)`` triples, the same form Opacus accountants keep in ``.history``. The
+accountants themselves are Opacus's (RDP or PRV), looked up by name in a
+registry; fedshift never re-implements them, it only feeds them the whole
+history that a site's ledger has kept across rounds, runs and restarts.
+
+Epsilon is always reported together with its delta.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
+
+from fedshift.common.errors import BudgetExhausted, PrivacyError
+
+# (noise multiplier sigma, Poisson sampling rate q, number of steps)
+Mechanism = tuple[float, float, int]
+
+MAX_DELTA = 1e-5  # the delta rule: delta <= min(1 / n_train, 1e-5)
+
+ACCOUNTANTS: dict[str, Callable[[], IAccountant]] = {
+    "rdp": RDPAccountant,
+    "prv": PRVAccountant,
+}
+
+
+def register_accountant(name: str, factory: Callable[[], IAccountant]) -> None:
+    """Make another Opacus-style accountant selectable by ``name``."""
+    ACCOUNTANTS[name] = factory
+
+
+def create_accountant(name: str) -> IAccountant:
+    try:
+        return ACCOUNTANTS[name]()
+    except KeyError:
+        raise PrivacyError(
+            f"Expected the accountant to be one of {sorted(ACCOUNTANTS)}, but got {name!r}"
+        ) from None
+
+
+def _checked(history: Iterable[Mechanism]) -> list[Mechanism]:
+    out = []
+    for sigma, q, steps in history:
+        if not (sigma > 0 and math.isfinite(sigma)) or not 0 < q <= 1 or steps < 0:
+            raise PrivacyError(
+                f"Expected a mechanism with noise multiplier > 0, 0 < sample rate <= 1 and steps >= 0, "
+                f"but got sigma={sigma!r}, q={q!r}, steps={steps!r}"
+            )
+        if steps:
+            out.append((float(sigma), float(q), int(steps)))
+    return out
+
+
+def epsilon(history: Iterable[Mechanism], delta: float, accountant: str = "rdp") -> float:
+    """The epsilon, at ``delta``, of running every mechanism in ``history`` (composition)."""
+    checked = _checked(history)
+    if not checked:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = checked
+    return float(acc.get_epsilon(delta=delta))
+
+
+def check_budget(eps: float, delta: float, n_train: int | None = None) -> None:
+    """Refuse a budget that is missing or impossible, naming the value and the fix."""
+    if not isinstance(eps, int | float) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
+        raise PrivacyError(
+            f"Expected the privacy budget epsilon to be a finite number > 0, but got {eps!r}; "
+            "set dp-epsilon (e.g. 8.0), or turn DP off explicitly with dp=false"
+        )
+    limit = MAX_DELTA if n_train is None else min(MAX_DELTA, 1.0 / max(n_train, 1))
+    if not isinstance(delta, int | float) or isinstance(delta, bool) or not 0 < delta <= limit:
+        where = "" if n_train is None else f" for a training split of {n_train} images"
+        raise PrivacyError(
+            f"Expected delta in (0, {limit:.3g}] (delta <= 1/n and <= 1e-5){where}, but got {delta!r}; "
+            f"set dp-delta to {limit:.3g} or less"
+        )
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """The noise multiplier chosen so that history + planned steps fit the budget."""
+
+    noise_multiplier: float
+    epsilon_planned: float  # epsilon after all planned steps (<= the budget)
+    epsilon_before: float  # epsilon already spent
+
+
+def noise_for_budget(
+    budget: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    *,
+    history: Sequence[Mechanism] = (),
+    accountant: str = "rdp",
+    tolerance: float = 1e-3,
+    max_sigma: float = 1e3,
+) -> NoisePlan:
+    """The smallest noise multiplier (within ``tolerance``) whose planned steps keep epsilon <= budget.
+
+    Accounts for everything already in ``history`` (earlier runs at this site).
+    Raises :class:`BudgetExhausted` when no amount of noise fits.
+    """
+    check_budget(budget, delta)
+    if steps < 1:
+        raise PrivacyError(f"Expected at least 1 planned step, but got {steps}")
+    before = epsilon(history, delta, accountant)
+
+    def eps_at(sigma: float) -> float:
+        return epsilon([*history, (sigma, sample_rate, steps)], delta, accountant)
+
+    with warnings.catch_warnings():  # "optimal order is the largest alpha" at huge sigma
+        warnings.simplefilter("ignore", UserWarning)
+        fits = eps_at(max_sigma) <= budget
+    if not fits:
+        raise BudgetExhausted(
+            f"Expected room in the privacy budget epsilon={budget:g} (delta={delta:g}), but "
+            f"{before:.4g} is already spent and {steps} more steps do not fit even with noise "
+            f"multiplier {max_sigma:g}; this site cannot train again under this budget"
+        )
+    low, high = 0.0, 1.0
+    while eps_at(high) > budget:
+        low, high = high, high * 2
+    while high - low > tolerance:
+        mid = (low + high) / 2
+        if eps_at(mid) > budget:
+            low = mid
+        else:
+            high = mid
+    return NoisePlan(noise_multiplier=high, epsilon_planned=eps_at(high), epsilon_before=before)
