@@ -10,31 +10,54 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedshift.client.dp import plan_round
+from fedshift.client.egress import (
+    DEFAULT_METRICS,
+    MECHANISM_DP,
+    EgressPolicy,
+    egress_guard,
+    refusal,
+    round_of,
+)
+from fedshift.client.ledger import PrivacyLedger
 from fedshift.client.site import (
     SiteSettings,
     load_local_state,
     load_site_data,
     save_local_state,
 )
-from fedshift.client.training import evaluate, resolve_device, train_local
+from fedshift.client.training import TrainStats, evaluate, resolve_device, train_local
 from fedshift.common.config import FederationConfig
+from fedshift.common.errors import BudgetExhaustedError
 from fedshift.common.model import FedshiftModel, build_model
-from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, WEIGHT_KEY
+from fedshift.common.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    PRIVACY_KEY,
+    SITE_KEY,
+    WEIGHT_KEY,
+)
 
 logger = logging.getLogger(__name__)
+
+
+def _settings(context: Context, fixed: Mapping[str, Any]) -> tuple[FederationConfig, SiteSettings]:
+    fed = FederationConfig.from_run_config({**context.run_config, **fixed})
+    return fed, SiteSettings.from_node_config(context.node_config, fed)
 
 
 def _prepare(
     msg: Message, context: Context, fixed: Mapping[str, Any]
 ) -> tuple[FederationConfig, SiteSettings, FedshiftModel]:
-    fed = FederationConfig.from_run_config({**context.run_config, **fixed})
-    site = SiteSettings.from_node_config(context.node_config, fed)
+    fed, site = _settings(context, fixed)
     model = build_model(fed.model)
     model.load_shared_state_dict(msg.content.array_records[ARRAYS_KEY].to_torch_state_dict())
     local = load_local_state(site.state_dir)
@@ -47,32 +70,106 @@ def _site_record(site: SiteSettings) -> ConfigRecord:
     return ConfigRecord({"name": site.name})
 
 
+def _policy(site: SiteSettings) -> EgressPolicy:
+    allowed = site.egress_metrics if site.egress_metrics is not None else DEFAULT_METRICS
+    return EgressPolicy(dp_required=site.privacy.enabled, allowed_metrics=allowed)
+
+
+def _train_private(
+    msg: Message, fed: FederationConfig, site: SiteSettings, model: FedshiftModel, seed: int
+) -> tuple[TrainStats, ConfigRecord]:
+    """Plan the round under the budget, charge the ledger, then train (raises BudgetExhaustedError)."""
+    privacy = site.privacy
+    train = load_site_data(site).split("train")
+    ledger = PrivacyLedger.at(site.state_dir, accountant=privacy.accountant)
+    server_round = round_of(msg)
+    run_id = str(msg.metadata.run_id)
+    plan = plan_round(
+        privacy,
+        ledger,
+        num_examples=len(train),
+        train=fed.train,
+        run_id=run_id,
+        server_round=server_round,
+        num_rounds=fed.num_rounds,
+        seed=seed,
+    )
+    dp = plan.training
+    # charged before the data is touched: a crash mid-round over-reports, never under-reports
+    entry = ledger.charge(
+        run_id=run_id,
+        round=server_round,
+        mechanism=MECHANISM_DP,
+        noise_multiplier=dp.noise_multiplier,
+        sample_rate=dp.sample_rate,
+        steps=dp.steps,
+        delta=plan.delta,
+    )
+    stats = train_local(model, train, fed.train, resolve_device(site.device), seed=seed, private=dp)
+    record = ConfigRecord(
+        {
+            "mechanism": MECHANISM_DP,
+            "epsilon": entry.epsilon,
+            "delta": plan.delta,
+            "budget-epsilon": privacy.epsilon,
+            "noise-multiplier": dp.noise_multiplier,
+            "clip-norm": dp.clip_norm,
+            "sample-rate": dp.sample_rate,
+            "steps": dp.steps,
+            "accountant": privacy.accountant,
+            "secure-rng": dp.secure_rng,
+            "clipped-fraction": dp.clipped_fraction,
+        }
+    )
+    return stats, record
+
+
 def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp; ``overrides`` take precedence over ``context.run_config``.
 
-    ``mods`` are Flower client mods (``fn(msg, ctxt, call_next)``) wrapped around it.
+    ``mods`` are Flower client mods (``fn(msg, ctxt, call_next)``) wrapped around
+    the handlers, inside the egress guard: whatever they add must pass it too.
     """
     fixed = dict(overrides or {})
-    app = ClientApp(mods=list(mods))
+
+    def resolve(context: Context) -> tuple[str, Path, EgressPolicy]:
+        _fed, site = _settings(context, fixed)
+        return site.name, site.state_dir, _policy(site)
+
+    app = ClientApp(mods=[egress_guard(resolve), *mods])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         fed, site, model = _prepare(msg, context, fixed)
-        data = load_site_data(site)
-        device = resolve_device(site.device)
-        server_round = int(cast(int, msg.content.config_records[CONFIG_KEY].get("server-round", 0)))
+        server_round = round_of(msg)
         seed = zlib.crc32(f"{fed.seed}:{server_round}:{site.name}".encode())
-        stats = train_local(model, data.split("train"), fed.train, device, seed=seed)
+        device = resolve_device(site.device)
+        if site.privacy.enabled:
+            try:
+                stats, privacy = _train_private(msg, fed, site, model, seed)
+            except BudgetExhaustedError as exc:
+                logger.warning("%s round %d: not training: %s", site.name, server_round, exc)
+                return refusal(msg, site.name, "budget-exhausted", str(exc))
+        else:
+            logger.warning(
+                "%s round %d: training WITHOUT differential privacy (dp=false); the egress log "
+                "and the server's report say so",
+                site.name,
+                server_round,
+            )
+            stats = train_local(model, load_site_data(site).split("train"), fed.train, device, seed=seed)
+            privacy = ConfigRecord({"mechanism": "none"})
         save_local_state(site.state_dir, model.local_state_dict())
-        val = evaluate(model, data.split("val"), device)
+        val = evaluate(model, load_site_data(site).split("val"), device)
         logger.info(
-            "%s round %d: loss %.4f, val AUC %.3f, %.0f samples/s on %s",
+            "%s round %d: loss %.4f, val AUC %.3f, %.0f samples/s on %s%s",
             site.name,
             server_round,
             stats.loss,
             val["auc"],
             stats.samples_per_second,
             device,
+            f", epsilon {float(cast(float, privacy['epsilon'])):.3f}" if "epsilon" in privacy else "",
         )
         metrics = MetricRecord(
             {
@@ -85,7 +182,12 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
         )
         shared = {k: v.cpu() for k, v in model.shared_state_dict().items()}
         content = RecordDict(
-            {ARRAYS_KEY: ArrayRecord(shared), METRICS_KEY: metrics, SITE_KEY: _site_record(site)}
+            {
+                ARRAYS_KEY: ArrayRecord(shared),
+                METRICS_KEY: metrics,
+                SITE_KEY: _site_record(site),
+                PRIVACY_KEY: privacy,
+            }
         )
         return Message(content, reply_to=msg)
 

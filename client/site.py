@@ -10,13 +10,13 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedshift.common.config import FederationConfig
+from fedshift.common.config import FederationConfig, PrivacyConfig
 from fedshift.common.data import Dataset, load_npz
 from fedshift.common.errors import ConfigError
 from fedshift.common.io import atomic_write_bytes
@@ -33,21 +33,35 @@ class SiteSettings:
 
     name: str  # display name in reports
     data_path: Path  # MedMNIST-layout .npz with train/val/test splits
-    state_dir: Path  # site-local state (input adapter, later the privacy ledger)
+    state_dir: Path  # site-local state (input adapter, privacy ledger, egress log)
     device: str  # auto, cpu or cuda:N
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # DP-SGD and the site's budget
+    egress_metrics: frozenset[str] | None = None  # metric keys allowed to leave; None = the defaults
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], fed: FederationConfig) -> SiteSettings:
+        """Deployment: private by default (DP and the secure RNG on; the budget must be set).
+
+        Simulation: every site takes the run config's privacy settings.
+        """
         device = str(node_config.get("device", fed.device))
+        allowed = node_config.get("egress-metrics")
+        egress = (
+            frozenset(k.strip() for k in str(allowed).split(",") if k.strip())
+            if allowed is not None
+            else None
+        )
         if "data-path" in node_config:
             data_path = Path(str(node_config["data-path"]))
             state_dir = Path(str(node_config.get("state-dir", data_path.parent)))
             name = str(node_config.get("site-name", data_path.stem))
-            return cls(name, data_path, state_dir, device)
+            production = {"dp": True, "dp-secure-rng": True, "dp-epsilon": float("nan")}
+            privacy = fed.privacy.with_values({**production, **node_config})
+            return cls(name, data_path, state_dir, device, privacy, egress)
         if "partition-id" in node_config and fed.sites_root:
             name = f"site-{int(node_config['partition-id'])}"
             site_dir = Path(fed.sites_root) / name
-            return cls(name, site_dir / SITE_DATA_FILE, site_dir, device)
+            return cls(name, site_dir / SITE_DATA_FILE, site_dir, device, fed.privacy, egress)
         raise ConfigError(
             "Expected the node config to set 'data-path' (deployment) or the run config to set "
             "'sites-root' (simulation), but neither is set; pass "

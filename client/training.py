@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedshift.client.dp import PrivateTraining
 from fedshift.common.config import TrainConfig
 from fedshift.common.data import ImageSet, to_tensor
 from fedshift.common.errors import ConfigError
@@ -24,7 +26,7 @@ logger = logging.getLogger(__name__)
 class TrainStats:
     """What one call of :func:`train_local` did."""
 
-    loss: float  # mean training loss over the last epoch
+    loss: float  # mean training loss over the samples processed
     num_examples: int  # training samples at the site
     steps: int  # optimiser steps taken
     seconds: float  # wall time of the loop
@@ -63,6 +65,13 @@ def resolve_device(setting: str = "auto") -> torch.device:
     raise ConfigError(f"Expected device to be 'auto', 'cpu' or 'cuda:N', but got {setting!r}")
 
 
+def _shuffled(n: int, batch_size: int, epochs: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for begin in range(0, n, batch_size):
+            yield order[begin : begin + batch_size]
+
+
 def train_local(
     model: FedshiftModel,
     data: ImageSet,
@@ -70,41 +79,52 @@ def train_local(
     device: torch.device,
     *,
     seed: int = 0,
+    private: PrivateTraining | None = None,
 ) -> TrainStats:
-    """Train the model's trainable parameters on ``data`` in place."""
-    if len(data) == 0:
+    """Train the model's trainable parameters on ``data`` in place.
+
+    Without ``private``: ``local_epochs`` shuffled passes. With it: DP-SGD, its
+    Poisson batches and its clipping-and-noise optimizer (:mod:`fedshift.client.dp`).
+    """
+    n = len(data)
+    if n == 0:
         raise ConfigError("Expected a non-empty training split, but it has 0 images")
     model.to(device)
     model.train(True)
     x_all = to_tensor(data.images, model.config.image_size)
     y_all = torch.as_tensor(data.labels, dtype=torch.long)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(seed)
-    n = len(data)
-    steps, processed = 0, 0
-    epoch_loss = float("nan")
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+        params, lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    forward: nn.Module = model
+    if private is None:
+        batches = _shuffled(n, config.batch_size, config.local_epochs, torch.Generator().manual_seed(seed))
+        loss_fn = nn.CrossEntropyLoss()
+    else:
+        forward, optimizer = private.attach(model, optimizer, n)
+        batches = private.batches(n, device)
+        loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    steps, processed, loss_sum = 0, 0, 0.0
     start = time.perf_counter()
-    for _ in range(config.local_epochs):
-        order = torch.randperm(n, generator=generator)
-        total, count = 0.0, 0
-        for begin in range(0, n, config.batch_size):
-            idx = order[begin : begin + config.batch_size]
+    try:
+        for idx in batches:
             x, y = x_all[idx].to(device), y_all[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(forward(x), y)
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
+            batch_loss = float(loss.detach())
+            loss_sum += batch_loss if private is not None else batch_loss * len(idx)
+            processed += len(idx)
             steps += 1
-        processed += count
-        epoch_loss = total / count
+    finally:
+        if private is not None:
+            private.detach()
     seconds = time.perf_counter() - start
     model.train(False)
     return TrainStats(
-        loss=epoch_loss,
+        loss=loss_sum / processed if processed else float("nan"),
         num_examples=n,
         steps=steps,
         seconds=seconds,

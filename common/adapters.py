@@ -9,6 +9,7 @@ convolutions), which keeps DP-SGD affordable.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import cast
@@ -140,3 +141,75 @@ class InputAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
+
+
+class ChannelAffine(nn.Module):
+    """``y = x * weight[c] + bias[c]``: the trainable half of a norm layer whose statistics are frozen.
+
+    Kept as its own module so that per-sample gradients (DP-SGD) see a layer
+    with parameters and no buffers.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.weight.view(shape) + self.bias.view(shape)
+
+
+class FrozenNormAct(nn.Module):
+    """A BatchNorm in inference form: frozen running statistics, then a site-local affine.
+
+    Computes exactly what the pretrained ``BatchNorm`` (timm's ``BatchNormAct2d``
+    included: its dropout and activation come along) computes in eval mode, with
+    the affine split off into :class:`ChannelAffine` so each site can tune it.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        if bn.running_mean is None or bn.running_var is None:
+            raise ConfigError(f"Expected a BatchNorm with running statistics, but {bn} tracks none")
+        channels = bn.num_features
+        weight = bn.weight if bn.weight is not None else torch.ones(channels)
+        bias = bn.bias if bn.bias is not None else torch.zeros(channels)
+        self.register_buffer("running_mean", bn.running_mean.detach().clone())
+        self.register_buffer("running_var", bn.running_var.detach().clone())
+        self.eps = float(bn.eps)
+        self.affine = ChannelAffine(weight, bias)
+        self.drop = cast(nn.Module, getattr(bn, "drop", nn.Identity()))
+        self.act = cast(nn.Module, getattr(bn, "act", nn.Identity()))
+        if getattr(self.act, "inplace", False):  # in-place on a hooked output breaks per-sample grads
+            self.act = copy.copy(self.act)
+            setattr(self.act, "inplace", False)  # noqa: B010
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = cast(torch.Tensor, self.running_mean).view(shape)
+        inv_std = torch.rsqrt(cast(torch.Tensor, self.running_var) + self.eps).view(shape)
+        return self.act(self.drop(self.affine((x - mean) * inv_std)))
+
+
+def split_batchnorms(root: nn.Module, within: Sequence[nn.Module]) -> list[tuple[str, nn.Module]]:
+    """Replace every BatchNorm inside ``within`` by :class:`FrozenNormAct`.
+
+    Returns ``(dotted name, trainable module)`` for each norm found: the
+    :class:`ChannelAffine` of a replaced BatchNorm, or a GroupNorm/LayerNorm
+    itself (those have no statistics and stay as they are).
+    """
+    chosen = {id(m) for block in within for m in block.modules()}
+    out: list[tuple[str, nn.Module]] = []
+    for parent_name, parent in list(root.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if id(child) not in chosen:
+                continue
+            name = ".".join(p for p in (parent_name, child_name) if p)
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                frozen = FrozenNormAct(child)
+                setattr(parent, child_name, frozen)
+                out.append((name, frozen.affine))
+            elif isinstance(child, nn.GroupNorm | nn.LayerNorm) and child.weight is not None:
+                out.append((name, child))
+    return out

@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from fedshift.common.errors import FedshiftError
 
@@ -19,7 +20,20 @@ from fedshift.common.errors import FedshiftError
 COMMANDS = {
     "simulate": "fedshift.simulations.cli",
     "evaluate": "fedshift.client.cli",
+    "ledger": "fedshift.client.ledger_cli",
 }
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (test captures swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 def setup_logging(verbose: bool) -> None:
@@ -27,7 +41,7 @@ def setup_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        stream=sys.stderr,
+        handlers=[_StderrHandler()],
         force=True,
     )
     for noisy in ("flwr", "ray", "matplotlib", "PIL", "timm", "alembic"):

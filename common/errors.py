@@ -32,7 +32,7 @@ class PrivacyError(FedshiftError):
     """A privacy setting is missing or impossible, or the privacy ledger cannot be trusted."""
 
 
-class BudgetExhausted(PrivacyError):
+class BudgetExhaustedError(PrivacyError):
     """Training would spend more privacy budget than the site allows."""
 
 

@@ -5,7 +5,9 @@ Three groups of parameters, found by module type (never by name matching):
 * **frozen**: the pretrained backbone;
 * **shared**: LoRA updates and the classification head; the only tensors that
   travel to the server and get aggregated;
-* **site-local**: the input adapter; it stays at the hospital.
+* **site-local**: the input adapter and, in the adapted stages, the affine half
+  of every norm layer (FedBN-style; their statistics stay frozen); they stay at
+  the hospital.
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedshift.common.adapters import LORA_TYPES, InputAdapter, backbone_stages, inject_lora
+from fedshift.common.adapters import (
+    LORA_TYPES,
+    InputAdapter,
+    backbone_stages,
+    inject_lora,
+    split_batchnorms,
+)
 from fedshift.common.backbones import DEFAULT_BACKBONE, backbone_norm, create_backbone
 from fedshift.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass(frozen=True)
@@ -90,13 +96,13 @@ class FedshiftModel(nn.Module):
             backbone, rank=config.adapter_rank, last_stages=config.adapter_stages
         )
         self.input_adapter = InputAdapter(mean, std, in_chans=config.in_chans)
-        self.local_norms = nn.ModuleDict()
+        # not a ModuleDict: these modules already live inside the backbone, and registering them
+        # twice would make Opacus hook (and count) their per-sample gradients twice
+        self.local_norms: dict[str, nn.Module] = {}
         if config.local_norm and config.adapter_stages > 0:
             stages = backbone_stages(backbone)[-config.adapter_stages :]
-            chosen = {id(m) for stage in stages for m in stage.modules() if isinstance(m, NORM_TYPES)}
-            for name, module in backbone.named_modules():
-                if id(module) in chosen:
-                    self.local_norms[name.replace(".", "__")] = module
+            for name, module in split_batchnorms(backbone, stages):
+                self.local_norms[name.replace(".", "__")] = module
         self.backbone = backbone
         self.head = nn.Linear(int(cast(Any, backbone).num_features), config.num_classes)
         self.train(False)
@@ -112,6 +118,14 @@ class FedshiftModel(nn.Module):
         """Train mode for the trainable parts; the frozen backbone keeps its statistics."""
         super().train(mode)
         self.backbone.eval()
+        # adapters inside the backbone follow ``mode`` (they have no mode-dependent maths, but
+        # Opacus only records activations of modules in training mode)
+        for module in self.backbone.modules():
+            if isinstance(module, LORA_TYPES):
+                module.lora_down.train(mode)
+                module.lora_up.train(mode)
+        for module in self.local_norms.values():
+            module.train(mode)
         return self
 
     # ------------------------------------------------------- parameter groups

@@ -5,3 +5,5 @@ METRICS_KEY = "metrics"  # MetricRecord: aggregate metrics of one site
 CONFIG_KEY = "config"  # ConfigRecord: the server's round config
 SITE_KEY = "site"  # ConfigRecord: the site's display name (configuration, not patient data)
 WEIGHT_KEY = "num-examples"  # metric used as the FedAvg weight
+PRIVACY_KEY = "privacy"  # ConfigRecord: the mechanism that protected the arrays, and the site's accounting
+STATUS_KEY = "status"  # ConfigRecord: why a site sends no update this time (budget-exhausted, blocked, ...)

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedshift.common.checkpoint import save_checkpoint
 from fedshift.common.model import ModelConfig
-from fedshift.common.protocol import ARRAYS_KEY, METRICS_KEY, SITE_KEY, WEIGHT_KEY
+from fedshift.common.protocol import ARRAYS_KEY, METRICS_KEY, PRIVACY_KEY, SITE_KEY, STATUS_KEY, WEIGHT_KEY
 from fedshift.server.validation import ArraySpec, reply_problem
 
 logger = logging.getLogger(__name__)
@@ -37,13 +38,39 @@ class RunHistory:
     train: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
     evaluate: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[dict[str, Any]] = field(default_factory=list)  # sites that sent no update, and why
+    privacy: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)  # round -> site -> accounting
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "train": {str(r): v for r, v in self.train.items()},
             "evaluate": {str(r): v for r, v in self.evaluate.items()},
             "rejected": self.rejected,
+            "refused": self.refused,
+            "privacy": {str(r): v for r, v in self.privacy.items()},
         }
+
+    def epsilon_table(self) -> dict[str, dict[int, float]]:
+        """site -> round -> epsilon its ledger reported after that round (DP sites only)."""
+        out: dict[str, dict[int, float]] = {}
+        for rnd, sites in sorted(self.privacy.items()):
+            for site, record in sites.items():
+                if "epsilon" in record:
+                    out.setdefault(site, {})[rnd] = float(record["epsilon"])
+        return out
+
+
+def _status_of(msg: Message) -> tuple[str, str] | None:
+    """``(status, reason)`` when a site says why it sends no update, else ``None``."""
+    if msg.has_error() or STATUS_KEY not in msg.content.config_records:
+        return None
+    record = msg.content.config_records[STATUS_KEY]
+    return str(record.get("status", "refused")), str(record.get("reason", ""))
+
+
+def _privacy_of(msg: Message) -> dict[str, Any]:
+    record = msg.content.config_records.get(PRIVACY_KEY)
+    return {k: v for k, v in record.items()} if record is not None else {"mechanism": "undeclared"}
 
 
 def _metrics_of(msg: Message) -> dict[str, float]:
@@ -75,10 +102,52 @@ class AdapterFedAvg(FedAvg):
         self.model_config = model_config
         self.num_rounds = num_rounds
         self.history = RunHistory()
+        self.exhausted: dict[int, str] = {}  # node id -> site name, left out of later training rounds
+        self._warned_no_dp: set[str] = set()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's sampling, minus the sites whose privacy budget is spent."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        keep = [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
+        if len(keep) < len(messages):
+            left_out = sorted(
+                self.exhausted[m.metadata.dst_node_id]
+                for m in messages
+                if m.metadata.dst_node_id in self.exhausted
+            )
+            logger.info("Round %d: left out %s (privacy budget spent)", server_round, left_out)
+        return keep
 
     def _accept(self, server_round: int, replies: Iterable[Message], stage: str) -> list[Message]:
         good = []
         for msg in replies:
+            status = _status_of(msg)
+            if status is not None:
+                kind, reason = status
+                node = msg.metadata.src_node_id
+                logger.warning(
+                    "Round %d %s: %s sent no update (%s): %s",
+                    server_round,
+                    stage,
+                    site_name(msg),
+                    kind,
+                    reason,
+                )
+                self.history.refused.append(
+                    {
+                        "round": server_round,
+                        "stage": stage,
+                        "node": node,
+                        "site": site_name(msg),
+                        "status": kind,
+                        "reason": reason,
+                    }
+                )
+                if kind == "budget-exhausted":
+                    self.exhausted[node] = site_name(msg)
+                continue
             problem = reply_problem(msg, self.expected, with_arrays=stage == "train")
             if problem is None:
                 good.append(msg)
@@ -107,11 +176,18 @@ class AdapterFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         good = self._accept(server_round, replies, "train")
         per_site = {}
+        privacy = {}
         for msg in good:
+            name = site_name(msg)
             site_metrics = _metrics_of(msg)
             site_metrics["bytes-sent"] = float(msg.content.array_records[ARRAYS_KEY].count_bytes())
-            per_site[site_name(msg)] = site_metrics
+            per_site[name] = site_metrics
+            privacy[name] = _privacy_of(msg)
+            if privacy[name].get("mechanism") != "dp-sgd" and name not in self._warned_no_dp:
+                self._warned_no_dp.add(name)
+                logger.warning("%s sends adapters WITHOUT differential privacy (%s)", name, privacy[name])
         self.history.train[server_round] = per_site
+        self.history.privacy[server_round] = privacy
         arrays, metrics = super().aggregate_train(server_round, good)
         if arrays is not None:
             save_checkpoint(

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fedshift.client.site import SiteSettings, load_local_state, save_local_state
-from fedshift.common.config import FederationConfig
-from fedshift.common.errors import ConfigError
+from fedshift.common.config import FederationConfig, PrivacyConfig
+from fedshift.common.errors import ConfigError, PrivacyError
 from fedshift.common.model import ModelConfig, build_model
 
 
@@ -19,9 +19,28 @@ def test_deployment_node_config(tmp_path: Path) -> None:
         "state-dir": str(tmp_path / "state"),
         "site-name": "charite",
         "device": "cpu",
+        "dp-epsilon": 6.0,
     }
     site = SiteSettings.from_node_config(node, FederationConfig(device="auto"))
-    assert site == SiteSettings("charite", tmp_path / "h1.npz", tmp_path / "state", "cpu")
+    production = PrivacyConfig(enabled=True, epsilon=6.0, secure_rng=True)
+    assert site == SiteSettings("charite", tmp_path / "h1.npz", tmp_path / "state", "cpu", production)
+
+
+def test_deployment_is_private_by_default(tmp_path: Path) -> None:
+    """DP on and the secure RNG on unless the site says otherwise; a missing budget is refused."""
+    node = {"data-path": str(tmp_path / "h1.npz")}
+    with pytest.raises(PrivacyError, match="dp-epsilon"):
+        SiteSettings.from_node_config(node, FederationConfig())
+    with pytest.raises(PrivacyError, match="dp-epsilon to be a number, but got 'eight'"):
+        SiteSettings.from_node_config({**node, "dp-epsilon": "eight"}, FederationConfig())
+    with pytest.raises(PrivacyError, match="delta"):
+        SiteSettings.from_node_config({**node, "dp-epsilon": 8.0, "dp-delta": 1e-3}, FederationConfig())
+    off = SiteSettings.from_node_config({**node, "dp": "false"}, FederationConfig())
+    assert not off.privacy.enabled
+    # the federation's run config does not switch a site's DP off
+    fed = FederationConfig.from_run_config({"dp": False})
+    on = SiteSettings.from_node_config({**node, "dp-epsilon": 3}, fed)
+    assert on.privacy.enabled and on.privacy.secure_rng and on.privacy.epsilon == 3.0
 
 
 def test_simulation_partition(tmp_path: Path) -> None:

@@ -1,0 +1,303 @@
+"""DP-SGD at a site, on Opacus: Poisson sampling, per-sample clipping, Gaussian noise.
+
+The pieces are Opacus's own: ``GradSampleModule`` computes per-sample gradients
+and ``DPOptimizer`` clips them to ``clip_norm`` and adds noise of standard
+deviation ``noise_multiplier * clip_norm``; the epsilon comes from Opacus's
+accountants (:mod:`fedshift.common.privacy`) fed with the site's ledger.
+fedshift adds three things around them:
+
+* **every trainable tensor is private**: the shared adapters *and* the site-local
+  ones (input adapter, norm affines) are clipped together, so what is sent is a
+  post-processing of DP outputs even though local tensors shape the gradients;
+* **cheap per-sample gradients**: the adapters sit on pointwise convolutions and
+  linear layers, and the norm affines get an exact closed-form grad sampler
+  (:func:`_channel_affine_grad_sample`), so no depthwise convolution ever needs
+  one;
+* **a secure random source** for production (``secure_rng``): Poisson masks and
+  noise come from the operating system's CSPRNG (``os.urandom``), with Opacus's
+  floating-point-attack mitigation (sum of four Gaussians, halved). The default
+  is a seeded ``torch.Generator``, which makes experiments reproducible and is
+  **not** safe against an adversary who can guess the seed.
+
+The training loop itself is :func:`fedshift.client.training.train_local`; this
+module only supplies the private batch plan and optimizer (:class:`PrivateTraining`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.grad_sample import register_grad_sampler
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from fedshift.client.ledger import PrivacyLedger
+from fedshift.common.adapters import ChannelAffine
+from fedshift.common.config import PrivacyConfig, TrainConfig
+from fedshift.common.errors import BudgetExhaustedError, PrivacyError
+from fedshift.common.privacy import check_budget, noise_for_budget
+
+logger = logging.getLogger(__name__)
+
+
+@register_grad_sampler(ChannelAffine)
+def _channel_affine_grad_sample(
+    layer: ChannelAffine, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Exact per-sample gradients of ``x * w[c] + b[c]``: sums over everything but batch and channel."""
+    x = activations[0]
+    dims = tuple(range(2, x.dim()))
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        out[layer.weight] = (x * backprops).sum(dim=dims) if dims else x * backprops
+    if layer.bias.requires_grad:
+        out[layer.bias] = backprops.sum(dim=dims) if dims else backprops
+    return out
+
+
+class RandomSource(Protocol):
+    """Where the randomness of DP-SGD comes from: Poisson masks and Gaussian noise."""
+
+    secure: bool
+
+    def uniform(self, n: int, device: torch.device) -> torch.Tensor: ...
+
+    def normal(self, std: float, like: torch.Tensor) -> torch.Tensor: ...
+
+
+class SeededSource:
+    """A seeded ``torch.Generator`` (reproducible experiments; not for production)."""
+
+    secure = False
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def uniform(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator).to(device)
+
+    def normal(self, std: float, like: torch.Tensor) -> torch.Tensor:
+        noise = torch.normal(0.0, std, size=tuple(like.shape), generator=self.generator)
+        return noise.to(device=like.device, dtype=like.dtype)
+
+
+def _urandom_uniform(n: int) -> np.ndarray:
+    """``n`` doubles, uniform on (0, 1), from the OS CSPRNG (53 random bits each)."""
+    raw = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
+    return ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+
+
+class SecureSource:
+    """The operating system's CSPRNG (``os.urandom``); Gaussians by Box-Muller in float64.
+
+    Each noise draw is the sum of four Gaussians halved, Opacus's mitigation of
+    floating-point attacks on the Gaussian mechanism (Holohan et al. 2021).
+    """
+
+    secure = True
+
+    def uniform(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.from_numpy(_urandom_uniform(n)).to(device)
+
+    @staticmethod
+    def _standard_normal(n: int) -> np.ndarray:
+        u1, u2 = _urandom_uniform(n), _urandom_uniform(n)
+        return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
+
+    def normal(self, std: float, like: torch.Tensor) -> torch.Tensor:
+        n = like.numel()
+        total = sum(self._standard_normal(n) for _ in range(4)) / 2.0
+        noise = torch.from_numpy(std * np.asarray(total)).view(tuple(like.shape))
+        return noise.to(device=like.device, dtype=like.dtype)
+
+
+class _SourcedDPOptimizer(DPOptimizer):
+    """Opacus's ``DPOptimizer`` with its noise drawn from a :class:`RandomSource`."""
+
+    def __init__(self, *args: Any, source: RandomSource, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.source = source
+        self.clipped = 0  # per-sample gradients scaled down so far
+        self.seen = 0  # per-sample gradients seen so far
+
+    def clip_and_accumulate(self) -> None:
+        if self.grad_samples and len(self.grad_samples[0]):
+            norms = torch.stack(
+                [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples], dim=1
+            ).norm(2, dim=1)
+            self.clipped += int((norms > self.max_grad_norm).sum())
+            self.seen += len(norms)
+        super().clip_and_accumulate()
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            summed = p.summed_grad
+            noise = self.source.normal(std, summed) if std > 0 else torch.zeros_like(summed)
+            p.grad = (summed + noise).view_as(p)
+
+
+@dataclass
+class PrivateTraining:
+    """One round of DP-SGD: what :func:`fedshift.client.training.train_local` needs to run it.
+
+    ``steps`` Poisson-sampled batches (each sample joins with probability
+    ``sample_rate``), per-sample gradients of every trainable parameter clipped
+    jointly to ``clip_norm``, Gaussian noise ``noise_multiplier * clip_norm``
+    added to their sum, divided by the expected batch size.
+    """
+
+    noise_multiplier: float
+    clip_norm: float
+    sample_rate: float
+    steps: int
+    secure_rng: bool = False
+    seed: int = 0
+    loss_reduction: str = "sum"  # per-sample losses are summed; the optimizer divides by q * n
+    _source: RandomSource | None = field(default=None, init=False, repr=False)
+    _gsm: GradSampleModule | None = field(default=None, init=False, repr=False)
+    _optimizer: _SourcedDPOptimizer | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise PrivacyError(f"Expected a noise multiplier >= 0, but got {self.noise_multiplier!r}")
+        if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+            raise PrivacyError(
+                f"Expected the clip norm to be a finite number > 0, but got {self.clip_norm!r}; "
+                "set dp-clip-norm (e.g. 1.0)"
+            )
+        if not 0 < self.sample_rate <= 1:
+            raise PrivacyError(f"Expected a sample rate in (0, 1], but got {self.sample_rate!r}")
+        if self.steps < 1:
+            raise PrivacyError(f"Expected at least one DP-SGD step, but got {self.steps}")
+
+    @property
+    def source(self) -> RandomSource:
+        if self._source is None:
+            self._source = SecureSource() if self.secure_rng else SeededSource(self.seed)
+        return self._source
+
+    def attach(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, num_examples: int
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Wrap ``model`` for per-sample gradients and ``optimizer`` for clipping and noise."""
+        self._gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+        self._optimizer = _SourcedDPOptimizer(
+            optimizer=optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.clip_norm,
+            expected_batch_size=max(1, round(self.sample_rate * num_examples)),
+            loss_reduction="mean",
+            source=self.source,
+        )
+        return self._gsm, self._optimizer
+
+    def batches(self, num_examples: int, device: torch.device) -> Iterator[torch.Tensor]:
+        """``steps`` index tensors, each a Poisson sample of the ``num_examples`` rows (may be empty)."""
+        for _ in range(self.steps):
+            mask = self.source.uniform(num_examples, torch.device("cpu")) < self.sample_rate
+            yield mask.nonzero().flatten()
+
+    @property
+    def clipped_fraction(self) -> float:
+        """Share of per-sample gradients that were scaled down to the clip norm."""
+        opt = self._optimizer
+        return opt.clipped / opt.seen if opt is not None and opt.seen else float("nan")
+
+    def detach(self) -> None:
+        """Remove Opacus's hooks and per-sample gradient buffers from the model."""
+        if self._gsm is not None:
+            self._gsm._close()
+            self._gsm = None
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Poisson batches per epoch: the expected batch size is ``batch_size``."""
+    return max(1, math.ceil(num_examples / batch_size))
+
+
+def sample_rate(num_examples: int, batch_size: int) -> float:
+    return min(1.0, batch_size / max(num_examples, 1))
+
+
+# beyond this, an update is mostly noise: a site whose remaining budget needs more sits out
+MAX_USEFUL_SIGMA = 10.0
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """A DP-SGD round the site's budget allows, before it is charged."""
+
+    training: PrivateTraining
+    epsilon_before: float  # spent before this round (all runs)
+    epsilon_after: float  # after this round, if charged
+    delta: float
+
+
+def plan_round(
+    privacy: PrivacyConfig,
+    ledger: PrivacyLedger,
+    *,
+    num_examples: int,
+    train: TrainConfig,
+    run_id: str,
+    server_round: int,
+    num_rounds: int,
+    seed: int = 0,
+) -> RoundPlan:
+    """The DP-SGD round this site may run now, or :class:`BudgetExhaustedError` saying why not.
+
+    The noise multiplier is the configured one, or else the one this run already
+    uses (it stays fixed within a run), or else the smallest that fits every
+    planned round of this run into what is left of the site's lifetime budget;
+    when that would exceed :data:`MAX_USEFUL_SIGMA`, the site sits out.
+    """
+    check_budget(privacy.epsilon, privacy.delta, num_examples)
+    q = sample_rate(num_examples, train.batch_size)
+    steps = train.local_epochs * steps_per_epoch(num_examples, train.batch_size)
+    if ledger.find(run_id, server_round) is not None:
+        raise BudgetExhaustedError(
+            f"Expected round {server_round} of run {run_id} to be new, but this site already trained "
+            "it; training it again would charge the budget twice"
+        )
+    sigma = privacy.noise_multiplier
+    if sigma <= 0:
+        earlier = ledger.run_entries(run_id)
+        if earlier:
+            sigma = earlier[0].noise_multiplier
+        else:
+            remaining = max(1, num_rounds - server_round + 1)
+            sigma = noise_for_budget(
+                privacy.epsilon,
+                privacy.delta,
+                q,
+                steps * remaining,
+                history=ledger.history(),
+                accountant=privacy.accountant,
+                max_sigma=MAX_USEFUL_SIGMA,
+            ).noise_multiplier
+    before = ledger.epsilon(privacy.delta)
+    after = ledger.epsilon_if(sigma, q, steps, privacy.delta)
+    if after > privacy.epsilon:
+        raise BudgetExhaustedError(
+            f"Expected round {server_round} to fit the budget epsilon={privacy.epsilon:g} at "
+            f"delta={privacy.delta:g}, but it would bring epsilon from {before:.4g} to {after:.4g}; "
+            "this site sits out (raise dp-epsilon only if the site's governance allows it)"
+        )
+    training = PrivateTraining(
+        noise_multiplier=sigma,
+        clip_norm=privacy.clip_norm,
+        sample_rate=q,
+        steps=steps,
+        secure_rng=privacy.secure_rng,
+        seed=seed,
+    )
+    return RoundPlan(training, before, after, privacy.delta)

@@ -1,0 +1,164 @@
+"""The ClientApp under DP, called in process: ledger charges, egress log, budget refusal, blocking.
+
+The same ClientApp runs in simulation and deployment; here it gets a real
+message, a real model and a real site directory, without Flower's engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from opacus.accountants import RDPAccountant
+
+from fedshift.client.app import make_client_app
+from fedshift.client.egress import EGRESS_LOG_FILE, read_egress_log
+from fedshift.client.ledger import PrivacyLedger
+from fedshift.common.config import FederationConfig
+from fedshift.common.data import Dataset, make_synthetic_cxr, save_npz
+from fedshift.common.model import ModelConfig, build_model, size_report
+from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+MODEL = ModelConfig(image_size=32)
+
+
+def _site(root: Path, n: int = 90) -> Path:
+    pooled = make_synthetic_cxr(n, seed=1).split("train")
+    idx = np.arange(n)
+    splits = {
+        "train": pooled.subset(idx[: n - 30]),
+        "val": pooled.subset(idx[n - 30 : n - 15]),
+        "test": pooled.subset(idx[n - 15 :]),
+    }
+    site_dir = root / "site-0"
+    save_npz(site_dir / "data.npz", Dataset(splits, ("normal", "lesion"), "synthetic-cxr", True))
+    return site_dir
+
+
+def _run_config(root: Path, **privacy: Any) -> dict[str, Any]:
+    fed = FederationConfig(num_rounds=3, sites_root=str(root), device="cpu", model=MODEL)
+    return {**fed.to_run_config(), "batch-size": 20, **privacy}
+
+
+def _train_message(server_round: int) -> Message:
+    arrays = ArrayRecord(build_model(MODEL).shared_state_dict())
+    content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({"server-round": server_round})})
+    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+def _call(app: Any, msg: Message, run_config: dict[str, Any]) -> Message:
+    context = Context(
+        run_id=1, node_id=0, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config
+    )
+    return app(msg, context)  # type: ignore[no-any-return]
+
+
+def _sent_items(reply: Message) -> set[tuple[str, str, int]]:
+    """(record, key, bytes) of everything in the reply: what actually leaves."""
+    content = reply.content
+    items = {
+        (name, k, int(a.numpy().nbytes))
+        for name, rec in content.array_records.items()
+        for k, a in rec.items()
+    }
+    items |= {(name, k, 8) for name, rec in content.metric_records.items() for k in rec}
+    for name, rec in content.config_records.items():
+        for k, v in rec.items():
+            items.add((name, k, len(v) if isinstance(v, str | bytes) else 8))
+    return items
+
+
+def test_dp_round_charges_ledger_and_logs_exactly_what_left(tmp_path: Path) -> None:
+    site_dir = _site(tmp_path)
+    config = _run_config(tmp_path, **{"dp": True, "dp-epsilon": 8.0, "dp-clip-norm": 1.0})
+    app = make_client_app()
+    replies = [_call(app, _train_message(r), config) for r in (1, 2)]
+    ledger = PrivacyLedger.at(site_dir)
+    assert [e.round for e in ledger.entries] == [1, 2]
+    first = ledger.entries[0]
+    assert (first.sample_rate, first.steps) == (pytest.approx(20 / 60), 3)
+    reference = RDPAccountant()
+    reference.history = ledger.history()
+    assert ledger.epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), abs=1e-6)
+    reply = replies[-1]
+    privacy = reply.content.config_records["privacy"]
+    assert privacy["mechanism"] == "dp-sgd"
+    assert float(cast(float, privacy["epsilon"])) == pytest.approx(ledger.epsilon(1e-5), abs=1e-9)
+    # the noise multiplier fits all 3 planned rounds into epsilon 8
+    assert ledger.epsilon_if(first.noise_multiplier, first.sample_rate, first.steps, 1e-5) <= 8.0
+    # the egress log lists exactly what left: every key, its bytes, and a mechanism for each
+    log = read_egress_log(site_dir)
+    assert [e["round"] for e in log] == [1, 2]
+    logged = {(i["record"], i["key"], i["bytes"]) for i in log[-1]["items"]}
+    assert logged == _sent_items(reply)
+    mechanisms = {(i["record"], i["mechanism"]) for i in log[-1]["items"]}
+    assert {m for r, m in mechanisms if r == ARRAYS_KEY} == {"dp-sgd"}
+    shared_bytes = size_report(build_model(MODEL))["shared_bytes"]
+    assert sum(i["bytes"] for i in log[-1]["items"] if i["record"] == ARRAYS_KEY) == shared_bytes
+    assert {i["key"] for i in log[-1]["items"] if i["record"] == ARRAYS_KEY} == set(
+        build_model(MODEL).shared_state_dict()
+    )
+    assert log[-1]["blocked"] == []
+
+
+def test_site_at_its_budget_refuses_and_sends_no_update(tmp_path: Path) -> None:
+    site_dir = _site(tmp_path)
+    ledger = PrivacyLedger.at(site_dir)
+    ledger.charge(
+        run_id="0", round=1, mechanism="dp-sgd", noise_multiplier=0.8, sample_rate=0.3, steps=40, delta=1e-5
+    )
+    spent = ledger.epsilon(1e-5)
+    before = (site_dir / "privacy-ledger.json").read_bytes()
+    config = _run_config(tmp_path, **{"dp": True, "dp-epsilon": spent + 0.01})
+    reply = _call(make_client_app(), _train_message(1), config)
+    status = reply.content.config_records["status"]
+    assert status["status"] == "budget-exhausted"
+    assert "epsilon" in str(status["reason"])
+    assert not reply.content.array_records and not reply.content.metric_records
+    assert (site_dir / "privacy-ledger.json").read_bytes() == before  # nothing charged
+    assert read_egress_log(site_dir)[-1]["bytes"] == sum(
+        len(str(v)) if isinstance(v, str) else 8
+        for rec in reply.content.config_records.values()
+        for v in rec.values()
+    )
+
+
+def test_unaccounted_statistic_is_blocked(tmp_path: Path) -> None:
+    """A mod that adds label counts (private, unaccounted) cannot get them out of the site."""
+    site_dir = _site(tmp_path)
+
+    def leak_label_counts(msg: Message, context: Context, call_next: Any) -> Message:
+        reply = call_next(msg, context)
+        reply.content.metric_records[METRICS_KEY]["label-count-1"] = 30
+        return reply
+
+    config = _run_config(tmp_path, **{"dp": True, "dp-epsilon": 8.0})
+    reply = _call(make_client_app(mods=[leak_label_counts]), _train_message(1), config)
+    assert reply.content.config_records["status"]["status"] == "blocked"
+    assert not reply.content.array_records and not reply.content.metric_records
+    entry = read_egress_log(site_dir)[-1]
+    assert entry["blocked"] == ["metrics.label-count-1 (metric not in the site's egress-metrics)"]
+    assert {i["record"] for i in entry["items"]} == {"site", "status"}
+
+
+def test_dp_off_must_be_explicit_and_shows_in_the_log(tmp_path: Path) -> None:
+    site_dir = _site(tmp_path)
+    reply = _call(make_client_app(), _train_message(1), _run_config(tmp_path, dp=False))
+    assert reply.content.config_records["privacy"]["mechanism"] == "none"
+    items = read_egress_log(site_dir)[-1]["items"]
+    assert {i["mechanism"] for i in items if i["record"] == ARRAYS_KEY} == {"none (dp=false at this site)"}
+    assert not (site_dir / "privacy-ledger.json").exists()
+    assert (site_dir / EGRESS_LOG_FILE).stat().st_mode & 0o777 == 0o600
+
+
+def test_metrics_record_type_is_flower_s(tmp_path: Path) -> None:
+    """Guard against replies Flower cannot serialise: the metrics are a MetricRecord of numbers."""
+    _site(tmp_path)
+    reply = _call(make_client_app(), _train_message(1), _run_config(tmp_path, dp=False))
+    assert isinstance(reply.content.metric_records[METRICS_KEY], MetricRecord)
+    assert all(isinstance(v, int | float) for v in reply.content.metric_records[METRICS_KEY].values())

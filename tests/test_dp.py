@@ -1,0 +1,194 @@
+"""DP-SGD on Opacus: per-sample gradients, clipping, noise, Poisson sampling, budget planning.
+
+References: per-sample gradients against one-sample autograd (micro-batches);
+clipping against ``min(1, C / ||g||)`` computed by hand; noise against
+``sigma * C / B``; epsilon against a fresh Opacus accountant.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from scipy import stats
+from torch import nn
+
+from fedshift.client.dp import PrivateTraining, SecureSource, SeededSource, plan_round
+from fedshift.client.ledger import PrivacyLedger
+from fedshift.common.config import PrivacyConfig, TrainConfig
+from fedshift.common.data import to_tensor
+from fedshift.common.errors import BudgetExhaustedError, PrivacyError
+from fedshift.common.model import FedshiftModel, ModelConfig, build_model
+from fedshift.common.privacy import check_budget, epsilon, noise_for_budget
+
+
+def _model() -> FedshiftModel:
+    model = build_model(ModelConfig(image_size=32, seed=3))
+    with torch.no_grad():  # move LoRA-up off zero so every adapter has a non-trivial gradient
+        for p in model.lora_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.train(True)
+    return model
+
+
+def _batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 32, 32), dtype=np.uint8)
+    return to_tensor(images, 32), torch.as_tensor(rng.integers(0, 2, size=n))
+
+
+def _params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _reference_per_sample(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
+    """One autograd call per sample: the micro-batch reference for per-sample gradients."""
+    out = []
+    for i in range(len(x)):
+        loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum")
+        out.append([g.detach() for g in torch.autograd.grad(loss, _params(model))])
+    return out
+
+
+def _dp_step(model: nn.Module, private: PrivateTraining, x: torch.Tensor, y: torch.Tensor, n: int) -> None:
+    """Forward, backward and Opacus's pre-step (clip, noise, scale) without moving the weights."""
+    optimizer = torch.optim.SGD(_params(model), lr=0.0)
+    gsm, dp_optimizer = private.attach(model, optimizer, n)
+    dp_optimizer.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(gsm(x), y, reduction="sum")
+    loss.backward()
+    assert dp_optimizer.pre_step()  # type: ignore[attr-defined]
+
+
+def test_per_sample_gradients_match_micro_batches_and_clip_to_c() -> None:
+    model = _model()
+    reference_model = copy.deepcopy(model)
+    x, y = _batch(6)
+    reference = _reference_per_sample(reference_model, x, y)
+    norms = torch.stack([torch.sqrt(torch.stack([(g**2).sum() for g in gs]).sum()) for gs in reference])
+    clip = float(norms.median())  # half the samples get clipped
+    n, q = 60, 0.1  # expected batch size 6
+    private = PrivateTraining(noise_multiplier=0.0, clip_norm=clip, sample_rate=q, steps=1)
+    _dp_step(model, private, x, y, n)
+    params = _params(model)
+    # Opacus's per-sample gradients (LoRA, head, input adapter, norm affines) == micro-batch autograd
+    for j, p in enumerate(params):
+        grad_sample = cast_tensor(getattr(p, "grad_sample", None))
+        expected = torch.stack([reference[i][j] for i in range(len(x))])
+        torch.testing.assert_close(grad_sample, expected, rtol=1e-4, atol=1e-6)
+    # clipped per-sample gradients: norm <= C, and the large ones land exactly on C
+    factors = torch.clamp(clip / (norms + 1e-6), max=1.0)
+    clipped_norms = norms * factors
+    assert bool((clipped_norms <= clip * (1 + 1e-6)).all())
+    large = norms > clip
+    assert int(large.sum()) >= 2
+    torch.testing.assert_close(clipped_norms[large], torch.full((int(large.sum()),), clip), rtol=1e-5, atol=0)
+    # the gradient the optimizer steps with == sum of clipped reference gradients / expected batch size
+    for j, p in enumerate(params):
+        expected = cast_tensor(sum(factors[i] * reference[i][j] for i in range(len(x))) / round(q * n))
+        torch.testing.assert_close(cast_tensor(p.grad), expected, rtol=1e-4, atol=2e-6)
+    assert private.clipped_fraction == pytest.approx(float(large.float().mean()))
+    private.detach()
+
+
+def cast_tensor(value: object) -> torch.Tensor:
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_noise_std_is_sigma_c_over_b(secure: bool) -> None:
+    model = _model()
+    sigma, clip, n, q = 1.5, 0.7, 100, 0.2
+    private = PrivateTraining(sigma, clip, sample_rate=q, steps=1, secure_rng=secure, seed=11)
+    x, y = _batch(1)
+    _dp_step(model, private, x[:0], y[:0], n)  # empty Poisson batch: the update is pure noise
+    noise = torch.cat([cast_tensor(p.grad).flatten() for p in _params(model)])
+    expected = sigma * clip / round(q * n)
+    assert noise.numel() > 50_000
+    assert float(noise.std()) == pytest.approx(expected, rel=0.02)
+    assert abs(float(noise.mean())) < 4 * expected / math.sqrt(noise.numel())
+    private.detach()
+
+
+def test_secure_source_is_standard_normal_and_not_reproducible() -> None:
+    source = SecureSource()
+    draws = source.normal(1.0, torch.zeros(200_000, dtype=torch.float64)).numpy()
+    assert stats.kstest(draws, "norm").pvalue > 1e-3
+    again = source.normal(1.0, torch.zeros(8)).numpy()
+    assert not np.allclose(again, source.normal(1.0, torch.zeros(8)).numpy())
+    seeded = [SeededSource(5).normal(1.0, torch.zeros(8)) for _ in range(2)]
+    torch.testing.assert_close(seeded[0], seeded[1])  # experiments reproduce with a seed
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_poisson_batches_have_the_expected_size(secure: bool) -> None:
+    private = PrivateTraining(1.0, 1.0, sample_rate=0.2, steps=400, secure_rng=secure, seed=2)
+    sizes = np.array([len(idx) for idx in private.batches(100, torch.device("cpu"))])
+    assert len(sizes) == 400
+    assert sizes.mean() == pytest.approx(20.0, abs=1.0)  # 4 sd of the mean is 0.8
+    assert sizes.var() == pytest.approx(100 * 0.2 * 0.8, rel=0.25)  # binomial, not fixed-size
+
+
+def test_bad_dp_settings_are_refused() -> None:
+    with pytest.raises(PrivacyError, match="clip norm to be a finite number > 0, but got 0"):
+        PrivateTraining(1.0, 0.0, sample_rate=0.1, steps=1)
+    with pytest.raises(PrivacyError, match="epsilon to be a finite number > 0, but got -1"):
+        check_budget(-1.0, 1e-5)
+    with pytest.raises(PrivacyError, match=r"delta in \(0, 5e-06\]"):
+        check_budget(8.0, 1e-5, n_train=200_000)  # delta <= 1/n binds for large sites
+    with pytest.raises(PrivacyError, match="dp-accountant"):
+        PrivacyConfig(accountant="moments")
+    with pytest.raises(PrivacyError, match="dp-epsilon"):
+        PrivacyConfig(enabled=True)  # DP without a budget
+
+
+def test_noise_for_budget_is_tight_and_counts_history() -> None:
+    plan = noise_for_budget(4.0, 1e-5, 0.05, 300)
+    assert plan.epsilon_planned <= 4.0
+    assert epsilon([(plan.noise_multiplier - 2e-3, 0.05, 300)], 1e-5) > 4.0  # the smallest sigma that fits
+    with_history = noise_for_budget(4.0, 1e-5, 0.05, 300, history=[(3.0, 0.05, 100)])
+    assert with_history.noise_multiplier > plan.noise_multiplier
+    assert with_history.epsilon_before == pytest.approx(epsilon([(3.0, 0.05, 100)], 1e-5))
+
+
+def test_plan_round_spends_the_budget_over_the_run_then_refuses(tmp_path: Path) -> None:
+    privacy = PrivacyConfig(enabled=True, epsilon=3.0, delta=1e-5)
+    ledger = PrivacyLedger.at(tmp_path)
+    train = TrainConfig(batch_size=50)
+    sigmas = []
+    for rnd in range(1, 5):
+        plan = plan_round(
+            privacy, ledger, num_examples=500, train=train, run_id="7", server_round=rnd, num_rounds=4
+        )
+        dp = plan.training
+        assert (dp.sample_rate, dp.steps) == (0.1, 10)
+        assert plan.epsilon_after <= 3.0
+        entry = ledger.charge(
+            run_id="7",
+            round=rnd,
+            mechanism="dp-sgd",
+            noise_multiplier=dp.noise_multiplier,
+            sample_rate=dp.sample_rate,
+            steps=dp.steps,
+            delta=1e-5,
+        )
+        assert entry.epsilon == pytest.approx(plan.epsilon_after, abs=1e-9)
+        sigmas.append(dp.noise_multiplier)
+    assert len(set(sigmas)) == 1  # fixed within a run
+    reference = RDPAccountant()
+    reference.history = [(sigmas[0], 0.1, 10)] * 4
+    assert ledger.epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), abs=1e-6)
+    assert ledger.epsilon(1e-5) > 3.0 - 0.05  # the planned run uses (almost) all of it
+    with pytest.raises(BudgetExhaustedError, match="already trained"):
+        plan_round(privacy, ledger, num_examples=500, train=train, run_id="7", server_round=4, num_rounds=4)
+    with pytest.raises(BudgetExhaustedError, match="epsilon"):  # a new run finds nothing left
+        plan_round(privacy, ledger, num_examples=500, train=train, run_id="8", server_round=1, num_rounds=2)
+    fixed = PrivacyConfig(enabled=True, epsilon=50.0, noise_multiplier=1.3)
+    plan = plan_round(fixed, ledger, num_examples=500, train=train, run_id="9", server_round=1, num_rounds=2)
+    assert plan.training.noise_multiplier == 1.3
