@@ -118,8 +118,14 @@ def _train_private(
             "steps": dp.steps,
             "accountant": privacy.accountant,
             "secure-rng": dp.secure_rng,
-            "clipped-fraction": dp.clipped_fraction,
         }
+    )
+    # a statistic of the private training data without DP: it stays in the site's log
+    logger.info(
+        "%s round %d: %.0f%% of per-sample gradients clipped",
+        site.name,
+        server_round,
+        100 * dp.clipped_fraction,
     )
     return stats, record
 

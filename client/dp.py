@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,6 +47,12 @@ from fedshift.common.errors import BudgetExhaustedError, PrivacyError
 from fedshift.common.privacy import check_budget, noise_for_budget
 
 logger = logging.getLogger(__name__)
+
+# The input adapter is the first trainable layer and its input needs no gradient, so torch warns
+# that Opacus's full backward hook sees only output gradients: exactly what per-sample grads use.
+warnings.filterwarnings(
+    "ignore", message="Full backward hook is firing when gradients are computed", category=UserWarning
+)
 
 
 @register_grad_sampler(ChannelAffine)

@@ -52,7 +52,6 @@ DEFAULT_METRICS = frozenset(
         "val-auc",
         "val-accuracy",
         "samples-per-second",
-        "clipped-fraction",
         # evaluation
         "auc",
         "accuracy",
@@ -62,6 +61,26 @@ DEFAULT_METRICS = frozenset(
         "n",
     }
 )
+
+# config records the protocol needs, and the only keys they may carry
+BOOKKEEPING_KEYS = {
+    SITE_KEY: frozenset({"name"}),
+    PRIVACY_KEY: frozenset(
+        {
+            "mechanism",
+            "epsilon",
+            "delta",
+            "budget-epsilon",
+            "noise-multiplier",
+            "clip-norm",
+            "sample-rate",
+            "steps",
+            "accountant",
+            "secure-rng",
+        }
+    ),
+    STATUS_KEY: frozenset({"status", "reason"}),
+}
 
 MECHANISM_DP = "dp-sgd"
 MECHANISM_NONE = "none (dp=false at this site)"
@@ -126,12 +145,12 @@ def inspect_reply(content: RecordDict, policy: EgressPolicy) -> tuple[list[dict[
                 blocked.append(f"{name}.{key} (metric not in the site's egress-metrics)")
     for name, config in content.config_records.items():
         for key, value in config.items():
-            if name in (SITE_KEY, PRIVACY_KEY, STATUS_KEY):
+            if key in BOOKKEEPING_KEYS.get(name, frozenset()):
                 items.append(
                     {"record": name, "key": key, "bytes": _value_bytes(value), "mechanism": BOOKKEEPING}
                 )
             else:
-                blocked.append(f"{name}.{key} (undeclared config record)")
+                blocked.append(f"{name}.{key} (not a declared bookkeeping field)")
     return items, blocked
 
 

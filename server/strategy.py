@@ -50,15 +50,6 @@ class RunHistory:
             "privacy": {str(r): v for r, v in self.privacy.items()},
         }
 
-    def epsilon_table(self) -> dict[str, dict[int, float]]:
-        """site -> round -> epsilon its ledger reported after that round (DP sites only)."""
-        out: dict[str, dict[int, float]] = {}
-        for rnd, sites in sorted(self.privacy.items()):
-            for site, record in sites.items():
-                if "epsilon" in record:
-                    out.setdefault(site, {})[rnd] = float(record["epsilon"])
-        return out
-
 
 def _status_of(msg: Message) -> tuple[str, str] | None:
     """``(status, reason)`` when a site says why it sends no update, else ``None``."""

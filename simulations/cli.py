@@ -60,12 +60,28 @@ def register(sub: Any) -> None:
         help="share nothing but LoRA and head, and keep norm layers frozen (default: FedBN-style "
         "site-local norm affines in the adapted stages)",
     )
+    q = p.add_argument_group(
+        "differential privacy (DP-SGD at every site; on when --epsilon is given)",
+        "Each site's ledger lives in <out>/sites/site-k/; the same run without DP is printed beside it.",
+    )
+    q.add_argument("--epsilon", type=float, help="privacy budget per site, e.g. 8 (turns DP-SGD on)")
+    q.add_argument("--delta", type=float, default=1e-5, help="delta of the budget (<= 1/n and 1e-5)")
+    q.add_argument("--clip-norm", type=float, default=1.0, help="per-sample gradient norm bound C")
+    q.add_argument(
+        "--noise-multiplier",
+        type=float,
+        default=0.0,
+        help="sigma; 0 = the smallest that fits the budget over all rounds",
+    )
+    q.add_argument("--accountant", default="rdp", choices=["rdp", "prv"], help="Opacus accountant")
+    q.add_argument("--secure-rng", action="store_true", help="noise from the OS CSPRNG (production)")
+    q.add_argument("--no-dp-reference", action="store_true", help="skip the same run without DP")
     p.add_argument("--out", type=Path, help="run directory (default: runs/simulate-<time>)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedshift.common.config import FederationConfig, TrainConfig
+    from fedshift.common.config import FederationConfig, PrivacyConfig, TrainConfig
     from fedshift.common.model import ModelConfig
     from fedshift.simulations.experiment import ExperimentSpec, run_experiment
 
@@ -91,6 +107,15 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         ),
         train=TrainConfig(local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.lr),
+        privacy=PrivacyConfig(
+            enabled=args.epsilon is not None,
+            epsilon=args.epsilon if args.epsilon is not None else math.nan,
+            delta=args.delta,
+            clip_norm=args.clip_norm,
+            noise_multiplier=args.noise_multiplier,
+            accountant=args.accountant,
+            secure_rng=args.secure_rng,
+        ),
     )
     # Fail on a bad backbone or device before any data is simulated or Ray is started:
     # inside Ray these would only surface as failed replies from every site.
@@ -109,14 +134,28 @@ def run(args: argparse.Namespace) -> int:
         max_per_site=args.max_per_site,
         synthetic_n=args.synthetic_n,
         baseline=not args.no_baseline,
+        dp_reference=not args.no_dp_reference,
         federation=federation,
     )
     report = run_experiment(spec)
     size = report["size"]
-    fed_auc, loc_auc = report["mean_test_auc"]["federated"], report["mean_test_auc"]["local_only"]
+    means = report["mean_test_auc"]
+    fed_auc, no_dp_auc, loc_auc = means["federated"], means["federated_no_dp"], means["local_only"]
     print(report["table"])
+    if "epsilon_table" in report:
+        print("\n" + report["epsilon_table"])
+        ledgers = report["privacy"]["ledger_epsilon"]
+        print(
+            "Ledgers now report: "
+            + ", ".join(f"{site} epsilon={eps:.3f}" for site, eps in sorted(ledgers.items()))
+            + f" (delta={args.delta:g}, accountant {args.accountant})"
+        )
+        for refusal in report["privacy"]["refused"]:
+            print(f"Round {refusal['round']}: {refusal['site']} sent no update: {refusal['reason']}")
+    label = f"federated with DP (epsilon <= {args.epsilon:g})" if args.epsilon is not None else "federated"
     print(
-        f"\nMean test AUC: federated {fed_auc:.3f}"
+        f"\nMean test AUC: {label} {fed_auc:.3f}"
+        + (f" | federated without DP {no_dp_auc:.3f}" if no_dp_auc is not None else "")
         + (f" | local-only {loc_auc:.3f}" if loc_auc is not None else "")
     )
     print(
@@ -127,8 +166,8 @@ def run(args: argparse.Namespace) -> int:
     )
     secs = report["seconds"]
     print(
-        f"Time: {secs['total']:.0f} s (federated {secs['federated']:.0f} s, local-only "
-        f"{secs['local_only']:.0f} s). Run directory: {out}"
+        f"Time: {secs['total']:.0f} s (federated {secs['federated']:.0f} s, without DP "
+        f"{secs['federated_no_dp']:.0f} s, local-only {secs['local_only']:.0f} s). Run directory: {out}"
     )
     if math.isnan(fed_auc):
         logger.warning("No site reported a test AUC; see %s", out / "results.json")

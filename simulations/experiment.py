@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fedshift.client.ledger import open_ledger
 from fedshift.client.site import SITE_DATA_FILE
 from fedshift.common.config import FederationConfig
 from fedshift.common.data import load_dataset, save_npz
@@ -18,6 +19,7 @@ from fedshift.simulations.baseline import local_only
 from fedshift.simulations.engine import run_flower_simulation
 from fedshift.simulations.report import (
     bytes_per_round,
+    epsilon_table,
     mean_metric,
     plot_auc_per_round,
     site_table,
@@ -46,6 +48,7 @@ class ExperimentSpec:
     max_per_site: int | None = None  # cap on images per site
     synthetic_n: int = 2000  # images generated when no --data is given
     baseline: bool = True  # also train every site alone
+    dp_reference: bool = True  # with DP on: also run the same configuration without DP
     federation: FederationConfig = field(default_factory=FederationConfig)
 
 
@@ -78,22 +81,49 @@ def build_sites(spec: ExperimentSpec) -> tuple[list[SimulatedSite], str]:
     return sites, dataset.label
 
 
+def _federate(fed: FederationConfig, sites: list[SimulatedSite], root: Path) -> tuple[dict[str, Any], float]:
+    """Write the sites under ``root/sites``, run the Flower simulation, return the server's results."""
+    for site in sites:
+        site_dir = root / "sites" / site.spec.name
+        site_dir.mkdir(parents=True, exist_ok=True)
+        save_npz(site_dir / SITE_DATA_FILE, site.data)
+    fed = replace(
+        fed,
+        run_dir=str(root / "server"),
+        sites_root=str(root / "sites"),
+        min_nodes=min(fed.min_nodes, len(sites)),
+    )
+    t0 = time.time()
+    run_flower_simulation(fed, len(sites))
+    seconds = time.time() - t0
+    results_path = Path(fed.run_dir) / RESULTS_FILE
+    if not results_path.is_file():
+        raise RuntimeError(f"The Flower simulation ended without writing {results_path}")
+    return json.loads(results_path.read_text()), seconds
+
+
+def ledger_epsilons(sites_root: Path, delta: float) -> dict[str, float]:
+    """The epsilon each site's own ledger reports now (all runs), at ``delta``."""
+    out = {}
+    for site_dir in sorted(p for p in sites_root.iterdir() if p.is_dir()):
+        ledger = open_ledger(site_dir)
+        if ledger is not None:
+            out[site_dir.name] = ledger.epsilon(delta)
+    return out
+
+
 def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
-    """Run everything; writes config, results JSON, checkpoint and plot into ``spec.out_dir``."""
+    """Run everything; writes config, results JSON, checkpoint and plot into ``spec.out_dir``.
+
+    With DP on, the same configuration also runs without DP (``<out>/no-dp``)
+    unless ``spec.dp_reference`` is off, so the cost of privacy is printed beside it.
+    """
     started = time.time()
     out = spec.out_dir
     sites, data_label = build_sites(spec)
     logger.info("Simulated sites:\n%s", format_site_table(sites))
-    for site in sites:
-        site_dir = out / "sites" / site.spec.name
-        site_dir.mkdir(parents=True, exist_ok=True)
-        save_npz(site_dir / SITE_DATA_FILE, site.data)
-    fed = replace(
-        spec.federation,
-        run_dir=str(out / "server"),
-        sites_root=str(out / "sites"),
-        min_nodes=min(spec.federation.min_nodes, len(sites)),
-    )
+    fed = spec.federation
+    privacy = fed.privacy
     atomic_write_json(
         out / "config.json",
         as_jsonable(
@@ -106,13 +136,13 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
             }
         ),
     )
-    t0 = time.time()
-    run_flower_simulation(fed, len(sites))
-    federated_seconds = time.time() - t0
-    results_path = Path(fed.run_dir) / RESULTS_FILE
-    if not results_path.is_file():
-        raise RuntimeError(f"The Flower simulation ended without writing {results_path}")
-    server = json.loads(results_path.read_text())
+    server, federated_seconds = _federate(fed, sites, out)
+    reference: dict[str, Any] | None = None
+    reference_seconds = 0.0
+    if privacy.enabled and spec.dp_reference:
+        logger.info("Same configuration without DP, for reference (%s)", out / "no-dp")
+        no_dp = replace(fed, privacy=replace(privacy, enabled=False))
+        reference, reference_seconds = _federate(no_dp, sites, out / "no-dp")
     local: dict[str, dict[str, float]] | None = None
     t0 = time.time()
     if spec.baseline:
@@ -120,14 +150,34 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
     baseline_seconds = time.time() - t0
     sent = bytes_per_round(server["history"]["train"])
     size = server["size"]
+    groups = {
+        "dp" if privacy.enabled else "fed": server["final_test"],
+        "no-dp": reference["final_test"] if reference else None,
+        "local": local,
+    }
+    epsilons = {
+        site: {str(r): e for r, e in per_round.items()}
+        for site, per_round in _epsilon_per_round(server["history"]).items()
+    }
     report = {
         "data": data_label,
         "synthetic": sites[0].data.synthetic,
         "sites": [site_summary(s) for s in sites],
+        "privacy": {
+            "dp": privacy.enabled,
+            "epsilon_budget": privacy.epsilon if privacy.enabled else None,
+            "delta": privacy.delta,
+            "accountant": privacy.accountant,
+            "epsilon_per_round": epsilons,
+            "ledger_epsilon": ledger_epsilons(out / "sites", privacy.delta) if privacy.enabled else {},
+            "refused": server["history"].get("refused", []),
+        },
         "federated_test": server["final_test"],
+        "federated_no_dp_test": reference["final_test"] if reference else None,
         "local_only_test": local,
         "mean_test_auc": {
             "federated": mean_metric(server["final_test"], "auc"),
+            "federated_no_dp": mean_metric(reference["final_test"], "auc") if reference else None,
             "local_only": mean_metric(local, "auc") if local else None,
         },
         "bytes_per_round": sent,
@@ -136,6 +186,7 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
         "history": server["history"],
         "seconds": {
             "federated": federated_seconds,
+            "federated_no_dp": reference_seconds,
             "local_only": baseline_seconds,
             "total": time.time() - started,
         },
@@ -148,5 +199,22 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
         final_test=server["final_test"],
         local=local,
     )
-    report["table"] = site_table(server["final_test"], local, sent, data_label)
+    label = data_label
+    if privacy.enabled:
+        label += (
+            f"; dp = federated with DP-SGD (epsilon <= {privacy.epsilon:g} per site), "
+            "no-dp = the same without DP"
+        )
+    report["table"] = site_table(groups, sent, label)
+    if privacy.enabled:
+        report["epsilon_table"] = epsilon_table(epsilons, privacy.delta, privacy.epsilon)
     return report
+
+
+def _epsilon_per_round(history: dict[str, Any]) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    for rnd, per_site in history.get("privacy", {}).items():
+        for site, record in per_site.items():
+            if record.get("epsilon") is not None:
+                out.setdefault(site, {})[int(rnd)] = float(record["epsilon"])
+    return out

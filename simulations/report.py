@@ -24,38 +24,50 @@ def mean_metric(per_site: Mapping[str, Mapping[str, float]], key: str) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def _render(title: str, rows: list[list[str]], mean_row: bool = True) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [title]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+        if i == 0 or (mean_row and i == len(rows) - 2):
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def site_table(
-    federated: Mapping[str, Mapping[str, float]],
-    local: Mapping[str, Mapping[str, float]] | None,
+    groups: Mapping[str, Mapping[str, Mapping[str, float]] | None],
     bytes_per_round: Mapping[str, float],
     data_label: str,
 ) -> str:
-    """Per-site test metrics, federated beside local-only, plus bytes sent per round."""
-    head = ["site", "n"] + [f"fed {c}" for _, c in COLUMNS]
-    if local is not None:
-        head += [f"local {c}" for _, c in COLUMNS]
-    head.append("bytes/round")
+    """Per-site test metrics of each group (e.g. "fed", "local") side by side, plus bytes per round.
+
+    The first group names the sites; groups that are ``None`` are left out.
+    """
+    present = {name: g for name, g in groups.items() if g is not None}
+    first = next(iter(present.values()))
+    head = ["site", "n"] + [f"{name} {c}" for name in present for _, c in COLUMNS] + ["bytes/round"]
     rows = [head]
-    for site in sorted(federated):
-        fed = federated[site]
-        row = [site, str(int(_metric(fed, "n")))] + [_fmt(_metric(fed, k)) for k, _ in COLUMNS]
-        if local is not None:
-            loc = local.get(site, {})
-            row += [_fmt(_metric(loc, k)) for k, _ in COLUMNS]
+    for site in sorted(first):
+        row = [site, str(int(_metric(first[site], "n")))]
+        for group in present.values():
+            row += [_fmt(_metric(group.get(site, {}), k)) for k, _ in COLUMNS]
         row.append(f"{int(bytes_per_round.get(site, 0)):,}")
         rows.append(row)
-    mean = ["mean", ""] + [_fmt(mean_metric(federated, k)) for k, _ in COLUMNS]
-    if local is not None:
-        mean += [_fmt(mean_metric(local, k)) for k, _ in COLUMNS]
-    mean.append("")
+    mean = ["mean", ""] + [_fmt(mean_metric(g, k)) for g in present.values() for k, _ in COLUMNS] + [""]
     rows.append(mean)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [f"Per-site test results on {data_label}"]
-    for i, row in enumerate(rows):
-        lines.append("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
-        if i == 0 or i == len(rows) - 2:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _render(f"Per-site test results on {data_label}", rows)
+
+
+def epsilon_table(epsilons: Mapping[str, Mapping[str, float]], delta: float, budget: float) -> str:
+    """Epsilon each site's ledger reported after each round (``site -> round -> epsilon``)."""
+    rounds = sorted({int(r) for per_round in epsilons.values() for r in per_round})
+    head = ["site"] + [f"r{r}" for r in rounds]
+    rows = [head]
+    for site in sorted(epsilons):
+        per_round = {int(r): v for r, v in epsilons[site].items()}
+        rows.append([site] + [f"{per_round[r]:.3f}" if r in per_round else "-" for r in rounds])
+    title = f"Privacy spent per site after each round: epsilon at delta={delta:g} (budget {budget:g})"
+    return _render(title, rows, mean_row=False)
 
 
 def plot_auc_per_round(

@@ -19,6 +19,7 @@ from fedshift.client.egress import EGRESS_LOG_FILE, read_egress_log
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.common.config import FederationConfig
 from fedshift.common.data import Dataset, make_synthetic_cxr, save_npz
+from fedshift.common.errors import LedgerError
 from fedshift.common.model import ModelConfig, build_model, size_report
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 
@@ -128,13 +129,23 @@ def test_site_at_its_budget_refuses_and_sends_no_update(tmp_path: Path) -> None:
     )
 
 
-def test_unaccounted_statistic_is_blocked(tmp_path: Path) -> None:
-    """A mod that adds label counts (private, unaccounted) cannot get them out of the site."""
+@pytest.mark.parametrize(
+    ("record", "blocked"),
+    [
+        (METRICS_KEY, "metrics.label-count-1 (metric not in the site's egress-metrics)"),
+        ("privacy", "privacy.label-count-1 (not a declared bookkeeping field)"),
+    ],
+)
+def test_unaccounted_statistic_is_blocked(tmp_path: Path, record: str, blocked: str) -> None:
+    """Label counts (private, unaccounted) cannot leave, as a metric or hidden in bookkeeping."""
     site_dir = _site(tmp_path)
 
     def leak_label_counts(msg: Message, context: Context, call_next: Any) -> Message:
         reply = call_next(msg, context)
-        reply.content.metric_records[METRICS_KEY]["label-count-1"] = 30
+        if record == METRICS_KEY:
+            reply.content.metric_records[METRICS_KEY]["label-count-1"] = 30
+        else:
+            reply.content.config_records[record]["label-count-1"] = 30
         return reply
 
     config = _run_config(tmp_path, **{"dp": True, "dp-epsilon": 8.0})
@@ -142,7 +153,7 @@ def test_unaccounted_statistic_is_blocked(tmp_path: Path) -> None:
     assert reply.content.config_records["status"]["status"] == "blocked"
     assert not reply.content.array_records and not reply.content.metric_records
     entry = read_egress_log(site_dir)[-1]
-    assert entry["blocked"] == ["metrics.label-count-1 (metric not in the site's egress-metrics)"]
+    assert entry["blocked"] == [blocked]
     assert {i["record"] for i in entry["items"]} == {"site", "status"}
 
 
@@ -162,3 +173,15 @@ def test_metrics_record_type_is_flower_s(tmp_path: Path) -> None:
     reply = _call(make_client_app(), _train_message(1), _run_config(tmp_path, dp=False))
     assert isinstance(reply.content.metric_records[METRICS_KEY], MetricRecord)
     assert all(isinstance(v, int | float) for v in reply.content.metric_records[METRICS_KEY].values())
+
+
+def test_corrupt_ledger_stops_training_and_is_left_alone(tmp_path: Path) -> None:
+    site_dir = _site(tmp_path)
+    ledger_file = site_dir / "privacy-ledger.json"
+    ledger_file.write_text('{"format": "fedshift-privacy-ledger", "version": 1, "entries": [')
+    before = ledger_file.read_bytes()
+    config = _run_config(tmp_path, **{"dp": True, "dp-epsilon": 8.0})
+    with pytest.raises(LedgerError, match=r"privacy-ledger\.json"):
+        _call(make_client_app(), _train_message(1), config)
+    assert ledger_file.read_bytes() == before
+    assert read_egress_log(site_dir) == []  # nothing left the site

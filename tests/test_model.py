@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from fedshift.common.adapters import InputAdapter, LoRAConv1x1, LoRALinear
+from fedshift.common.adapters import FrozenNormAct, InputAdapter, LoRAConv1x1, LoRALinear
 from fedshift.common.errors import ConfigError
 from fedshift.common.model import ModelConfig, build_model, size_report
 
@@ -33,6 +35,25 @@ def test_lora_linear_starts_as_identity_update() -> None:
     lora = LoRALinear(base, rank=2, alpha=2.0)
     x = torch.randn(4, 7)
     torch.testing.assert_close(lora(x), base(x))
+
+
+def test_frozen_norm_equals_batchnorm_in_eval_mode() -> None:
+    """timm's BatchNormAct2d (with its activation) and a plain BatchNorm2d, split into stats + affine."""
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(1)
+    for bn in (BatchNormAct2d(7, act_layer=nn.ReLU6), nn.BatchNorm2d(7)):
+        with torch.no_grad():
+            cast(torch.Tensor, bn.running_mean).normal_()
+            cast(torch.Tensor, bn.running_var).uniform_(0.5, 2.0)
+            bn.weight.normal_()
+            bn.bias.normal_()
+        bn.eval()
+        x = torch.randn(4, 7, 3, 3)
+        frozen = FrozenNormAct(bn)
+        torch.testing.assert_close(frozen(x), bn(x), rtol=1e-6, atol=1e-6)
+        assert [n for n, _ in frozen.named_parameters()] == ["affine.weight", "affine.bias"]
+        assert not list(frozen.affine.buffers())  # Opacus: a trainable layer must hold no buffers
 
 
 def test_input_adapter_equals_copy_and_normalise() -> None:

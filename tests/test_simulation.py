@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message
+from opacus.accountants import RDPAccountant
 
 from fedshift.common.checkpoint import load_checkpoint
 from fedshift.common.cli import main
@@ -128,3 +129,58 @@ def test_nan_reply_is_left_out_in_a_real_simulation(tmp_path: Path) -> None:
     assert ckpt.round == 2
     assert all(np.isfinite(v).all() for v in ckpt.arrays.values())
     assert sorted(results["final_test"]) == ["site-0", "site-1", "site-2"]
+
+
+def test_dp_simulation_budget_ledger_and_egress(tmp_path: Path) -> None:
+    """Real Flower simulation with DP: a site at its budget sits out, the others' ledgers are exact."""
+    from fedshift.client.egress import read_egress_log
+    from fedshift.client.ledger import PrivacyLedger
+    from fedshift.common.config import PrivacyConfig
+    from fedshift.common.data import save_npz
+
+    budget = 6.0
+    fed = FederationConfig(
+        num_rounds=2,
+        min_nodes=2,
+        run_dir=str(tmp_path / "server"),
+        sites_root=str(tmp_path / "sites"),
+        model=ModelConfig(image_size=32),
+        train=TrainConfig(local_epochs=1, batch_size=20),
+        privacy=PrivacyConfig(enabled=True, epsilon=budget, delta=1e-5),
+    )
+    sites, _ = build_sites(ExperimentSpec(out_dir=tmp_path, sites=3, synthetic_n=240, federation=fed))
+    for site in sites:
+        (tmp_path / "sites" / site.spec.name).mkdir(parents=True)
+        save_npz(tmp_path / "sites" / site.spec.name / "data.npz", site.data)
+    # site-0 spent its budget in an earlier run
+    spent = PrivacyLedger.at(tmp_path / "sites" / "site-0")
+    spent.charge(
+        run_id="old", round=1, mechanism="dp-sgd", noise_multiplier=0.6, sample_rate=0.5, steps=60, delta=1e-5
+    )
+    assert spent.epsilon(1e-5) > budget
+    run_flower_simulation(fed, 3)
+
+    results = json.loads((tmp_path / "server" / "results.json").read_text())
+    history = results["history"]
+    refused = [(r["round"], r["site"], r["status"]) for r in history["refused"]]
+    assert refused == [(1, "site-0", "budget-exhausted")]  # asked once, then left out by the server
+    for rnd in ("1", "2"):
+        assert sorted(history["train"][rnd]) == ["site-1", "site-2"]
+    assert load_checkpoint(tmp_path / "server" / "checkpoint").round == 2
+    assert len(PrivacyLedger.at(tmp_path / "sites" / "site-0").entries) == 1  # never charged again
+
+    for name in ("site-1", "site-2"):
+        ledger = PrivacyLedger.at(tmp_path / "sites" / name)
+        assert [e.round for e in ledger.entries] == [1, 2]
+        reference = RDPAccountant()
+        reference.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries]
+        assert ledger.epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), abs=1e-6)
+        assert ledger.epsilon(1e-5) <= budget
+        reported = [history["privacy"][r][name]["epsilon"] for r in ("1", "2")]
+        assert reported == pytest.approx([e.epsilon for e in ledger.entries], abs=1e-12)
+        trained = [e for e in read_egress_log(tmp_path / "sites" / name) if e["stage"] == "train"]
+        assert [e["round"] for e in trained] == [1, 2]
+        for entry in trained:
+            arrays = [i for i in entry["items"] if i["record"] == "arrays"]
+            assert {i["mechanism"] for i in arrays} == {"dp-sgd"} and entry["blocked"] == []
+    assert _ray_processes() == []

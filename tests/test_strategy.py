@@ -104,3 +104,35 @@ def test_all_bad_replies_give_no_aggregate(tmp_path: Path) -> None:
     agg, _ = strategy.aggregate_train(1, [bad["nan"], bad["wrong shape"]])
     assert agg is None
     assert not (tmp_path / "ckpt" / "checkpoint.json").exists()
+
+
+def test_budget_refusal_is_left_out_and_remembered(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path)
+    ins = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=3, message_type=MessageType.TRAIN)
+    refusal = Message(
+        RecordDict(
+            {
+                "site": ConfigRecord({"name": "site-3"}),
+                "status": ConfigRecord({"status": "budget-exhausted", "reason": "epsilon 8.1 > 8"}),
+            }
+        ),
+        reply_to=ins,
+    )
+    arrays = [_arrays(1), _arrays(2)]
+    replies = [_reply(1, arrays[0], 10), _reply(2, arrays[1], 30), refusal]
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    assert aggregated is not None
+    expected = np.average(np.stack([a["head.bias"] for a in arrays]), axis=0, weights=[10, 30])
+    np.testing.assert_allclose(aggregated["head.bias"].numpy(), expected, rtol=1e-6)
+    assert strategy.history.refused == [
+        {
+            "round": 1,
+            "stage": "train",
+            "node": refusal.metadata.src_node_id,
+            "site": "site-3",
+            "status": "budget-exhausted",
+            "reason": "epsilon 8.1 > 8",
+        }
+    ]
+    assert strategy.exhausted == {refusal.metadata.src_node_id: "site-3"}
+    assert strategy.history.rejected == []
