@@ -132,17 +132,27 @@ class _SourcedDPOptimizer(DPOptimizer):
     def __init__(self, *args: Any, source: RandomSource, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.source = source
-        self.clipped = 0  # per-sample gradients scaled down so far
+        self._clipped: torch.Tensor | int = 0  # per-sample gradients scaled down (stays on device)
         self.seen = 0  # per-sample gradients seen so far
 
+    @property
+    def clipped(self) -> int:
+        return int(self._clipped)
+
     def clip_and_accumulate(self) -> None:
-        if self.grad_samples and len(self.grad_samples[0]):
-            norms = torch.stack(
-                [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples], dim=1
-            ).norm(2, dim=1)
-            self.clipped += int((norms > self.max_grad_norm).sum())
-            self.seen += len(norms)
-        super().clip_and_accumulate()
+        """Flat clipping as Opacus does it, keeping a count of clipped samples without a device sync."""
+        samples = self.grad_samples
+        if not samples or len(samples[0]) == 0:
+            super().clip_and_accumulate()  # an empty Poisson batch: Opacus's own path
+            return
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+        self._clipped = self._clipped + (norms > self.max_grad_norm).sum()
+        self.seen += len(norms)
+        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for p in self.params:
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            grad = torch.einsum("i,i...", factor.to(device=grad_sample.device, dtype=p.dtype), grad_sample)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
 
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
