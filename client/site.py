@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,29 @@ logger = logging.getLogger(__name__)
 
 SITE_DATA_FILE = "data.npz"
 LOCAL_STATE_FILE = "site_local.safetensors"
+SITE_CONFIG_FILE = "site.toml"  # simulation: a site's own settings, the keys of a deployment node config
+
+# node-config keys a site may set for itself (besides where its data and state live)
+SITE_KEYS = frozenset({"device", "egress-metrics", *PrivacyConfig.KEYS})
+
+
+def read_site_config(path: Path) -> dict[str, Any]:
+    """A simulated site's ``site.toml`` (empty when absent); unknown keys and bad TOML are refused."""
+    if not path.is_file():
+        return {}
+    try:
+        values = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"Expected {path} to be valid TOML, but reading it failed: {exc}; fix the file"
+        ) from None
+    unknown = sorted(set(values) - SITE_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"Expected the keys of {path} among {sorted(SITE_KEYS)}, but got unknown {unknown}; "
+            "check the spelling (keys are kebab-case)"
+        )
+    return values
 
 
 @dataclass(frozen=True)
@@ -42,8 +66,12 @@ class SiteSettings:
     def from_node_config(cls, node_config: Mapping[str, Any], fed: FederationConfig) -> SiteSettings:
         """Deployment: private by default (DP and the secure RNG on; the budget must be set).
 
-        Simulation: every site takes the run config's privacy settings.
+        Simulation: every site takes the run config's privacy settings, except what its
+        own ``site.toml`` (in its site directory) sets.
         """
+        if "partition-id" in node_config and "data-path" not in node_config and fed.sites_root:
+            site_dir = Path(fed.sites_root) / f"site-{int(node_config['partition-id'])}"
+            node_config = {**read_site_config(site_dir / SITE_CONFIG_FILE), **node_config}
         device = str(node_config.get("device", fed.device))
         allowed = node_config.get("egress-metrics")
         egress = (
@@ -61,7 +89,8 @@ class SiteSettings:
         if "partition-id" in node_config and fed.sites_root:
             name = f"site-{int(node_config['partition-id'])}"
             site_dir = Path(fed.sites_root) / name
-            return cls(name, site_dir / SITE_DATA_FILE, site_dir, device, fed.privacy, egress)
+            privacy = fed.privacy.with_values(node_config)
+            return cls(name, site_dir / SITE_DATA_FILE, site_dir, device, privacy, egress)
         raise ConfigError(
             "Expected the node config to set 'data-path' (deployment) or the run config to set "
             "'sites-root' (simulation), but neither is set; pass "

@@ -154,7 +154,8 @@ def noise_for_budget(
         raise BudgetExhaustedError(
             f"Expected room in the privacy budget epsilon={budget:g} (delta={delta:g}), but "
             f"{before:.4g} is already spent and {steps} more steps do not fit even with noise "
-            f"multiplier {max_sigma:g}; this site cannot train again under this budget"
+            f"multiplier {max_sigma:g} (beyond it updates are mostly noise); the site sits out: plan fewer "
+            "rounds or steps, or raise dp-epsilon if the site's governance allows it"
         )
     low, high = 0.0, 1.0
     while eps_at(high) > budget:

@@ -64,7 +64,11 @@ def register(sub: Any) -> None:
         "differential privacy (DP-SGD at every site; on when --epsilon is given)",
         "Each site's ledger lives in <out>/sites/site-k/; the same run without DP is printed beside it.",
     )
-    q.add_argument("--epsilon", type=float, help="privacy budget per site, e.g. 8 (turns DP-SGD on)")
+    q.add_argument(
+        "--epsilon",
+        type=_floats,
+        help="privacy budget of every site, e.g. 8, or one per site, e.g. 8,4,8,2 (turns DP-SGD on)",
+    )
     q.add_argument("--delta", type=float, default=1e-5, help="delta of the budget (<= 1/n and 1e-5)")
     q.add_argument("--clip-norm", type=float, default=1.0, help="per-sample gradient norm bound C")
     q.add_argument(
@@ -87,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.sites < 1:
         raise ConfigError(f"Expected --sites to be a positive integer, but got {args.sites}")
+    if args.epsilon is not None and len(args.epsilon) not in (1, args.sites):
+        raise ConfigError(
+            f"Expected --epsilon to be one budget or one per site ({args.sites}), but got "
+            f"{len(args.epsilon)} values; pass e.g. --epsilon 8"
+        )
+    site_budgets = tuple(args.epsilon) if args.epsilon is not None and len(args.epsilon) > 1 else None
     out = args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(
@@ -109,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         train=TrainConfig(local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.lr),
         privacy=PrivacyConfig(
             enabled=args.epsilon is not None,
-            epsilon=args.epsilon if args.epsilon is not None else math.nan,
+            epsilon=max(args.epsilon) if args.epsilon else math.nan,
             delta=args.delta,
             clip_norm=args.clip_norm,
             noise_multiplier=args.noise_multiplier,
@@ -135,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         synthetic_n=args.synthetic_n,
         baseline=not args.no_baseline,
         dp_reference=not args.no_dp_reference,
+        site_epsilons=site_budgets,
         federation=federation,
     )
     report = run_experiment(spec)
@@ -152,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
         )
         for refusal in report["privacy"]["refused"]:
             print(f"Round {refusal['round']}: {refusal['site']} sent no update: {refusal['reason']}")
-    label = f"federated with DP (epsilon <= {args.epsilon:g})" if args.epsilon is not None else "federated"
+    budget = ",".join(f"{e:g}" for e in args.epsilon) if args.epsilon is not None else ""
+    label = f"federated with DP (epsilon <= {budget})" if args.epsilon is not None else "federated"
     print(
         f"\nMean test AUC: {label} {fed_auc:.3f}"
         + (f" | federated without DP {no_dp_auc:.3f}" if no_dp_auc is not None else "")

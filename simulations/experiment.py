@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from fedshift.client.ledger import open_ledger
-from fedshift.client.site import SITE_DATA_FILE
+from fedshift.client.site import SITE_CONFIG_FILE, SITE_DATA_FILE
 from fedshift.common.config import FederationConfig
 from fedshift.common.data import load_dataset, save_npz
+from fedshift.common.errors import ConfigError
 from fedshift.common.io import as_jsonable, atomic_write_json
 from fedshift.server.app import RESULTS_FILE
 from fedshift.simulations.baseline import local_only
@@ -49,6 +50,7 @@ class ExperimentSpec:
     synthetic_n: int = 2000  # images generated when no --data is given
     baseline: bool = True  # also train every site alone
     dp_reference: bool = True  # with DP on: also run the same configuration without DP
+    site_epsilons: tuple[float, ...] | None = None  # one privacy budget per site (its site.toml)
     federation: FederationConfig = field(default_factory=FederationConfig)
 
 
@@ -81,12 +83,25 @@ def build_sites(spec: ExperimentSpec) -> tuple[list[SimulatedSite], str]:
     return sites, dataset.label
 
 
-def _federate(fed: FederationConfig, sites: list[SimulatedSite], root: Path) -> tuple[dict[str, Any], float]:
-    """Write the sites under ``root/sites``, run the Flower simulation, return the server's results."""
-    for site in sites:
+def _federate(
+    fed: FederationConfig,
+    sites: list[SimulatedSite],
+    root: Path,
+    site_epsilons: tuple[float, ...] | None = None,
+) -> tuple[dict[str, Any], float]:
+    """Write the sites under ``root/sites``, run the Flower simulation, return the server's results.
+
+    ``site_epsilons`` gives each site its own budget, in its ``site.toml`` (as a
+    hospital would set it in its own configuration).
+    """
+    if site_epsilons is not None and len(site_epsilons) != len(sites):
+        raise ConfigError(f"Expected one budget per site ({len(sites)}), but got {len(site_epsilons)}")
+    for k, site in enumerate(sites):
         site_dir = root / "sites" / site.spec.name
         site_dir.mkdir(parents=True, exist_ok=True)
         save_npz(site_dir / SITE_DATA_FILE, site.data)
+        if site_epsilons is not None:
+            (site_dir / SITE_CONFIG_FILE).write_text(f"dp-epsilon = {float(site_epsilons[k])!r}\n")
     fed = replace(
         fed,
         run_dir=str(root / "server"),
@@ -136,7 +151,8 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
             }
         ),
     )
-    server, federated_seconds = _federate(fed, sites, out)
+    budgets = spec.site_epsilons if privacy.enabled else None
+    server, federated_seconds = _federate(fed, sites, out, budgets)
     reference: dict[str, Any] | None = None
     reference_seconds = 0.0
     if privacy.enabled and spec.dp_reference:
@@ -166,6 +182,9 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
         "privacy": {
             "dp": privacy.enabled,
             "epsilon_budget": privacy.epsilon if privacy.enabled else None,
+            "site_epsilon_budgets": (
+                dict(zip([s.spec.name for s in sites], budgets, strict=True)) if budgets else None
+            ),
             "delta": privacy.delta,
             "accountant": privacy.accountant,
             "epsilon_per_round": epsilons,
@@ -202,12 +221,12 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
     label = data_label
     if privacy.enabled:
         label += (
-            f"; dp = federated with DP-SGD (epsilon <= {privacy.epsilon:g} per site), "
+            f"; dp = federated with DP-SGD (epsilon <= {_budgets(spec, privacy.epsilon)} per site), "
             "no-dp = the same without DP"
         )
     report["table"] = site_table(groups, sent, label)
     if privacy.enabled:
-        report["epsilon_table"] = epsilon_table(epsilons, privacy.delta, privacy.epsilon)
+        report["epsilon_table"] = epsilon_table(epsilons, privacy.delta, _budgets(spec, privacy.epsilon))
     return report
 
 
@@ -218,3 +237,9 @@ def _epsilon_per_round(history: dict[str, Any]) -> dict[str, dict[int, float]]:
             if record.get("epsilon") is not None:
                 out.setdefault(site, {})[int(rnd)] = float(record["epsilon"])
     return out
+
+
+def _budgets(spec: ExperimentSpec, default: float) -> str:
+    if spec.site_epsilons:
+        return ",".join(f"{e:g}" for e in spec.site_epsilons)
+    return f"{default:g}"

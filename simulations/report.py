@@ -58,7 +58,7 @@ def site_table(
     return _render(f"Per-site test results on {data_label}", rows)
 
 
-def epsilon_table(epsilons: Mapping[str, Mapping[str, float]], delta: float, budget: float) -> str:
+def epsilon_table(epsilons: Mapping[str, Mapping[str, float]], delta: float, budget: str) -> str:
     """Epsilon each site's ledger reported after each round (``site -> round -> epsilon``)."""
     rounds = sorted({int(r) for per_round in epsilons.values() for r in per_round})
     head = ["site"] + [f"r{r}" for r in rounds]
@@ -66,7 +66,7 @@ def epsilon_table(epsilons: Mapping[str, Mapping[str, float]], delta: float, bud
     for site in sorted(epsilons):
         per_round = {int(r): v for r, v in epsilons[site].items()}
         rows.append([site] + [f"{per_round[r]:.3f}" if r in per_round else "-" for r in rounds])
-    title = f"Privacy spent per site after each round: epsilon at delta={delta:g} (budget {budget:g})"
+    title = f"Privacy spent per site after each round: epsilon at delta={delta:g} (budget {budget})"
     return _render(title, rows, mean_row=False)
 
 

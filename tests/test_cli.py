@@ -68,6 +68,23 @@ def test_non_positive_sites(capsys: pytest.CaptureFixture[str], tmp_path: Path, 
     _one_line_error(code, err, "--sites", sites)
 
 
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--epsilon", "8,4"], ("--epsilon", "one per site (4)", "2 values")),
+        (["--epsilon", "-1"], ("epsilon", "-1")),
+        (["--epsilon", "8", "--delta", "0.01"], ("delta", "0.01")),
+        (["--epsilon", "8", "--clip-norm", "0"], ("dp-clip-norm", "0")),
+    ],
+)
+def test_bad_privacy_settings(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], needles: tuple[str, ...]
+) -> None:
+    code, err = _run(["simulate", *args, "--out", str(tmp_path / "r")], capsys)
+    _one_line_error(code, err, *needles)
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_device_without_gpu(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, err = _run(["simulate", "--device", "cuda:0", "--out", str(tmp_path / "r")], capsys)

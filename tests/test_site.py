@@ -70,3 +70,23 @@ def test_local_state_round_trip(tmp_path: Path) -> None:
         torch.testing.assert_close(fresh.local_state_dict()[key], value, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="another model configuration"):
         build_model(ModelConfig(image_size=32, local_norm=False)).load_local_state_dict(state)
+
+
+def test_simulated_site_reads_its_own_site_toml(tmp_path: Path) -> None:
+    """A simulated hospital sets its own budget in site.toml, like a deployed one in its node config."""
+    fed = FederationConfig(sites_root=str(tmp_path), privacy=PrivacyConfig(enabled=True, epsilon=8.0))
+    (tmp_path / "site-1").mkdir()
+    (tmp_path / "site-1" / "site.toml").write_text('dp-epsilon = 2.5\ndp-clip-norm = 0.5\ndevice = "cpu"\n')
+    own = SiteSettings.from_node_config({"partition-id": 1}, fed)
+    assert (own.privacy.epsilon, own.privacy.clip_norm, own.device) == (2.5, 0.5, "cpu")
+    other = SiteSettings.from_node_config({"partition-id": 0}, fed)
+    assert (other.privacy.epsilon, other.privacy.clip_norm) == (8.0, 1.0)
+    (tmp_path / "site-1" / "site.toml").write_text("dp-epsilon = 2.5\ndp-budget = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown \['dp-budget'\]"):
+        SiteSettings.from_node_config({"partition-id": 1}, fed)
+    (tmp_path / "site-1" / "site.toml").write_text("dp-epsilon = \n")
+    with pytest.raises(ConfigError, match="valid TOML"):
+        SiteSettings.from_node_config({"partition-id": 1}, fed)
+    (tmp_path / "site-1" / "site.toml").write_text('dp-epsilon = "lots"\n')
+    with pytest.raises(PrivacyError, match="dp-epsilon to be a number, but got 'lots'"):
+        SiteSettings.from_node_config({"partition-id": 1}, fed)
