@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -216,6 +216,12 @@ class PrivateTraining:
             source=self.source,
         )
         return self._gsm, self._optimizer
+
+    def after_noise(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` at every step once the gradient is clipped, noised and scaled (before the update)."""
+        if self._optimizer is None:
+            raise RuntimeError("attach() the model and optimizer first")
+        self._optimizer.attach_step_hook(lambda _optimizer: fn())
 
     def batches(self, num_examples: int, device: torch.device) -> Iterator[torch.Tensor]:
         """``steps`` index tensors, each a Poisson sample of the ``num_examples`` rows (may be empty)."""

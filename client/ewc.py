@@ -199,6 +199,32 @@ def shared_parameters(model: FedshiftModel) -> dict[str, nn.Parameter]:
     return {k: named[k] for k in keys}
 
 
+class EWCTerm:
+    """The EWC gradient as a data-independent gradient term for :func:`~fedshift.client.training.train_local`.
+
+    Added to the gradient *after* DP-SGD's clipping and noise (adding the penalty
+    to the loss would be clipped per sample, and Opacus would drop it), so it
+    costs no privacy as long as the Fisher is public or was released under DP.
+    """
+
+    def __init__(
+        self, model: FedshiftModel, anchor: Mapping[str, Tensor], fisher: Mapping[str, Tensor], lam: float
+    ) -> None:
+        self.params = shared_parameters(model)
+        self.anchor = {k: v.detach().clone() for k, v in anchor.items()}
+        self.fisher = {k: v.detach().clone() for k, v in fisher.items()}
+        self.lam = check_lambda(lam)
+        _check_terms(self.params, self.anchor, self.fisher)  # once; the loop calls the unchecked path
+
+    def __call__(self) -> dict[nn.Parameter, Tensor]:
+        out = {}
+        for key, theta in self.params.items():
+            anchor = self.anchor[key].to(device=theta.device, dtype=theta.dtype)
+            fisher = self.fisher[key].to(device=theta.device, dtype=theta.dtype)
+            out[theta] = self.lam * fisher * (theta.detach() - anchor)
+        return out
+
+
 # ---------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class EWCConfig:

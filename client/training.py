@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +72,15 @@ def _shuffled(n: int, batch_size: int, epochs: int, generator: torch.Generator) 
             yield order[begin : begin + batch_size]
 
 
+# a data-independent gradient term (e.g. EWC): parameter -> gradient to add at every step
+GradientTerm = Callable[[], Mapping[nn.Parameter, torch.Tensor]]
+
+
+def _add_gradients(term: GradientTerm) -> None:
+    for param, grad in term().items():
+        param.grad = grad.clone() if param.grad is None else param.grad + grad
+
+
 def train_local(
     model: FedshiftModel,
     data: ImageSet,
@@ -80,11 +89,14 @@ def train_local(
     *,
     seed: int = 0,
     private: PrivateTraining | None = None,
+    gradient_term: GradientTerm | None = None,
 ) -> TrainStats:
     """Train the model's trainable parameters on ``data`` in place.
 
     Without ``private``: ``local_epochs`` shuffled passes. With it: DP-SGD, its
     Poisson batches and its clipping-and-noise optimizer (:mod:`fedshift.client.dp`).
+    ``gradient_term`` (e.g. :class:`fedshift.client.ewc.EWCTerm`) is added to the
+    gradient at every step, after DP's clipping and noise: it must not depend on data.
     """
     n = len(data)
     if n == 0:
@@ -105,6 +117,8 @@ def train_local(
         forward, optimizer = private.attach(model, optimizer, n)
         batches = private.batches(n, device)
         loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        if gradient_term is not None:  # runs after clipping, noise and scaling
+            private.after_noise(lambda: _add_gradients(gradient_term))
     steps, processed, loss_sum = 0, 0, 0.0
     start = time.perf_counter()
     try:
@@ -113,6 +127,8 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(forward(x), y)
             loss.backward()
+            if gradient_term is not None and private is None:
+                _add_gradients(gradient_term)
             optimizer.step()
             batch_loss = float(loss.detach())
             loss_sum += batch_loss if private is not None else batch_loss * len(idx)
