@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
@@ -21,11 +22,13 @@ from fedshift.client.dp import plan_round
 from fedshift.client.egress import (
     DEFAULT_METRICS,
     MECHANISM_DP,
+    MECHANISM_DP_FISHER,
     EgressPolicy,
     egress_guard,
     refusal,
     round_of,
 )
+from fedshift.client.ewc import EWCTerm, fisher_mechanism, site_fisher
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.client.site import (
     SiteSettings,
@@ -35,7 +38,7 @@ from fedshift.client.site import (
 )
 from fedshift.client.training import TrainStats, evaluate, resolve_device, train_local
 from fedshift.common.config import FederationConfig
-from fedshift.common.errors import BudgetExhaustedError
+from fedshift.common.errors import BudgetExhaustedError, ConfigError
 from fedshift.common.model import FedshiftModel, build_model
 from fedshift.common.protocol import (
     ARRAYS_KEY,
@@ -75,6 +78,25 @@ def _policy(site: SiteSettings) -> EgressPolicy:
     return EgressPolicy(dp_required=site.privacy.enabled, allowed_metrics=allowed)
 
 
+def _ewc_term(
+    fed: FederationConfig,
+    site: SiteSettings,
+    model: FedshiftModel,
+    images: np.ndarray,
+    *,
+    private: bool,
+    seed: int,
+) -> tuple[EWCTerm | None, str]:
+    """EWC towards the global adapters just received, with the Fisher its source allows (None when off)."""
+    if not fed.ewc.enabled:
+        return None, ""
+    anchor = {k: v.clone() for k, v in model.shared_state_dict().items()}
+    fisher, source, _release = site_fisher(
+        fed.ewc, model, images, private=private, seed=seed, secure_rng=site.privacy.secure_rng
+    )
+    return EWCTerm(model, anchor, fisher, fed.ewc.lam), source
+
+
 def _train_private(
     msg: Message, fed: FederationConfig, site: SiteSettings, model: FedshiftModel, seed: int
 ) -> tuple[TrainStats, ConfigRecord]:
@@ -84,6 +106,7 @@ def _train_private(
     ledger = PrivacyLedger.at(site.state_dir, accountant=privacy.accountant)
     server_round = round_of(msg)
     run_id = str(msg.metadata.run_id)
+    fisher_cost = [fisher_mechanism(fed.ewc)] if fed.ewc.spends_privacy else []
     plan = plan_round(
         privacy,
         ledger,
@@ -93,6 +116,7 @@ def _train_private(
         server_round=server_round,
         num_rounds=fed.num_rounds,
         seed=seed,
+        extra=fisher_cost,
     )
     dp = plan.training
     # charged before the data is touched: a crash mid-round over-reports, never under-reports
@@ -105,7 +129,20 @@ def _train_private(
         steps=dp.steps,
         delta=plan.delta,
     )
-    stats = train_local(model, train, fed.train, resolve_device(site.device), seed=seed, private=dp)
+    for sigma, q, steps in fisher_cost:  # the DP Fisher release of this round, also before any access
+        entry = ledger.charge(
+            run_id=run_id,
+            round=server_round,
+            mechanism=MECHANISM_DP_FISHER,
+            noise_multiplier=sigma,
+            sample_rate=q,
+            steps=steps,
+            delta=plan.delta,
+        )
+    term, source = _ewc_term(fed, site, model, train.images, private=True, seed=seed)
+    stats = train_local(
+        model, train, fed.train, resolve_device(site.device), seed=seed, private=dp, gradient_term=term
+    )
     record = ConfigRecord(
         {
             "mechanism": MECHANISM_DP,
@@ -118,6 +155,7 @@ def _train_private(
             "steps": dp.steps,
             "accountant": privacy.accountant,
             "secure-rng": dp.secure_rng,
+            **({"ewc-fisher": source} if term else {}),
         }
     )
     # a statistic of the private training data without DP: it stays in the site's log
@@ -150,6 +188,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
         server_round = round_of(msg)
         seed = zlib.crc32(f"{fed.seed}:{server_round}:{site.name}".encode())
         device = resolve_device(site.device)
+        if fed.ewc.enabled and fed.ewc.anchor != "global":
+            raise ConfigError(
+                f"Expected ewc-anchor 'global' (this round's global adapters), but got {fed.ewc.anchor!r}; "
+                "a consolidated anchor comes with the continual scenario and is not wired in yet"
+            )
         if site.privacy.enabled:
             try:
                 stats, privacy = _train_private(msg, fed, site, model, seed)
@@ -163,8 +206,10 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
                 site.name,
                 server_round,
             )
-            stats = train_local(model, load_site_data(site).split("train"), fed.train, device, seed=seed)
-            privacy = ConfigRecord({"mechanism": "none"})
+            data = load_site_data(site).split("train")
+            term, source = _ewc_term(fed, site, model, data.images, private=False, seed=seed)
+            stats = train_local(model, data, fed.train, device, seed=seed, gradient_term=term)
+            privacy = ConfigRecord({"mechanism": "none", **({"ewc-fisher": source} if term else {})})
         save_local_state(site.state_dir, model.local_state_dict())
         val = evaluate(model, load_site_data(site).split("val"), device)
         logger.info(

@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,7 +44,7 @@ from fedshift.client.ledger import PrivacyLedger
 from fedshift.common.adapters import ChannelAffine
 from fedshift.common.config import PrivacyConfig, TrainConfig
 from fedshift.common.errors import BudgetExhaustedError, PrivacyError
-from fedshift.common.privacy import check_budget, noise_for_budget
+from fedshift.common.privacy import Mechanism, check_budget, epsilon, noise_for_budget
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +251,8 @@ def sample_rate(num_examples: int, batch_size: int) -> float:
     return min(1.0, batch_size / max(num_examples, 1))
 
 
+MECHANISM_DP_SGD = "dp-sgd"  # the ledger's name for a DP-SGD round
+
 # beyond this, an update is mostly noise: a site whose remaining budget needs more sits out
 MAX_USEFUL_SIGMA = 10.0
 
@@ -275,13 +277,16 @@ def plan_round(
     server_round: int,
     num_rounds: int,
     seed: int = 0,
+    extra: Sequence[Mechanism] = (),
 ) -> RoundPlan:
     """The DP-SGD round this site may run now, or :class:`BudgetExhaustedError` saying why not.
 
     The noise multiplier is the configured one, or else the one this run already
     uses (it stays fixed within a run), or else the smallest that fits every
     planned round of this run into what is left of the site's lifetime budget;
-    when that would exceed :data:`MAX_USEFUL_SIGMA`, the site sits out.
+    when that would exceed :data:`MAX_USEFUL_SIGMA`, the site sits out. ``extra``
+    are the other mechanisms charged with every round (e.g. a DP Fisher release);
+    they count in the planning and in the budget check.
     """
     check_budget(privacy.epsilon, privacy.delta, num_examples)
     q = sample_rate(num_examples, train.batch_size)
@@ -293,7 +298,7 @@ def plan_round(
         )
     sigma = privacy.noise_multiplier
     if sigma <= 0:
-        earlier = ledger.run_entries(run_id)
+        earlier = [e for e in ledger.run_entries(run_id) if e.mechanism == MECHANISM_DP_SGD]
         if earlier:
             sigma = earlier[0].noise_multiplier
         else:
@@ -303,12 +308,12 @@ def plan_round(
                 privacy.delta,
                 q,
                 steps * remaining,
-                history=ledger.history(),
+                history=[*ledger.history(), *(list(extra) * remaining)],
                 accountant=privacy.accountant,
                 max_sigma=MAX_USEFUL_SIGMA,
             ).noise_multiplier
     before = ledger.epsilon(privacy.delta)
-    after = ledger.epsilon_if(sigma, q, steps, privacy.delta)
+    after = epsilon([*ledger.history(), *extra, (sigma, q, steps)], privacy.delta, privacy.accountant)
     if after > privacy.epsilon:
         raise BudgetExhaustedError(
             f"Expected round {server_round} to fit the budget epsilon={privacy.epsilon:g} at "

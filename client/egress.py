@@ -77,12 +77,14 @@ BOOKKEEPING_KEYS = {
             "steps",
             "accountant",
             "secure-rng",
+            "ewc-fisher",
         }
     ),
     STATUS_KEY: frozenset({"status", "reason"}),
 }
 
 MECHANISM_DP = "dp-sgd"
+MECHANISM_DP_FISHER = "dp-fisher"  # the ledger's name for a DP release of the EWC Fisher
 MECHANISM_NONE = "none (dp=false at this site)"
 METRIC = "aggregate-metric (allowed by site config)"
 BOOKKEEPING = "protocol bookkeeping"

@@ -31,63 +31,26 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from fedshift.client.dp import RandomSource
+from fedshift.client.dp import RandomSource, SecureSource, SeededSource
+from fedshift.common.config import LABEL_MODES, EWCConfig, check_choice, check_lambda, is_number
+from fedshift.common.data import make_synthetic_cxr, to_tensor
 from fedshift.common.errors import ConfigError, DataError, PrivacyError
 from fedshift.common.model import FedshiftModel
 from fedshift.common.privacy import Mechanism
 
 logger = logging.getLogger(__name__)
 
-# fisher_source -> where the Fisher diagonal comes from
-FISHER_SOURCES: dict[str, str] = {
-    "dp": "estimated on the site's private data under DP and charged to the ledger",
-    "public": "estimated on public or synthetic data (no privacy cost)",
-    "none": "no estimate: F = 1 everywhere (a plain L2 pull towards the anchor)",
-}
-# anchor -> which parameters the penalty pulls towards
-ANCHORS: dict[str, str] = {
-    "global": "the global adapters received this round",
-    "consolidated": "parameters consolidated at the end of an earlier phase",
-}
-# labels -> how the Fisher's expectation over the model's predictive distribution is taken
-LABEL_MODES: dict[str, str] = {
-    "expected": "exact sum over the classes, weighted by p(y|x)",
-    "sampled": "one label per image drawn from p(y|x) (Monte Carlo, seeded)",
-}
-
-_LAMBDA_FIX = "set ewc-lambda to a finite number such as 100.0, or to 0 to turn EWC off"
-
 
 # ---------------------------------------------------------------------------- validation
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_lambda(lam: object) -> float:
-    """``lam`` as a float, or :class:`ConfigError` when it is not a finite number >= 0."""
-    if isinstance(lam, numbers.Real) and not isinstance(lam, bool):
-        value = float(lam)
-        if math.isfinite(value) and value >= 0:
-            return value
-    raise ConfigError(f"Expected ewc-lambda to be a number >= 0, but got {lam!r}; {_LAMBDA_FIX}")
-
-
-def _check_choice(key: str, value: object, choices: Mapping[str, str]) -> None:
-    if value not in choices:
-        listed = "; ".join(f"{name!r} ({what})" for name, what in choices.items())
-        raise ConfigError(f"Expected {key} to be one of {listed}, but got {value!r}")
-
-
 def _check_same_layout(params: Mapping[str, Tensor], other: Mapping[str, Tensor], what: str) -> None:
     """Same keys and shapes as ``params``, naming the first offending key."""
     missing, extra = sorted(set(params) - set(other)), sorted(set(other) - set(params))
@@ -225,87 +188,6 @@ class EWCTerm:
         return out
 
 
-# ---------------------------------------------------------------------------- configuration
-@dataclass(frozen=True)
-class EWCConfig:
-    """EWC at a site: how strong the pull is, towards what, and where the Fisher comes from."""
-
-    lam: float = 0.0  # penalty strength lambda; 0 = EWC off
-    fisher_source: str = (
-        "dp"  # dp (private data, DP, charged), public (public/synthetic data) or none (F = 1)
-    )
-    fisher_samples: int = 512  # images used for one Fisher estimate
-    fisher_clip: float = 1.0  # dp: L2 bound on each image's squared-gradient vector (the sensitivity)
-    fisher_noise_multiplier: float = 5.0  # dp: Gaussian noise std / fisher_clip, added to the sum
-    fisher_labels: str = "expected"  # expected (exact over classes) or sampled (y ~ p(y|x))
-    anchor: str = "global"  # global (this round's global adapters) or consolidated (an earlier phase's)
-
-    # run-config / node-config key -> field
-    KEYS: ClassVar[dict[str, str]] = {
-        "ewc-lambda": "lam",
-        "ewc-fisher-source": "fisher_source",
-        "ewc-fisher-samples": "fisher_samples",
-        "ewc-fisher-clip": "fisher_clip",
-        "ewc-fisher-noise-multiplier": "fisher_noise_multiplier",
-        "ewc-fisher-labels": "fisher_labels",
-        "ewc-anchor": "anchor",
-    }
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "lam", check_lambda(self.lam))
-        _check_choice("ewc-fisher-source", self.fisher_source, FISHER_SOURCES)
-        _check_choice("ewc-anchor", self.anchor, ANCHORS)
-        _check_choice("ewc-fisher-labels", self.fisher_labels, LABEL_MODES)
-        samples = self.fisher_samples
-        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-            raise ConfigError(
-                f"Expected ewc-fisher-samples to be an integer >= 1, but got {samples!r}; e.g. 512"
-            )
-        clip = self.fisher_clip
-        if not _is_number(clip) or not (math.isfinite(clip) and clip > 0):
-            raise ConfigError(
-                f"Expected ewc-fisher-clip to be a finite number > 0, but got {clip!r}; e.g. 1.0"
-            )
-        sigma = self.fisher_noise_multiplier
-        if not _is_number(sigma) or not (math.isfinite(sigma) and sigma >= 0):
-            raise ConfigError(
-                f"Expected ewc-fisher-noise-multiplier to be a finite number >= 0, but got {sigma!r}"
-            )
-        if self.enabled and self.fisher_source == "dp" and sigma == 0:
-            raise PrivacyError(
-                "Expected ewc-fisher-noise-multiplier > 0 for a Fisher estimated on private data, but got 0 "
-                "(it would leak patient data through the penalty); set it (e.g. 5.0), or use "
-                "ewc-fisher-source='public' or 'none'"
-            )
-        object.__setattr__(self, "fisher_clip", float(clip))
-        object.__setattr__(self, "fisher_noise_multiplier", float(sigma))
-
-    @property
-    def enabled(self) -> bool:
-        return self.lam > 0
-
-    @property
-    def spends_privacy(self) -> bool:
-        """True when each Fisher estimate is a DP release the ledger must charge."""
-        return self.enabled and self.fisher_source == "dp"
-
-    def with_values(self, values: Mapping[str, Any]) -> EWCConfig:
-        """A copy with the ``ewc-*`` keys present in ``values`` applied; unknown ``ewc-*`` keys refused."""
-        unknown = sorted(k for k in values if k.startswith("ewc-") and k not in self.KEYS)
-        if unknown:
-            raise ConfigError(
-                f"Expected ewc keys among {sorted(self.KEYS)}, but got unknown {unknown}; check the spelling"
-            )
-        changes = {name: values[key] for key, name in self.KEYS.items() if key in values}
-        samples = changes.get("fisher_samples")
-        if isinstance(samples, float) and samples.is_integer():  # TOML/JSON may give 512.0
-            changes["fisher_samples"] = int(samples)
-        return replace(self, **changes)
-
-    def to_run_config(self) -> dict[str, int | float | str]:
-        return {key: getattr(self, name) for key, name in self.KEYS.items()}
-
-
 # ---------------------------------------------------------------------------- Fisher estimation
 def _log_probs(logits: Tensor) -> Tensor:
     """Log class probabilities; one logit is read as a Bernoulli (sigmoid) model with classes (0, 1)."""
@@ -403,7 +285,7 @@ def per_sample_fisher(
     statistics). The model must return logits ``(N, C)``; ``C = 1`` is read as a
     sigmoid (Bernoulli) model.
     """
-    _check_choice("labels", labels, LABEL_MODES)
+    check_choice("labels", labels, LABEL_MODES)
     theta = _checked_params(model, params)
     if inputs.ndim < 1 or len(inputs) == 0:
         raise DataError(
@@ -465,7 +347,7 @@ def clip_per_sample(terms: Mapping[str, Tensor], clip: float) -> tuple[dict[str,
 
     Returns the clipped terms (float64) and each sample's norm before clipping.
     """
-    if not (_is_number(clip) and math.isfinite(clip) and clip > 0):
+    if not (is_number(clip) and math.isfinite(clip) and clip > 0):
         raise PrivacyError(f"Expected the Fisher clip to be a finite number > 0, but got {clip!r}; e.g. 1.0")
     wide = {k: t.to(torch.float64) for k, t in terms.items()}
     norms = torch.stack([t.reshape(len(t), -1).square().sum(dim=1) for t in wide.values()], dim=1)
@@ -528,7 +410,7 @@ def private_fisher_diagonal(
     ``SecureSource``, in production) or else from ``generator`` (seeded,
     reproducible, **not** secure; seed 0 when none), which also draws sampled labels.
     """
-    if not (_is_number(noise_multiplier) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+    if not (is_number(noise_multiplier) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise PrivacyError(f"Expected a Fisher noise multiplier >= 0, but got {noise_multiplier!r}")
     if noise_multiplier == 0:
         warnings.warn(
@@ -585,7 +467,7 @@ def consolidate(
     or DP (post-processing).
     """
     for name, w in (("weight_a", weight_a), ("weight_b", weight_b)):
-        if not (_is_number(w) and math.isfinite(w) and w >= 0):
+        if not (is_number(w) and math.isfinite(w) and w >= 0):
             raise ConfigError(f"Expected {name} to be a finite number >= 0, but got {w!r}")
     if weight_a == 0 and weight_b == 0:
         raise ConfigError("Expected at least one consolidation weight > 0, but both are 0")
@@ -593,3 +475,61 @@ def consolidate(
     _check_fisher_values(fisher_a)
     _check_fisher_values(fisher_b)
     return {k: weight_a * fisher_a[k] + weight_b * fisher_b[k].to(fisher_a[k]) for k in fisher_a}
+
+
+# ---------------------------------------------------------------------------- at a site
+FISHER_PUBLIC = "public (synthetic images)"
+FISHER_LOCAL = "local (dp=false at this site)"
+
+
+def site_fisher(
+    config: EWCConfig,
+    model: FedshiftModel,
+    train_images: np.ndarray,
+    *,
+    private: bool,
+    seed: int,
+    secure_rng: bool = False,
+) -> tuple[dict[str, Tensor], str, FisherRelease | None]:
+    """The Fisher diagonal a site uses this round, where it came from, and its DP release (if any).
+
+    ``none``: F = 1. ``public``: estimated on SYNTHETIC chest X-rays (no patient data,
+    no privacy cost). ``dp``: estimated on up to ``fisher_samples`` of the site's
+    training images and released by the Gaussian mechanism, which the caller must
+    have charged to the ledger first (:attr:`FisherRelease.mechanism`); at a site
+    that trains without DP (``dp=false``) it is estimated on local data without
+    noise, since nothing it shapes is protected anyway, and labelled so.
+    """
+    params = shared_parameters(model)
+    size = model.config.image_size
+    if config.fisher_source == "none":
+        return unit_fisher(params), "none", None
+    generator = torch.Generator().manual_seed(seed)
+    if config.fisher_source == "public":
+        images = make_synthetic_cxr(config.fisher_samples, seed=seed).split("train").images
+        fisher = fisher_diagonal(
+            model, params, to_tensor(images, size), labels=config.fisher_labels, generator=generator
+        )
+        return fisher, FISHER_PUBLIC, None
+    rng = np.random.default_rng(seed)
+    chosen = rng.permutation(len(train_images))[: config.fisher_samples]
+    inputs = to_tensor(train_images[np.sort(chosen)], size)
+    if not private:
+        fisher = fisher_diagonal(model, params, inputs, labels=config.fisher_labels, generator=generator)
+        return fisher, FISHER_LOCAL, None
+    release = private_fisher_diagonal(
+        model,
+        params,
+        inputs,
+        clip=config.fisher_clip,
+        noise_multiplier=config.fisher_noise_multiplier,
+        labels=config.fisher_labels,
+        generator=generator,
+        noise_source=SecureSource() if secure_rng else SeededSource(seed),
+    )
+    return release.fisher, "dp", release
+
+
+def fisher_mechanism(config: EWCConfig) -> Mechanism:
+    """What one DP Fisher release costs, in the ledger's form: a Gaussian mechanism (q = 1, one step)."""
+    return (config.fisher_noise_multiplier, 1.0, 1)

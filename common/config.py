@@ -8,6 +8,7 @@ raw dictionary.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -123,6 +124,125 @@ class PrivacyConfig:
         }
 
 
+# fisher_source -> where the Fisher diagonal comes from
+FISHER_SOURCES: dict[str, str] = {
+    "dp": "estimated on the site's private data under DP and charged to the ledger",
+    "public": "estimated on public or synthetic data (no privacy cost)",
+    "none": "no estimate: F = 1 everywhere (a plain L2 pull towards the anchor)",
+}
+# anchor -> which parameters the penalty pulls towards
+ANCHORS: dict[str, str] = {
+    "global": "the global adapters received this round",
+    "consolidated": "parameters consolidated at the end of an earlier phase",
+}
+# labels -> how the Fisher's expectation over the model's predictive distribution is taken
+LABEL_MODES: dict[str, str] = {
+    "expected": "exact sum over the classes, weighted by p(y|x)",
+    "sampled": "one label per image drawn from p(y|x) (Monte Carlo, seeded)",
+}
+
+_LAMBDA_FIX = "set ewc-lambda to a finite number such as 100.0, or to 0 to turn EWC off"
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_lambda(lam: object) -> float:
+    """``lam`` as a float, or :class:`ConfigError` when it is not a finite number >= 0."""
+    if isinstance(lam, numbers.Real) and not isinstance(lam, bool):
+        value = float(lam)
+        if math.isfinite(value) and value >= 0:
+            return value
+    raise ConfigError(f"Expected ewc-lambda to be a number >= 0, but got {lam!r}; {_LAMBDA_FIX}")
+
+
+def check_choice(key: str, value: object, choices: Mapping[str, str]) -> None:
+    if value not in choices:
+        listed = "; ".join(f"{name!r} ({what})" for name, what in choices.items())
+        raise ConfigError(f"Expected {key} to be one of {listed}, but got {value!r}")
+
+
+@dataclass(frozen=True)
+class EWCConfig:
+    """EWC at a site: how strong the pull is, towards what, and where the Fisher comes from."""
+
+    lam: float = 0.0  # penalty strength lambda; 0 = EWC off
+    fisher_source: str = (
+        "dp"  # dp (private data, DP, charged), public (public/synthetic data) or none (F = 1)
+    )
+    fisher_samples: int = 512  # images used for one Fisher estimate
+    fisher_clip: float = 1.0  # dp: L2 bound on each image's squared-gradient vector (the sensitivity)
+    fisher_noise_multiplier: float = 5.0  # dp: Gaussian noise std / fisher_clip, added to the sum
+    fisher_labels: str = "expected"  # expected (exact over classes) or sampled (y ~ p(y|x))
+    anchor: str = "global"  # global (this round's global adapters) or consolidated (an earlier phase's)
+
+    # run-config / node-config key -> field
+    KEYS: ClassVar[dict[str, str]] = {
+        "ewc-lambda": "lam",
+        "ewc-fisher-source": "fisher_source",
+        "ewc-fisher-samples": "fisher_samples",
+        "ewc-fisher-clip": "fisher_clip",
+        "ewc-fisher-noise-multiplier": "fisher_noise_multiplier",
+        "ewc-fisher-labels": "fisher_labels",
+        "ewc-anchor": "anchor",
+    }
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lam", check_lambda(self.lam))
+        check_choice("ewc-fisher-source", self.fisher_source, FISHER_SOURCES)
+        check_choice("ewc-anchor", self.anchor, ANCHORS)
+        check_choice("ewc-fisher-labels", self.fisher_labels, LABEL_MODES)
+        samples = self.fisher_samples
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise ConfigError(
+                f"Expected ewc-fisher-samples to be an integer >= 1, but got {samples!r}; e.g. 512"
+            )
+        clip = self.fisher_clip
+        if not is_number(clip) or not (math.isfinite(clip) and clip > 0):
+            raise ConfigError(
+                f"Expected ewc-fisher-clip to be a finite number > 0, but got {clip!r}; e.g. 1.0"
+            )
+        sigma = self.fisher_noise_multiplier
+        if not is_number(sigma) or not (math.isfinite(sigma) and sigma >= 0):
+            raise ConfigError(
+                f"Expected ewc-fisher-noise-multiplier to be a finite number >= 0, but got {sigma!r}"
+            )
+        if self.enabled and self.fisher_source == "dp" and sigma == 0:
+            raise PrivacyError(
+                "Expected ewc-fisher-noise-multiplier > 0 for a Fisher estimated on private data, but got 0 "
+                "(it would leak patient data through the penalty); set it (e.g. 5.0), or use "
+                "ewc-fisher-source='public' or 'none'"
+            )
+        object.__setattr__(self, "fisher_clip", float(clip))
+        object.__setattr__(self, "fisher_noise_multiplier", float(sigma))
+
+    @property
+    def enabled(self) -> bool:
+        return self.lam > 0
+
+    @property
+    def spends_privacy(self) -> bool:
+        """True when each Fisher estimate is a DP release the ledger must charge."""
+        return self.enabled and self.fisher_source == "dp"
+
+    def with_values(self, values: Mapping[str, Any]) -> EWCConfig:
+        """A copy with the ``ewc-*`` keys present in ``values`` applied; unknown ``ewc-*`` keys refused."""
+        unknown = sorted(k for k in values if k.startswith("ewc-") and k not in self.KEYS)
+        if unknown:
+            raise ConfigError(
+                f"Expected ewc keys among {sorted(self.KEYS)}, but got unknown {unknown}; check the spelling"
+            )
+        changes = {name: values[key] for key, name in self.KEYS.items() if key in values}
+        samples = changes.get("fisher_samples")
+        if isinstance(samples, float) and samples.is_integer():  # TOML/JSON may give 512.0
+            changes["fisher_samples"] = int(samples)
+        return replace(self, **changes)
+
+    def to_run_config(self) -> dict[str, int | float | str]:
+        return {key: getattr(self, name) for key, name in self.KEYS.items()}
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """One federation: rounds, model, local training and where things live."""
@@ -137,6 +257,7 @@ class FederationConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # simulation: every site's privacy settings; deployment: defaults that the site config overrides
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    ewc: EWCConfig = field(default_factory=EWCConfig)  # EWC penalty at every site (lambda 0 = off)
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -165,6 +286,7 @@ class FederationConfig:
             "batch-size": t.batch_size,
             "learning-rate": t.learning_rate,
             **self.privacy.to_run_config(),
+            **self.ewc.to_run_config(),
         }
 
     @classmethod
@@ -214,6 +336,7 @@ class FederationConfig:
                 learning_rate=get("learning-rate"),
             ),
             privacy=_privacy_from_run_config(values),
+            ewc=EWCConfig().with_values({k: v for k, v in values.items() if k in EWCConfig.KEYS}),
         )
 
 

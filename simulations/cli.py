@@ -80,12 +80,20 @@ def register(sub: Any) -> None:
     q.add_argument("--accountant", default="rdp", choices=["rdp", "prv"], help="Opacus accountant")
     q.add_argument("--secure-rng", action="store_true", help="noise from the OS CSPRNG (production)")
     q.add_argument("--no-dp-reference", action="store_true", help="skip the same run without DP")
+    e = p.add_argument_group("EWC (a Fisher-weighted pull towards each round's global adapters)")
+    e.add_argument("--ewc-lambda", type=float, default=0.0, help="penalty strength; 0 = off")
+    e.add_argument(
+        "--ewc-fisher-source",
+        default="dp",
+        choices=["dp", "public", "none"],
+        help="dp: site data under DP, charged to the ledger; public: synthetic images; none: F = 1",
+    )
     p.add_argument("--out", type=Path, help="run directory (default: runs/simulate-<time>)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedshift.common.config import FederationConfig, PrivacyConfig, TrainConfig
+    from fedshift.common.config import EWCConfig, FederationConfig, PrivacyConfig, TrainConfig
     from fedshift.common.model import ModelConfig
     from fedshift.simulations.experiment import ExperimentSpec, run_experiment
 
@@ -126,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
             accountant=args.accountant,
             secure_rng=args.secure_rng,
         ),
+        ewc=EWCConfig(lam=args.ewc_lambda, fisher_source=args.ewc_fisher_source),
     )
     # Fail on a bad backbone or device before any data is simulated or Ray is started:
     # inside Ray these would only surface as failed replies from every site.

@@ -19,7 +19,7 @@ from fedshift.client.egress import EGRESS_LOG_FILE, read_egress_log
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.common.config import FederationConfig
 from fedshift.common.data import Dataset, make_synthetic_cxr, save_npz
-from fedshift.common.errors import LedgerError
+from fedshift.common.errors import ConfigError, LedgerError
 from fedshift.common.model import ModelConfig, build_model, size_report
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 
@@ -185,3 +185,53 @@ def test_corrupt_ledger_stops_training_and_is_left_alone(tmp_path: Path) -> None
         _call(make_client_app(), _train_message(1), config)
     assert ledger_file.read_bytes() == before
     assert read_egress_log(site_dir) == []  # nothing left the site
+
+
+def test_ewc_with_a_dp_fisher_is_charged_and_planned(tmp_path: Path) -> None:
+    """EWC's Fisher on private images is a DP release: charged with the round, counted in the plan."""
+    site_dir = _site(tmp_path)
+    config = _run_config(
+        tmp_path,
+        **{
+            "dp": True,
+            "dp-epsilon": 8.0,
+            "ewc-lambda": 50.0,
+            "ewc-fisher-source": "dp",
+            "ewc-fisher-samples": 32,
+        },
+    )
+    replies = [_call(make_client_app(), _train_message(r), config) for r in (1, 2)]
+    ledger = PrivacyLedger.at(site_dir)
+    assert [(e.round, e.mechanism) for e in ledger.entries] == [
+        (1, "dp-sgd"),
+        (1, "dp-fisher"),
+        (2, "dp-sgd"),
+        (2, "dp-fisher"),
+    ]
+    fisher = ledger.entries[1]
+    assert (fisher.noise_multiplier, fisher.sample_rate, fisher.steps) == (5.0, 1.0, 1)
+    reference = RDPAccountant()
+    reference.history = ledger.history()
+    assert ledger.epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), abs=1e-6)
+    privacy = replies[-1].content.config_records["privacy"]
+    assert privacy["ewc-fisher"] == "dp"
+    assert float(cast(float, privacy["epsilon"])) == pytest.approx(ledger.epsilon(1e-5), abs=1e-9)
+    # the noise multiplier was planned with the Fisher releases of all 3 rounds inside the budget
+    sgd = ledger.entries[0]
+    planned = [*ledger.history(), (sgd.noise_multiplier, sgd.sample_rate, sgd.steps), (5.0, 1.0, 1)]
+    reference.history = planned
+    assert reference.get_epsilon(1e-5) <= 8.0
+
+
+def test_ewc_with_a_public_fisher_costs_nothing(tmp_path: Path) -> None:
+    site_dir = _site(tmp_path)
+    config = _run_config(tmp_path, **{"dp": False, "ewc-lambda": 50.0, "ewc-fisher-source": "public"})
+    reply = _call(make_client_app(), _train_message(1), config)
+    assert reply.content.config_records["privacy"]["ewc-fisher"] == "public (synthetic images)"
+    assert not (site_dir / "privacy-ledger.json").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", -1.0])
+def test_bad_ewc_lambda_is_refused(tmp_path: Path, value: object) -> None:
+    with pytest.raises(ConfigError, match="Expected ewc-lambda to be a number >= 0"):
+        FederationConfig.from_run_config({"ewc-lambda": value})

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from fedshift.client.dp import SeededSource
 from fedshift.client.ewc import (
-    EWCConfig,
     FisherRelease,
     clip_per_sample,
     consolidate,
@@ -31,6 +30,7 @@ from fedshift.client.ewc import (
     private_fisher_diagonal,
     unit_fisher,
 )
+from fedshift.common.config import EWCConfig
 from fedshift.common.errors import ConfigError, DataError, PrivacyError
 from fedshift.common.privacy import epsilon
 
