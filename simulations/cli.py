@@ -162,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     means = report["mean_test_auc"]
     fed_auc, no_dp_auc, loc_auc = means["federated"], means["federated_no_dp"], means["local_only"]
     print(report["table"])
+    if "negative_transfer_line" in report:
+        print(report["negative_transfer_line"])
     if "epsilon_table" in report:
         print("\n" + report["epsilon_table"])
         ledgers = report["privacy"]["ledger_epsilon"]

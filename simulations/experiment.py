@@ -22,6 +22,8 @@ from fedshift.simulations.report import (
     bytes_per_round,
     epsilon_table,
     mean_metric,
+    negative_transfer,
+    negative_transfer_line,
     plot_auc_per_round,
     site_table,
 )
@@ -160,9 +162,15 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
         no_dp = replace(fed, privacy=replace(privacy, enabled=False))
         reference, reference_seconds = _federate(no_dp, sites, out / "no-dp")
     local: dict[str, dict[str, float]] | None = None
+    flags: dict[str, dict[str, float | bool]] | None = None
     t0 = time.time()
     if spec.baseline:
-        local = {s.spec.name: local_only(fed, s.spec.name, s.data) for s in sites}
+        baseline = {s.spec.name: local_only(fed, s.spec.name, s.data) for s in sites}
+        local = {name: result["test"] for name, result in baseline.items()}
+        last = max(server["history"]["evaluate"], key=int, default=None)
+        federated_val = server["history"]["evaluate"][last] if last is not None else {}
+        local_val = {name: result["val"] for name, result in baseline.items() if "val" in result}
+        flags = negative_transfer(federated_val, local_val)
     baseline_seconds = time.time() - t0
     sent = bytes_per_round(server["history"]["train"])
     size = server["size"]
@@ -194,6 +202,7 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
         "federated_test": server["final_test"],
         "federated_no_dp_test": reference["final_test"] if reference else None,
         "local_only_test": local,
+        "negative_transfer": flags,
         "mean_test_auc": {
             "federated": mean_metric(server["final_test"], "auc"),
             "federated_no_dp": mean_metric(reference["final_test"], "auc") if reference else None,
@@ -225,6 +234,8 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
             "no-dp = the same without DP"
         )
     report["table"] = site_table(groups, sent, label)
+    if flags is not None:
+        report["negative_transfer_line"] = negative_transfer_line(flags)
     if privacy.enabled:
         report["epsilon_table"] = epsilon_table(epsilons, privacy.delta, _budgets(spec, privacy.epsilon))
     return report

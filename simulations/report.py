@@ -119,3 +119,30 @@ def bytes_per_round(train_history: Mapping[str, Mapping[str, Mapping[str, float]
         for site, metrics in per_site.items():
             sent.setdefault(site, []).append(float(metrics["bytes-sent"]))
     return {site: sum(v) / len(v) for site, v in sent.items()}
+
+
+def negative_transfer(
+    federated_val: Mapping[str, Mapping[str, float]],
+    local_val: Mapping[str, Mapping[str, float]],
+    margin: float = 0.0,
+) -> dict[str, dict[str, float | bool]]:
+    """Per site: the federated and the local-only model's validation AUC, and a flag when
+    federation does worse than training alone (by more than ``margin``)."""
+    out: dict[str, dict[str, float | bool]] = {}
+    for site in sorted(set(federated_val) & set(local_val)):
+        fed, loc = _metric(federated_val[site], "auc"), _metric(local_val[site], "auc")
+        flagged = not math.isnan(fed) and not math.isnan(loc) and fed < loc - margin
+        out[site] = {"federated_auc": fed, "local_auc": loc, "gap": fed - loc, "flagged": flagged}
+    return out
+
+
+def negative_transfer_line(flags: Mapping[str, Mapping[str, float | bool]]) -> str:
+    """One line for the report: which sites did worse federated than alone (validation AUC)."""
+    worse = [
+        f"{site} ({v['federated_auc']:.3f} vs {v['local_auc']:.3f})"
+        for site, v in flags.items()
+        if v["flagged"]
+    ]
+    if not worse:
+        return "Negative transfer: none (every site's federated validation AUC >= its local-only one)"
+    return "Negative transfer: federated worse than local-only on validation AUC at " + ", ".join(worse)

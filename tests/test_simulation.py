@@ -41,6 +41,7 @@ def test_simulate_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["simulate", "--sites", "2", *TINY, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "site-0" in printed and "SYNTHETIC" in printed and "Mean test AUC" in printed
+    assert "Negative transfer:" in printed
 
     report = json.loads((out / "results.json").read_text())
     assert report["synthetic"] is True
@@ -61,6 +62,10 @@ def test_simulate_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert report["federated_test"][name]["n"] == len(site_data.split("test"))
         assert 0.0 <= report["federated_test"][name]["auc"] <= 1.0
         assert 0.0 <= report["local_only_test"][name]["auc"] <= 1.0
+        # negative transfer: the last round's federated validation AUC against the local-only one
+        flag = report["negative_transfer"][name]
+        assert flag["federated_auc"] == history["evaluate"]["2"][name]["auc"]
+        assert flag["flagged"] == (flag["federated_auc"] < flag["local_auc"])
 
     # the checkpoint is the final round's, and `fedshift evaluate` on it reproduces the
     # federated test metrics of site-0 through an independent code path
