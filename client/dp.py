@@ -178,7 +178,6 @@ class PrivateTraining:
     steps: int
     secure_rng: bool = False
     seed: int = 0
-    loss_reduction: str = "sum"  # per-sample losses are summed; the optimizer divides by q * n
     _source: RandomSource | None = field(default=None, init=False, repr=False)
     _gsm: GradSampleModule | None = field(default=None, init=False, repr=False)
     _optimizer: _SourcedDPOptimizer | None = field(default=None, init=False, repr=False)

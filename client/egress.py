@@ -23,12 +23,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedshift.common.protocol import (
@@ -181,14 +180,12 @@ def round_of(msg: Message) -> int:
     return int(cast(int, value))
 
 
-def refusal(
-    msg: Message, site: str, status: str, reason: str, extra: Iterable[tuple[str, Any]] = ()
-) -> Message:
+def refusal(msg: Message, site: str, status: str, reason: str) -> Message:
     """A reply that says why this site sends nothing this time."""
     content = RecordDict(
         {
             SITE_KEY: ConfigRecord({"name": site}),
-            STATUS_KEY: ConfigRecord({"status": status, "reason": reason, **dict(extra)}),
+            STATUS_KEY: ConfigRecord({"status": status, "reason": reason}),
         }
     )
     return Message(content, reply_to=msg)
@@ -225,15 +222,3 @@ def egress_guard(resolve: SiteResolver) -> Callable[[Message, Context, Handler],
         return reply
 
     return mod
-
-
-def egress_summary(entries: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Totals over a log: messages, bytes, blocked items, mechanisms seen."""
-    entries = list(entries)
-    mechanisms = sorted({i["mechanism"] for e in entries for i in e["items"]})
-    return {
-        "messages": len(entries),
-        "bytes": int(np.sum([e["bytes"] for e in entries])) if entries else 0,
-        "blocked": sum(len(e["blocked"]) for e in entries),
-        "mechanisms": mechanisms,
-    }
