@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from fedshift.common.cli import main
+from fedshift.tests.helpers import one_line_error
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -19,31 +20,21 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     return code, capsys.readouterr().err
 
 
-def _one_line_error(code: int, err: str, *needles: str) -> None:
-    """Exit code 2, no traceback anywhere in stderr, and exactly one error line naming the problem."""
-    assert code == 2
-    assert "Traceback" not in err
-    errors = [ln for ln in err.splitlines() if ": error: " in ln]
-    assert len(errors) == 1, err
-    for needle in needles:
-        assert needle in errors[0], err
-
-
 def test_unknown_backbone(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, err = _run(["simulate", "--backbone", "resnet_99", "--out", str(tmp_path / "r")], capsys)
-    _one_line_error(code, err, "resnet_99")
+    one_line_error(code, err, "resnet_99")
 
 
 def test_missing_data_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, err = _run(["simulate", "--data", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "r")], capsys)
-    _one_line_error(code, err, "nope.npz")
+    one_line_error(code, err, "nope.npz")
 
 
 def test_corrupt_npz(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"PK\x03\x04 definitely not a zip archive")
     code, err = _run(["simulate", "--data", str(bad), "--out", str(tmp_path / "r")], capsys)
-    _one_line_error(code, err, "bad.npz")
+    one_line_error(code, err, "bad.npz")
 
 
 def test_image_folder_with_one_class(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -52,20 +43,20 @@ def test_image_folder_with_one_class(capsys: pytest.CaptureFixture[str], tmp_pat
     for i in range(3):
         Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"{i}.png")
     code, err = _run(["simulate", "--data", str(tmp_path / "images"), "--out", str(tmp_path / "r")], capsys)
-    _one_line_error(code, err, "2 class")
+    one_line_error(code, err, "2 class")
 
 
 def test_non_integer_labels(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "floats.npz"
     np.savez(path, train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.array([0.0, 0.5, 1.0, 1.0]))
     code, err = _run(["simulate", "--data", str(path), "--out", str(tmp_path / "r")], capsys)
-    _one_line_error(code, err, "label")
+    one_line_error(code, err, "label")
 
 
 @pytest.mark.parametrize("sites", ["0", "-3"])
 def test_non_positive_sites(capsys: pytest.CaptureFixture[str], tmp_path: Path, sites: str) -> None:
     code, err = _run(["simulate", "--sites", sites, "--out", str(tmp_path / "r")], capsys)
-    _one_line_error(code, err, "--sites", sites)
+    one_line_error(code, err, "--sites", sites)
 
 
 @pytest.mark.parametrize(
@@ -81,26 +72,26 @@ def test_bad_privacy_settings(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], needles: tuple[str, ...]
 ) -> None:
     code, err = _run(["simulate", *args, "--out", str(tmp_path / "r")], capsys)
-    _one_line_error(code, err, *needles)
+    one_line_error(code, err, *needles)
     assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_device_without_gpu(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, err = _run(["simulate", "--device", "cuda:0", "--out", str(tmp_path / "r")], capsys)
-    _one_line_error(code, err, "cuda:0", "auto")
+    one_line_error(code, err, "cuda:0", "auto")
     assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:x"])
 def test_unknown_device(capsys: pytest.CaptureFixture[str], tmp_path: Path, device: str) -> None:
     code, err = _run(["simulate", "--device", device, "--out", str(tmp_path / "r")], capsys)
-    _one_line_error(code, err, device)
+    one_line_error(code, err, device)
 
 
 def test_missing_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, err = _run(["evaluate", "--checkpoint", str(tmp_path), "--data", "x.npz"], capsys)
-    _one_line_error(code, err, "checkpoint.json")
+    one_line_error(code, err, "checkpoint.json")
 
 
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:

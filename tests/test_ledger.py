@@ -28,6 +28,7 @@ from fedshift.client.ledger import LEDGER_FILE, LedgerEntry, PrivacyLedger, form
 from fedshift.common import privacy
 from fedshift.common.cli import main
 from fedshift.common.errors import LedgerError, PrivacyError
+from fedshift.tests.helpers import one_line_error
 
 DELTA = 1e-5
 # (sigma, q, steps): different noise and rates, as rounds and runs at one site are
@@ -616,27 +617,18 @@ def test_cli_json_matches_the_entries(tmp_path: Path, capsys: pytest.CaptureFixt
     assert report["epsilon"] == pytest.approx(ledger.epsilon(DELTA), abs=1e-12)
 
 
-def _one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2
-    assert "Traceback" not in err
-    errors = [ln for ln in err.splitlines() if ": error: " in ln]
-    assert len(errors) == 1, err
-    for needle in needles:
-        assert needle in errors[0], err
-
-
 def test_cli_missing_ledger(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["ledger", str(tmp_path)])
-    _one_line_error(code, capsys.readouterr().err, "no privacy ledger", str(tmp_path / LEDGER_FILE))
+    one_line_error(code, capsys.readouterr().err, "no privacy ledger", str(tmp_path / LEDGER_FILE))
 
 
 def test_cli_corrupt_ledger(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / LEDGER_FILE).write_bytes(b'{"format": "fedshift-privacy-ledger", "vers')
     code = main(["ledger", str(tmp_path)])
-    _one_line_error(code, capsys.readouterr().err, str(tmp_path / LEDGER_FILE), "never delete it")
+    one_line_error(code, capsys.readouterr().err, str(tmp_path / LEDGER_FILE), "never delete it")
 
 
 def test_cli_bad_delta(tmp_path: Path, capsys: pytest.CaptureFixture[str], few_orders: str) -> None:
     _charge_all(PrivacyLedger.at(tmp_path, accountant=few_orders), HISTORY[:1])
     code = main(["ledger", str(tmp_path), "--delta", "2"])
-    _one_line_error(code, capsys.readouterr().err, "--delta")
+    one_line_error(code, capsys.readouterr().err, "--delta")
