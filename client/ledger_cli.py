@@ -41,6 +41,11 @@ def run(args: argparse.Namespace) -> int:
     delta: float | None = args.delta
     if delta is not None and not (math.isfinite(delta) and 0 < delta < 1):
         raise PrivacyError(f"Expected --delta in (0, 1), but got {delta!r}; pass e.g. --delta 1e-5")
+    if args.site_dir.is_file() and args.site_dir.name != LEDGER_FILE:
+        raise FedshiftError(
+            f"Expected SITE_DIR to be a site's state directory or its {LEDGER_FILE}, but got the file "
+            f"{args.site_dir}; pass the directory that holds {LEDGER_FILE}"
+        )
     ledger = open_ledger(args.site_dir)
     if ledger is None:
         path = args.site_dir / LEDGER_FILE if args.site_dir.is_dir() else args.site_dir

@@ -632,3 +632,13 @@ def test_cli_bad_delta(tmp_path: Path, capsys: pytest.CaptureFixture[str], few_o
     _charge_all(PrivacyLedger.at(tmp_path, accountant=few_orders), HISTORY[:1])
     code = main(["ledger", str(tmp_path), "--delta", "2"])
     one_line_error(code, capsys.readouterr().err, "--delta")
+
+
+def test_cli_wrong_file_is_not_called_a_corrupt_ledger(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data.npz"
+    data.write_bytes(b"PK\x03\x04 not a ledger")
+    code = main(["ledger", str(data)])
+    one_line_error(code, capsys.readouterr().err, "state directory", "data.npz")
+    assert data.read_bytes() == b"PK\x03\x04 not a ledger"
