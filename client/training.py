@@ -76,6 +76,18 @@ def _shuffled(n: int, batch_size: int, epochs: int, generator: torch.Generator) 
 GradientTerm = Callable[[], Mapping[nn.Parameter, torch.Tensor]]
 
 
+# a per-sample training objective: (features, logits, labels) -> loss per sample, shape (N,).
+# It must be a sum of per-sample terms (DP-SGD clips each sample's gradient); ``features`` are
+# the pooled backbone features that enter the head (e.g. for a feature-alignment loss).
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The default objective: cross-entropy per sample."""
+    del features
+    return nn.functional.cross_entropy(logits, labels, reduction="none")
+
+
 def _add_gradients(term: GradientTerm) -> None:
     for param, grad in term().items():
         param.grad = grad.clone() if param.grad is None else param.grad + grad
@@ -90,6 +102,7 @@ def train_local(
     seed: int = 0,
     private: PrivateTraining | None = None,
     gradient_term: GradientTerm | None = None,
+    objective: Objective = cross_entropy,
 ) -> TrainStats:
     """Train the model's trainable parameters on ``data`` in place.
 
@@ -97,6 +110,8 @@ def train_local(
     Poisson batches and its clipping-and-noise optimizer (:mod:`fedshift.client.dp`).
     ``gradient_term`` (e.g. :class:`fedshift.client.ewc.EWCTerm`) is added to the
     gradient at every step, after DP's clipping and noise: it must not depend on data.
+    ``objective`` replaces the per-sample cross-entropy (e.g. a logit-adjusted loss
+    or a feature-alignment term); it sees the head's input features too.
     """
     n = len(data)
     if n == 0:
@@ -112,20 +127,24 @@ def train_local(
     forward: nn.Module = model
     if private is None:
         batches = _shuffled(n, config.batch_size, config.local_epochs, torch.Generator().manual_seed(seed))
-        loss_fn = nn.CrossEntropyLoss()
     else:
         forward, optimizer = private.attach(model, optimizer, n)
         batches = private.batches(n, device)
-        loss_fn = nn.CrossEntropyLoss(reduction="sum")
         if gradient_term is not None:  # runs after clipping, noise and scaling
             private.after_noise(lambda: _add_gradients(gradient_term))
+    captured: list[torch.Tensor] = []
+    hook = model.head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     steps, processed, loss_sum = 0, 0, 0.0
     start = time.perf_counter()
     try:
         for idx in batches:
             x, y = x_all[idx].to(device), y_all[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(forward(x), y)
+            captured.clear()
+            logits = forward(x)
+            per_sample = objective(captured[0], logits, y)
+            # DP-SGD (Opacus "mean" mode) divides the clipped sum by the expected batch size itself
+            loss = per_sample.sum() if private is not None else per_sample.mean()
             loss.backward()
             if gradient_term is not None and private is None:
                 _add_gradients(gradient_term)
@@ -135,6 +154,7 @@ def train_local(
             processed += len(idx)
             steps += 1
     finally:
+        hook.remove()
         if private is not None:
             private.detach()
     seconds = time.perf_counter() - start
