@@ -193,6 +193,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
                 f"Expected ewc-anchor 'global' (this round's global adapters), but got {fed.ewc.anchor!r}; "
                 "a consolidated anchor comes with the continual scenario and is not wired in yet"
             )
+        # progressive unfreezing: only the levels this round opens train (all of them when off)
+        model.freeze_for_training(fed.train.trainable_depth(server_round))
         if site.privacy.enabled:
             try:
                 stats, privacy = _train_private(msg, fed, site, model, seed)

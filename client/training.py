@@ -93,6 +93,23 @@ def _add_gradients(term: GradientTerm) -> None:
         param.grad = grad.clone() if param.grad is None else param.grad + grad
 
 
+def param_groups(model: FedshiftModel, config: TrainConfig) -> list[dict[str, object]]:
+    """The parameters that train, grouped by depth: ``lr * lr_decay ** depth`` (head 0; ULMFiT-style)."""
+    by_depth: dict[int, list[nn.Parameter]] = {}
+    for param in model.parameters():
+        if param.requires_grad:
+            by_depth.setdefault(model.depth(param), []).append(param)
+    if not by_depth:
+        raise ConfigError(
+            "Expected at least one trainable parameter, but the model has none; check finetune and "
+            "unfreeze-every"
+        )
+    return [
+        {"params": params, "lr": config.learning_rate * config.lr_decay**depth}
+        for depth, params in sorted(by_depth.items())
+    ]
+
+
 def train_local(
     model: FedshiftModel,
     data: ImageSet,
@@ -120,9 +137,8 @@ def train_local(
     model.train(True)
     x_all = to_tensor(data.images, model.config.image_size)
     y_all = torch.as_tensor(data.labels, dtype=torch.long)
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-        params, lr=config.learning_rate, weight_decay=config.weight_decay
+        param_groups(model, config), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     forward: nn.Module = model
     if private is None:

@@ -26,6 +26,8 @@ class TrainConfig:
     batch_size: int = 32  # samples per step
     learning_rate: float = 1e-3  # AdamW learning rate for the trainable parameters
     weight_decay: float = 0.0  # AdamW weight decay
+    lr_decay: float = 1.0  # discriminative learning rates: lr * lr_decay ** depth (head 0); 1 = off
+    unfreeze_every: int = 0  # progressive unfreezing: one level deeper every N rounds; 0 = off
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1 or self.batch_size < 1 or not self.learning_rate > 0:
@@ -33,6 +35,24 @@ class TrainConfig:
                 "Expected local-epochs >= 1, batch-size >= 1 and learning-rate > 0, but got "
                 f"{self.local_epochs}, {self.batch_size}, {self.learning_rate}"
             )
+        if not (is_number(self.lr_decay) and 0 < self.lr_decay <= 1):
+            raise ConfigError(
+                f"Expected lr-decay to be a number in (0, 1], but got {self.lr_decay!r}; e.g. 0.5 "
+                "(each level deeper learns at half the rate), or 1 for one learning rate"
+            )
+        if isinstance(self.unfreeze_every, bool) or not isinstance(self.unfreeze_every, int) or (
+            self.unfreeze_every < 0
+        ):
+            raise ConfigError(
+                f"Expected unfreeze-every to be an integer >= 0, but got {self.unfreeze_every!r}; "
+                "e.g. 2 (the head trains alone for 2 rounds, then one stage more every 2 rounds), or 0"
+            )
+
+    def trainable_depth(self, server_round: int) -> int | None:
+        """Progressive unfreezing: the deepest level that trains in ``server_round`` (None = all)."""
+        if self.unfreeze_every == 0:
+            return None
+        return max(0, server_round - 1) // self.unfreeze_every
 
 
 def _number(key: str, value: Any) -> float:
@@ -282,9 +302,12 @@ class FederationConfig:
             "adapter-rank": m.adapter_rank,
             "adapter-stages": m.adapter_stages,
             "local-norm": m.local_norm,
+            "finetune": m.finetune,
             "local-epochs": t.local_epochs,
             "batch-size": t.batch_size,
             "learning-rate": t.learning_rate,
+            "lr-decay": t.lr_decay,
+            "unfreeze-every": t.unfreeze_every,
             **self.privacy.to_run_config(),
             **self.ewc.to_run_config(),
         }
@@ -329,11 +352,14 @@ class FederationConfig:
                 adapter_stages=get("adapter-stages"),
                 local_norm=get("local-norm"),
                 seed=seed,
+                finetune=get("finetune"),
             ),
             train=TrainConfig(
                 local_epochs=get("local-epochs"),
                 batch_size=get("batch-size"),
                 learning_rate=get("learning-rate"),
+                lr_decay=get("lr-decay"),
+                unfreeze_every=get("unfreeze-every"),
             ),
             privacy=_privacy_from_run_config(values),
             ewc=EWCConfig().with_values({k: v for k, v in values.items() if k in EWCConfig.KEYS}),

@@ -1,13 +1,17 @@
 """The fedshift model: site-local input adapter -> frozen backbone with LoRA -> head.
 
-Three groups of parameters, found by module type (never by name matching):
+Three groups of parameters, found by module type and position (never by name matching):
 
-* **frozen**: the pretrained backbone;
-* **shared**: LoRA updates and the classification head; the only tensors that
-  travel to the server and get aggregated;
-* **site-local**: the input adapter and, in the adapted stages, the affine half
+* **frozen**: the pretrained backbone, except what the fine-tuning strategy opens;
+* **shared**: what the strategy trains in the backbone (by default LoRA updates)
+  and the classification head; the only tensors that travel to the server and
+  get aggregated;
+* **site-local**: the input adapter and, in the trained stages, the affine half
   of every norm layer (FedBN-style; their statistics stay frozen); they stay at
   the hospital.
+
+The strategies (:mod:`fedshift.common.finetune`): ``adapters`` (default),
+``linear-probe``, ``partial``, ``norm-only``, ``full``.
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ from torch import nn
 from fedshift.common.adapters import (
     LORA_TYPES,
     InputAdapter,
-    backbone_stages,
     inject_lora,
     split_batchnorms,
 )
 from fedshift.common.backbones import DEFAULT_BACKBONE, backbone_norm, create_backbone
 from fedshift.common.errors import ConfigError
+from fedshift.common.finetune import DEFAULT_STRATEGY, backbone_regions, check_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +49,14 @@ class ModelConfig:
     num_classes: int = 2  # output classes of the head
     image_size: int = 64  # side of the square input after resizing
     adapter_rank: int = 4  # LoRA rank; 0 = head only (linear probe)
-    adapter_stages: int = 2  # LoRA in the pointwise layers of the last k stages
+    adapter_stages: int = 2  # k: LoRA (adapters) or every weight (partial) in the last k stages
     in_chans: int = 1  # channels of the input images (1 = grayscale)
     local_norm: bool = True  # FedBN-style: norm affine parameters of the adapted stages stay at the site
     seed: int = 0  # seeds the initial shared parameters
+    finetune: str = DEFAULT_STRATEGY  # adapters, linear-probe, partial, norm-only or full
 
     def __post_init__(self) -> None:
+        check_strategy(self.finetune)
         checks = {
             "num_classes": self.num_classes >= 2,
             "image_size": self.image_size >= 16,
@@ -92,20 +98,58 @@ class FedshiftModel(nn.Module):
         for param in backbone.parameters():
             param.requires_grad_(False)
         torch.manual_seed(config.seed)
-        self.adapted_layers = inject_lora(
-            backbone, rank=config.adapter_rank, last_stages=config.adapter_stages
-        )
         self.input_adapter = InputAdapter(mean, std, in_chans=config.in_chans)
-        # not a ModuleDict: these modules already live inside the backbone, and registering them
-        # twice would make Opacus hook (and count) their per-sample gradients twice
-        self.local_norms: dict[str, nn.Module] = {}
-        if config.local_norm and config.adapter_stages > 0:
-            stages = backbone_stages(backbone)[-config.adapter_stages :]
-            for name, module in split_batchnorms(backbone, stages):
-                self.local_norms[name.replace(".", "__")] = module
         self.backbone = backbone
         self.head = nn.Linear(int(cast(Any, backbone).num_features), config.num_classes)
+        self._setup_strategy(backbone, config)
         self.train(False)
+
+    def _setup_strategy(self, backbone: nn.Module, config: ModelConfig) -> None:
+        """Open the parts of the backbone that ``config.finetune`` trains; record groups and depths."""
+        strategy, k = config.finetune, config.adapter_stages
+        regions = backbone_regions(backbone)
+        if strategy in ("adapters", "partial") and k > len(regions.stages):
+            raise ConfigError(
+                f"Expected --adapter-stages to be at most {len(regions.stages)} for this backbone, "
+                f"but got {k}"
+            )
+        last = regions.stages[len(regions.stages) - k :] if k > 0 else []
+        everything = [*regions.stem, *regions.stages, *regions.tail]
+        self.adapted_layers: list[str] = []
+        weights: list[nn.Module] = []  # modules whose own weights train
+        norms: list[nn.Module] = []  # modules whose norm layers get a trainable affine
+        if strategy == "adapters":
+            self.adapted_layers = inject_lora(backbone, rank=config.adapter_rank, last_stages=k)
+            norms = last if config.local_norm else []
+        elif strategy == "partial":
+            weights = norms = [*last, *regions.tail] if k > 0 else []
+        elif strategy == "norm-only":
+            norms = everything
+        elif strategy == "full":
+            weights = norms = everything
+        affines = split_batchnorms(backbone, norms)
+        norm_params = {id(p) for _, m in affines for p in m.parameters(recurse=False)}
+        local_norms = config.local_norm and strategy != "norm-only"
+        # not a ModuleDict: these modules already live inside the backbone, and registering them
+        # twice would make Opacus hook (and count) their per-sample gradients twice
+        self.local_norms: dict[str, nn.Module] = (
+            {name.replace(".", "__"): module for name, module in affines} if local_norms else {}
+        )
+        opened = {id(p) for m in weights for p in m.parameters()} | {id(p) for p in self.lora_parameters()}
+        if not local_norms:
+            opened |= norm_params
+        elif weights:
+            opened -= norm_params
+        self._shared_names = [n for n, p in backbone.named_parameters() if id(p) in opened]
+        # depth of every trainable tensor: 0 head, 1 last stage and tail, ..., stem and input adapter
+        depth: dict[int, int] = {id(p): 1 for m in regions.tail for p in m.parameters()}
+        for index, stage in enumerate(regions.stages):
+            depth.update({id(p): regions.depth_of_stage(index) for p in stage.parameters()})
+        for module in [*regions.stem, self.input_adapter]:
+            depth.update({id(p): regions.stem_depth for p in module.parameters()})
+        depth.update({id(p): 0 for p in self.head.parameters()})
+        self._depth = depth
+        self.max_depth = regions.stem_depth
 
     # ------------------------------------------------------------------ forward
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,29 +162,25 @@ class FedshiftModel(nn.Module):
         """Train mode for the trainable parts; the frozen backbone keeps its statistics."""
         super().train(mode)
         self.backbone.eval()
-        # adapters inside the backbone follow ``mode`` (they have no mode-dependent maths, but
-        # Opacus only records activations of modules in training mode)
+        # modules that own trainable tensors follow ``mode`` (none has mode-dependent maths: norms
+        # are split into frozen statistics and an affine), because Opacus only records activations
+        # of modules in training mode
+        trainable = {id(p) for p in self.trainable_parameters()}
         for module in self.backbone.modules():
-            if isinstance(module, LORA_TYPES):
-                module.lora_down.train(mode)
-                module.lora_up.train(mode)
-        for module in self.local_norms.values():
-            module.train(mode)
+            if any(id(p) in trainable for p in module.parameters(recurse=False)):
+                module.train(mode)
         return self
 
     # ------------------------------------------------------- parameter groups
+    def _shared_params(self) -> dict[str, nn.Parameter]:
+        params = dict(self.backbone.named_parameters())
+        out = {f"backbone.{n}": params[n] for n in self._shared_names}
+        out.update({f"head.{n}": p for n, p in self.head.named_parameters()})
+        return out
+
     def shared_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors that travel: LoRA updates and the head (frozen bases excluded)."""
-        lora_modules = {
-            f"backbone.{n}": m for n, m in self.backbone.named_modules() if isinstance(m, LORA_TYPES)
-        }
-        out: dict[str, torch.Tensor] = {}
-        for prefix, module in lora_modules.items():
-            out[f"{prefix}.lora_down.weight"] = module.lora_down.weight
-            out[f"{prefix}.lora_up.weight"] = module.lora_up.weight
-        for name, param in self.head.named_parameters():
-            out[f"head.{name}"] = param
-        return {k: v.detach() for k, v in out.items()}
+        """The tensors that travel: what the strategy trains in the backbone, and the head."""
+        return {k: v.detach() for k, v in self._shared_params().items()}
 
     def load_shared_state_dict(self, state: dict[str, torch.Tensor] | dict[str, np.ndarray]) -> None:
         """Load shared tensors; keys and shapes must match exactly."""
@@ -194,14 +234,22 @@ class FedshiftModel(nn.Module):
         ]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*self._local_params().values(), *self.head.parameters(), *self.lora_parameters()]
+        local = list(self._local_params().values())
+        if self.config.finetune == "linear-probe":  # the head alone: the input adapter stays as built
+            local = [p for p in local if not any(p is q for q in self.input_adapter.parameters())]
+        return [*local, *self._shared_params().values()]
 
-    def freeze_for_training(self) -> None:
-        """requires_grad only on the trainable groups (shared + site-local)."""
+    def depth(self, param: nn.Parameter) -> int:
+        """How deep ``param`` sits: 0 the head, 1 the last stage, ..., ``max_depth`` the stem."""
+        return self._depth.get(id(param), self.max_depth)
+
+    def freeze_for_training(self, max_depth: int | None = None) -> None:
+        """requires_grad only on the trainable groups (shared + site-local) down to ``max_depth``."""
         for param in self.parameters():
             param.requires_grad_(False)
         for param in self.trainable_parameters():
-            param.requires_grad_(True)
+            if max_depth is None or self.depth(param) <= max_depth:
+                param.requires_grad_(True)
 
 
 def build_model(config: ModelConfig) -> FedshiftModel:
