@@ -18,11 +18,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedshift.client.correction import evaluate_with_shift
 from fedshift.client.dp import plan_round
 from fedshift.client.egress import (
     DEFAULT_METRICS,
     MECHANISM_DP,
     MECHANISM_DP_FISHER,
+    MECHANISM_DP_MOMENTS,
     EgressPolicy,
     egress_guard,
     refusal,
@@ -36,6 +38,11 @@ from fedshift.client.site import (
     load_site_data,
     save_local_state,
 )
+from fedshift.client.site_statistics import (
+    handle_statistics,
+    round_mechanisms,
+    training_objective,
+)
 from fedshift.client.training import TrainStats, evaluate, resolve_device, train_local
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import BudgetExhaustedError, ConfigError
@@ -48,6 +55,7 @@ from fedshift.common.protocol import (
     SITE_KEY,
     WEIGHT_KEY,
 )
+from fedshift.common.shift_statistics import load_global_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +124,7 @@ def _train_private(
         server_round=server_round,
         num_rounds=fed.num_rounds,
         seed=seed,
-        extra=fisher_cost,
+        extra=[*fisher_cost, *round_mechanisms(fed)],  # issue 5: + the alignment loss's DP moments
     )
     dp = plan.training
     # charged before the data is touched: a crash mid-round over-reports, never under-reports
@@ -139,9 +147,28 @@ def _train_private(
             steps=steps,
             delta=plan.delta,
         )
+    # issue 5 (label shift, alignment): this round's DP moment release, charged before any access
+    for sigma, q, steps in round_mechanisms(fed):
+        entry = ledger.charge(
+            run_id=run_id,
+            round=server_round,
+            mechanism=MECHANISM_DP_MOMENTS,
+            noise_multiplier=sigma,
+            sample_rate=q,
+            steps=steps,
+            delta=plan.delta,
+        )
+    objective = training_objective(fed, site, model, train.images, run_id=run_id, private=True, seed=seed)
     term, source = _ewc_term(fed, site, model, train.images, private=True, seed=seed)
     stats = train_local(
-        model, train, fed.train, resolve_device(site.device), seed=seed, private=dp, gradient_term=term
+        model,
+        train,
+        fed.train,
+        resolve_device(site.device),
+        seed=seed,
+        private=dp,
+        gradient_term=term,
+        objective=objective,
     )
     record = ConfigRecord(
         {
@@ -210,7 +237,12 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
             )
             data = load_site_data(site).split("train")
             term, source = _ewc_term(fed, site, model, data.images, private=False, seed=seed)
-            stats = train_local(model, data, fed.train, device, seed=seed, gradient_term=term)
+            objective = training_objective(  # issue 5: logit adjustment and/or feature alignment
+                fed, site, model, data.images, run_id=str(msg.metadata.run_id), private=False, seed=seed
+            )
+            stats = train_local(
+                model, data, fed.train, device, seed=seed, gradient_term=term, objective=objective
+            )
             privacy = ConfigRecord({"mechanism": "none", **({"ewc-fisher": source} if term else {})})
         save_local_state(site.state_dir, model.local_state_dict())
         val = evaluate(model, load_site_data(site).split("val"), device)
@@ -246,13 +278,40 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        _fed, site, model = _prepare(msg, context, fixed)
+        fed, site, model = _prepare(msg, context, fixed)
         split = str(msg.content.config_records[CONFIG_KEY].get("split", "val"))
-        data = load_site_data(site).split(split)
-        result = evaluate(model, data, resolve_device(site.device))
-        metrics = MetricRecord({WEIGHT_KEY: len(data), **{k.replace("_", "-"): v for k, v in result.items()}})
+        dataset = load_site_data(site)
+        data = dataset.split(split)
+        device = resolve_device(site.device)
+        shift = fed.shift
+        if (shift.correction or shift.tta) and split != "val" and "val" in dataset.splits:
+            # issue 5: calibrated on val, the prior estimated on this split's images (labels hidden)
+            stats = load_global_statistics(site.state_dir, str(msg.metadata.run_id))
+            result = evaluate_with_shift(
+                model,
+                dataset.split("val"),
+                data,
+                stats.train_prior if stats is not None else None,
+                shift,
+                device,
+                seed=zlib.crc32(f"{fed.seed}:label-shift:{site.name}".encode()),
+                state_dir=site.state_dir,
+                split=split,
+            )
+        else:
+            result = {k.replace("_", "-"): v for k, v in evaluate(model, data, device).items()}
+        metrics = MetricRecord({WEIGHT_KEY: len(data), **result})
         content = RecordDict({METRICS_KEY: metrics, SITE_KEY: _site_record(site)})
         return Message(content, reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Issue 5: the statistics stage (DP label counts and feature moments; the global statistics)."""
+        if ARRAYS_KEY in msg.content.array_records:  # the release stage: features of the global model
+            fed, site, model = _prepare(msg, context, fixed)
+            return handle_statistics(msg, fed, site, model)
+        fed, site = _settings(context, fixed)
+        return handle_statistics(msg, fed, site, None)
 
     return app
 

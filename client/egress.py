@@ -8,7 +8,10 @@ one, so it sees the reply exactly as it leaves. Every item in it must be one of:
 * a metric whose key the site allows (``egress-metrics``; aggregate numbers such
   as validation AUC);
 * bookkeeping the protocol needs: the site's name, its privacy accounting
-  (noise multiplier, sample rate, epsilon), a refusal reason.
+  (noise multiplier, sample rate, epsilon), a refusal reason;
+* a statistic released by a Gaussian mechanism (noisy label counts, feature
+  moments: :data:`DP_STATISTICS`), and only when the site's ledger holds the
+  charge for that mechanism in this run and round.
 
 Anything else (a label count, a feature moment, a tensor nobody declared) is
 *blocked*: the reply is replaced by a refusal that names the blocked keys, and
@@ -38,6 +41,7 @@ from fedshift.common.protocol import (
     SITE_KEY,
     STATUS_KEY,
 )
+from fedshift.common.shift_statistics import STATISTICS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,20 @@ DEFAULT_METRICS = frozenset(
         "n",
     }
 )
+
+# label-shift correction and domain alignment (issue 5): the same aggregate evaluation metrics of
+# the corrected / adapted predictions (cal = calibrated, ls = prior-corrected, oracle = corrected
+# with the split's true prior, tta = test-time-adapted norms), and whether the correction fell back
+_VARIANT_METRICS = ("auc", "accuracy", "balanced-accuracy", "log-loss", "ece")
+SHIFT_METRICS = frozenset(
+    {
+        *(f"{v}-{m}" for v in ("cal", "ls", "oracle", "tta", "tta-ls") for m in _VARIANT_METRICS),
+        "thr-accuracy",
+        "thr-balanced-accuracy",
+        "ls-fallback",
+    }
+)
+DEFAULT_METRICS = DEFAULT_METRICS | SHIFT_METRICS
 
 # config records the protocol needs, and the only keys they may carry
 BOOKKEEPING_KEYS = {
@@ -84,6 +102,14 @@ BOOKKEEPING_KEYS = {
 
 MECHANISM_DP = "dp-sgd"
 MECHANISM_DP_FISHER = "dp-fisher"  # the ledger's name for a DP release of the EWC Fisher
+# issue 5: statistics released by the Gaussian mechanism in the statistics stage, charged per release
+MECHANISM_DP_LABEL_COUNTS = "dp-label-counts"  # the site's training label counts
+MECHANISM_DP_MOMENTS = "dp-moments"  # first and second moments of the site's projected features
+DP_STATISTICS = {
+    "label-counts": MECHANISM_DP_LABEL_COUNTS,
+    "moment-sum": MECHANISM_DP_MOMENTS,
+    "moment-outer": MECHANISM_DP_MOMENTS,
+}
 MECHANISM_NONE = "none (dp=false at this site)"
 METRIC = "aggregate-metric (allowed by site config)"
 BOOKKEEPING = "protocol bookkeeping"
@@ -146,7 +172,10 @@ def inspect_reply(content: RecordDict, policy: EgressPolicy) -> tuple[list[dict[
                 blocked.append(f"{name}.{key} (metric not in the site's egress-metrics)")
     for name, config in content.config_records.items():
         for key, value in config.items():
-            if key in BOOKKEEPING_KEYS.get(name, frozenset()):
+            if name == STATISTICS_KEY and key in DP_STATISTICS:  # checked against the ledger by the guard
+                size = _value_bytes(value)
+                items.append({"record": name, "key": key, "bytes": size, "mechanism": DP_STATISTICS[key]})
+            elif key in BOOKKEEPING_KEYS.get(name, frozenset()):
                 items.append(
                     {"record": name, "key": key, "bytes": _value_bytes(value), "mechanism": BOOKKEEPING}
                 )
@@ -191,6 +220,24 @@ def refusal(msg: Message, site: str, status: str, reason: str) -> Message:
     return Message(content, reply_to=msg)
 
 
+def uncharged_statistics(
+    items: list[dict[str, Any]], state_dir: Path, run_id: str, server_round: int
+) -> list[str]:
+    """The DP statistics among ``items`` whose release the site's ledger has no charge for (blocked)."""
+    dp = set(DP_STATISTICS.values())
+    released = {(i["record"], i["key"], i["mechanism"]) for i in items if i["mechanism"] in dp}
+    if not released:
+        return []
+    from fedshift.client.ledger import open_ledger
+
+    ledger = open_ledger(state_dir)
+    return [
+        f"{record}.{key} (no {mechanism!r} charge for run {run_id} round {server_round} in the ledger)"
+        for record, key, mechanism in sorted(released)
+        if ledger is None or ledger.find(run_id, server_round, mechanism) is None
+    ]
+
+
 SiteResolver = Callable[[Context], tuple[str, Path, EgressPolicy]]
 Handler = Callable[[Message, Context], Message]
 
@@ -204,6 +251,7 @@ def egress_guard(resolve: SiteResolver) -> Callable[[Message, Context, Handler],
             return reply
         site, state_dir, policy = resolve(context)
         items, blocked = inspect_reply(reply.content, policy)
+        blocked += uncharged_statistics(items, state_dir, str(msg.metadata.run_id), round_of(msg))
         if blocked:
             logger.error("%s: egress guard blocked %s; sending a refusal instead", site, blocked)
             reply = refusal(msg, site, "blocked", f"egress guard blocked {len(blocked)} item(s): {blocked}")

@@ -166,7 +166,7 @@ class Calibration:
     kind: str  # "identity", "ts" (temperature), "bcts" (bias-corrected temperature) or "vs" (vector)
     weights: np.ndarray  # (C,) per-class multiplier of the logits; 1/T in every entry for TS and BCTS
     bias: np.ndarray  # (C,) added after scaling; zeros for TS; centred to mean 0 (softmax ignores shifts)
-    fit_nll: float  # mean NLL on the split it was fitted on (after calibration)
+    fit_nll: float  # mean (sample-weighted, if fitted with weights) NLL on its split after calibration
 
     @property
     def num_classes(self) -> int:
@@ -204,11 +204,49 @@ def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(np.log(picked)))
 
 
-def _fit_scaling(logits: np.ndarray, labels: np.ndarray, kind: str) -> Calibration:
-    """Minimise the NLL of ``softmax(w * logits + b)`` with L-BFGS-B and an exact gradient."""
+def _as_sample_weight(sample_weight: np.ndarray | None, n: int) -> np.ndarray:
+    """Weights normalised to mean 1 (``None`` -> all ones); finite, >= 0, not all zero."""
+    if sample_weight is None:
+        return np.ones(n)
+    w = np.asarray(sample_weight, dtype=np.float64)
+    if w.shape != (n,) or not np.all(np.isfinite(w)) or w.min() < 0 or w.sum() <= 0:
+        raise DataError(
+            f"Expected sample_weight of shape ({n},) with finite entries >= 0 and a positive sum, but got "
+            f"shape {w.shape}; pass one weight per sample, e.g. prior_weights(labels, target, own)"
+        )
+    return w * (n / w.sum())
+
+
+def prior_weights(labels: np.ndarray, target_prior: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-sample weights ``target(y) / empirical(y)``: the labelled split reweighted to ``target_prior``.
+
+    Calibrating with these weights fits the map under ``target_prior`` (e.g. the
+    model's training prior) instead of the split's own label mix, so the
+    calibration does not absorb the site's prior (which EM is to estimate).
+    Every class of ``target_prior`` must occur in ``labels``.
+    """
+    target = _as_prior(target_prior, num_classes, "target_prior")
+    raw = np.asarray(labels)
+    y = _as_labels(raw, raw.shape[0] if raw.ndim >= 1 else 0, num_classes)
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    if counts.min() <= 0:
+        missing = np.flatnonzero(counts <= 0).tolist()
+        raise DataError(
+            f"Expected every class among the labels to reweight them, but class(es) {missing} have none; "
+            "calibrate without reweighting or on a split with both classes"
+        )
+    empirical = counts / counts.sum()
+    return np.asarray((target / empirical)[y])
+
+
+def _fit_scaling(
+    logits: np.ndarray, labels: np.ndarray, kind: str, sample_weight: np.ndarray | None = None
+) -> Calibration:
+    """Minimise the (weighted) NLL of ``softmax(w * logits + b)`` with L-BFGS-B and an exact gradient."""
     z = _as_logits(logits)
     n, c = z.shape
     y = _as_labels(labels, n, c)
+    sw = _as_sample_weight(sample_weight, n)[:, None]
     onehot = np.zeros((n, c))
     onehot[np.arange(n), y] = 1.0
 
@@ -221,8 +259,8 @@ def _fit_scaling(logits: np.ndarray, labels: np.ndarray, kind: str) -> Calibrati
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         w, b = unpack(theta)
         logp = log_softmax(z * w + b, axis=1)
-        loss = -float(np.sum(logp * onehot)) / n
-        g = (np.exp(logp) - onehot) / n  # d loss / d scores
+        loss = -float(np.sum(sw * logp * onehot)) / n
+        g = sw * (np.exp(logp) - onehot) / n  # d loss / d scores
         if kind == "vs":
             grad = np.concatenate([np.sum(g * z, axis=0), np.sum(g, axis=0)])
         else:
@@ -250,35 +288,47 @@ def _fit_scaling(logits: np.ndarray, labels: np.ndarray, kind: str) -> Calibrati
     return Calibration(kind, np.array(w, dtype=np.float64), np.array(b, dtype=np.float64), after)
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> Calibration:
+def fit_temperature(
+    logits: np.ndarray, labels: np.ndarray, sample_weight: np.ndarray | None = None
+) -> Calibration:
     """Temperature scaling: ``softmax(logits / T)``, ``T = exp(t)`` in [1e-2, 1e2], by minimum NLL."""
-    return _fit_scaling(logits, labels, "ts")
+    return _fit_scaling(logits, labels, "ts", sample_weight)
 
 
-def fit_bcts(logits: np.ndarray, labels: np.ndarray) -> Calibration:
+def fit_bcts(
+    logits: np.ndarray, labels: np.ndarray, sample_weight: np.ndarray | None = None
+) -> Calibration:
     """Bias-corrected temperature scaling: ``softmax(logits / T + b)``, ``b`` per class, by minimum NLL.
 
     Alexandari et al. (2020) show BCTS + EM is hard to beat for label-shift adaptation:
     the per-class bias removes the systematic class bias that EM would otherwise
     read as a prior shift.
     """
-    return _fit_scaling(logits, labels, "bcts")
+    return _fit_scaling(logits, labels, "bcts", sample_weight)
 
 
-def fit_vector_scaling(logits: np.ndarray, labels: np.ndarray) -> Calibration:
+def fit_vector_scaling(
+    logits: np.ndarray, labels: np.ndarray, sample_weight: np.ndarray | None = None
+) -> Calibration:
     """Vector scaling: ``softmax(w * logits + b)``, ``w`` and ``b`` per class, by minimum NLL."""
-    return _fit_scaling(logits, labels, "vs")
+    return _fit_scaling(logits, labels, "vs", sample_weight)
 
 
-CALIBRATORS: dict[str, Callable[[np.ndarray, np.ndarray], Calibration]] = {
+CALIBRATORS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray | None], Calibration]] = {
     "ts": fit_temperature,
     "bcts": fit_bcts,
     "vs": fit_vector_scaling,
 }
 
 
-def fit_calibration(logits: np.ndarray, labels: np.ndarray, kind: str = "bcts") -> Calibration:
-    """Fit the calibration registered as ``kind`` (``"ts"``, ``"bcts"``, ``"vs"``)."""
+def fit_calibration(
+    logits: np.ndarray, labels: np.ndarray, kind: str = "bcts", sample_weight: np.ndarray | None = None
+) -> Calibration:
+    """Fit the calibration registered as ``kind`` (``"ts"``, ``"bcts"``, ``"vs"``).
+
+    ``sample_weight`` (one per row) weights the NLL, e.g. :func:`prior_weights`
+    to calibrate under another label prior than the split's own.
+    """
     try:
         fit = CALIBRATORS[kind]
     except KeyError:
@@ -286,7 +336,7 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, kind: str = "bcts") 
             f"Expected the calibration to be one of {sorted(CALIBRATORS)}, but got {kind!r}; "
             "use 'bcts' unless you have a reason not to"
         ) from None
-    return fit(logits, labels)
+    return fit(logits, labels, sample_weight)
 
 
 # ----------------------------------------------------------------------------- prior estimation

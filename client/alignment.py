@@ -1,0 +1,377 @@
+"""Domain alignment at a site: a feature-alignment loss, DP feature moments, test-time norm statistics.
+
+**Where features are compared.** The pooled backbone features (the head's
+input, ``D`` = 1280 for EfficientNet-Lite0) are projected on ``k`` fixed random
+orthonormal directions (:func:`projection`, seeded by the run's seed: public,
+the same at every site). Moments in ``k`` dimensions can be released with far
+less noise than in ``D``.
+
+**DP moments** (:func:`private_moments`). Each projected feature vector ``g`` is
+clipped to L2 norm ``R``; the site releases ``Σ g`` and ``Σ g gᵀ`` with Gaussian
+noise. One patient changes the vector ``(g, vec(g gᵀ) / R)`` by at most
+``sqrt(R² + R⁴ / R²) = sqrt(2) R`` in L2 norm, so noise of std
+``sigma * sqrt(2) * R`` on ``Σ g`` (and ``R`` times that on ``Σ g gᵀ``) is one
+Gaussian mechanism with noise multiplier ``sigma`` (q = 1, one step), charged
+as ``dp-moments``. The server adds the sites' releases into global moments
+(:func:`fedshift.common.shift_statistics.aggregate_moments`).
+
+**The alignment loss** (:class:`AlignmentLoss`). In coordinates whitened by the
+global moments, ``z = W (g - mu_g)`` with ``W = Cov_g^{-1/2}``, the site's
+discrepancy is ``L = (||Cov(z) - I||_F² + ||E z||²) / k`` (CORAL plus a mean
+term). ``L`` couples the samples of a batch, which DP-SGD's per-sample clipping
+cannot take, so the loss is written as a *sum of per-sample terms* whose
+gradient equals ``dL/dθ`` at a linearisation point ``(E z, E z zᵀ)``:
+``l_i = z_iᵀ G z_i + aᵀ z_i`` with ``G = dL/dE[zzᵀ]`` and ``a = dL/dE[z]``.
+Without DP the point is the batch's own (detached) moments, which gives Deep
+CORAL's gradient exactly; with DP-SGD it is the site's DP moment release of
+this round (charged as ``dp-moments``; post-processing from then on), so each
+sample's term depends on that sample alone.
+
+**Site-local norms.** The norm affines of the adapted stages are site-local and
+trained under DP-SGD with everything else; their *statistics* stay the frozen
+pretrained ones during training (no data access). :func:`adapted_norm_statistics`
+offers test-time adaptation (AdaBN, Li et al. 2016): every norm layer's
+statistics re-estimated on the unlabeled evaluation images, used for local
+inference only, never saved, never sent and never used in training.
+
+**Scores** for reports: :func:`subspace_alignment` (mean squared cosine of the
+principal angles between two top-k principal subspaces) and :func:`linear_cka`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedshift.client.dp import RandomSource
+from fedshift.client.training import Objective, cross_entropy
+from fedshift.common.data import to_tensor
+from fedshift.common.errors import DataError, PrivacyError
+from fedshift.common.label_shift import logit_adjustment
+from fedshift.common.model import FedshiftModel
+from fedshift.common.privacy import Mechanism
+from fedshift.common.shift_config import ShiftConfig
+from fedshift.common.shift_statistics import GlobalStatistics
+
+logger = logging.getLogger(__name__)
+
+EIGEN_FLOOR = 1e-6  # relative floor of the global covariance's eigenvalues before whitening
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def projection(num_features: int, dim: int, seed: int) -> np.ndarray:
+    """``(num_features, dim)`` with orthonormal columns, from a seeded Gaussian (public)."""
+    if not 1 <= dim <= num_features:
+        raise DataError(f"Expected align-dim in [1, {num_features}], but got {dim}; use e.g. 16")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 5]))
+    q, r = np.linalg.qr(rng.normal(size=(num_features, dim)))
+    return np.asarray(q * np.sign(np.diag(r)))
+
+
+@torch.no_grad()
+def feature_matrix(
+    model: FedshiftModel, images: np.ndarray, device: torch.device, batch_size: int = 256
+) -> np.ndarray:
+    """The pooled features that enter the head, ``(N, D)``, in eval mode."""
+    model.to(device)
+    model.train(False)
+    out = []
+    for begin in range(0, len(images), batch_size):
+        x = to_tensor(images[begin : begin + batch_size], model.config.image_size).to(device)
+        out.append(model.forward_features(x).float().cpu().numpy())
+    if not out:
+        return np.zeros((0, int(model.head.in_features)))
+    return np.concatenate(out).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- DP moments
+
+
+@dataclass(frozen=True, eq=False)
+class MomentRelease:
+    """``Σ g`` and ``Σ g gᵀ`` of clipped projected features, released by the Gaussian mechanism."""
+
+    sum: np.ndarray  # (k,) noisy sum of the clipped vectors
+    outer: np.ndarray  # (k, k) noisy sum of their outer products, symmetrised
+    n: int  # samples (public, like the training-set size the site reports)
+    noise_multiplier: float  # sigma
+    clip: float  # R, the L2 bound of one projected vector
+
+    @property
+    def mechanism(self) -> Mechanism:
+        return moment_mechanism(self.noise_multiplier)
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(E g, E g gᵀ)`` estimated from the release (post-processing)."""
+        n = max(self.n, 1)
+        return self.sum / n, self.outer / n
+
+
+def moment_mechanism(noise_multiplier: float) -> Mechanism:
+    """What one moment release costs in the ledger's form (a Gaussian mechanism, q = 1, one step)."""
+    return (float(noise_multiplier), 1.0, 1)
+
+
+def clip_rows(x: np.ndarray, clip: float) -> np.ndarray:
+    """Each row scaled to L2 norm <= ``clip``."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.asarray(x * np.minimum(1.0, clip / np.maximum(norms * (1 + 1e-12), 1e-300)))
+
+
+def private_moments(
+    projected: np.ndarray, clip: float, noise_multiplier: float, source: RandomSource
+) -> MomentRelease:
+    """The Gaussian mechanism on ``(Σ g, Σ g gᵀ)`` of the rows of ``projected``, clipped to ``clip``.
+
+    L2 sensitivity of ``(Σ g, Σ g gᵀ / R)`` is ``sqrt(2) R`` (module docstring);
+    every coordinate gets noise of std ``noise_multiplier * sqrt(2) * R`` (times
+    ``R`` on the outer products), and the outer-product sum is symmetrised
+    afterwards (post-processing). Charge :attr:`MomentRelease.mechanism` first.
+    """
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise PrivacyError(
+            f"Expected a moment noise multiplier > 0, but got {noise_multiplier!r}; feature moments leave "
+            "a site only with noise (set align-noise-multiplier, e.g. 3.0)"
+        )
+    if not (math.isfinite(clip) and clip > 0):
+        raise PrivacyError(f"Expected a moment clip > 0, but got {clip!r}; set align-clip, e.g. 4.0")
+    g = clip_rows(np.asarray(projected, dtype=np.float64), clip)
+    k = g.shape[1]
+    std = float(noise_multiplier) * math.sqrt(2.0) * float(clip)
+    noise_sum = source.normal(std, torch.zeros(k, dtype=torch.float64)).cpu().numpy()
+    noise_outer = source.normal(std * clip, torch.zeros((k, k), dtype=torch.float64)).cpu().numpy()
+    outer = g.T @ g + noise_outer
+    return MomentRelease(
+        sum=g.sum(axis=0) + noise_sum,
+        outer=(outer + outer.T) / 2,
+        n=int(g.shape[0]),
+        noise_multiplier=float(noise_multiplier),
+        clip=float(clip),
+    )
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def whitening(cov: np.ndarray) -> np.ndarray:
+    """``cov^{-1/2}`` (symmetric), eigenvalues floored at ``EIGEN_FLOOR`` times the largest."""
+    values, vectors = np.linalg.eigh((cov + cov.T) / 2)
+    floor = EIGEN_FLOOR * max(float(values.max()), EIGEN_FLOOR)
+    return np.asarray((vectors / np.sqrt(np.maximum(values, floor))) @ vectors.T)
+
+
+def alignment_discrepancy(mean: np.ndarray, second: np.ndarray) -> float:
+    """``L = (||C - I||_F² + ||m||²) / k`` for whitened moments ``m = E z``, ``second = E z zᵀ``."""
+    k = mean.shape[0]
+    cov = second - np.outer(mean, mean)
+    return float((np.sum((cov - np.eye(k)) ** 2) + np.sum(mean**2)) / k)
+
+
+class AlignmentLoss:
+    """Per-sample CORAL + mean alignment towards the global moments (see the module docstring).
+
+    ``point`` is the linearisation point in raw projected coordinates,
+    ``(E g, E g gᵀ)``; ``None`` uses each batch's own detached moments (non-DP only).
+    """
+
+    def __init__(
+        self,
+        projection_matrix: np.ndarray,
+        global_mean: np.ndarray,
+        global_cov: np.ndarray,
+        weight: float,
+        point: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        self.k = projection_matrix.shape[1]
+        self.weight = float(weight)
+        w = whitening(global_cov)
+        self._proj = torch.as_tensor(projection_matrix, dtype=torch.float32)
+        self._mean = torch.as_tensor(global_mean, dtype=torch.float32)
+        self._white = torch.as_tensor(w, dtype=torch.float32)
+        self._point: tuple[torch.Tensor, torch.Tensor] | None = None
+        if point is not None:
+            m_raw, second_raw = point
+            mu = np.asarray(global_mean, dtype=np.float64)
+            centred = second_raw - np.outer(m_raw, mu) - np.outer(mu, m_raw) + np.outer(mu, mu)
+            m = w @ (m_raw - mu)
+            s = w @ centred @ w
+            self._point = (torch.as_tensor(m, dtype=torch.float32), torch.as_tensor(s, dtype=torch.float32))
+
+    def whiten(self, features: torch.Tensor) -> torch.Tensor:
+        dev = features.device
+        g = features.float() @ self._proj.to(dev)
+        return (g - self._mean.to(dev)) @ self._white.to(dev)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        z = self.whiten(features)
+        k = self.k
+        if self._point is None:
+            zd = z.detach()
+            m = zd.mean(dim=0)
+            s = zd.T @ zd / max(len(zd), 1)
+        else:
+            m, s = (t.to(z.device) for t in self._point)
+        eye = torch.eye(k, device=z.device)
+        cov = s - torch.outer(m, m)
+        g_mat = 2.0 * (cov - eye) / k  # dL / dE[z zᵀ]
+        a = -2.0 * g_mat @ m + 2.0 * m / k  # dL / dE[z]
+        value = (torch.sum((cov - eye) ** 2) + torch.sum(m**2)) / k
+        constant = value - (torch.sum(g_mat * s) + a @ m)  # the terms' mean equals L at the point
+        terms = torch.einsum("ni,ij,nj->n", z, g_mat, z) + z @ a + constant
+        return self.weight * terms
+
+
+def site_objective(
+    shift: ShiftConfig,
+    stats: GlobalStatistics | None,
+    *,
+    projection_matrix: np.ndarray | None = None,
+    point: tuple[np.ndarray, np.ndarray] | None = None,
+    site: str = "site",
+) -> Objective:
+    """The per-sample training objective: cross-entropy, logit-adjusted and/or plus alignment.
+
+    A part whose global statistics are missing (the site was left out of the
+    statistics stage) is left out, with a warning.
+    """
+    adjust: torch.Tensor | None = None
+    align: AlignmentLoss | None = None
+    if shift.logit_adjust > 0:
+        if stats is not None and stats.train_prior is not None:
+            adjust = torch.as_tensor(
+                logit_adjustment(stats.train_prior, shift.logit_adjust), dtype=torch.float32
+            )
+        else:
+            logger.warning(
+                "%s: no global training prior for this run: training without logit adjustment", site
+            )
+    if shift.align:
+        if stats is not None and stats.moment_mean is not None and stats.moment_cov is not None:
+            if projection_matrix is None:
+                raise DataError("Expected a projection matrix for the alignment loss, but got None")
+            align = AlignmentLoss(
+                projection_matrix, stats.moment_mean, stats.moment_cov, shift.align_weight, point
+            )
+        else:
+            logger.warning("%s: no global feature moments for this run: training without alignment", site)
+    if adjust is None and align is None:
+        return cross_entropy
+
+    def objective(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        shifted = logits + adjust.to(logits.device, logits.dtype) if adjust is not None else logits
+        loss = nn.functional.cross_entropy(shifted, labels, reduction="none")
+        return loss + align(features) if align is not None else loss
+
+    return objective
+
+
+# ----------------------------------------------------------------------------- test-time norm statistics
+
+
+def _norm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every module normalising with running statistics (BatchNorms and frozen-statistics norms)."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "running_mean", None), torch.Tensor)
+        and isinstance(getattr(m, "running_var", None), torch.Tensor)
+    ]
+
+
+@contextmanager
+def adapted_norm_statistics(
+    model: FedshiftModel, images: np.ndarray, device: torch.device, batch_size: int = 512
+) -> Iterator[int]:
+    """Inside: every norm layer uses statistics of ``images`` (AdaBN); restored on exit.
+
+    One pass in forward order: each layer normalises a batch with that batch's
+    own statistics (so deeper layers see adapted inputs) and the final
+    statistics are the batch averages (exact when all images fit in one batch).
+    Labels are never used. Yields the number of layers adapted.
+    """
+    layers = _norm_layers(model)
+    saved = [(m.running_mean.clone(), m.running_var.clone()) for m in layers]  # type: ignore[union-attr,operator]
+    sums: dict[int, list[torch.Tensor]] = {}
+    counts: dict[int, int] = {}
+
+    def pre_hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0]
+        dims = [0, *range(2, x.dim())]
+        mean = x.mean(dim=dims).detach()
+        var = x.var(dim=dims, unbiased=False).detach()
+        module.running_mean.copy_(mean)  # type: ignore[operator,union-attr]
+        module.running_var.copy_(var)  # type: ignore[operator,union-attr]
+        key = id(module)
+        n = x.shape[0]
+        if key in sums:
+            sums[key][0] += mean * n
+            sums[key][1] += var * n
+        else:
+            sums[key] = [mean * n, var * n]
+        counts[key] = counts.get(key, 0) + n
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in layers]
+    try:
+        if len(images):
+            with torch.no_grad():
+                model.to(device)
+                model.train(False)
+                for begin in range(0, len(images), batch_size):
+                    x = to_tensor(images[begin : begin + batch_size], model.config.image_size).to(device)
+                    model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for m in layers:
+        if id(m) in sums:
+            m.running_mean.copy_(sums[id(m)][0] / counts[id(m)])  # type: ignore[operator,union-attr]
+            m.running_var.copy_(sums[id(m)][1] / counts[id(m)])  # type: ignore[operator,union-attr]
+    try:
+        yield len(sums)
+    finally:
+        for m, (mean, var) in zip(layers, saved, strict=True):
+            m.running_mean.copy_(mean)  # type: ignore[operator,union-attr]
+            m.running_var.copy_(var)  # type: ignore[operator,union-attr]
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def principal_subspace(features: np.ndarray, k: int) -> np.ndarray:
+    """``(D, k)`` orthonormal top-k principal directions of the (centred) rows of ``features``."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2 or not 1 <= k <= min(x.shape):
+        raise DataError(
+            f"Expected features (N >= 2, D) and 1 <= k <= min(N, D), but got shape {x.shape} and k={k}"
+        )
+    _, _, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
+    return np.asarray(vt[:k].T)
+
+
+def subspace_alignment(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
+    """``||U_aᵀ U_b||_F² / k`` in [0, 1]: mean squared cosine of the principal angles between the
+    top-k principal subspaces of two feature sets (1 = same subspace). The rotation-invariant form
+    of ``Tr(U_sᵀ U_t) / k``."""
+    ua, ub = principal_subspace(a, k), principal_subspace(b, k)
+    return float(np.sum((ua.T @ ub) ** 2) / k)
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA (Kornblith et al. 2019) of two representations of the *same* samples (rows)."""
+    a = np.asarray(x, dtype=np.float64)
+    b = np.asarray(y, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0] or a.shape[0] < 2:
+        raise DataError(f"Expected two (N >= 2, ·) matrices with the same rows, but got {a.shape}, {b.shape}")
+    a = a - a.mean(axis=0)
+    b = b - b.mean(axis=0)
+    cross = np.sum((a.T @ b) ** 2)
+    return float(cross / (np.linalg.norm(a.T @ a) * np.linalg.norm(b.T @ b)))

@@ -1,0 +1,231 @@
+"""The site's side of the statistics stage, and the per-round statistics its training objective needs.
+
+Stage ``statistics`` (a QUERY message before round 1): charge the ledger, then
+release the site's label counts (when the run corrects label shift or adjusts
+logits) and its feature moments (when it aligns features) through Gaussian
+mechanisms. A release is kept in the state directory and sent again, not drawn
+again, if the server asks twice in the same run (a fresh draw would be a second,
+uncharged release). Stage ``global-statistics``: keep what the server
+aggregated (:data:`fedshift.common.shift_statistics.GLOBAL_FILE`).
+
+A site training with DP-SGD and the alignment loss also releases its moments
+once per round (charged as ``dp-moments``, planned into the round's noise); the
+release is the linearisation point of its loss and never leaves the site.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedshift.client.alignment import (
+    MomentRelease,
+    feature_matrix,
+    moment_mechanism,
+    private_moments,
+    projection,
+    site_objective,
+)
+from fedshift.client.correction import count_mechanism, private_label_counts
+from fedshift.client.dp import RandomSource, SecureSource, SeededSource
+from fedshift.client.egress import MECHANISM_DP_LABEL_COUNTS, MECHANISM_DP_MOMENTS, refusal
+from fedshift.client.ledger import PrivacyLedger
+from fedshift.client.site import SiteSettings, load_site_data
+from fedshift.client.training import Objective, resolve_device
+from fedshift.common.config import FederationConfig
+from fedshift.common.errors import ConfigError
+from fedshift.common.io import atomic_write_json
+from fedshift.common.model import FedshiftModel
+from fedshift.common.privacy import Mechanism, epsilon
+from fedshift.common.protocol import CONFIG_KEY, METRICS_KEY, SITE_KEY, WEIGHT_KEY
+from fedshift.common.shift_statistics import (
+    GLOBAL_KEY,
+    STAGE_GLOBAL,
+    STAGE_KEY,
+    STAGE_RELEASE,
+    STATISTICS_KEY,
+    GlobalStatistics,
+    load_global_statistics,
+    save_global_statistics,
+)
+
+logger = logging.getLogger(__name__)
+
+RELEASE_FILE = "dp-statistics.json"  # this site's own releases of the current run (already charged)
+STATISTICS_ROUND = 0  # the ledger's round of the statistics stage (training rounds start at 1)
+
+
+def _source(fed: FederationConfig, site: SiteSettings, what: str) -> RandomSource:
+    if site.privacy.secure_rng:
+        return SecureSource()
+    return SeededSource(zlib.crc32(f"{fed.seed}:{what}:{site.name}".encode()))
+
+
+def release_mechanisms(fed: FederationConfig) -> list[tuple[str, Mechanism]]:
+    """What the statistics stage releases for this run, in the ledger's form."""
+    out: list[tuple[str, Mechanism]] = []
+    if fed.shift.needs_counts:
+        out.append((MECHANISM_DP_LABEL_COUNTS, count_mechanism(fed.shift.count_noise)))
+    if fed.shift.align:
+        out.append((MECHANISM_DP_MOMENTS, moment_mechanism(fed.shift.align_noise)))
+    return out
+
+
+def model_projection(fed: FederationConfig, model: FedshiftModel) -> np.ndarray:
+    """The run's public projection of the head's input features."""
+    return projection(int(model.head.in_features), fed.shift.align_dim, fed.seed)
+
+
+def _load_release(state_dir: Path, run_id: str) -> dict[str, Any] | None:
+    path = state_dir / RELEASE_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if saved.get("run") == run_id else None
+
+
+def _release(
+    msg: Message, fed: FederationConfig, site: SiteSettings, model: FedshiftModel
+) -> Message | dict[str, Any]:
+    """Charge, then draw this site's releases (a dict), or a refusal message."""
+    run_id = str(msg.metadata.run_id)
+    privacy = site.privacy
+    ledger = PrivacyLedger.at(site.state_dir, accountant=privacy.accountant)
+    mechanisms = release_mechanisms(fed)
+    if any(ledger.find(run_id, STATISTICS_ROUND, name) for name, _ in mechanisms):
+        reason = (
+            f"statistics of run {run_id} were charged but their release is not in {RELEASE_FILE}; a fresh "
+            "draw would be an uncharged second release: this site sends no statistics in this run"
+        )
+        logger.error("%s: %s", site.name, reason)
+        return refusal(msg, site.name, "statistics-lost", reason)
+    if privacy.enabled:
+        after = epsilon([*ledger.history(), *(m for _, m in mechanisms)], privacy.delta, privacy.accountant)
+        if after > privacy.epsilon:
+            reason = (
+                f"releasing the statistics would bring epsilon to {after:.4g}, over the budget "
+                f"epsilon={privacy.epsilon:g} at delta={privacy.delta:g}"
+            )
+            logger.warning("%s: %s", site.name, reason)
+            return refusal(msg, site.name, "budget-exhausted", reason)
+    # charged before the data is touched: a crash over-reports, never under-reports
+    for name, (sigma, q, steps) in mechanisms:
+        ledger.charge(
+            run_id=run_id,
+            round=STATISTICS_ROUND,
+            mechanism=name,
+            noise_multiplier=sigma,
+            sample_rate=q,
+            steps=steps,
+            delta=privacy.delta,
+        )
+    train = load_site_data(site).split("train")
+    out: dict[str, Any] = {"run": run_id, "n": len(train)}
+    if fed.shift.needs_counts:
+        counts = private_label_counts(
+            train.labels, fed.model.num_classes, fed.shift.count_noise, _source(fed, site, "counts")
+        )
+        out["label-counts"] = counts.counts.tolist()
+    if fed.shift.align:
+        moments = site_moments(fed, site, model, train.images, _source(fed, site, "moments"))
+        out["moment-sum"] = moments.sum.tolist()
+        out["moment-outer"] = moments.outer.ravel().tolist()
+    atomic_write_json(site.state_dir / RELEASE_FILE, out)
+    return out
+
+
+def site_moments(
+    fed: FederationConfig, site: SiteSettings, model: FedshiftModel, images: np.ndarray, source: RandomSource
+) -> MomentRelease:
+    """The DP moment release of the site's projected features under ``model`` (charge it first)."""
+    features = feature_matrix(model, images, resolve_device(site.device))
+    projected = features @ model_projection(fed, model)
+    return private_moments(projected, fed.shift.align_clip, fed.shift.align_noise, source)
+
+
+def handle_statistics(
+    msg: Message, fed: FederationConfig, site: SiteSettings, model: FedshiftModel
+) -> Message:
+    """The QUERY handler: release this site's statistics, or keep the global ones."""
+    config = msg.content.config_records.get(CONFIG_KEY)
+    stage = str(config.get(STAGE_KEY, "")) if config is not None else ""
+    if stage == STAGE_GLOBAL:
+        stats = GlobalStatistics.from_record(msg.content.config_records[GLOBAL_KEY])
+        save_global_statistics(site.state_dir, stats)
+        logger.info(
+            "%s: received global statistics of run %s from %d site(s)", site.name, stats.run, stats.sites
+        )
+        return Message(RecordDict({SITE_KEY: ConfigRecord({"name": site.name})}), reply_to=msg)
+    if stage != STAGE_RELEASE:
+        raise ConfigError(
+            f"Expected a query stage {STAGE_RELEASE!r} or {STAGE_GLOBAL!r}, but got {stage!r}; the server "
+            "and the site run different fedshift versions"
+        )
+    if not fed.shift.needs_statistics:
+        raise ConfigError(
+            "Expected the run config to turn on ls-correction, ls-logit-adjust or align-weight for a "
+            "statistics stage, but all are off"
+        )
+    run_id = str(msg.metadata.run_id)
+    released = _load_release(site.state_dir, run_id)
+    if released is None:
+        outcome = _release(msg, fed, site, model)
+        if isinstance(outcome, Message):
+            return outcome
+        released = outcome
+    else:
+        logger.info(
+            "%s: sending the statistics already released in run %s again (no new draw)", site.name, run_id
+        )
+    record = ConfigRecord({k: v for k, v in released.items() if k not in ("run", "n")})
+    content = RecordDict(
+        {
+            STATISTICS_KEY: record,
+            METRICS_KEY: MetricRecord({WEIGHT_KEY: int(released["n"])}),
+            SITE_KEY: ConfigRecord({"name": site.name}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def round_mechanisms(fed: FederationConfig) -> list[Mechanism]:
+    """Releases charged with every DP-SGD round: the alignment loss's moments (when aligning)."""
+    return [moment_mechanism(fed.shift.align_noise)] if fed.shift.align else []
+
+
+def training_objective(
+    fed: FederationConfig,
+    site: SiteSettings,
+    model: FedshiftModel,
+    images: np.ndarray,
+    *,
+    run_id: str,
+    private: bool,
+    seed: int,
+) -> Objective:
+    """This round's per-sample objective (cross-entropy unless the run adjusts logits or aligns).
+
+    With DP-SGD and alignment, the linearisation point is a fresh DP moment
+    release, which the caller charged with the round (:func:`round_mechanisms`).
+    """
+    if not (fed.shift.align or fed.shift.logit_adjust > 0):
+        from fedshift.client.training import cross_entropy
+
+        return cross_entropy
+    stats = load_global_statistics(site.state_dir, run_id)
+    proj = model_projection(fed, model) if fed.shift.align else None
+    point = None
+    if fed.shift.align and private and stats is not None:
+        release = site_moments(fed, site, model, images, _source(fed, site, f"moments:{seed}"))
+        point = release.moments()
+    model.train(True)
+    return site_objective(fed.shift, stats, projection_matrix=proj, point=point, site=site.name)
