@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from fedshift.common.errors import ConfigError, PrivacyError
 from fedshift.common.model import ModelConfig
 from fedshift.common.privacy import ACCOUNTANTS, MAX_DELTA, check_budget
+from fedshift.common.shift_config import ShiftConfig
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,7 @@ class FederationConfig:
     # simulation: every site's privacy settings; deployment: defaults that the site config overrides
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     ewc: EWCConfig = field(default_factory=EWCConfig)  # EWC penalty at every site (lambda 0 = off)
+    shift: ShiftConfig = field(default_factory=ShiftConfig)  # label-shift correction, domain alignment
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -310,6 +312,7 @@ class FederationConfig:
             "unfreeze-every": t.unfreeze_every,
             **self.privacy.to_run_config(),
             **self.ewc.to_run_config(),
+            **self.shift.to_run_config(),
         }
 
     @classmethod
@@ -363,6 +366,7 @@ class FederationConfig:
             ),
             privacy=_privacy_from_run_config(values),
             ewc=EWCConfig().with_values({k: v for k, v in values.items() if k in EWCConfig.KEYS}),
+            shift=ShiftConfig().with_values(values),
         )
 
 
