@@ -20,6 +20,7 @@ from fedshift.common.config import FederationConfig
 from fedshift.common.io import atomic_write_json
 from fedshift.common.model import build_model, size_report
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+from fedshift.server.statistics import collect_statistics, statistics_summary
 from fedshift.server.strategy import AdapterFedAvg, site_name
 from fedshift.server.validation import expected_specs, reply_problem
 
@@ -65,6 +66,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         num_rounds=cfg.num_rounds,
         min_nodes=cfg.min_nodes,
     )
+    statistics = collect_statistics(grid, initial, cfg, str(grid.run.run_id))  # issue 5: DP statistics
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
@@ -77,6 +79,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         "size": size_report(model),
         "history": strategy.history.to_dict(),
         "final_test": final,
+        "statistics": statistics_summary(statistics),
         "seconds": time.time() - started,
     }
     atomic_write_json(run_dir / RESULTS_FILE, results)
