@@ -271,6 +271,7 @@ class FederationConfig:
     num_rounds: int = 10  # federated rounds
     min_nodes: int = 2  # fewest sites a round may run with
     run_dir: str = "runs/flower"  # server: checkpoint and results go here
+    resume_from: str = ""  # server: checkpoint directory to continue from (its round + 1 on); "" = fresh
     sites_root: str = ""  # simulation: site k's data lives in <sites-root>/site-k/
     device: str = "auto"  # simulation default for every site: auto, cpu or cuda:N
     seed: int = 0  # seeds initial adapters and local shuffling
@@ -294,6 +295,7 @@ class FederationConfig:
             "num-server-rounds": self.num_rounds,
             "min-nodes": self.min_nodes,
             "run-dir": self.run_dir,
+            "resume-from": self.resume_from,
             "sites-root": self.sites_root,
             "device": self.device,
             "seed": self.seed,
@@ -343,6 +345,7 @@ class FederationConfig:
             num_rounds=get("num-server-rounds"),
             min_nodes=get("min-nodes"),
             run_dir=get("run-dir"),
+            resume_from=get("resume-from"),
             sites_root=get("sites-root"),
             device=get("device"),
             seed=seed,

@@ -13,15 +13,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedshift.common.checkpoint import Checkpoint, load_checkpoint
 from fedshift.common.config import FederationConfig
+from fedshift.common.errors import CheckpointError
 from fedshift.common.io import atomic_write_json
 from fedshift.common.model import build_model, size_report
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 from fedshift.server.statistics import collect_statistics, statistics_summary
-from fedshift.server.strategy import AdapterFedAvg, site_name
+from fedshift.server.strategy import AdapterFedAvg, RunHistory, site_name
 from fedshift.server.validation import expected_specs, reply_problem
 
 logger = logging.getLogger(__name__)
@@ -53,31 +56,74 @@ def final_evaluation(
     return out
 
 
+def load_resume_point(cfg: FederationConfig, shared: Mapping[str, Any]) -> Checkpoint:
+    """The checkpoint named by ``resume-from``, checked against this run's model and rounds."""
+    checkpoint = load_checkpoint(cfg.resume_from)
+    if checkpoint.model != cfg.model:
+        raise CheckpointError(
+            f"Expected the checkpoint in {cfg.resume_from!r} to belong to this run's model, but its "
+            f"model settings differ ({checkpoint.model} vs {cfg.model}); resume with the run config "
+            "the federation started with"
+        )
+    if sorted(checkpoint.arrays) != sorted(shared):
+        raise CheckpointError(
+            f"Expected the checkpoint in {cfg.resume_from!r} to hold this model's shared tensors, but "
+            "its tensor names differ; resume with the run config the federation started with"
+        )
+    if checkpoint.round > cfg.num_rounds:
+        raise CheckpointError(
+            f"Expected the checkpoint's round ({checkpoint.round}) to be at most num-server-rounds "
+            f"({cfg.num_rounds}), but it is later; raise num-server-rounds or start a new federation"
+        )
+    return checkpoint
+
+
 def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
-    """Run ``cfg.num_rounds`` rounds and write ``results.json`` into ``cfg.run_dir``."""
+    """Run ``cfg.num_rounds`` rounds and write ``results.json`` into ``cfg.run_dir``.
+
+    With ``resume-from`` set, the federation continues from that checkpoint: its
+    adapters are the starting point, its history is kept, and rounds go on from
+    its round + 1 (a round that was interrupted runs again in full; the sites
+    charge it under the new run id, as the data is used again).
+    """
     started = time.time()
     run_dir = Path(cfg.run_dir)
     model = build_model(cfg.model)
-    initial = ArrayRecord(model.shared_state_dict())
+    shared = model.shared_state_dict()
+    initial = ArrayRecord(shared)
+    done, history = 0, None
+    if cfg.resume_from:
+        checkpoint = load_resume_point(cfg, shared)
+        done = checkpoint.round
+        history = RunHistory.from_dict(checkpoint.extra.get("history", {}), up_to_round=done)
+        initial = ArrayRecord({k: torch.from_numpy(checkpoint.arrays[k].copy()) for k in shared})
+        logger.info("Resuming from %s: %d of %d rounds done", cfg.resume_from, done, cfg.num_rounds)
     strategy = AdapterFedAvg(
         expected=expected_specs(initial),
         checkpoint_dir=run_dir / "checkpoint",
         model_config=cfg.model,
         num_rounds=cfg.num_rounds,
         min_nodes=cfg.min_nodes,
+        first_round=done + 1,
+        history=history,
     )
     statistics = collect_statistics(grid, initial, cfg, str(grid.run.run_id))  # issue 5: DP statistics
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.num_rounds,
-        evaluate_config=ConfigRecord({"split": "val"}),
-    )
-    final = final_evaluation(grid, result.arrays, strategy, "test", timeout=3600)
+    arrays = initial
+    if done < cfg.num_rounds:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.num_rounds - done,
+            evaluate_config=ConfigRecord({"split": "val"}),
+        )
+        if len(result.arrays) > 0:  # empty when no round produced an aggregate
+            arrays = result.arrays
+    final = final_evaluation(grid, arrays, strategy, "test", timeout=3600)
     results = {
         "config": cfg.to_run_config(),
         "size": size_report(model),
         "history": strategy.history.to_dict(),
+        "resumed_from_round": done,
         "final_test": final,
         "statistics": statistics_summary(statistics),
         "seconds": time.time() - started,

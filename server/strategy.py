@@ -50,6 +50,21 @@ class RunHistory:
             "privacy": {str(r): v for r, v in self.privacy.items()},
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], up_to_round: int) -> RunHistory:
+        """The history :meth:`to_dict` wrote, without anything after ``up_to_round`` (for a resumed run)."""
+
+        def rounds(key: str) -> dict[int, Any]:
+            return {int(r): v for r, v in d.get(key, {}).items() if int(r) <= up_to_round}
+
+        return cls(
+            train=rounds("train"),
+            evaluate=rounds("evaluate"),
+            rejected=[e for e in d.get("rejected", []) if int(e["round"]) <= up_to_round],
+            refused=[e for e in d.get("refused", []) if int(e["round"]) <= up_to_round],
+            privacy=rounds("privacy"),
+        )
+
 
 def _status_of(msg: Message) -> tuple[str, str] | None:
     """``(status, reason)`` when a site says why it sends no update, else ``None``."""
@@ -70,7 +85,13 @@ def _metrics_of(msg: Message) -> dict[str, float]:
 
 
 class AdapterFedAvg(FedAvg):
-    """FedAvg that validates every reply, checkpoints every round and keeps a history."""
+    """FedAvg that validates every reply, checkpoints every round and keeps a history.
+
+    A resumed federation (``first_round`` > 1) numbers its rounds on from the
+    checkpoint: Flower's loop counts 1, 2, ... and every ``configure_*`` /
+    ``aggregate_*`` adds ``first_round - 1``, so sites, checkpoints, history and
+    privacy ledgers see the federation's round numbers.
+    """
 
     def __init__(
         self,
@@ -80,6 +101,8 @@ class AdapterFedAvg(FedAvg):
         model_config: ModelConfig,
         num_rounds: int,
         min_nodes: int = 2,
+        first_round: int = 1,
+        history: RunHistory | None = None,
     ) -> None:
         super().__init__(
             min_train_nodes=min_nodes,
@@ -92,7 +115,8 @@ class AdapterFedAvg(FedAvg):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.model_config = model_config
         self.num_rounds = num_rounds
-        self.history = RunHistory()
+        self.history = history if history is not None else RunHistory()
+        self.round_offset = first_round - 1
         self.exhausted: dict[int, str] = {}  # node id -> site name, left out of later training rounds
         self._warned_no_dp: set[str] = set()
 
@@ -100,6 +124,7 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's sampling, minus the sites whose privacy budget is spent."""
+        server_round += self.round_offset
         messages = list(super().configure_train(server_round, arrays, config, grid))
         keep = [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
         if len(keep) < len(messages):
@@ -165,6 +190,7 @@ class AdapterFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         good = self._accept(server_round, replies, "train")
         per_site = {}
         privacy = {}
@@ -186,11 +212,17 @@ class AdapterFedAvg(FedAvg):
                 {k: v.numpy() for k, v in arrays.items()},
                 self.model_config,
                 server_round,
-                extra={"sites": sorted(per_site)},
+                extra={"sites": sorted(per_site), "history": self.history.to_dict()},
             )
         return arrays, metrics
 
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         good = self._accept(server_round, replies, "evaluate")
         per_site = {site_name(m): _metrics_of(m) for m in good}
         self.history.evaluate[server_round] = per_site
