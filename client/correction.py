@@ -57,6 +57,7 @@ from fedshift.common.shift_config import ShiftConfig
 logger = logging.getLogger(__name__)
 
 CORRECTION_FILE = "label-shift.json"  # in the site's state directory; never sent
+EM_MAX_ITER = 10_000  # EM iterations before an estimate counts as not converged (each is O(N))
 ORACLE_FLOOR = 1e-3  # the oracle's true prior is floored at this (a split without a class has prior 0)
 
 
@@ -134,7 +135,7 @@ class SiteCorrection:
 
     def to_json(self) -> dict[str, Any]:
         est = self.estimate
-        return as_jsonable(
+        return _jsonable(
             {
                 "source_prior": est.source_prior,
                 "prior": est.prior,
@@ -153,6 +154,16 @@ class SiteCorrection:
                 "threshold": self.threshold,
             }
         )
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return as_jsonable(obj.tolist())
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return as_jsonable(obj)
 
 
 def fit_calibration_under(
@@ -196,6 +207,7 @@ def fit_site_correction(
         seed=seed,
         min_samples=config.min_samples,
         max_interval_width=config.max_interval_width,
+        max_iter=EM_MAX_ITER,
     )
     threshold = None
     if config.threshold and c == 2:

@@ -1,0 +1,247 @@
+"""The ClientApp's statistics stage, corrected evaluation and alignment, called in process.
+
+A real message, a real model and a real site directory, without Flower's engine:
+what the site charges, what leaves it (egress log), what it keeps, and how it
+falls back when its unlabeled data are too few.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedshift.client.app import make_client_app
+from fedshift.client.correction import CORRECTION_FILE
+from fedshift.client.egress import BOOKKEEPING, METRIC, read_egress_log
+from fedshift.client.ledger import PrivacyLedger
+from fedshift.client.site_statistics import RELEASE_FILE
+from fedshift.common.config import FederationConfig
+from fedshift.common.data import Dataset, make_synthetic_cxr, save_npz
+from fedshift.common.model import ModelConfig, build_model
+from fedshift.common.privacy import epsilon
+from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+from fedshift.common.shift_config import ShiftConfig
+from fedshift.common.shift_statistics import (
+    GLOBAL_FILE,
+    GLOBAL_KEY,
+    STAGE_GLOBAL,
+    STAGE_KEY,
+    STAGE_RELEASE,
+    STATISTICS_KEY,
+    GlobalStatistics,
+)
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+MODEL = ModelConfig(image_size=32)
+SHIFT = ShiftConfig(correction=True, align_weight=1.0, align_dim=8, bootstrap=20, min_samples=20)
+
+
+def _site(root: Path, n: int = 150, n_test: int = 40) -> Path:
+    pooled = make_synthetic_cxr(n, seed=1).split("train")
+    idx = np.arange(n)
+    n_train = n - 30 - n_test
+    splits = {
+        "train": pooled.subset(idx[:n_train]),
+        "val": pooled.subset(idx[n_train : n_train + 30]),
+        "test": pooled.subset(idx[n_train + 30 :]),
+    }
+    site_dir = root / "site-0"
+    save_npz(site_dir / "data.npz", Dataset(splits, ("normal", "lesion"), "synthetic-cxr", True))
+    return site_dir
+
+
+def _run_config(root: Path, shift: ShiftConfig = SHIFT, **extra: Any) -> dict[str, Any]:
+    fed = FederationConfig(num_rounds=2, sites_root=str(root), device="cpu", model=MODEL, shift=shift)
+    return {**fed.to_run_config(), "batch-size": 20, **extra}
+
+
+def _call(app: Any, msg: Message, run_config: dict[str, Any]) -> Message:
+    context = Context(
+        run_id=1, node_id=0, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config
+    )
+    return app(msg, context)  # type: ignore[no-any-return]
+
+
+def _arrays() -> ArrayRecord:
+    return ArrayRecord(build_model(MODEL).shared_state_dict())
+
+
+def _release_message() -> Message:
+    config = ConfigRecord({STAGE_KEY: STAGE_RELEASE, "server-round": 0})
+    return Message(
+        RecordDict({ARRAYS_KEY: _arrays(), CONFIG_KEY: config}), dst_node_id=0, message_type=MessageType.QUERY
+    )
+
+
+def _global_message(stats: GlobalStatistics) -> Message:
+    content = RecordDict(
+        {
+            CONFIG_KEY: ConfigRecord({STAGE_KEY: STAGE_GLOBAL, "server-round": 0}),
+            GLOBAL_KEY: ConfigRecord(stats.to_record()),
+        }
+    )
+    return Message(content, dst_node_id=0, message_type=MessageType.QUERY)
+
+
+def _message(kind: str, **config: Any) -> Message:
+    content = RecordDict({ARRAYS_KEY: _arrays(), CONFIG_KEY: ConfigRecord(config)})
+    return Message(content, dst_node_id=0, message_type=kind)
+
+
+def test_statistics_stage_charges_first_and_sends_only_dp_statistics(tmp_path: Path) -> None:
+    site_dir = _site(tmp_path)
+    config = _run_config(tmp_path)
+    app = make_client_app()
+    reply = _call(app, _release_message(), config)
+    stats = reply.content.config_records[STATISTICS_KEY]
+    ledger = PrivacyLedger.at(site_dir)
+    charged = [(e.round, e.mechanism, e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries]
+    assert charged == [(0, "dp-label-counts", 2.0, 1.0, 1), (0, "dp-moments", 3.0, 1.0, 1)]
+    assert ledger.epsilon(1e-5) == pytest.approx(epsilon([(2.0, 1.0, 1), (3.0, 1.0, 1)], 1e-5))
+    # the noisy counts are the true ones plus noise of std 2: within 5 sigma of the truth
+    train = np.load(site_dir / "data.npz")["train_labels"].ravel()
+    truth = np.bincount(train, minlength=2)
+    counts = np.asarray(stats["label-counts"])
+    assert np.all(np.abs(counts - truth) < 10) and np.any(counts != truth)
+    assert len(stats["moment-sum"]) == 8 and len(stats["moment-outer"]) == 64
+    # the egress log lists exactly these, each with its DP mechanism; nothing else but the size and name
+    entry = read_egress_log(site_dir)[-1]
+    assert entry["blocked"] == []
+    by_key = {(i["record"], i["key"]): i["mechanism"] for i in entry["items"]}
+    assert by_key == {
+        (STATISTICS_KEY, "label-counts"): "dp-label-counts",
+        (STATISTICS_KEY, "moment-sum"): "dp-moments",
+        (STATISTICS_KEY, "moment-outer"): "dp-moments",
+        (METRICS_KEY, "num-examples"): METRIC,
+        ("site", "name"): BOOKKEEPING,
+    }
+    # asked again in the same run: the same release is sent again, nothing new is drawn or charged
+    again = _call(app, _release_message(), config).content.config_records[STATISTICS_KEY]
+    assert list(again["label-counts"]) == list(counts)
+    assert len(PrivacyLedger.at(site_dir).entries) == 2
+    assert json.loads((site_dir / RELEASE_FILE).read_text())["run"] == "1"
+
+
+def test_release_lost_after_its_charge_is_refused_not_redrawn(tmp_path: Path) -> None:
+    site_dir = _site(tmp_path)
+    config = _run_config(tmp_path)
+    _call(make_client_app(), _release_message(), config)
+    (site_dir / RELEASE_FILE).unlink()
+    reply = _call(make_client_app(), _release_message(), config)
+    assert reply.content.config_records["status"]["status"] == "statistics-lost"
+    assert STATISTICS_KEY not in reply.content.config_records
+    assert len(PrivacyLedger.at(site_dir).entries) == 2
+
+
+def test_statistics_over_budget_are_refused(tmp_path: Path) -> None:
+    site_dir = _site(tmp_path)
+    config = _run_config(tmp_path, **{"dp": True, "dp-epsilon": 0.5})
+    reply = _call(make_client_app(), _release_message(), config)
+    assert reply.content.config_records["status"]["status"] == "budget-exhausted"
+    assert not (site_dir / "privacy-ledger.json").exists()
+
+
+def test_uncharged_statistic_is_blocked(tmp_path: Path) -> None:
+    """A label count smuggled into a reply under the DP statistics' name, without a ledger charge."""
+    site_dir = _site(tmp_path)
+
+    def smuggle(msg: Message, context: Context, call_next: Any) -> Message:
+        reply = call_next(msg, context)
+        reply.content.config_records[STATISTICS_KEY] = ConfigRecord({"label-counts": [3.0, 7.0]})
+        return reply
+
+    plain = _run_config(tmp_path, shift=ShiftConfig(), dp=False)
+    reply = _call(make_client_app(mods=[smuggle]), _message(MessageType.TRAIN, **{"server-round": 1}), plain)
+    assert reply.content.config_records["status"]["status"] == "blocked"
+    entry = read_egress_log(site_dir)[-1]
+    assert entry["blocked"] == [
+        "dp-statistics.label-counts (no 'dp-label-counts' charge for run 1 round 1 in the ledger)"
+    ]
+
+
+def _prepared_site(tmp_path: Path, n_test: int = 40, **shift: Any) -> tuple[Path, dict[str, Any]]:
+    site_dir = _site(tmp_path, n_test=n_test)
+    cfg = ShiftConfig(**{**SHIFT.__dict__, **shift})
+    config = _run_config(tmp_path, shift=cfg)
+    app = make_client_app()
+    released = _call(app, _release_message(), config).content.config_records[STATISTICS_KEY]
+    k = cfg.align_dim
+    from fedshift.common.shift_statistics import aggregate_moments, aggregate_prior
+
+    mean, cov = aggregate_moments(
+        [np.asarray(released["moment-sum"])], [np.asarray(released["moment-outer"]).reshape(k, k)], [80.0]
+    )
+    stats = GlobalStatistics("1", 1, aggregate_prior([np.asarray(released["label-counts"])]), mean, cov)
+    ack = _call(app, _global_message(stats), config)
+    assert set(ack.content.config_records) == {"site"}
+    assert (site_dir / GLOBAL_FILE).is_file()
+    return site_dir, config
+
+
+def test_corrected_evaluation_sends_only_aggregate_metrics(tmp_path: Path) -> None:
+    site_dir, config = _prepared_site(tmp_path, tta=True)
+    reply = _call(make_client_app(), _message(MessageType.EVALUATE, split="test"), config)
+    metrics = reply.content.metric_records[METRICS_KEY]
+    for prefix in ("", "cal-", "ls-", "oracle-", "tta-", "tta-ls-"):
+        assert 0 <= float(metrics[f"{prefix}accuracy"]) <= 1  # type: ignore[arg-type]
+        assert float(metrics[f"{prefix}log-loss"]) > 0  # type: ignore[arg-type]
+    entry = read_egress_log(site_dir)[-1]
+    assert entry["blocked"] == []
+    assert {i["mechanism"] for i in entry["items"]} == {METRIC, BOOKKEEPING}
+    kept = json.loads((site_dir / CORRECTION_FILE).read_text())  # the estimate stays at the site
+    assert kept["split"] == "test" and kept["n_unlabeled"] == 40 and kept["calibration"]["kind"] == "bcts"
+    assert kept["fallback"] == (metrics["ls-fallback"] == 1.0)
+    assert sum(kept["prior"]) == pytest.approx(1.0)
+
+
+def test_too_little_unlabeled_data_falls_back_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    site_dir, config = _prepared_site(tmp_path, n_test=12)
+    with caplog.at_level(logging.WARNING):
+        reply = _call(make_client_app(), _message(MessageType.EVALUATE, split="test"), config)
+    metrics = reply.content.metric_records[METRICS_KEY]
+    assert metrics["ls-fallback"] == 1.0
+    # no correction: the corrected predictions are the calibrated ones, not a prior from 12 images
+    for key in ("log-loss", "accuracy", "ece"):
+        assert metrics[f"ls-{key}"] == pytest.approx(metrics[f"cal-{key}"])
+    assert "no correction at this site: only 12 unlabeled samples, fewer than min_samples=20" in caplog.text
+    kept = json.loads((site_dir / CORRECTION_FILE).read_text())
+    assert kept["fallback"] and kept["prior"] == kept["source_prior"]
+
+
+def test_without_global_prior_the_site_evaluates_uncorrected(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _site(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        reply = _call(make_client_app(), _message(MessageType.EVALUATE, split="test"), _run_config(tmp_path))
+    metrics = reply.content.metric_records[METRICS_KEY]
+    assert "auc" in metrics and "ls-log-loss" not in metrics
+    assert "no global training prior for this run" in caplog.text
+
+
+def test_dp_training_with_alignment_charges_its_moments_each_round(tmp_path: Path) -> None:
+    site_dir, config = _prepared_site(tmp_path, logit_adjust=1.0)
+    config = {**config, "dp": True, "dp-epsilon": 8.0}
+    reply = _call(make_client_app(), _message(MessageType.TRAIN, **{"server-round": 1}), config)
+    assert reply.content.config_records["privacy"]["mechanism"] == "dp-sgd"
+    ledger = PrivacyLedger.at(site_dir)
+    assert [(e.round, e.mechanism) for e in ledger.entries] == [
+        (0, "dp-label-counts"),
+        (0, "dp-moments"),
+        (1, "dp-sgd"),
+        (1, "dp-moments"),
+    ]
+    # the noise multiplier was planned with the statistics and both rounds' moment releases in the budget
+    sgd = ledger.entries[2]
+    planned = [*ledger.history(), (sgd.noise_multiplier, sgd.sample_rate, sgd.steps), (3.0, 1.0, 1)]
+    assert epsilon(planned, 1e-5) <= 8.0
+    assert read_egress_log(site_dir)[-1]["blocked"] == []
