@@ -110,7 +110,7 @@ def test_statistics_stage_charges_first_and_sends_only_dp_statistics(tmp_path: P
     truth = np.bincount(train, minlength=2)
     counts = np.asarray(stats["label-counts"])
     assert np.all(np.abs(counts - truth) < 10) and np.any(counts != truth)
-    assert len(stats["moment-sum"]) == 8 and len(stats["moment-outer"]) == 64
+    assert np.asarray(stats["moment-sum"]).shape == (8,) and np.asarray(stats["moment-outer"]).shape == (64,)
     # the egress log lists exactly these, each with its DP mechanism; nothing else but the size and name
     entry = read_egress_log(site_dir)[-1]
     assert entry["blocked"] == []
@@ -124,7 +124,7 @@ def test_statistics_stage_charges_first_and_sends_only_dp_statistics(tmp_path: P
     }
     # asked again in the same run: the same release is sent again, nothing new is drawn or charged
     again = _call(app, _release_message(), config).content.config_records[STATISTICS_KEY]
-    assert list(again["label-counts"]) == list(counts)
+    assert np.asarray(again["label-counts"]).tolist() == counts.tolist()
     assert len(PrivacyLedger.at(site_dir).entries) == 2
     assert json.loads((site_dir / RELEASE_FILE).read_text())["run"] == "1"
 
