@@ -1,0 +1,164 @@
+"""``fedshift certs``, ``fedshift server`` and ``fedshift client``: the deployment commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedshift.deploy.certs import DEFAULT_DAYS
+
+logger = logging.getLogger(__name__)
+
+LOCAL_HOSTS = ["localhost", "127.0.0.1"]  # the SuperLink's own helpers connect over loopback
+
+
+def register(sub: Any) -> None:
+    _register_certs(sub)
+    _register_server(sub)
+    _register_client(sub)
+
+
+def _register_certs(sub: Any) -> None:
+    p = sub.add_parser(
+        "certs",
+        help="create the federation's CA, the coordinator's TLS certificate and hospital keys",
+        description="Create (in --out) a CA (ca.crt, ca.key), a TLS certificate for the coordinator "
+        "(server.crt, server.key; its SANs are --hosts plus localhost and 127.0.0.1) and one SuperNode "
+        "authentication key pair per hospital (nodes/<site>.key, nodes/<site>.pub: EC P-384, OpenSSH "
+        "format, as Flower's node authentication expects). Private keys are written 0600. An existing "
+        "CA is reused; existing certificates and keys are never replaced unless --force is given.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, required=True, help="certificate directory (created if missing)")
+    p.add_argument(
+        "--hosts",
+        help="comma-separated DNS names and IP addresses the hospitals use to reach the coordinator; "
+        "writes server.crt/server.key",
+    )
+    p.add_argument("--sites", help="comma-separated hospital names; writes nodes/<site>.key and .pub")
+    p.add_argument("--days", type=int, default=DEFAULT_DAYS, help="validity of new certificates in days")
+    p.add_argument("--force", action="store_true", help="replace existing server certificate and site keys")
+    p.set_defaults(func=_run_certs)
+
+
+def _register_server(sub: Any) -> None:
+    p = sub.add_parser(
+        "server",
+        help="run the coordinator: SuperLink with TLS and node authentication, and the federation",
+        description="Start Flower's SuperLink with TLS, SuperNode authentication and a database file "
+        "(in [server] state-dir), enroll the public keys in [hospitals], and run the fedshift federation "
+        "configured in [federation] (run-config keys). Waits until the federation finishes (exit 0, "
+        "results in <state-dir>/run/results.json) and stops every process it started, also on SIGTERM. "
+        "Started again after a crash or a stop, it resumes from the last completed round's checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--config", type=Path, required=True, help="federation TOML ([server], [hospitals], [federation])"
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="run WITHOUT TLS and WITHOUT node authentication (closed test networks only; warns)",
+    )
+    p.add_argument("--check", action="store_true", help="only check the config and certificates, then exit")
+    p.set_defaults(func=_run_server)
+
+
+def _register_client(sub: Any) -> None:
+    p = sub.add_parser(
+        "client",
+        help="run a hospital's daemon: a Flower SuperNode next to the site's data",
+        description="Check the site config ([connection]: coordinator address, CA certificate, this "
+        "site's private key; [site]: data-path, state-dir, site-name, device, dp-epsilon and the other "
+        "dp-* keys, egress-metrics), then run a Flower SuperNode that trains the fedshift ClientApp "
+        "with DP. Logs to [connection] log-file (default <state-dir>/logs/fedshift-client.log), "
+        "reconnects when the coordinator restarts, restarts the SuperNode if it exits, and stops on "
+        "SIGTERM. Exit code 2: a config mistake; 3: the coordinator has not enrolled this site's key.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, required=True, help="site TOML ([connection], [site])")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="connect WITHOUT TLS and without node authentication (a TLS coordinator refuses it; warns)",
+    )
+    p.add_argument("--check", action="store_true", help="only check the site config and data, then exit")
+    p.set_defaults(func=_run_client)
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _run_certs(args: argparse.Namespace) -> int:
+    from fedshift.deploy.certs import make_certs
+
+    hosts = _csv(args.hosts)
+    if hosts:
+        hosts += [h for h in LOCAL_HOSTS if h not in hosts]
+    report = make_certs(
+        args.out, hosts=hosts or None, sites=_csv(args.sites), days=args.days, force=args.force
+    )
+    for path in report.created:
+        print(f"created {path}")
+    for path in report.reused:
+        print(f"kept    {path}")
+    return 0
+
+
+def _file_logging(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.captureWarnings(True)
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    from fedshift.deploy.processes import StopRequested, stop_on_signals
+    from fedshift.deploy.server import RunFailedError, serve
+    from fedshift.deploy.settings import ServerSettings
+
+    settings = ServerSettings.load(args.config, insecure=args.insecure)
+    if args.check:
+        print(f"{args.config}: OK ({len(settings.hospitals)} hospital(s), run dir {settings.run_dir})")
+        return 0
+    _file_logging(settings.state_dir / "logs" / "fedshift-server.log")
+    try:
+        with stop_on_signals():
+            results = serve(settings, insecure=args.insecure)
+    except StopRequested as stop:
+        logger.info("Stopped on %s; start again with the same command to resume", stop)
+        return 0
+    except RunFailedError as exc:
+        print(f"fedshift server: federation failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"federation finished: {results}")
+    return 0
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    from fedshift.deploy.client import check_site, run_daemon
+    from fedshift.deploy.processes import StopRequested, stop_on_signals
+    from fedshift.deploy.settings import ClientSettings
+
+    settings = ClientSettings.load(args.config, insecure=args.insecure)
+    found = check_site(settings)
+    summary = (
+        f"{settings.site_name}: data {settings.data_path} {found.splits}, budget epsilon {found.epsilon:g} "
+        f"({found.spent:.3g} spent), state in {settings.state_dir}"
+    )
+    if args.check:
+        print(f"{args.config}: OK; {summary}")
+        return 0
+    _file_logging(settings.log_file)
+    logger.info("Starting: %s; connecting to %s", summary, settings.superlink)
+    try:
+        with stop_on_signals():
+            return run_daemon(settings, insecure=args.insecure)
+    except StopRequested as stop:
+        logger.info("Stopped on %s", stop)
+        return 0

@@ -1,0 +1,244 @@
+"""``fedshift client``: a hospital's long-lived daemon around one Flower SuperNode.
+
+Before connecting it checks the site config (certificates readable, data
+readable with valid labels and the splits the ClientApp uses, privacy budget
+set and possible for the data, ledger trustworthy) and refuses with one line
+naming the key and the fix. Then it runs ``flower-supernode`` with the site's
+private key, the CA and the node config (data path, state directory, budget),
+logs into a file, and keeps it running:
+
+- the SuperNode reconnects by itself when the coordinator restarts (Flower
+  retries with backoff);
+- if the SuperNode process exits anyway, it is restarted after a pause that
+  grows up to :data:`MAX_BACKOFF`, except when the coordinator refused this
+  site's key (not enrolled): that is a configuration problem, and the daemon
+  stops with exit code 3 and says so;
+- SIGTERM (systemd, docker stop) stops the SuperNode and its ClientApp processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import stat
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+from fedshift.client.ledger import open_ledger
+from fedshift.client.site import SiteSettings
+from fedshift.common.config import FederationConfig
+from fedshift.common.data import load_npz
+from fedshift.common.errors import ConfigError, FedshiftError
+from fedshift.common.privacy import check_budget
+from fedshift.deploy.flwr_cli import executable, flower_env
+from fedshift.deploy.processes import Child
+from fedshift.deploy.settings import ClientSettings
+
+logger = logging.getLogger(__name__)
+
+NODE_CONFIG_FILE = "node-config.toml"
+REQUIRED_SPLITS = ("train", "val", "test")  # trained on, validated on each round, tested at the end
+MIN_BACKOFF, MAX_BACKOFF = 2.0, 60.0
+NOT_ENROLLED = "No SuperNode found with the given public key"
+EXIT_NOT_ENROLLED = 3
+FLOWER_EXIT_CONNECT = 305  # flower-supernode: could not connect/activate (a refused key ends here too)
+
+
+@dataclass(frozen=True)
+class SiteCheck:
+    """What the up-front check found."""
+
+    train: int  # training examples
+    splits: dict[str, int]  # examples per split
+    epsilon: float  # the site's lifetime budget (nan with dp=false)
+    spent: float  # epsilon already in the ledger (0 when none)
+
+
+def check_site(settings: ClientSettings) -> SiteCheck:
+    """Everything that can be checked before connecting; :class:`ConfigError` naming key and fix."""
+    path = settings.path
+    if settings.ca_cert is not None:
+        try:
+            x509.load_pem_x509_certificate(settings.ca_cert.read_bytes())
+        except ValueError:
+            raise ConfigError(
+                f"Expected [connection] ca-cert in {path} to be a PEM certificate, but {settings.ca_cert} "
+                "is not one; copy ca.crt from the coordinator"
+            ) from None
+    if settings.private_key is not None:
+        _check_private_key(settings.private_key, path)
+    data_path = settings.data_path
+    if not os.access(data_path, os.R_OK) or not data_path.is_file():
+        raise ConfigError(
+            f"Expected [site] data-path in {path} to be a readable .npz file, but {data_path} "
+            f"{'does not exist' if not data_path.exists() else 'cannot be read'}; fix the path or its "
+            "permissions (the daemon's user must read it)"
+        )
+    try:
+        dataset = load_npz(data_path)
+    except FedshiftError as exc:
+        raise ConfigError(f"[site] data-path in {path}: {exc}") from None
+    missing = [s for s in REQUIRED_SPLITS if s not in dataset.splits or len(dataset.splits[s]) == 0]
+    if missing:
+        raise ConfigError(
+            f"Expected [site] data-path {data_path} to hold the splits {list(REQUIRED_SPLITS)}, but "
+            f"{missing} are missing or empty; add <split>_images and <split>_labels"
+        )
+    try:
+        site = SiteSettings.from_node_config(settings.node_config, FederationConfig())
+    except FedshiftError as exc:
+        raise ConfigError(f"[site] in {path}: {exc}") from None
+    n_train = len(dataset.splits["train"])
+    privacy = site.privacy
+    spent = 0.0
+    if privacy.enabled:
+        try:
+            check_budget(privacy.epsilon, privacy.delta, n_train)
+        except FedshiftError as exc:
+            raise ConfigError(f"[site] in {path}: {exc}") from None
+    else:
+        warnings.warn(
+            f"{site.name}: dp = false in {path}: this site sends adapters WITHOUT differential privacy",
+            UserWarning,
+            stacklevel=2,
+        )
+    _prepare_state_dir(site.state_dir, path)
+    try:
+        ledger = open_ledger(site.state_dir)
+    except FedshiftError as exc:
+        raise ConfigError(f"[site] state-dir in {path}: {exc}") from None
+    if ledger is not None and ledger.entries:
+        spent = ledger.epsilon(ledger.entries[-1].delta)
+    return SiteCheck(
+        train=n_train,
+        splits={k: len(v) for k, v in dataset.splits.items()},
+        epsilon=privacy.epsilon if privacy.enabled else math.nan,
+        spent=spent,
+    )
+
+
+def _check_private_key(key_path: Path, path: Path) -> None:
+    try:
+        key = load_ssh_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"Expected [connection] private-key in {path} to be an unencrypted OpenSSH EC private key, but "
+            f"{key_path} is not one; use the nodes/<site>.key file from fedshift certs"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(
+            f"Expected [connection] private-key in {path} to be an EC key (NIST curve), but {key_path} is "
+            f"{type(key).__name__}; use the nodes/<site>.key file from fedshift certs"
+        )
+    mode = stat.S_IMODE(key_path.stat().st_mode)
+    if mode & 0o077:
+        logger.warning("%s is readable by others (mode %o); run: chmod 600 %s", key_path, mode, key_path)
+
+
+def _prepare_state_dir(state_dir: Path, path: Path) -> None:
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        probe = state_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"Expected [site] state-dir in {path} to be a writable folder, but {state_dir} is not ({exc}); "
+            "create it for the daemon's user"
+        ) from None
+
+
+def write_node_config(settings: ClientSettings) -> Path:
+    """The SuperNode's node config as a TOML file (flower-supernode reads ``--node-config *.toml``)."""
+    out = settings.state_dir / NODE_CONFIG_FILE
+    out.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in sorted(settings.node_config.items())))
+    return out
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def supernode_argv(settings: ClientSettings, node_config: Path, insecure: bool) -> list[str]:
+    argv = [
+        executable("flower-supernode"),
+        "--superlink",
+        settings.superlink,
+        "--node-config",
+        str(node_config),
+        "--port",
+        str(settings.runtime_port),
+    ]
+    if insecure:
+        return [*argv, "--insecure"]
+    assert settings.ca_cert is not None and settings.private_key is not None
+    return [
+        *argv,
+        "--root-certificates",
+        str(settings.ca_cert),
+        "--auth-supernode-private-key",
+        str(settings.private_key),
+    ]
+
+
+def _log_tail(path: Path, size: int = 20000) -> str:
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - size))
+        return f.read().decode(errors="replace")
+
+
+def run_daemon(settings: ClientSettings, *, insecure: bool = False, max_restarts: int | None = None) -> int:
+    """Run the SuperNode until stopped; the exit code (3: this site's key is not enrolled)."""
+    if insecure:
+        warnings.warn(
+            "fedshift client --insecure: no TLS and no node authentication; a coordinator with TLS "
+            "(the default) refuses this connection. Use only on a closed test network.",
+            UserWarning,
+            stacklevel=2,
+        )
+    node_config = write_node_config(settings)
+    argv = supernode_argv(settings, node_config, insecure)
+    backoff, restarts = MIN_BACKOFF, 0
+    while True:
+        child = Child("flower-supernode", argv, settings.log_file, env=flower_env(), cwd=settings.state_dir)
+        started = time.monotonic()
+        try:
+            while child.poll() is None:
+                time.sleep(0.5)
+        finally:
+            code = child.stop()
+        tail = _log_tail(settings.log_file)
+        if NOT_ENROLLED in tail[-4000:] or (code == FLOWER_EXIT_CONNECT and "2004" in tail[-4000:]):
+            logger.error(
+                "The coordinator refused %s's key (not enrolled); ask the coordinator to add %s's public "
+                "key to [hospitals] and restart the server",
+                settings.site_name,
+                settings.site_name,
+            )
+            return EXIT_NOT_ENROLLED
+        restarts += 1
+        if max_restarts is not None and restarts > max_restarts:
+            logger.error("flower-supernode exited (code %s) %d times; giving up", code, restarts)
+            return 1
+        if time.monotonic() - started > 10 * MAX_BACKOFF:
+            backoff = MIN_BACKOFF
+        logger.warning(
+            "flower-supernode exited with code %s; restarting in %.0f s (log: %s)",
+            code,
+            backoff,
+            settings.log_file,
+        )
+        time.sleep(backoff)
+        backoff = min(MAX_BACKOFF, backoff * 2)

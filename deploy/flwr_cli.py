@@ -1,0 +1,149 @@
+"""The coordinator's use of Flower's own command line (``flwr``) against its local SuperLink.
+
+``flwr`` reads its SuperLink connections from ``$FLWR_HOME/config.toml``. The
+coordinator keeps its own ``FLWR_HOME`` in its state directory, with one
+connection named :data:`CONNECTION` (address, CA certificate), so the commands
+it runs are the ones an operator types::
+
+    FLWR_HOME=<state-dir>/flwr flwr supernode register certs/nodes/hospital-a.pub fedshift
+    FLWR_HOME=<state-dir>/flwr flwr run <state-dir>/app fedshift --run-config <state-dir>/run-config.toml
+    FLWR_HOME=<state-dir>/flwr flwr ls fedshift
+
+``--format json`` answers are parsed; note that ``flwr`` exits 0 even when it
+reports ``"success": false``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedshift.common.errors import FedshiftError
+
+logger = logging.getLogger(__name__)
+
+CONNECTION = "fedshift"
+ALREADY_ENROLLED = "Public key already in use"  # flwr's message when a key is registered twice
+TIMEOUT = 120.0
+
+
+class FlwrCommandError(FedshiftError):
+    """A ``flwr`` command failed."""
+
+
+def executable(name: str) -> str:
+    """A Flower console script, from this interpreter's environment first, then ``PATH``."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FedshiftError(
+            f"Expected Flower's {name!r} command to be installed, but it is not on PATH; "
+            "install fedshift with pip (it brings flwr)"
+        )
+    return found
+
+
+def flower_env(**extra: str) -> dict[str, str]:
+    """The environment for Flower processes: ``PATH`` starts with the folder of Flower's scripts.
+
+    The SuperLink and SuperNode start ``flower-superexec``, which starts
+    ``flwr-serverapp`` / ``flwr-clientapp``, by name from ``PATH``: in a
+    virtualenv that is not activated (systemd, cron) they are otherwise not found.
+    """
+    scripts = str(Path(executable("flwr")).parent)
+    path = os.environ.get("PATH", "")
+    if scripts not in path.split(os.pathsep):
+        path = os.pathsep.join([scripts, path]) if path else scripts
+    return {**os.environ, "PATH": path, **extra}
+
+
+def write_connection(flwr_home: Path, address: str, ca_cert: Path | None) -> None:
+    """``$FLWR_HOME/config.toml`` with the one connection the coordinator uses."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f'address = "{address}"',
+    ]
+    lines += [f"root-certificates = {json.dumps(str(ca_cert))}"] if ca_cert else ["insecure = true"]
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+@dataclass(frozen=True)
+class Flwr:
+    """Runs ``flwr`` subcommands against one SuperLink connection."""
+
+    flwr_home: Path
+
+    def call(self, *args: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """``flwr <args> --format json``; the parsed answer, or :class:`FlwrCommandError`."""
+        argv = [executable("flwr"), *args, "--format", "json"]
+        env = flower_env(FLWR_HOME=str(self.flwr_home), COLUMNS="200", NO_COLOR="1")
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise FlwrCommandError(f"'flwr {' '.join(args)}' did not answer within {timeout:.0f} s") from None
+        start = proc.stdout.find("{")
+        try:
+            answer = json.loads(proc.stdout[start:]) if start >= 0 else None
+        except json.JSONDecodeError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise FlwrCommandError(
+                f"'flwr {' '.join(args)}' failed (exit {proc.returncode}): "
+                f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:] or 'no output'}"
+            )
+        if not answer.get("success", False):
+            message = str(answer.get("error-message", "unknown error")).replace("\n", " ")
+            raise FlwrCommandError(f"'flwr {' '.join(args)}' failed: {message}")
+        return answer
+
+    def register(self, public_key: Path, name: str) -> str:
+        """Enroll a SuperNode key; ``"already enrolled"`` when the SuperLink knows it already."""
+        try:
+            answer = self.call("supernode", "register", str(public_key), CONNECTION, "--name", name)
+        except FlwrCommandError as exc:
+            if ALREADY_ENROLLED in str(exc):
+                return "already enrolled"
+            raise
+        return str(answer.get("node-id"))
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return list(self.call("supernode", "list", CONNECTION).get("nodes", []))
+
+    def submit(self, app_dir: Path, run_config: Path) -> int:
+        """Start the app in ``app_dir`` with the run config file; the run id."""
+        answer = self.call("run", str(app_dir), CONNECTION, "--run-config", str(run_config))
+        return int(answer["run-id"])
+
+    def runs(self) -> list[dict[str, Any]]:
+        return list(self.call("list", CONNECTION).get("runs", []))
+
+    def run_status(self, run_id: int) -> str:
+        """``pending``, ``starting``, ``running``, ``finished:completed``, ``finished:failed``, ..."""
+        runs = self.call("list", CONNECTION, "--run-id", str(run_id)).get("runs", [])
+        return str(runs[0]["status"]) if runs else "unknown"
+
+    def stop(self, run_id: int) -> None:
+        self.call("stop", str(run_id), CONNECTION)
+
+    def logs(self, run_id: int, timeout: float = 60.0) -> str:
+        """The ServerApp's log of a run (plain text)."""
+        argv = [executable("flwr"), "log", str(run_id), CONNECTION, "--show"]
+        env = flower_env(FLWR_HOME=str(self.flwr_home), COLUMNS="200", NO_COLOR="1")
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return ""
+        return proc.stdout

@@ -1,0 +1,323 @@
+"""``fedshift server``: the coordinator daemon.
+
+It starts Flower's SuperLink (TLS, SuperNode authentication, a database file),
+enrolls the hospitals' public keys, submits the fedshift ServerApp as a Flower
+run, waits for it, and stops every process it started on exit or SIGTERM.
+
+State directory (``[server] state-dir``)::
+
+    superlink.db            # the SuperLink's persistent state (enrolled nodes, runs)
+    flwr/config.toml        # FLWR_HOME of the flwr commands the coordinator runs
+    app/pyproject.toml      # the Flower app submitted (components and run-config defaults)
+    run-config.toml         # this federation's run config ([federation] + resume-from)
+    runs.jsonl              # one line per submitted run: run id, resumed-from round, status
+    logs/superlink.log      # SuperLink (and SuperExec) output
+    logs/run-<id>.log       # the ServerApp's log of each run
+    run/                    # the run directory: checkpoint/ after every round, results.json at the end
+
+Restarting after a crash (or SIGTERM) with the same config continues the
+federation: when ``run/checkpoint`` exists and ``run/results.json`` does not,
+the run is resubmitted with ``resume-from`` pointing at the checkpoint, so it
+goes on from the last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fedshift.common.checkpoint import MANIFEST, load_checkpoint
+from fedshift.common.config import FederationConfig
+from fedshift.common.errors import ConfigError
+from fedshift.deploy.flwr_cli import (
+    CONNECTION,
+    Flwr,
+    FlwrCommandError,
+    executable,
+    flower_env,
+    write_connection,
+)
+from fedshift.deploy.processes import Child, wait_for_port
+from fedshift.deploy.settings import ServerSettings
+from fedshift.server.app import RESULTS_FILE
+
+logger = logging.getLogger(__name__)
+
+DATABASE = "superlink.db"
+STARTUP_TIMEOUT = 120.0
+FINISHED = "finished"
+
+
+class RunFailedError(RuntimeError):
+    """The federation's Flower run ended without results (not a config mistake: exit code 1)."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the coordinator keeps its state."""
+
+    state_dir: Path
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / DATABASE
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state_dir / "flwr"
+
+    @property
+    def app_dir(self) -> Path:
+        return self.state_dir / "app"
+
+    @property
+    def run_config(self) -> Path:
+        return self.state_dir / "run-config.toml"
+
+    @property
+    def runs(self) -> Path:
+        return self.state_dir / "runs.jsonl"
+
+    @property
+    def logs(self) -> Path:
+        return self.state_dir / "logs"
+
+
+def superlink_argv(settings: ServerSettings, paths: Paths, insecure: bool) -> list[str]:
+    """The ``flower-superlink`` command line."""
+    argv = [
+        executable("flower-superlink"),
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.port),
+        "--database",
+        str(paths.database),
+        # the app's code is installed with fedshift: never `uv sync` at run time (hospitals are offline)
+        "--disable-runtime-dependency-installation",
+    ]
+    if insecure:
+        return [*argv, "--insecure"]
+    assert settings.ca_cert and settings.server_cert and settings.server_key
+    return [
+        *argv,
+        "--ssl-ca-certfile",
+        str(settings.ca_cert),
+        "--ssl-certfile",
+        str(settings.server_cert),
+        "--ssl-keyfile",
+        str(settings.server_key),
+        "--enable-supernode-auth",
+    ]
+
+
+def write_app(app_dir: Path) -> None:
+    """A Flower app folder holding only ``pyproject.toml``: the code is the installed fedshift.
+
+    Its run-config defaults are ``FederationConfig()``'s, so every key the
+    ServerApp knows may be overridden with ``--run-config``.
+    """
+    defaults = FederationConfig().to_run_config()
+    lines = [
+        "[project]",
+        'name = "fedshift"',
+        'version = "0.1.0"',
+        "dependencies = []",
+        "",
+        "[tool.flwr.app]",
+        'publisher = "fedshift"',
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "fedshift.server.app:app"',
+        'clientapp = "fedshift.client.app:app"',
+        "",
+        "[tool.flwr.app.config]",
+        *(f"{key} = {_toml_value(value)}" for key, value in defaults.items()),
+    ]
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text("\n".join(lines) + "\n")
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def resume_point(run_dir: Path) -> int | None:
+    """The round of the checkpoint to continue from; ``None`` for a fresh federation.
+
+    :class:`ConfigError` when the federation in ``run_dir`` has already finished.
+    """
+    if (run_dir / RESULTS_FILE).exists():
+        raise ConfigError(
+            f"Expected no finished federation in {run_dir}, but {RESULTS_FILE} is there; move that "
+            "folder away (or set another [server] state-dir) to start a new federation"
+        )
+    if not (run_dir / "checkpoint" / MANIFEST).is_file():
+        return None
+    return load_checkpoint(run_dir / "checkpoint").round
+
+
+def write_run_config(path: Path, settings: ServerSettings, resume_round: int | None) -> None:
+    values = dict(settings.run_config)
+    values["resume-from"] = str(settings.run_dir / "checkpoint") if resume_round is not None else ""
+    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()))
+
+
+def _record(paths: Paths, entry: dict[str, object]) -> None:
+    with paths.runs.open("a") as f:
+        f.write(json.dumps({"time": datetime.now(UTC).isoformat(timespec="seconds"), **entry}) + "\n")
+
+
+class Coordinator:
+    """The SuperLink, the enrollment and one federation run, stopped whole in :meth:`close`."""
+
+    def __init__(self, settings: ServerSettings, *, insecure: bool = False) -> None:
+        self.settings = settings
+        self.insecure = insecure
+        self.paths = Paths(settings.state_dir)
+        self.flwr = Flwr(self.paths.flwr_home)
+        self.superlink: Child | None = None
+        self.run_id: int | None = None
+
+    def start(self) -> None:
+        """Start the SuperLink and wait until its Control API answers."""
+        self.paths.state_dir.mkdir(parents=True, exist_ok=True)
+        self.paths.logs.mkdir(exist_ok=True)
+        if self.insecure:
+            warnings.warn(
+                "fedshift server --insecure: the SuperLink runs WITHOUT TLS and WITHOUT SuperNode "
+                "authentication; adapters and metrics travel in plaintext and any node may join. "
+                "Use this only on a closed test network.",
+                UserWarning,
+                stacklevel=2,
+            )
+        write_connection(self.paths.flwr_home, self.settings.local_address, self.settings.ca_cert)
+        write_app(self.paths.app_dir)
+        self.superlink = Child(
+            "flower-superlink",
+            superlink_argv(self.settings, self.paths, self.insecure),
+            self.paths.logs / "superlink.log",
+            env=flower_env(),
+            cwd=self.paths.state_dir,
+        )
+        host, _, port = self.settings.local_address.rpartition(":")
+        wait_for_port(host.strip("[]"), int(port), STARTUP_TIMEOUT, self.superlink)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:  # the port opens before the Control API serves
+            try:
+                self.flwr.runs()
+                break
+            except FlwrCommandError:
+                if time.monotonic() > deadline or self.superlink.poll() is not None:
+                    raise
+                time.sleep(1.0)
+        logger.info("SuperLink up at %s (state in %s)", self.settings.local_address, self.paths.database)
+
+    def enroll(self) -> dict[str, str]:
+        """Register every configured hospital key (already enrolled keys are fine)."""
+        if self.insecure:
+            logger.warning("Insecure mode: SuperNode authentication is off, nothing to enroll")
+            return {}
+        enrolled = {}
+        for site, key in sorted(self.settings.hospitals.items()):
+            enrolled[site] = self.flwr.register(key, site)
+            logger.info("Enrolled %s (%s): %s", site, key.name, enrolled[site])
+        return enrolled
+
+    def stop_stale_runs(self) -> None:
+        """Stop runs the SuperLink's database still holds as unfinished (from before a crash)."""
+        for run in self.flwr.runs():
+            status = str(run.get("status", ""))
+            if not status.startswith(FINISHED):
+                run_id = int(run["run-id"])
+                logger.warning("Stopping run %d left %s by an earlier coordinator", run_id, status)
+                try:
+                    self.flwr.stop(run_id)
+                except FlwrCommandError as exc:
+                    logger.warning("Could not stop run %d: %s", run_id, exc)
+
+    def submit(self) -> int:
+        """Submit the federation (resumed from the checkpoint when there is one); the run id."""
+        resume_round = resume_point(self.settings.run_dir)
+        write_run_config(self.paths.run_config, self.settings, resume_round)
+        self.run_id = self.flwr.submit(self.paths.app_dir, self.paths.run_config)
+        if resume_round is None:
+            logger.info("Submitted the federation as run %d", self.run_id)
+        else:
+            logger.info("Submitted run %d, resuming the federation after round %d", self.run_id, resume_round)
+        _record(
+            self.paths, {"run-id": self.run_id, "resumed-after-round": resume_round, "status": "submitted"}
+        )
+        return self.run_id
+
+    def wait(self) -> Path:
+        """Wait for the run to finish; ``results.json``, or :class:`RunFailedError`.
+
+        The SuperLink is watched every second; the run's status (a ``flwr``
+        command) every ``poll-seconds``, and every second once ``results.json``
+        is written (the ServerApp's last act).
+        """
+        assert self.run_id is not None and self.superlink is not None
+        results = self.settings.run_dir / RESULTS_FILE
+        status, last_poll = "", -math.inf
+        while not status.startswith(FINISHED):
+            if self.superlink.poll() is not None:
+                raise RunFailedError(
+                    f"the SuperLink exited with code {self.superlink.proc.returncode} during run "
+                    f"{self.run_id}; see {self.superlink.log_path}"
+                )
+            if results.is_file() or time.monotonic() - last_poll >= self.settings.poll_seconds:
+                last_poll = time.monotonic()
+                try:
+                    new = self.flwr.run_status(self.run_id)
+                except FlwrCommandError as exc:
+                    logger.warning("Run %d: status unknown (%s)", self.run_id, exc)
+                    new = status
+                if new != status:
+                    logger.info("Run %d: %s", self.run_id, new)
+                    status = new
+            if not status.startswith(FINISHED):
+                time.sleep(1.0)
+        log_path = self.paths.logs / f"run-{self.run_id}.log"
+        log_path.write_text(self.flwr.logs(self.run_id))
+        _record(self.paths, {"run-id": self.run_id, "status": status})
+        if status != f"{FINISHED}:completed" or not results.is_file():
+            raise RunFailedError(
+                f"run {self.run_id} ended {status!r} without {RESULTS_FILE}; see {log_path}; "
+                "start the server again to resume from the last completed round"
+            )
+        logger.info("Federation finished: results in %s, ServerApp log in %s", results, log_path)
+        return results
+
+    def close(self) -> None:
+        """Stop the SuperLink and everything it started."""
+        if self.superlink is not None:
+            self.superlink.stop()
+            self.superlink = None
+
+
+def serve(settings: ServerSettings, *, insecure: bool = False) -> Path:
+    """The whole coordinator: start, enroll, submit (or resume), wait; everything stopped on the way out."""
+    resume_point(settings.run_dir)  # a finished federation is refused before anything starts
+    coordinator = Coordinator(settings, insecure=insecure)
+    try:
+        coordinator.start()
+        coordinator.enroll()
+        coordinator.stop_stale_runs()
+        coordinator.submit()
+        return coordinator.wait()
+    finally:
+        coordinator.close()
+
+
+__all__ = ["CONNECTION", "Coordinator", "RunFailedError", "serve"]

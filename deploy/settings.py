@@ -1,0 +1,309 @@
+"""The two deployment config files, read and checked before anything starts.
+
+``federation.toml`` (the coordinator, ``fedshift server``)::
+
+    [server]
+    address = "0.0.0.0:9092"          # where the SuperLink listens (Fleet, Control and Runtime APIs, HTTPS)
+    state-dir = "state"               # SuperLink database, logs, the federation's run directory
+    ca-cert = "certs/ca.crt"
+    server-cert = "certs/server.crt"
+    server-key = "certs/server.key"
+
+    [hospitals]                       # enrolled sites: name = public SuperNode key
+    hospital-a = "certs/nodes/hospital-a.pub"
+
+    [federation]                      # run config of the fedshift ServerApp (kebab-case keys)
+    num-server-rounds = 10
+    min-nodes = 2
+
+``site.toml`` (a hospital, ``fedshift client``)::
+
+    [connection]
+    superlink = "coordinator.example.org:9092"
+    ca-cert = "certs/ca.crt"
+    private-key = "certs/nodes/hospital-a.key"
+
+    [site]                            # the SuperNode's node config
+    site-name = "hospital-a"
+    data-path = "/data/hospital-a.npz"
+    state-dir = "/var/lib/fedshift/hospital-a"
+    dp-epsilon = 8.0
+
+Relative paths are relative to the config file's folder. Every mistake is a
+:class:`ConfigError` naming the file, the table and key, and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedshift.client.site import SITE_KEYS
+from fedshift.common.config import FederationConfig
+from fedshift.common.errors import ConfigError, FedshiftError
+from fedshift.deploy.certs import check_site_name
+
+DEFAULT_PORT = 9092
+DEFAULT_RUNTIME_PORT = 9094  # flower-supernode's local Runtime API (ClientApp processes connect to it)
+
+SERVER_KEYS = {
+    "address": 'host:port the SuperLink listens on, e.g. "0.0.0.0:9092"',
+    "state-dir": "folder for the SuperLink database, logs and the run directory",
+    "ca-cert": "the federation's CA certificate (PEM), from fedshift certs",
+    "server-cert": "the coordinator's TLS certificate (PEM), from fedshift certs",
+    "server-key": "the coordinator's TLS private key (PEM), from fedshift certs",
+    "poll-seconds": "how often the run's status is checked (seconds)",
+}
+CONNECTION_KEYS = {
+    "superlink": 'the coordinator\'s host:port, e.g. "coordinator.example.org:9092"',
+    "ca-cert": "the federation's CA certificate (PEM) that signed the coordinator's certificate",
+    "private-key": "this site's SuperNode key (OpenSSH, from fedshift certs)",
+    "runtime-port": "local port of the SuperNode's Runtime API (distinct per SuperNode on one machine)",
+    "log-file": "the daemon's log file (default <state-dir>/logs/fedshift-client.log)",
+}
+NODE_LOCATION_KEYS = ("data-path", "state-dir", "site-name")
+NUMBER_EXAMPLES = {"dp-epsilon": 8.0, "dp-delta": 1e-5, "dp-clip-norm": 1.0, "dp-noise-multiplier": 1.1}
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file, or a one-line :class:`ConfigError` saying what is wrong with it."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"Expected a config file at {path}, but there is none; pass --config PATH"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Expected {path} to be a readable text file, but reading failed ({exc})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"Expected {path} to be valid TOML, but it is malformed ({exc}); fix that line "
+            '(strings need quotes: key = "value")'
+        ) from None
+
+
+def _table(doc: Mapping[str, Any], name: str, path: Path, required: bool = True) -> dict[str, Any]:
+    value = doc.get(name)
+    if value is None:
+        if required:
+            raise ConfigError(f"Expected a [{name}] table in {path}, but there is none; add it")
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"Expected [{name}] in {path} to be a table, but got {value!r}")
+    return value
+
+
+def _unknown(table: Mapping[str, Any], known: Any, name: str, path: Path) -> None:
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"Expected keys of [{name}] in {path} among {sorted(known)}, but got unknown key "
+            f"{unknown[0]!r}; check the spelling (keys are kebab-case) or remove it"
+        )
+
+
+def _string(table: Mapping[str, Any], key: str, name: str, path: Path, default: str | None = None) -> str:
+    value = table.get(key, default)
+    if value is None:
+        raise ConfigError(
+            f"Expected [{name}] {key} in {path}, but it is missing; set it ({_hint(name, key)})"
+        )
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"Expected [{name}] {key} in {path} to be a non-empty string, but got {value!r}; "
+            f'write it in quotes, e.g. {key} = "..."'
+        )
+    return value.strip()
+
+
+def _hint(name: str, key: str) -> str:
+    return {**SERVER_KEYS, **CONNECTION_KEYS}.get(key, "see deploy/README.md") if name != "site" else key
+
+
+def _path(table: Mapping[str, Any], key: str, name: str, path: Path, default: str | None = None) -> Path:
+    value = Path(_string(table, key, name, path, default)).expanduser()
+    return value if value.is_absolute() else (path.parent / value).resolve()
+
+
+def _existing_file(table: Mapping[str, Any], key: str, name: str, path: Path) -> Path:
+    file = _path(table, key, name, path)
+    if not file.is_file():
+        raise ConfigError(
+            f"Expected [{name}] {key} in {path} to name an existing file, but {file} does not exist; "
+            "create it with fedshift certs or fix the path"
+        )
+    try:
+        file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"Expected [{name}] {key} in {path} to be readable, but reading {file} failed ({exc}); "
+            "fix its permissions"
+        ) from None
+    return file
+
+
+def split_address(value: str, key: str, name: str, path: Path) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"Expected [{name}] {key} in {path} to be host:port, but got {value!r}; "
+            f'e.g. {key} = "coordinator.example.org:{DEFAULT_PORT}"'
+        )
+    return host, int(port)
+
+
+def _port(table: Mapping[str, Any], key: str, name: str, path: Path, default: int) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ConfigError(f"Expected [{name}] {key} in {path} to be a port number, but got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The coordinator: where the SuperLink listens, its certificates, the enrolled sites, the run config."""
+
+    path: Path  # the federation.toml these came from
+    host: str  # bind address of the SuperLink
+    port: int  # its port (Fleet, Control and Runtime APIs share it)
+    state_dir: Path  # SuperLink database, logs, run directory
+    ca_cert: Path | None  # None only with --insecure
+    server_cert: Path | None
+    server_key: Path | None
+    hospitals: dict[str, Path]  # site name -> public key (OpenSSH)
+    run_config: dict[str, Any]  # [federation], checked by FederationConfig.from_run_config
+    poll_seconds: float  # status poll interval
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(str(self.run_config["run-dir"]))
+
+    @property
+    def local_address(self) -> str:
+        """The address local tools (flwr CLI) use: bind-all addresses become loopback."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @classmethod
+    def load(cls, path: Path, *, insecure: bool = False) -> ServerSettings:
+        path = path.expanduser().resolve()
+        doc = read_toml(path)
+        _unknown(doc, ("server", "hospitals", "federation"), "top level", path)
+        server = _table(doc, "server", path)
+        _unknown(server, SERVER_KEYS, "server", path)
+        host, port = split_address(
+            _string(server, "address", "server", path, f"0.0.0.0:{DEFAULT_PORT}"), "address", "server", path
+        )
+        state_dir = _path(server, "state-dir", "server", path, "state")
+        poll = server.get("poll-seconds", 30.0)
+        if not isinstance(poll, numbers.Real) or isinstance(poll, bool) or not 0 < float(poll) <= 600:
+            raise ConfigError(f"Expected [server] poll-seconds in {path} to be in (0, 600], but got {poll!r}")
+        if insecure:
+            ca = cert = key = None
+        else:
+            ca, cert, key = (
+                _existing_file(server, k, "server", path) for k in ("ca-cert", "server-cert", "server-key")
+            )
+        hospitals = {}
+        for site, key_path in _table(doc, "hospitals", path, required=not insecure).items():
+            try:
+                check_site_name(site)
+            except ConfigError as exc:
+                raise ConfigError(f"[hospitals] in {path}: {exc}") from None
+            hospitals[site] = _existing_file({site: key_path}, site, "hospitals", path)
+        if not insecure and not hospitals:
+            raise ConfigError(
+                f"Expected at least one enrolled site in [hospitals] of {path}, but got none; "
+                'add e.g. hospital-a = "certs/nodes/hospital-a.pub"'
+            )
+        federation = dict(_table(doc, "federation", path, required=False))
+        run_dir = federation.get("run-dir", str(state_dir / "run"))
+        federation["run-dir"] = str(_path({"run-dir": run_dir}, "run-dir", "federation", path))
+        try:
+            FederationConfig.from_run_config(federation)
+        except FedshiftError as exc:
+            raise ConfigError(f"[federation] in {path}: {exc}") from None
+        return cls(path, host, port, state_dir, ca, cert, key, hospitals, federation, float(poll))
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """A hospital: how to reach the coordinator, and its node config (data, state, privacy budget)."""
+
+    path: Path  # the site.toml these came from
+    superlink: str  # host:port of the coordinator
+    ca_cert: Path | None  # None only with --insecure
+    private_key: Path | None  # None only with --insecure
+    runtime_port: int
+    log_file: Path
+    node_config: dict[str, Any]  # [site] with absolute paths: data-path, state-dir, site-name, dp-*, ...
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(str(self.node_config["state-dir"]))
+
+    @property
+    def data_path(self) -> Path:
+        return Path(str(self.node_config["data-path"]))
+
+    @property
+    def site_name(self) -> str:
+        return str(self.node_config["site-name"])
+
+    @classmethod
+    def load(cls, path: Path, *, insecure: bool = False) -> ClientSettings:
+        path = path.expanduser().resolve()
+        doc = read_toml(path)
+        _unknown(doc, ("connection", "site"), "top level", path)
+        conn = _table(doc, "connection", path)
+        _unknown(conn, CONNECTION_KEYS, "connection", path)
+        superlink = _string(conn, "superlink", "connection", path)
+        split_address(superlink, "superlink", "connection", path)
+        if insecure:
+            ca = key = None
+        else:
+            ca = _existing_file(conn, "ca-cert", "connection", path)
+            key = _existing_file(conn, "private-key", "connection", path)
+        site = dict(_table(doc, "site", path))
+        _unknown(site, {*NODE_LOCATION_KEYS, *SITE_KEYS}, "site", path)
+        site["data-path"] = str(_path(site, "data-path", "site", path))
+        site["state-dir"] = str(_path(site, "state-dir", "site", path, str(Path(site["data-path"]).parent)))
+        name = _string(site, "site-name", "site", path, Path(site["data-path"]).stem)
+        try:
+            site["site-name"] = check_site_name(name)
+        except ConfigError as exc:
+            raise ConfigError(f"[site] site-name in {path}: {exc}") from None
+        _check_privacy_values(site, path)
+        state_dir = Path(site["state-dir"])
+        log_file = _path(
+            conn, "log-file", "connection", path, str(state_dir / "logs" / "fedshift-client.log")
+        )
+        runtime_port = _port(conn, "runtime-port", "connection", path, DEFAULT_RUNTIME_PORT)
+        return cls(path, superlink, ca, key, runtime_port, log_file, site)
+
+
+def _check_privacy_values(site: Mapping[str, Any], path: Path) -> None:
+    """Types of the dp-* keys, before the privacy code reads them (TOML has real numbers and booleans)."""
+    for key in NUMBER_EXAMPLES:
+        if key not in site:
+            continue
+        value = site[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise ConfigError(
+                f"Expected [site] {key} in {path} to be a number, but got {value!r}; "
+                f"write it without quotes, e.g. {key} = {NUMBER_EXAMPLES[key]}"
+            )
+    for key in ("dp", "dp-secure-rng"):
+        if key in site and not isinstance(site[key], bool):
+            raise ConfigError(
+                f"Expected [site] {key} in {path} to be true or false, but got {site[key]!r}; "
+                f"write {key} = true (no quotes)"
+            )

@@ -1,0 +1,216 @@
+"""A real federation on loopback for the deployment tests: certificates, configs, data and daemons.
+
+Everything is made with the commands of ``deploy/README.md`` (``fedshift certs``,
+``fedshift server --config``, ``fedshift client --config``), run as real
+processes; :class:`Federation` stops every process tree it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedshift.common.data import Dataset, make_synthetic_cxr, save_npz
+from fedshift.deploy.processes import Child, descendants
+
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+_SCRIPT = Path(sys.executable).parent / "fedshift"  # the console script the runbook uses
+FEDSHIFT = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "fedshift.common.cli"]
+# tiny and fast: 32 px images, 60 training images per site, 2 DP-SGD steps per round
+TINY_FEDERATION = {
+    "image-size": 32,
+    "batch-size": 30,
+    "local-epochs": 1,
+    "device": "cpu",
+    "seed": 0,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fedshift(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """One ``fedshift`` command, as a user types it (in ``cwd``)."""
+    return subprocess.run(
+        [*FEDSHIFT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def write_site_data(path: Path, seed: int, n: int = 90) -> None:
+    pooled = make_synthetic_cxr(n, prevalence=0.5, size=28, seed=seed).split("train")
+    idx = np.arange(n)
+    splits = {
+        "train": pooled.subset(idx[: n - 30]),
+        "val": pooled.subset(idx[n - 30 : n - 15]),
+        "test": pooled.subset(idx[n - 15 :]),
+    }
+    save_npz(path, Dataset(splits, ("normal", "lesion"), "synthetic-cxr", True))
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def toml(tables: dict[str, dict[str, Any]]) -> str:
+    out = []
+    for name, table in tables.items():
+        out.append(f"[{name}]")
+        out += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+class Federation:
+    """A coordinator and hospitals in one folder (``root``), as the runbook sets them up."""
+
+    def __init__(self, root: Path, *, rounds: int, min_nodes: int, enrolled: tuple[str, ...] = SITES) -> None:
+        self.root = root
+        self.port = free_port()
+        self.daemons: list[Child] = []
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        made = fedshift(
+            "certs",
+            "--out",
+            "certs",
+            "--hosts",
+            "localhost",
+            "--sites",
+            ",".join((*SITES, "intruder")),
+            cwd=root,
+        )
+        assert made.returncode == 0, made.stderr
+        hospitals = {site: f"certs/nodes/{site}.pub" for site in enrolled}
+        federation = {**TINY_FEDERATION, "num-server-rounds": rounds, "min-nodes": min_nodes}
+        server = {
+            "address": f"127.0.0.1:{self.port}",
+            "state-dir": "coordinator",
+            "ca-cert": "certs/ca.crt",
+            "server-cert": "certs/server.crt",
+            "server-key": "certs/server.key",
+            "poll-seconds": 2.0,
+        }
+        (root / "federation.toml").write_text(
+            toml({"server": server, "hospitals": hospitals, "federation": federation})
+        )
+        for k, site in enumerate((*SITES, "intruder")):
+            write_site_data(root / "data" / f"{site}.npz", seed=k)
+            self.write_site_config(site, key=site)
+
+    def write_site_config(self, site: str, *, key: str, **site_values: Any) -> Path:
+        connection = {
+            "superlink": f"localhost:{self.port}",
+            "ca-cert": "certs/ca.crt",
+            "private-key": f"certs/nodes/{key}.key",
+            "runtime-port": free_port(),
+        }
+        values = {
+            "site-name": site,
+            "data-path": f"data/{site}.npz",
+            "state-dir": f"sites/{site}",
+            "device": "cpu",
+            "dp-epsilon": 50.0,
+            **site_values,
+        }
+        path = self.root / f"{site}.toml"
+        path.write_text(toml({"connection": connection, "site": values}))
+        return path
+
+    # -- processes
+
+    def start(self, name: str, *args: str) -> Child:
+        child = Child(
+            name, [*FEDSHIFT, *args], self.root / "test-logs" / f"{name}.log", env=self.env, cwd=self.root
+        )
+        self.daemons.append(child)
+        return child
+
+    def start_server(self) -> Child:
+        return self.start(f"server-{len(self.daemons)}", "server", "--config", "federation.toml")
+
+    def start_client(self, site: str, *extra: str) -> Child:
+        return self.start(f"client-{site}", "client", "--config", f"{site}.toml", *extra)
+
+    def stop_all(self) -> None:
+        for child in reversed(self.daemons):
+            child.stop(timeout=20)
+
+    # -- what the daemons left on disk
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "coordinator" / "run"
+
+    def state_dir(self, site: str) -> Path:
+        return self.root / "sites" / site
+
+    def egress(self, site: str) -> list[dict[str, Any]]:
+        path = self.state_dir(site) / "egress-log.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def ledger(self, site: str) -> list[dict[str, Any]]:
+        path = self.state_dir(site) / "privacy-ledger.json"
+        return list(json.loads(path.read_text())["entries"]) if path.exists() else []
+
+    def results(self) -> dict[str, Any]:
+        return dict(json.loads((self.run_dir / "results.json").read_text()))
+
+    def log(self, name: str) -> str:
+        path = self.root / "test-logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float, *watch: Child) -> float:
+    """Seconds until ``condition()`` holds; fails on timeout or when a watched daemon exits."""
+    start = time.monotonic()
+    while not condition():
+        for child in watch:
+            code = child.poll()
+            assert code is None, (
+                f"{child.name} exited with {code} while waiting for {what}; see {child.log_path}"
+            )
+        assert time.monotonic() - start < timeout, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(1.0)
+    return time.monotonic() - start
+
+
+def kill_tree(child: Child) -> None:
+    """SIGKILL a daemon and everything below it at once: a crash, not a clean stop."""
+    tree = [child.pid, *descendants(child.pid)]
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    child.proc.wait(timeout=10)
+
+
+def flower_processes_under(root: Path) -> list[str]:
+    """Flower/fedshift processes whose command line or working directory mentions ``root``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if (str(root) in cmd or cwd.startswith(str(root))) and (
+            "flwr" in cmd or "flower" in cmd or "fedshift" in cmd
+        ):
+            found.append(f"{proc.name}: {cmd[:120]}")
+    return found

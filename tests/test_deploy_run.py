@@ -1,0 +1,80 @@
+"""A real deployment on loopback: SuperLink with TLS and node authentication, 3 SuperNodes, 2 rounds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord
+
+from fedshift.common.checkpoint import load_checkpoint
+from fedshift.common.model import ModelConfig, build_model
+from tests.deploy_support import SITES, Federation, flower_processes_under, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Federation]:
+    fed = Federation(tmp_path, rounds=2, min_nodes=3)
+    try:
+        yield fed
+    finally:
+        fed.stop_all()
+    assert flower_processes_under(tmp_path) == []
+
+
+def test_tls_federation_with_enrolled_sites_runs_two_rounds(federation: Federation) -> None:
+    started = time.monotonic()
+    server = federation.start_server()
+    clients = [federation.start_client(site) for site in SITES]
+    wait_for("the federation to finish", lambda: server.poll() is not None, 600, *clients)
+    assert server.proc.returncode == 0, federation.log(server.name)
+    elapsed = time.monotonic() - started
+
+    results = federation.results()
+    history = results["history"]
+    assert sorted(history["train"], key=int) == ["1", "2"]
+    for r in ("1", "2"):
+        assert sorted(history["train"][r]) == list(SITES)
+        assert sorted(history["evaluate"][r]) == list(SITES)
+        assert {p["mechanism"] for p in history["privacy"][r].values()} == {"dp-sgd"}
+    assert sorted(results["final_test"]) == list(SITES)
+    assert results["resumed_from_round"] == 0
+    assert load_checkpoint(federation.run_dir / "checkpoint").round == 2
+
+    # only the shared adapter tensors and allowed metrics crossed the wire
+    shared = build_model(ModelConfig(image_size=32)).shared_state_dict()
+    adapter_bytes = ArrayRecord(shared).count_bytes()
+    for site in SITES:
+        sent = federation.egress(site)
+        stages = [(e["round"], e["stage"]) for e in sent]
+        assert stages == [(1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate"), (2, "evaluate")]
+        assert all(e["blocked"] == [] for e in sent)
+        for entry in sent:
+            arrays = [i for i in entry["items"] if i["record"] == "arrays"]
+            others = {i["mechanism"] for i in entry["items"] if i["record"] != "arrays"}
+            assert others <= {"aggregate-metric (allowed by site config)", "protocol bookkeeping"}
+            if entry["stage"] == "train":
+                assert sorted(i["key"] for i in arrays) == sorted(shared)
+                assert {i["mechanism"] for i in arrays} == {"dp-sgd"}
+                assert history["train"][str(entry["round"])][site]["bytes-sent"] == adapter_bytes
+            else:
+                assert arrays == []
+        # one DP-SGD charge per round, in the ledger on the site's disk
+        ledger = federation.ledger(site)
+        assert [(e["round"], e["mechanism"]) for e in ledger] == [(1, "dp-sgd"), (2, "dp-sgd")]
+        assert len({e["run_id"] for e in ledger}) == 1
+        assert ledger[-1]["epsilon"] <= 50.0
+
+    # the node config reached the ClientApp: the state went where site.toml said
+    for site in SITES:
+        assert (federation.state_dir(site) / "site_local.safetensors").is_file()
+        assert "fedshift-client.log" in {p.name for p in (federation.state_dir(site) / "logs").iterdir()}
+    # the coordinator kept its state where the runbook says
+    state = federation.root / "coordinator"
+    assert (state / "superlink.db").is_file()
+    assert (state / "logs" / "superlink.log").is_file()
+    print(f"normal run: {elapsed:.0f} s")
