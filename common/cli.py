@@ -21,6 +21,7 @@ COMMANDS = {
     "simulate": "fedshift.simulations.cli",
     "evaluate": "fedshift.client.cli",
     "ledger": "fedshift.client.ledger_cli",
+    "shift-study": "fedshift.simulations.shift_study_cli",
     "certs": "fedshift.deploy.cli",
     "server": "fedshift.deploy.cli",
     "client": "fedshift.deploy.cli",

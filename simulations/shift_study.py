@@ -1,0 +1,364 @@
+"""``fedshift shift-study``: label-shift correction and domain alignment, measured per site in one run.
+
+The same shifted sites (one prevalence and one scanner profile each) are
+federated twice with the real ClientApp and ServerApp on Flower's simulation
+engine:
+
+* run **plain**: the federated model as is; its final evaluation at every site
+  also reports (b) the label-shift-corrected predictions and the **oracle**
+  (corrected with the test split's true prior). Both are post-hoc corrections of
+  the same global model at each site, so they cost no training;
+* run **aligned**: the same plus the feature-alignment loss towards the global
+  DP moments; its evaluation gives (c) and, corrected, (d).
+
+Both runs hold a statistics stage (DP label counts, and moments in the aligned
+run) charged to each site's ledger. The report has, per site and for each of
+(a) plain, (b) + label-shift correction, (c) + alignment, (d) both and the
+oracle: accuracy, balanced accuracy, log loss, ECE and AUC; the site's
+estimated prior with its bootstrap interval (read from the site's own
+``label-shift.json``, a simulation privilege); a per-site alignment score; and an
+audit of every site's egress log against its ledger. It writes
+``shift_study.json`` and ``shift_study.png`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedshift.client.alignment import feature_matrix, subspace_alignment
+from fedshift.client.correction import CORRECTION_FILE
+from fedshift.client.egress import (
+    BOOKKEEPING,
+    DP_STATISTICS,
+    MECHANISM_DP,
+    MECHANISM_NONE,
+    METRIC,
+    read_egress_log,
+)
+from fedshift.client.ledger import open_ledger
+from fedshift.client.site import SITE_DATA_FILE, load_local_state
+from fedshift.client.training import resolve_device
+from fedshift.common.checkpoint import load_checkpoint
+from fedshift.common.config import FederationConfig
+from fedshift.common.data import load_dataset, save_npz
+from fedshift.common.errors import ConfigError
+from fedshift.common.io import as_jsonable, atomic_write_json
+from fedshift.common.model import build_model
+from fedshift.server.app import RESULTS_FILE
+from fedshift.simulations.engine import run_flower_simulation
+from fedshift.simulations.shift import (
+    SimulatedSite,
+    format_site_table,
+    plan_sites,
+    simulate_sites,
+    site_summary,
+)
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("accuracy", "balanced-accuracy", "log-loss", "ece", "auc")
+LABELS = {
+    "accuracy": "acc",
+    "balanced-accuracy": "bal.acc",
+    "log-loss": "logloss",
+    "ece": "ECE",
+    "auc": "AUC",
+}
+# variant -> (run, metric prefix in the site's evaluation reply)
+VARIANTS: dict[str, tuple[str, str]] = {
+    "a": ("plain", ""),
+    "b": ("plain", "ls-"),
+    "c": ("aligned", ""),
+    "d": ("aligned", "ls-"),
+    "oracle": ("plain", "oracle-"),
+    "a+cal": ("plain", "cal-"),
+    "a+tta": ("plain", "tta-"),
+    "c+tta": ("aligned", "tta-"),
+}
+VARIANT_NAMES = {
+    "a": "(a) plain federated",
+    "b": "(b) + label-shift correction",
+    "c": "(c) + domain alignment",
+    "d": "(d) both",
+    "oracle": "oracle: (a) corrected with the true prior",
+    "a+cal": "(a) calibrated only (no prior correction)",
+    "a+tta": "(a) + test-time norm statistics",
+    "c+tta": "(c) + test-time norm statistics",
+}
+TABLE_VARIANTS = ("a", "b", "c", "d", "oracle")
+ALLOWED_MECHANISMS = frozenset({MECHANISM_DP, MECHANISM_NONE, METRIC, BOOKKEEPING, *DP_STATISTICS.values()})
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """One shift study."""
+
+    out_dir: Path  # run directory (created)
+    data: str  # MedMNIST-layout .npz (e.g. ../shared/data/pneumoniamnist.npz)
+    prevalences: tuple[float, ...] = (0.05, 0.1, 0.5, 0.9, 0.95)  # one site each
+    max_per_site: int = 300  # images per site before its 60/20/20 train/val/test split
+    far: float = 0.3  # a site is "far" when |its prevalence - the global prior| >= this
+    federation: FederationConfig = field(default_factory=FederationConfig)  # shift settings included
+
+    def __post_init__(self) -> None:
+        if len(self.prevalences) < 2:
+            raise ConfigError(f"Expected at least 2 prevalences, but got {list(self.prevalences)}")
+        if not self.federation.shift.align:
+            raise ConfigError(
+                "Expected align-weight > 0 for the aligned run, but got 0; pass e.g. --align-weight 0.1"
+            )
+
+
+def build_sites(spec: StudySpec) -> list[SimulatedSite]:
+    fed = spec.federation
+    dataset = load_dataset(spec.data, seed=fed.seed, image_size=fed.model.image_size)
+    pool = dataset.pooled()
+    plans = plan_sites(
+        len(spec.prevalences),
+        prevalences=spec.prevalences,
+        pool_counts=list(pool.class_counts(dataset.num_classes)),
+        max_per_site=spec.max_per_site,
+        seed=fed.seed,
+    )
+    return simulate_sites(
+        pool,
+        plans,
+        class_names=dataset.class_names,
+        source=dataset.source,
+        synthetic=dataset.synthetic,
+        seed=fed.seed,
+    )
+
+
+def federate(fed: FederationConfig, sites: Sequence[SimulatedSite], root: Path) -> dict[str, Any]:
+    """Write the sites under ``root/sites``, run the Flower simulation, return the server's results."""
+    for site in sites:
+        site_dir = root / "sites" / site.spec.name
+        site_dir.mkdir(parents=True, exist_ok=True)
+        save_npz(site_dir / SITE_DATA_FILE, site.data)
+    fed = replace(fed, run_dir=str(root / "server"), sites_root=str(root / "sites"), min_nodes=len(sites))
+    started = time.time()
+    run_flower_simulation(fed, len(sites))
+    path = Path(fed.run_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise RuntimeError(f"The Flower simulation ended without writing {path}")
+    results: dict[str, Any] = json.loads(path.read_text())
+    results["wall_seconds"] = time.time() - started
+    return results
+
+
+def variant_metrics(
+    final_test: Mapping[str, Mapping[str, float]], prefix: str
+) -> dict[str, dict[str, float]]:
+    """Per site: the five metrics of one variant (``prefix`` of the evaluation reply's keys)."""
+    out = {}
+    for site, metrics in final_test.items():
+        out[site] = {m: float(metrics.get(f"{prefix}{m}", math.nan)) for m in METRICS}
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def alignment_scores(root: Path, sites: Sequence[SimulatedSite], k: int = 5) -> dict[str, float]:
+    """Per site: subspace alignment of its test features with the pooled test features of the others.
+
+    Features come from the run's final global adapters and each site's own local
+    state (input adapter, norm affines), as the site would compute them.
+    """
+    ckpt = load_checkpoint(root / "server" / "checkpoint")
+    device = resolve_device("cpu")
+    features: dict[str, np.ndarray] = {}
+    for site in sites:
+        name = site.spec.name
+        model = build_model(ckpt.model)
+        model.load_shared_state_dict(ckpt.arrays)
+        local = load_local_state(root / "sites" / name)
+        if local is not None:
+            model.load_local_state_dict(local)
+        features[name] = feature_matrix(model, site.data.split("test").images, device)
+    out = {}
+    for name, own in features.items():
+        others = np.concatenate([f for n, f in features.items() if n != name])
+        out[name] = subspace_alignment(own, others, k=min(k, own.shape[0] - 1))
+    return out
+
+
+def egress_audit(root: Path) -> dict[str, Any]:
+    """Every item every site sent, by mechanism; DP statistics without a ledger charge; anything else."""
+    mechanisms: dict[str, int] = {}
+    uncharged: list[str] = []
+    unexpected: list[str] = []
+    blocked: list[str] = []
+    for site_dir in sorted(p for p in (root / "sites").iterdir() if p.is_dir()):
+        ledger = open_ledger(site_dir)
+        for entry in read_egress_log(site_dir):
+            blocked += [f"{site_dir.name}: {b}" for b in entry["blocked"]]
+            for item in entry["items"]:
+                mech = str(item["mechanism"])
+                mechanisms[mech] = mechanisms.get(mech, 0) + 1
+                if mech not in ALLOWED_MECHANISMS:
+                    unexpected.append(f"{site_dir.name}: {item['record']}.{item['key']} ({mech})")
+                if mech in DP_STATISTICS.values() and (
+                    ledger is None or ledger.find(entry["run"], entry["round"], mech) is None
+                ):
+                    uncharged.append(
+                        f"{site_dir.name}: {item['record']}.{item['key']} round {entry['round']}"
+                    )
+    return {"mechanisms": mechanisms, "uncharged": uncharged, "unexpected": unexpected, "blocked": blocked}
+
+
+def _site_priors(root: Path, sites: Sequence[SimulatedSite]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for site in sites:
+        path = root / "sites" / site.spec.name / CORRECTION_FILE
+        if path.is_file():
+            kept = json.loads(path.read_text())
+            interval = kept.get("interval")
+            out[site.spec.name] = {
+                "estimate": kept["estimate"][1] if kept.get("estimate") else None,
+                "applied": kept["prior"][1],
+                "interval": [interval[0][1], interval[1][1]] if interval else None,
+                "fallback": kept["fallback"],
+                "reason": kept["reason"],
+            }
+    return out
+
+
+def run_study(spec: StudySpec) -> dict[str, Any]:
+    """Both federations, the per-site table, the claims, JSON and plot in ``spec.out_dir``."""
+    started = time.time()
+    out = spec.out_dir
+    sites = build_sites(spec)
+    logger.info("Simulated sites:\n%s", format_site_table(sites))
+    fed = spec.federation
+    plain_fed = replace(fed, shift=replace(fed.shift, align_weight=0.0))
+    runs = {
+        "plain": federate(plain_fed, sites, out / "plain"),
+        "aligned": federate(fed, sites, out / "aligned"),
+    }
+    per_variant = {
+        v: variant_metrics(runs[run]["final_test"], prefix) for v, (run, prefix) in VARIANTS.items()
+    }
+    names = [s.spec.name for s in sites]
+    prevalence = {s.spec.name: float(site_summary(s)["prevalence"] or 0.0) for s in sites}  # type: ignore[arg-type]
+    prior = runs["plain"].get("statistics") or {}
+    global_prior = float(prior["train_prior"][1]) if prior.get("train_prior") else math.nan
+    far = [n for n in names if abs(prevalence[n] - global_prior) >= spec.far]
+    means = {v: {m: _mean([per_variant[v][n][m] for n in names]) for m in METRICS} for v in per_variant}
+    far_acc = {v: _mean([per_variant[v][n]["accuracy"] for n in far]) for v in per_variant}
+    scores = {run: alignment_scores(out / run, sites) for run in runs}
+    claims = {
+        "mean_log_loss": {"a": means["a"]["log-loss"], "b": means["b"]["log-loss"]},
+        "label_shift_lowers_mean_log_loss": means["b"]["log-loss"] < means["a"]["log-loss"],
+        "far_sites": far,
+        "far_accuracy": {
+            n: {"a": per_variant["a"][n]["accuracy"], "b": per_variant["b"][n]["accuracy"]} for n in far
+        },
+        "label_shift_raises_far_accuracy": bool(far)
+        and all(per_variant["b"][n]["accuracy"] >= per_variant["a"][n]["accuracy"] for n in far)
+        and far_acc["b"] > far_acc["a"],
+        "mean_auc": {v: means[v]["auc"] for v in ("a", "c", "b", "d")},
+        "alignment_keeps_mean_auc": means["c"]["auc"] >= means["a"]["auc"],
+    }
+    report = {
+        "data": spec.data,
+        "sites": [site_summary(s) for s in sites],
+        "global_train_prior": global_prior,
+        "run_config": fed.to_run_config(),
+        "variants": VARIANT_NAMES,
+        "per_site": per_variant,
+        "mean": means,
+        "far_sites_mean_accuracy": far_acc,
+        "site_priors": {run: _site_priors(out / run, sites) for run in runs},
+        "alignment_score": scores,
+        "claims": claims,
+        "egress": {run: egress_audit(out / run) for run in runs},
+        "ledger_epsilon": {
+            run: {
+                n: led.epsilon(fed.privacy.delta)
+                for n in names
+                if (led := open_ledger(out / run / "sites" / n)) is not None
+            }
+            for run in runs
+        },
+        "seconds": {**{run: r["wall_seconds"] for run, r in runs.items()}, "total": time.time() - started},
+    }
+    report["table"] = format_table(report, names, prevalence)
+    atomic_write_json(out / "shift_study.json", as_jsonable(report))
+    plot_study(report, names, prevalence, out / "shift_study.png")
+    return report
+
+
+def format_table(report: Mapping[str, Any], names: Sequence[str], prevalence: Mapping[str, float]) -> str:
+    """Per site and variant: the five metrics; the site's prevalence, estimate and alignment score."""
+    per = report["per_site"]
+    priors = report["site_priors"]["plain"]
+    head = ["site", "prev", "est.", "variant", *(LABELS[m] for m in METRICS), "align"]
+    rows = [head]
+    for n in [*names, "mean"]:
+        for v in TABLE_VARIANTS:
+            metrics = report["mean"][v] if n == "mean" else per[v][n]
+            run = VARIANTS[v][0]
+            score = report["alignment_score"][run].get(n) if n != "mean" else None
+            est = priors.get(n, {}).get("estimate") if n != "mean" else None
+            rows.append(
+                [
+                    n if v == "a" else "",
+                    f"{prevalence[n]:.2f}" if n != "mean" and v == "a" else "",
+                    f"{est:.2f}" if est is not None and v == "b" else "",
+                    v,
+                    *(_fmt(metrics[m]) for m in METRICS),
+                    f"{score:.3f}" if score is not None and v in ("a", "c") else "",
+                ]
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    legend = "; ".join(f"{v} = {VARIANT_NAMES[v]}" for v in TABLE_VARIANTS)
+    return "\n".join([f"Per-site test results ({legend}); est. = the site's EM prior estimate", *lines])
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def plot_study(
+    report: Mapping[str, Any], names: Sequence[str], prevalence: Mapping[str, float], path: Path
+) -> Path:
+    """Grouped bars per site (x: sites by prevalence) for log loss, accuracy and AUC of each variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    width = 0.8 / len(TABLE_VARIANTS)
+    x = np.arange(len(names))
+    for ax, metric in zip(axes, ("log-loss", "accuracy", "auc"), strict=True):
+        for i, v in enumerate(TABLE_VARIANTS):
+            values = [report["per_site"][v][n][metric] for n in names]
+            ax.bar(x + (i - (len(TABLE_VARIANTS) - 1) / 2) * width, values, width, label=VARIANT_NAMES[v])
+        ax.set_xticks(x, [f"{n}\np={prevalence[n]:.2f}" for n in names], fontsize=8)
+        ax.set_title(LABELS[metric])
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(
+        "Label-shift correction and domain alignment per site "
+        f"(global prior {report['global_train_prior']:.2f})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
