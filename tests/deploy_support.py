@@ -172,6 +172,11 @@ class Federation:
     def results(self) -> dict[str, Any]:
         return dict(json.loads((self.run_dir / "results.json").read_text()))
 
+    def client_log(self, site: str) -> str:
+        """The site daemon's log file (its own lines and the SuperNode's)."""
+        path = self.state_dir(site) / "logs" / "fedshift-client.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def log(self, name: str) -> str:
         path = self.root / "test-logs" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""

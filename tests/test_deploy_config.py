@@ -1,0 +1,189 @@
+"""Certificates, config checks and help of the deployment commands (no processes started)."""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from fedshift.common.cli import main
+from fedshift.deploy.server import resume_point
+from tests.deploy_support import toml, write_site_data
+from tests.helpers import one_line_error
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Path:
+    out = tmp_path / "certs"
+    code = main(["certs", "--out", str(out), "--hosts", "fl.example.org,10.1.2.3", "--sites", "hospital-a"])
+    assert code == 0
+    return out
+
+
+def test_certs_make_a_ca_a_server_certificate_and_openssh_node_keys(certs: Path) -> None:
+    ca = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((certs / "server.crt").read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert server.issuer == ca.subject
+    server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(sans.get_values_for_type(x509.DNSName)) == {"fl.example.org", "localhost"}
+    assert set(sans.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("10.1.2.3"),
+        ipaddress.ip_address("127.0.0.1"),
+    }
+    private = load_ssh_private_key((certs / "nodes" / "hospital-a.key").read_bytes(), None)
+    public = load_ssh_public_key((certs / "nodes" / "hospital-a.pub").read_bytes())
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(public, ec.EllipticCurvePublicKey)
+    assert private.public_key().public_numbers() == public.public_numbers()
+    assert public.curve.name == "secp384r1"
+    for key in ("ca.key", "server.key", "nodes/hospital-a.key"):
+        assert stat.S_IMODE((certs / key).stat().st_mode) == 0o600
+    assert stat.S_IMODE((certs / "nodes" / "hospital-a.pub").stat().st_mode) == 0o644
+
+
+def test_certs_never_overwrite_without_force(certs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = (certs / "nodes" / "hospital-a.key").read_bytes()
+    code = main(["certs", "--out", str(certs), "--sites", "hospital-a"])
+    one_line_error(code, capsys.readouterr().err, "hospital-a.key", "--force")
+    assert (certs / "nodes" / "hospital-a.key").read_bytes() == before
+    # a new hospital is added with the same CA; --force replaces a key
+    ca = (certs / "ca.crt").read_bytes()
+    assert main(["certs", "--out", str(certs), "--sites", "hospital-b"]) == 0
+    assert main(["certs", "--out", str(certs), "--sites", "hospital-a", "--force"]) == 0
+    assert (certs / "ca.crt").read_bytes() == ca
+    assert (certs / "nodes" / "hospital-a.key").read_bytes() != before
+
+
+def _site_toml(root: Path, certs: Path, **site: object) -> Path:
+    write_site_data(root / "a.npz", seed=0)
+    values = {
+        "site-name": "hospital-a",
+        "data-path": "a.npz",
+        "state-dir": "state",
+        "dp-epsilon": 8.0,
+        **site,
+    }
+    connection = {
+        "superlink": "fl.example.org:9092",
+        "ca-cert": str(certs / "ca.crt"),
+        "private-key": str(certs / "nodes" / "hospital-a.key"),
+    }
+    path = root / "site.toml"
+    path.write_text(toml({"connection": connection, "site": values}))
+    return path
+
+
+def test_a_good_site_config_passes_the_check(
+    tmp_path: Path, certs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _site_toml(tmp_path, certs)
+    assert main(["client", "--config", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "'train': 60" in out and "epsilon 8" in out
+    assert (tmp_path / "state").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("change", "needles"),
+    [
+        ({"ca-cert": "missing.crt"}, ("ca-cert", "missing.crt", "fedshift certs")),
+        ({"data-path": "nowhere.npz"}, ("data-path", "nowhere.npz", "fix the path")),
+        ({"dp-epsilon": "eight"}, ("dp-epsilon", "number", "without quotes")),
+        ({"dp-epsilonn": 8.0}, ("dp-epsilonn", "unknown key", "spelling")),
+        ({"dp-epsilon": None}, ("dp-epsilon", "set dp-epsilon")),
+    ],
+)
+def test_bad_site_configs_fail_in_one_line_naming_the_key(
+    tmp_path: Path,
+    certs: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: dict[str, object],
+    needles: tuple[str, ...],
+) -> None:
+    connection_keys = {"ca-cert"}
+    site = {k: v for k, v in change.items() if k not in connection_keys and v is not None}
+    path = _site_toml(tmp_path, certs, **site)
+    text = path.read_text()
+    if "ca-cert" in change:
+        text = text.replace(str(certs / "ca.crt"), str(tmp_path / str(change["ca-cert"])))
+    if change.get("dp-epsilon", 0) is None:
+        text = text.replace("dp-epsilon = 8.0\n", "")
+    path.write_text(text)
+    one_line_error(main(["client", "--config", str(path), "--check"]), capsys.readouterr().err, *needles)
+
+
+def test_unreadable_data_and_malformed_toml(
+    tmp_path: Path, certs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _site_toml(tmp_path, certs)
+    data = tmp_path / "a.npz"
+    data.write_bytes(b"not an npz archive")
+    one_line_error(
+        main(["client", "--config", str(path), "--check"]), capsys.readouterr().err, "data-path", "npz"
+    )
+    path.write_text('[connection]\nsuperlink = "fl.example.org:9092\n')
+    one_line_error(
+        main(["client", "--config", str(path), "--check"]), capsys.readouterr().err, "valid TOML", "quotes"
+    )
+
+
+def _federation_toml(root: Path, certs: Path, **server: object) -> Path:
+    values = {
+        "address": "0.0.0.0:9092",
+        "state-dir": "coordinator",
+        "ca-cert": str(certs / "ca.crt"),
+        "server-cert": str(certs / "server.crt"),
+        "server-key": str(certs / "server.key"),
+        **server,
+    }
+    hospitals = {"hospital-a": str(certs / "nodes" / "hospital-a.pub")}
+    path = root / "federation.toml"
+    path.write_text(toml({"server": values, "hospitals": hospitals, "federation": {"num-server-rounds": 3}}))
+    return path
+
+
+def test_server_config_checks(tmp_path: Path, certs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _federation_toml(tmp_path, certs)
+    assert main(["server", "--config", str(path), "--check"]) == 0
+    assert "1 hospital(s)" in capsys.readouterr().out
+    (certs / "server.key").unlink()
+    one_line_error(
+        main(["server", "--config", str(path), "--check"]),
+        capsys.readouterr().err,
+        "server-key",
+        "fedshift certs",
+    )
+    path = _federation_toml(tmp_path, certs, **{"server-key": str(certs / "ca.key"), "adress": "x"})
+    one_line_error(main(["server", "--config", str(path)]), capsys.readouterr().err, "'adress'", "spelling")
+    path.write_text(
+        path.read_text().replace('adress = "x"', "").replace("num-server-rounds = 3", "rounds = 3")
+    )
+    one_line_error(main(["server", "--config", str(path)]), capsys.readouterr().err, "rounds", "kebab-case")
+
+
+def test_a_finished_federation_is_not_started_again(tmp_path: Path) -> None:
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match="move that folder away"):
+        resume_point(tmp_path)
+    assert resume_point(tmp_path / "fresh") is None
+
+
+@pytest.mark.parametrize("command", ["server", "client", "certs"])
+def test_help_documents_every_option(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    options = {
+        "server": ["--config", "--insecure", "--check"],
+        "client": ["--config", "--insecure", "--check"],
+        "certs": ["--out", "--hosts", "--sites", "--days", "--force"],
+    }[command]
+    for option in options:
+        assert option in out
