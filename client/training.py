@@ -37,14 +37,16 @@ def resolve_device(setting: str = "auto") -> torch.device:
     """``auto`` -> the first GPU when there is one, else CPU; or ``cpu`` / ``cuda:N``.
 
     On the CPU, torch uses every core this process may run on (Ray workers
-    otherwise start with a single intra-op thread).
+    otherwise start with a single intra-op thread), or at most ``FEDSHIFT_NUM_THREADS``.
     """
     setting = (setting or "auto").strip().lower()
     if setting == "auto":
         setting = "cuda:0" if torch.cuda.is_available() else "cpu"
     if setting == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, cores or 1))
+        # FEDSHIFT_NUM_THREADS caps it: on a CPU shared with other jobs, oversubscribed threads spin
+        cap = int(os.environ.get("FEDSHIFT_NUM_THREADS", cores or 1))
+        torch.set_num_threads(max(1, min(cores or 1, cap)))
         return torch.device("cpu")
     if setting.startswith("cuda"):
         if not torch.cuda.is_available():
