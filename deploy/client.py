@@ -47,9 +47,9 @@ logger = logging.getLogger(__name__)
 NODE_CONFIG_FILE = "node-config.toml"
 REQUIRED_SPLITS = ("train", "val", "test")  # trained on, validated on each round, tested at the end
 MIN_BACKOFF, MAX_BACKOFF = 2.0, 60.0
-NOT_ENROLLED = "No SuperNode found with the given public key"
+# flower-supernode's words when the SuperLink refuses its key (it then exits with code 1)
+NOT_ENROLLED = "[code: 2004] Failed to activate SuperNode"
 EXIT_NOT_ENROLLED = 3
-FLOWER_EXIT_CONNECT = 305  # flower-supernode: could not connect/activate (a refused key ends here too)
 
 
 @dataclass(frozen=True)
@@ -193,9 +193,9 @@ def supernode_argv(settings: ClientSettings, node_config: Path, insecure: bool) 
     ]
 
 
-def _log_tail(path: Path, size: int = 20000) -> str:
+def _log_since(path: Path, offset: int) -> str:
     with path.open("rb") as f:
-        f.seek(max(0, path.stat().st_size - size))
+        f.seek(offset)
         return f.read().decode(errors="replace")
 
 
@@ -212,6 +212,7 @@ def run_daemon(settings: ClientSettings, *, insecure: bool = False, max_restarts
     argv = supernode_argv(settings, node_config, insecure)
     backoff, restarts = MIN_BACKOFF, 0
     while True:
+        offset = settings.log_file.stat().st_size if settings.log_file.exists() else 0
         child = Child("flower-supernode", argv, settings.log_file, env=flower_env(), cwd=settings.state_dir)
         started = time.monotonic()
         try:
@@ -219,8 +220,7 @@ def run_daemon(settings: ClientSettings, *, insecure: bool = False, max_restarts
                 time.sleep(0.5)
         finally:
             code = child.stop()
-        tail = _log_tail(settings.log_file)
-        if NOT_ENROLLED in tail[-4000:] or (code == FLOWER_EXIT_CONNECT and "2004" in tail[-4000:]):
+        if NOT_ENROLLED in _log_since(settings.log_file, offset):
             logger.error(
                 "The coordinator refused %s's key (not enrolled); ask the coordinator to add %s's public "
                 "key to [hospitals] and restart the server",
