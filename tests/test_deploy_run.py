@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord
 
 from fedshift.common.checkpoint import load_checkpoint
 from fedshift.common.model import ModelConfig, build_model
-from tests.deploy_support import SITES, Federation, flower_processes_under, wait_for
+from tests.deploy_support import SITES, Federation, fedshift, flower_processes_under, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +68,11 @@ def test_tls_federation_with_enrolled_sites_runs_two_rounds(federation: Federati
         assert [(e["round"], e["mechanism"]) for e in ledger] == [(1, "dp-sgd"), (2, "dp-sgd")]
         assert len({e["run_id"] for e in ledger}) == 1
         assert ledger[-1]["epsilon"] <= 50.0
+
+    # the budget status command of the runbook reads the same ledger
+    shown = fedshift("ledger", "sites/hospital-a", cwd=federation.root)
+    assert shown.returncode == 0, shown.stderr
+    assert "2 entries" in shown.stdout and "epsilon = " in shown.stdout
 
     # the node config reached the ClientApp: the state went where site.toml said
     for site in SITES:
