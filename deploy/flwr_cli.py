@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 CONNECTION = "fedshift"
 ALREADY_ENROLLED = "Public key already in use"  # flwr's message when a key is registered twice
+ALREADY_ENROLLED_NOTE = "already enrolled"
 TIMEOUT = 120.0
 
 
@@ -115,9 +116,12 @@ class Flwr:
             answer = self.call("supernode", "register", str(public_key), CONNECTION, "--name", name)
         except FlwrCommandError as exc:
             if ALREADY_ENROLLED in str(exc):
-                return "already enrolled"
+                return ALREADY_ENROLLED_NOTE
             raise
         return str(answer.get("node-id"))
+
+    def unregister(self, node_id: int) -> None:
+        self.call("supernode", "unregister", str(node_id), CONNECTION)
 
     def nodes(self) -> list[dict[str, Any]]:
         return list(self.call("supernode", "list", CONNECTION).get("nodes", []))

@@ -23,6 +23,7 @@ goes on from the last completed round.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -31,11 +32,14 @@ import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from fedshift.common.checkpoint import MANIFEST, load_checkpoint
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import ConfigError
+from fedshift.common.io import atomic_write_json
 from fedshift.deploy.flwr_cli import (
+    ALREADY_ENROLLED_NOTE,
     CONNECTION,
     Flwr,
     FlwrCommandError,
@@ -83,6 +87,10 @@ class Paths:
     @property
     def runs(self) -> Path:
         return self.state_dir / "runs.jsonl"
+
+    @property
+    def enrolled(self) -> Path:
+        return self.state_dir / "enrolled.json"
 
     @property
     def logs(self) -> Path:
@@ -173,6 +181,19 @@ def write_run_config(path: Path, settings: ServerSettings, resume_round: int | N
     path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()))
 
 
+def _key_fingerprint(path: Path) -> str:
+    """sha256 of an OpenSSH public key's type and body (the comment does not count)."""
+    fields = path.read_text().split()
+    return hashlib.sha256(" ".join(fields[:2]).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
 def _record(paths: Paths, entry: dict[str, object]) -> None:
     with paths.runs.open("a") as f:
         f.write(json.dumps({"time": datetime.now(UTC).isoformat(timespec="seconds"), **entry}) + "\n")
@@ -223,15 +244,38 @@ class Coordinator:
                 time.sleep(1.0)
         logger.info("SuperLink up at %s (state in %s)", self.settings.local_address, self.paths.database)
 
-    def enroll(self) -> dict[str, str]:
-        """Register every configured hospital key (already enrolled keys are fine)."""
+    def enroll(self) -> dict[str, dict[str, str]]:
+        """Make the SuperLink's enrolled keys exactly ``[hospitals]``.
+
+        Every configured key is registered (one already known is fine); a site
+        that was enrolled by an earlier start (``enrolled.json``) but is no
+        longer configured, or whose key changed, is unregistered first, so a
+        revoked hospital cannot join again.
+        """
         if self.insecure:
             logger.warning("Insecure mode: SuperNode authentication is off, nothing to enroll")
             return {}
-        enrolled = {}
+        before = _read_json(self.paths.enrolled)
+        wanted = {site: _key_fingerprint(key) for site, key in self.settings.hospitals.items()}
+        for site, entry in sorted(before.items()):
+            if wanted.get(site) != entry.get("key-sha256") and entry.get("node-id", "").isdigit():
+                logger.warning(
+                    "Revoking %s (node %s): no longer in [hospitals] or its key changed",
+                    site,
+                    entry["node-id"],
+                )
+                try:
+                    self.flwr.unregister(int(entry["node-id"]))
+                except FlwrCommandError as exc:
+                    logger.warning("Could not unregister %s: %s", site, exc)
+        enrolled: dict[str, dict[str, str]] = {}
         for site, key in sorted(self.settings.hospitals.items()):
-            enrolled[site] = self.flwr.register(key, site)
-            logger.info("Enrolled %s (%s): %s", site, key.name, enrolled[site])
+            node_id = self.flwr.register(key, site)
+            if node_id == ALREADY_ENROLLED_NOTE:
+                node_id = before.get(site, {}).get("node-id", node_id)
+            enrolled[site] = {"node-id": node_id, "key-sha256": wanted[site], "key": str(key)}
+            logger.info("Enrolled %s (%s): node %s", site, key.name, node_id)
+        atomic_write_json(self.paths.enrolled, enrolled)
         return enrolled
 
     def stop_stale_runs(self) -> None:

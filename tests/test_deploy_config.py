@@ -187,3 +187,50 @@ def test_help_documents_every_option(command: str, capsys: pytest.CaptureFixture
     }[command]
     for option in options:
         assert option in out
+
+
+class _FakeFlwr:
+    """Records what the coordinator asks Flower's CLI to do."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+        self.next_id = 100
+
+    def register(self, key: Path, name: str) -> str:
+        self.calls.append(("register", name))
+        self.next_id += 1
+        return str(self.next_id)
+
+    def unregister(self, node_id: int) -> None:
+        self.calls.append(("unregister", node_id))
+
+
+def test_enrollment_follows_the_hospitals_table(tmp_path: Path, certs: Path) -> None:
+    from fedshift.deploy.certs import make_certs
+    from fedshift.deploy.server import Coordinator
+    from fedshift.deploy.settings import ServerSettings
+
+    make_certs(certs, sites=["hospital-b"])
+    path = _federation_toml(tmp_path, certs)
+    line_b = f'hospital-b = "{certs / "nodes" / "hospital-b.pub"}"\n'
+    text = path.read_text().replace("[federation]", f"{line_b}\n[federation]")  # into [hospitals]
+    path.write_text(text)
+    coordinator = Coordinator(ServerSettings.load(path))
+    fake = _FakeFlwr()
+    coordinator.flwr = fake  # type: ignore[assignment]
+    (tmp_path / "coordinator").mkdir()
+    first = coordinator.enroll()
+    assert sorted(first) == ["hospital-a", "hospital-b"]
+    assert fake.calls == [("register", "hospital-a"), ("register", "hospital-b")]
+
+    # hospital-b leaves the federation and hospital-a gets a new key: both old nodes are revoked
+    make_certs(certs, sites=["hospital-a"], force=True)
+    path.write_text(text.replace(line_b, ""))
+    fake.calls.clear()
+    coordinator = Coordinator(ServerSettings.load(path))
+    coordinator.flwr = fake  # type: ignore[assignment]
+    second = coordinator.enroll()
+    assert sorted(second) == ["hospital-a"]
+    revoked = sorted(int(first[s]["node-id"]) for s in ("hospital-a", "hospital-b"))
+    assert sorted(c[1] for c in fake.calls if c[0] == "unregister") == revoked  # type: ignore[type-var]
+    assert ("register", "hospital-a") in fake.calls
