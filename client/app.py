@@ -13,11 +13,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedshift.client.continual import ewc_term, fisher_reply
 from fedshift.client.correction import evaluate_with_shift
 from fedshift.client.dp import plan_round
 from fedshift.client.egress import (
@@ -30,7 +30,7 @@ from fedshift.client.egress import (
     refusal,
     round_of,
 )
-from fedshift.client.ewc import EWCTerm, fisher_mechanism, site_fisher
+from fedshift.client.ewc import fisher_mechanism
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.client.site import (
     SiteSettings,
@@ -45,7 +45,7 @@ from fedshift.client.site_statistics import (
 )
 from fedshift.client.training import TrainStats, evaluate, resolve_device, train_local
 from fedshift.common.config import FederationConfig
-from fedshift.common.errors import BudgetExhaustedError, ConfigError
+from fedshift.common.errors import BudgetExhaustedError
 from fedshift.common.model import FedshiftModel, build_model
 from fedshift.common.protocol import (
     ARRAYS_KEY,
@@ -86,25 +86,6 @@ def _policy(site: SiteSettings) -> EgressPolicy:
     return EgressPolicy(dp_required=site.privacy.enabled, allowed_metrics=allowed)
 
 
-def _ewc_term(
-    fed: FederationConfig,
-    site: SiteSettings,
-    model: FedshiftModel,
-    images: np.ndarray,
-    *,
-    private: bool,
-    seed: int,
-) -> tuple[EWCTerm | None, str]:
-    """EWC towards the global adapters just received, with the Fisher its source allows (None when off)."""
-    if not fed.ewc.enabled:
-        return None, ""
-    anchor = {k: v.clone() for k, v in model.shared_state_dict().items()}
-    fisher, source, _release = site_fisher(
-        fed.ewc, model, images, private=private, seed=seed, secure_rng=site.privacy.secure_rng
-    )
-    return EWCTerm(model, anchor, fisher, fed.ewc.lam), source
-
-
 def _train_private(
     msg: Message, fed: FederationConfig, site: SiteSettings, model: FedshiftModel, seed: int
 ) -> tuple[TrainStats, ConfigRecord]:
@@ -125,6 +106,7 @@ def _train_private(
         num_rounds=fed.num_rounds,
         seed=seed,
         extra=[*fisher_cost, *round_mechanisms(fed)],  # issue 5: + the alignment loss's DP moments
+        final=[fisher_mechanism(fed.ewc)] if fed.ewc.consolidation_spends_privacy else [],
     )
     dp = plan.training
     # charged before the data is touched: a crash mid-round over-reports, never under-reports
@@ -159,7 +141,7 @@ def _train_private(
             delta=plan.delta,
         )
     objective = training_objective(fed, site, model, train.images, run_id=run_id, private=True, seed=seed)
-    term, source = _ewc_term(fed, site, model, train.images, private=True, seed=seed)
+    term, source = ewc_term(fed, site, model, msg, train.images, private=True, seed=seed)
     stats = train_local(
         model,
         train,
@@ -215,11 +197,6 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
         server_round = round_of(msg)
         seed = zlib.crc32(f"{fed.seed}:{server_round}:{site.name}".encode())
         device = resolve_device(site.device)
-        if fed.ewc.enabled and fed.ewc.anchor != "global":
-            raise ConfigError(
-                f"Expected ewc-anchor 'global' (this round's global adapters), but got {fed.ewc.anchor!r}; "
-                "a consolidated anchor comes with the continual scenario and is not wired in yet"
-            )
         # progressive unfreezing: only the levels this round opens train (all of them when off)
         model.freeze_for_training(fed.train.trainable_depth(server_round))
         if site.privacy.enabled:
@@ -236,7 +213,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
                 server_round,
             )
             data = load_site_data(site).split("train")
-            term, source = _ewc_term(fed, site, model, data.images, private=False, seed=seed)
+            term, source = ewc_term(fed, site, model, msg, data.images, private=False, seed=seed)
             objective = training_objective(  # issue 5: logit adjustment and/or feature alignment
                 fed, site, model, data.images, run_id=str(msg.metadata.run_id), private=False, seed=seed
             )
@@ -312,6 +289,12 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
             return handle_statistics(msg, fed, site, model)
         fed, site = _settings(context, fixed)
         return handle_statistics(msg, fed, site, None)
+
+    @app.query("fisher")
+    def fisher(msg: Message, context: Context) -> Message:
+        """The end-of-phase Fisher at the final global adapters (run config ewc-consolidate)."""
+        fed, site, model = _prepare(msg, context, fixed)
+        return fisher_reply(msg, fed, site, model)
 
     return app
 

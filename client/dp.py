@@ -277,6 +277,7 @@ def plan_round(
     num_rounds: int,
     seed: int = 0,
     extra: Sequence[Mechanism] = (),
+    final: Sequence[Mechanism] = (),
 ) -> RoundPlan:
     """The DP-SGD round this site may run now, or :class:`BudgetExhaustedError` saying why not.
 
@@ -285,7 +286,9 @@ def plan_round(
     planned round of this run into what is left of the site's lifetime budget;
     when that would exceed :data:`MAX_USEFUL_SIGMA`, the site sits out. ``extra``
     are the other mechanisms charged with every round (e.g. a DP Fisher release);
-    they count in the planning and in the budget check.
+    they count in the planning and in the budget check. ``final`` are mechanisms charged
+    once after the last round (e.g. the end-of-phase Fisher for consolidation): the budget
+    keeps room for them.
     """
     check_budget(privacy.epsilon, privacy.delta, num_examples)
     q = sample_rate(num_examples, train.batch_size)
@@ -307,16 +310,19 @@ def plan_round(
                 privacy.delta,
                 q,
                 steps * remaining,
-                history=[*ledger.history(), *(list(extra) * remaining)],
+                history=[*ledger.history(), *(list(extra) * remaining), *final],
                 accountant=privacy.accountant,
                 max_sigma=MAX_USEFUL_SIGMA,
             ).noise_multiplier
     before = ledger.epsilon(privacy.delta)
-    after = epsilon([*ledger.history(), *extra, (sigma, q, steps)], privacy.delta, privacy.accountant)
-    if after > privacy.epsilon:
+    planned = [*ledger.history(), *extra, (sigma, q, steps)]
+    after = epsilon(planned, privacy.delta, privacy.accountant)
+    reserved = epsilon([*planned, *final], privacy.delta, privacy.accountant) if final else after
+    if reserved > privacy.epsilon:
         raise BudgetExhaustedError(
             f"Expected round {server_round} to fit the budget epsilon={privacy.epsilon:g} at "
-            f"delta={privacy.delta:g}, but it would bring epsilon from {before:.4g} to {after:.4g}; "
+            f"delta={privacy.delta:g}, but it would bring epsilon from {before:.4g} to {reserved:.4g}"
+            f"{' (with the end-of-run Fisher release)' if final else ''}; "
             "this site sits out (raise dp-epsilon only if the site's governance allows it)"
         )
     training = PrivateTraining(

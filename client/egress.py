@@ -11,7 +11,9 @@ one, so it sees the reply exactly as it leaves. Every item in it must be one of:
   (noise multiplier, sample rate, epsilon), a refusal reason;
 * a statistic released by a Gaussian mechanism (noisy label counts, feature
   moments: :data:`DP_STATISTICS`), and only when the site's ledger holds the
-  charge for that mechanism in this run and round.
+  charge for that mechanism in this run and round;
+* a Fisher diagonal for EWC consolidation (``query.fisher``), released under DP
+  (and charged: checked against the ledger), or estimated on public images.
 
 Anything else (a label count, a feature moment, a tensor nobody declared) is
 *blocked*: the reply is replaced by a refusal that names the blocked keys, and
@@ -36,6 +38,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from fedshift.common.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    FISHER_KEY,
     METRICS_KEY,
     PRIVACY_KEY,
     SITE_KEY,
@@ -111,6 +114,13 @@ DP_STATISTICS = {
     "moment-outer": MECHANISM_DP_MOMENTS,
 }
 MECHANISM_NONE = "none (dp=false at this site)"
+# a Fisher a site sends for consolidation: its privacy record's mechanism -> what protected it
+FISHER_RELEASES = {
+    MECHANISM_DP_FISHER: MECHANISM_DP_FISHER,  # checked against the ledger, like the DP statistics
+    "public": "public data (synthetic images)",
+    "unit": "no data (F = 1)",
+    "none": MECHANISM_NONE,
+}
 METRIC = "aggregate-metric (allowed by site config)"
 BOOKKEEPING = "protocol bookkeeping"
 
@@ -155,6 +165,13 @@ def inspect_reply(content: RecordDict, policy: EgressPolicy) -> tuple[list[dict[
     privacy = content.config_records.get(PRIVACY_KEY)
     declared = str(privacy.get("mechanism", "")) if privacy is not None else ""
     for name, record in content.array_records.items():
+        if name == FISHER_KEY:  # the end-of-phase Fisher (EWC consolidation)
+            release = FISHER_RELEASES.get(declared)
+            if release is not None and not (release == MECHANISM_NONE and policy.dp_required):
+                items.extend(_array_items(record, name, release))
+            else:
+                blocked.append(f"{name} (a Fisher released by {declared!r} while this site requires DP)")
+            continue
         if name != ARRAYS_KEY:
             blocked.append(f"{name} (undeclared array record)")
             continue
@@ -224,7 +241,7 @@ def uncharged_statistics(
     items: list[dict[str, Any]], state_dir: Path, run_id: str, server_round: int
 ) -> list[str]:
     """The DP statistics among ``items`` whose release the site's ledger has no charge for (blocked)."""
-    dp = set(DP_STATISTICS.values())
+    dp = {*DP_STATISTICS.values(), MECHANISM_DP_FISHER}
     released = {(i["record"], i["key"], i["mechanism"]) for i in items if i["mechanism"] in dp}
     if not released:
         return []

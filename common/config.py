@@ -197,6 +197,7 @@ class EWCConfig:
     fisher_noise_multiplier: float = 5.0  # dp: Gaussian noise std / fisher_clip, added to the sum
     fisher_labels: str = "expected"  # expected (exact over classes) or sampled (y ~ p(y|x))
     anchor: str = "global"  # global (this round's global adapters) or consolidated (an earlier phase's)
+    consolidate: bool = False  # after the last round, gather every site's Fisher at the final adapters
 
     # run-config / node-config key -> field
     KEYS: ClassVar[dict[str, str]] = {
@@ -207,6 +208,7 @@ class EWCConfig:
         "ewc-fisher-noise-multiplier": "fisher_noise_multiplier",
         "ewc-fisher-labels": "fisher_labels",
         "ewc-anchor": "anchor",
+        "ewc-consolidate": "consolidate",
     }
 
     def __post_init__(self) -> None:
@@ -244,8 +246,16 @@ class EWCConfig:
 
     @property
     def spends_privacy(self) -> bool:
-        """True when each Fisher estimate is a DP release the ledger must charge."""
-        return self.enabled and self.fisher_source == "dp"
+        """True when each round's Fisher estimate is a DP release the ledger must charge.
+
+        A consolidated anchor comes with its Fisher from the server: nothing to estimate.
+        """
+        return self.enabled and self.fisher_source == "dp" and self.anchor == "global"
+
+    @property
+    def consolidation_spends_privacy(self) -> bool:
+        """True when the end-of-run Fisher (``ewc-consolidate``) is a DP release the ledger must charge."""
+        return self.consolidate and self.fisher_source == "dp"
 
     def with_values(self, values: Mapping[str, Any]) -> EWCConfig:
         """A copy with the ``ewc-*`` keys present in ``values`` applied; unknown ``ewc-*`` keys refused."""
@@ -255,6 +265,8 @@ class EWCConfig:
                 f"Expected ewc keys among {sorted(self.KEYS)}, but got unknown {unknown}; check the spelling"
             )
         changes = {name: values[key] for key, name in self.KEYS.items() if key in values}
+        if "consolidate" in changes:
+            changes["consolidate"] = _flag("ewc-consolidate", changes["consolidate"])
         samples = changes.get("fisher_samples")
         if isinstance(samples, float) and samples.is_integer():  # TOML/JSON may give 512.0
             changes["fisher_samples"] = int(samples)
@@ -275,6 +287,7 @@ class FederationConfig:
     sites_root: str = ""  # simulation: site k's data lives in <sites-root>/site-k/
     device: str = "auto"  # simulation default for every site: auto, cpu or cuda:N
     seed: int = 0  # seeds initial adapters and local shuffling
+    init_checkpoint: str = ""  # start from this checkpoint directory's adapters (e.g. an earlier phase)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     # simulation: every site's privacy settings; deployment: defaults that the site config overrides
@@ -299,6 +312,7 @@ class FederationConfig:
             "sites-root": self.sites_root,
             "device": self.device,
             "seed": self.seed,
+            "init-checkpoint": self.init_checkpoint,
             "backbone": m.backbone,
             "backbone-weights": m.weights,
             "num-classes": m.num_classes,
@@ -349,6 +363,7 @@ class FederationConfig:
             sites_root=get("sites-root"),
             device=get("device"),
             seed=seed,
+            init_checkpoint=get("init-checkpoint"),
             model=ModelConfig(
                 backbone=get("backbone"),
                 weights=get("backbone-weights"),

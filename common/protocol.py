@@ -6,4 +6,6 @@ CONFIG_KEY = "config"  # ConfigRecord: the server's round config
 SITE_KEY = "site"  # ConfigRecord: the site's display name (configuration, not patient data)
 WEIGHT_KEY = "num-examples"  # metric used as the FedAvg weight
 PRIVACY_KEY = "privacy"  # ConfigRecord: the mechanism that protected the arrays, and the site's accounting
+ANCHOR_KEY = "ewc-anchor"  # ArrayRecord: a consolidated EWC anchor the server sends with training messages
+FISHER_KEY = "ewc-fisher"  # ArrayRecord: a diagonal Fisher (a site's release, or the consolidated one)
 STATUS_KEY = "status"  # ConfigRecord: why a site sends no update this time (budget-exhausted, blocked, ...)

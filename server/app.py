@@ -23,6 +23,7 @@ from fedshift.common.errors import CheckpointError
 from fedshift.common.io import atomic_write_json
 from fedshift.common.model import build_model, size_report
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+from fedshift.server.consolidation import anchor_records, consolidate, initial_arrays
 from fedshift.server.statistics import collect_statistics, statistics_summary
 from fedshift.server.strategy import AdapterFedAvg, RunHistory, site_name
 from fedshift.server.validation import expected_specs, reply_problem
@@ -98,6 +99,8 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         history = RunHistory.from_dict(checkpoint.extra.get("history", {}), up_to_round=done)
         initial = ArrayRecord({k: torch.from_numpy(checkpoint.arrays[k].copy()) for k in shared})
         logger.info("Resuming from %s: %d of %d rounds done", cfg.resume_from, done, cfg.num_rounds)
+    elif cfg.init_checkpoint:  # a new phase, starting from an earlier one's adapters
+        initial = initial_arrays(cfg, shared)
     strategy = AdapterFedAvg(
         expected=expected_specs(initial),
         checkpoint_dir=run_dir / "checkpoint",
@@ -106,6 +109,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         min_nodes=cfg.min_nodes,
         first_round=done + 1,
         history=history,
+        train_records=anchor_records(cfg, shared),
     )
     statistics = collect_statistics(grid, initial, cfg, str(grid.run.run_id))  # issue 5: DP statistics
     arrays = initial
@@ -118,12 +122,14 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         )
         if len(result.arrays) > 0:  # empty when no round produced an aggregate
             arrays = result.arrays
+    consolidated = consolidate(grid, arrays, cfg, run_dir / "checkpoint") if cfg.ewc.consolidate else None
     final = final_evaluation(grid, arrays, strategy, "test", timeout=3600)
     results = {
         "config": cfg.to_run_config(),
         "size": size_report(model),
         "history": strategy.history.to_dict(),
         "resumed_from_round": done,
+        "consolidated": consolidated,
         "final_test": final,
         "statistics": statistics_summary(statistics),
         "seconds": time.time() - started,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,7 @@ class AdapterFedAvg(FedAvg):
         min_nodes: int = 2,
         first_round: int = 1,
         history: RunHistory | None = None,
+        train_records: Mapping[str, ArrayRecord] | None = None,
     ) -> None:
         super().__init__(
             min_train_nodes=min_nodes,
@@ -118,6 +119,7 @@ class AdapterFedAvg(FedAvg):
         self.history = history if history is not None else RunHistory()
         self.round_offset = first_round - 1
         self.exhausted: dict[int, str] = {}  # node id -> site name, left out of later training rounds
+        self.train_records = dict(train_records or {})  # sent with every training message (EWC anchor)
         self._warned_no_dp: set[str] = set()
 
     def configure_train(
@@ -127,6 +129,9 @@ class AdapterFedAvg(FedAvg):
         server_round += self.round_offset
         messages = list(super().configure_train(server_round, arrays, config, grid))
         keep = [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
+        for msg in keep:
+            for name, record in self.train_records.items():
+                msg.content.array_records[name] = record
         if len(keep) < len(messages):
             left_out = sorted(
                 self.exhausted[m.metadata.dst_node_id]

@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,15 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers such as 0.1,0.5,0.9, but got {text!r}"
         ) from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated names such as adapters,full, but got {text!r}"
+        )
+    return names
 
 
 def register(sub: Any) -> None:
@@ -55,6 +65,27 @@ def register(sub: Any) -> None:
     m.add_argument("--adapter-rank", type=int, default=4, help="LoRA rank (0 = head only)")
     m.add_argument("--adapter-stages", type=int, default=2, help="LoRA in the last k stages")
     m.add_argument(
+        "--strategy",
+        type=_names,
+        default=("adapters",),
+        help="fine-tuning strategy: adapters, linear-probe, partial (every weight of the last "
+        "--adapter-stages stages), norm-only or full; several, comma-separated (e.g. "
+        "adapters,linear-probe,partial,norm-only,full), compares them on the same sites in one run",
+    )
+    m.add_argument(
+        "--lr-decay",
+        type=float,
+        default=1.0,
+        help="discriminative learning rates: each level deeper (head, last stage, ...) learns at "
+        "lr * decay**depth; 1 = one rate",
+    )
+    m.add_argument(
+        "--unfreeze-every",
+        type=int,
+        default=0,
+        help="progressive unfreezing: the head trains alone, one level deeper opens every N rounds; 0 = off",
+    )
+    m.add_argument(
         "--no-local-norm",
         action="store_true",
         help="share nothing but LoRA and head, and keep norm layers frozen (default: FedBN-style "
@@ -87,6 +118,19 @@ def register(sub: Any) -> None:
         default="dp",
         choices=["dp", "public", "none"],
         help="dp: site data under DP, charged to the ledger; public: synthetic images; none: F = 1",
+    )
+    c = p.add_argument_group(
+        "continual scenario (--continual)",
+        "Half the sites federate in phase A; the other half, with another scanner and prevalence, "
+        "join in phase B from phase A's adapters, once without EWC and once with EWC towards phase "
+        "A's consolidated anchor and Fisher. Reports forgetting and phase-B AUC.",
+    )
+    c.add_argument("--continual", action="store_true", help="run the two-phase continual scenario")
+    c.add_argument(
+        "--phase-prevalences",
+        type=_floats,
+        default=(0.3, 0.8),
+        help="prevalence of the phase-A and of the phase-B sites",
     )
     p.add_argument("--out", type=Path, help="run directory (default: runs/simulate-<time>)")
     p.set_defaults(func=run)
@@ -123,8 +167,15 @@ def run(args: argparse.Namespace) -> int:
             adapter_stages=args.adapter_stages,
             local_norm=not args.no_local_norm,
             seed=args.seed,
+            finetune=args.strategy[0],
         ),
-        train=TrainConfig(local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.lr),
+        train=TrainConfig(
+            local_epochs=args.local_epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            lr_decay=args.lr_decay,
+            unfreeze_every=args.unfreeze_every,
+        ),
         privacy=PrivacyConfig(
             enabled=args.epsilon is not None,
             epsilon=max(args.epsilon) if args.epsilon else math.nan,
@@ -142,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
     from fedshift.common.model import build_model
 
     resolve_device(args.device)
-    build_model(federation.model)
+    for strategy in args.strategy:
+        build_model(replace(federation.model, finetune=strategy))
     spec = ExperimentSpec(
         out_dir=out,
         data=args.data,
@@ -157,6 +209,10 @@ def run(args: argparse.Namespace) -> int:
         site_epsilons=site_budgets,
         federation=federation,
     )
+    if args.continual:
+        return _continual(spec, args.phase_prevalences, args.ewc_lambda, out)
+    if len(args.strategy) > 1:
+        return _compare(spec, args.strategy, out)
     report = run_experiment(spec)
     size = report["size"]
     means = report["mean_test_auc"]
@@ -194,4 +250,29 @@ def run(args: argparse.Namespace) -> int:
     )
     if math.isnan(fed_auc):
         logger.warning("No site reported a test AUC; see %s", out / "results.json")
+    return 0
+
+
+def _compare(spec: Any, strategies: tuple[str, ...], out: Path) -> int:
+    from fedshift.simulations.strategies import STRATEGIES_FILE, compare_strategies
+
+    report = compare_strategies(spec, strategies)
+    print(report["table"])
+    print(
+        f"Time: {report['seconds']:.0f} s. Results: {out / STRATEGIES_FILE}; one run directory per strategy"
+    )
+    return 0
+
+
+def _continual(spec: Any, prevalences: tuple[float, ...], lam: float, out: Path) -> int:
+    from fedshift.simulations.continual import CONTINUAL_FILE, run_continual
+
+    if len(prevalences) != 2:
+        raise ConfigError(
+            f"Expected --phase-prevalences to be two numbers (phase A, phase B), but got {prevalences}; "
+            "pass e.g. 0.3,0.8"
+        )
+    report = run_continual(spec, prevalence_a=prevalences[0], prevalence_b=prevalences[1], ewc_lambda=lam)
+    print(report["table"])
+    print(f"Time: {report['seconds']:.0f} s. Results: {out / CONTINUAL_FILE}")
     return 0

@@ -85,7 +85,7 @@ def build_sites(spec: ExperimentSpec) -> tuple[list[SimulatedSite], str]:
     return sites, dataset.label
 
 
-def _federate(
+def federate(
     fed: FederationConfig,
     sites: list[SimulatedSite],
     root: Path,
@@ -154,13 +154,13 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
         ),
     )
     budgets = spec.site_epsilons if privacy.enabled else None
-    server, federated_seconds = _federate(fed, sites, out, budgets)
+    server, federated_seconds = federate(fed, sites, out, budgets)
     reference: dict[str, Any] | None = None
     reference_seconds = 0.0
     if privacy.enabled and spec.dp_reference:
         logger.info("Same configuration without DP, for reference (%s)", out / "no-dp")
         no_dp = replace(fed, privacy=replace(privacy, enabled=False))
-        reference, reference_seconds = _federate(no_dp, sites, out / "no-dp")
+        reference, reference_seconds = federate(no_dp, sites, out / "no-dp")
     local: dict[str, dict[str, float]] | None = None
     flags: dict[str, dict[str, float | bool]] | None = None
     t0 = time.time()

@@ -24,7 +24,7 @@ def mean_metric(per_site: Mapping[str, Mapping[str, float]], key: str) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _render(title: str, rows: list[list[str]], mean_row: bool = True) -> str:
+def render_table(title: str, rows: list[list[str]], mean_row: bool = True) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [title]
     for i, row in enumerate(rows):
@@ -55,7 +55,7 @@ def site_table(
         rows.append(row)
     mean = ["mean", ""] + [_fmt(mean_metric(g, k)) for g in present.values() for k, _ in COLUMNS] + [""]
     rows.append(mean)
-    return _render(f"Per-site test results on {data_label}", rows)
+    return render_table(f"Per-site test results on {data_label}", rows)
 
 
 def epsilon_table(epsilons: Mapping[str, Mapping[str, float]], delta: float, budget: str) -> str:
@@ -67,7 +67,7 @@ def epsilon_table(epsilons: Mapping[str, Mapping[str, float]], delta: float, bud
         per_round = {int(r): v for r, v in epsilons[site].items()}
         rows.append([site] + [f"{per_round[r]:.3f}" if r in per_round else "-" for r in rounds])
     title = f"Privacy spent per site after each round: epsilon at delta={delta:g} (budget {budget})"
-    return _render(title, rows, mean_row=False)
+    return render_table(title, rows, mean_row=False)
 
 
 def plot_auc_per_round(

@@ -1,0 +1,130 @@
+"""EWC at a site: the penalty's anchor and Fisher for a round, and the end-of-phase Fisher release.
+
+* Anchor ``global``: the global adapters just received, with a Fisher estimated this
+  round (under DP and charged, on public images, or F = 1).
+* Anchor ``consolidated``: the anchor and Fisher the server sends with the training
+  message, consolidated from the earlier phase's sites (already DP or public: using
+  them costs this site nothing).
+* ``query.fisher`` (run config ``ewc-consolidate``): after the last round the site
+  estimates its Fisher at the final global adapters and sends it; under DP it is
+  charged to the ledger first, and the budget planning kept room for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedshift.client.egress import MECHANISM_DP_FISHER, refusal, round_of
+from fedshift.client.ewc import FISHER_PUBLIC, EWCTerm, fisher_mechanism, site_fisher
+from fedshift.client.ledger import PrivacyLedger
+from fedshift.client.site import SiteSettings, load_site_data
+from fedshift.common.config import FederationConfig
+from fedshift.common.errors import ConfigError
+from fedshift.common.model import FedshiftModel
+from fedshift.common.protocol import ANCHOR_KEY, FISHER_KEY, METRICS_KEY, PRIVACY_KEY, SITE_KEY, WEIGHT_KEY
+
+logger = logging.getLogger(__name__)
+
+CONSOLIDATED = "consolidated (sent by the server)"
+
+# what protected a Fisher a site sends (the privacy record's "mechanism")
+FISHER_RELEASES = {
+    "dp": MECHANISM_DP_FISHER,
+    "public": "public",
+    "none": "unit",
+}
+
+
+def ewc_term(
+    fed: FederationConfig,
+    site: SiteSettings,
+    model: FedshiftModel,
+    msg: Message,
+    images: np.ndarray,
+    *,
+    private: bool,
+    seed: int,
+) -> tuple[EWCTerm | None, str]:
+    """This round's EWC term and where its Fisher came from (``(None, "")`` when EWC is off)."""
+    if not fed.ewc.enabled:
+        return None, ""
+    if fed.ewc.anchor == "consolidated":
+        records = msg.content.array_records
+        if ANCHOR_KEY not in records or FISHER_KEY not in records:
+            raise ConfigError(
+                "Expected the server to send a consolidated anchor and Fisher for ewc-anchor='consolidated', "
+                "but the training message has none; start the phase with init-checkpoint set to the "
+                "earlier phase's checkpoint (written with ewc-consolidate=true)"
+            )
+        sent_anchor = dict(records[ANCHOR_KEY].to_torch_state_dict())
+        sent_fisher = dict(records[FISHER_KEY].to_torch_state_dict())
+        return EWCTerm(model, sent_anchor, sent_fisher, fed.ewc.lam), CONSOLIDATED
+    anchor = {k: v.clone() for k, v in model.shared_state_dict().items()}
+    fisher, source, _release = site_fisher(
+        fed.ewc, model, images, private=private, seed=seed, secure_rng=site.privacy.secure_rng
+    )
+    return EWCTerm(model, anchor, fisher, fed.ewc.lam), source
+
+
+def fisher_reply(msg: Message, fed: FederationConfig, site: SiteSettings, model: FedshiftModel) -> Message:
+    """The site's Fisher at the adapters in ``msg`` (already loaded into ``model``), as a reply.
+
+    Under DP (``ewc-fisher-source = "dp"`` at a site with DP on) the release is
+    charged to the ledger before the data is read; a release that was already
+    charged, or that the budget cannot hold, is refused with the reason.
+    """
+    train = load_site_data(site).split("train")
+    server_round = round_of(msg)
+    run_id = str(msg.metadata.run_id)
+    seed = zlib.crc32(f"{fed.seed}:fisher:{server_round}:{site.name}".encode())
+    source = fed.ewc.fisher_source
+    private = site.privacy.enabled
+    record: dict[str, bool | float | int | str] = {}
+    if private and source == "dp":
+        privacy = site.privacy
+        ledger = PrivacyLedger.at(site.state_dir, accountant=privacy.accountant)
+        if ledger.find(run_id, server_round, MECHANISM_DP_FISHER) is not None:
+            return refusal(msg, site.name, "refused", "this Fisher was already released once in this run")
+        sigma, q, steps = fisher_mechanism(fed.ewc)
+        after = ledger.epsilon_if(sigma, q, steps, privacy.delta)
+        if not after <= privacy.epsilon:
+            reason = (
+                f"releasing the Fisher would bring epsilon to {after:.4g}, past the budget "
+                f"{privacy.epsilon:g} at delta={privacy.delta:g}"
+            )
+            logger.warning("%s: no consolidation Fisher: %s", site.name, reason)
+            return refusal(msg, site.name, "budget-exhausted", reason)
+        entry = ledger.charge(
+            run_id=run_id,
+            round=server_round,
+            mechanism=MECHANISM_DP_FISHER,
+            noise_multiplier=sigma,
+            sample_rate=q,
+            steps=steps,
+            delta=privacy.delta,
+        )
+        record = {"epsilon": entry.epsilon, "delta": privacy.delta, "noise-multiplier": sigma}
+    fisher, label, _release = site_fisher(
+        fed.ewc, model, train.images, private=private, seed=seed, secure_rng=site.privacy.secure_rng
+    )
+    mechanism = FISHER_RELEASES[source] if (private or source != "dp") else "none"
+    used = len(train) if label in ("none", FISHER_PUBLIC) else min(len(train), fed.ewc.fisher_samples)
+    logger.info("%s: Fisher for consolidation (%s) at round %d", site.name, label, server_round)
+    values = {k: v.detach().cpu().to(torch.float32) for k, v in fisher.items()}
+    if not all(bool(torch.isfinite(v).all()) for v in values.values()):
+        return refusal(msg, site.name, "refused", "the Fisher estimate is not finite")
+    content = RecordDict(
+        {
+            FISHER_KEY: ArrayRecord(values),
+            METRICS_KEY: MetricRecord({WEIGHT_KEY: max(1, used)}),
+            SITE_KEY: ConfigRecord({"name": site.name}),
+            PRIVACY_KEY: ConfigRecord({"mechanism": mechanism, "ewc-fisher": label, **record}),
+        }
+    )
+    return Message(content, reply_to=msg)
+

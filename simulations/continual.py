@@ -1,0 +1,181 @@
+"""``fedshift simulate --continual``: hospitals join in two phases; how much does the model forget?
+
+Phase A federates the first half of the sites (ordinary scanners, one prevalence)
+and ends with a consolidation step: every phase-A site sends its Fisher at the final
+adapters (under DP when DP is on), and the server saves anchor and Fisher. In phase
+B, new sites with another scanner profile and another prevalence go on from phase
+A's adapters, once without EWC and once with EWC towards the consolidated anchor.
+
+Forgetting = the phase-A sites' mean test AUC with phase A's adapters minus the same
+with phase B's (each site keeps its own site-local tensors from phase A); phase-B
+performance is the phase-B sites' mean test AUC at the end of phase B.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedshift.client.site import load_local_state
+from fedshift.client.training import evaluate, resolve_device
+from fedshift.common.checkpoint import load_checkpoint
+from fedshift.common.config import FederationConfig
+from fedshift.common.data import load_dataset
+from fedshift.common.errors import ConfigError
+from fedshift.common.io import as_jsonable, atomic_write_json
+from fedshift.common.model import build_model
+from fedshift.simulations.experiment import ExperimentSpec, federate
+from fedshift.simulations.report import render_table
+from fedshift.simulations.shift import (
+    DEFAULT_PROFILES,
+    ScannerProfile,
+    SimulatedSite,
+    format_site_table,
+    plan_sites,
+    simulate_sites,
+    site_summary,
+)
+
+logger = logging.getLogger(__name__)
+
+CONTINUAL_FILE = "continual.json"
+# phase B's hospitals: an older, noisier, blurrier scanner than anything phase A saw
+PHASE_B_PROFILE = ScannerProfile("portable", gamma=1.6, contrast=0.7, blur_sigma=1.0, noise_std=0.08)
+
+
+def continual_sites(
+    spec: ExperimentSpec, prevalence_a: float, prevalence_b: float
+) -> tuple[list[SimulatedSite], list[SimulatedSite], str]:
+    """Phase-A and phase-B sites from one pool (disjoint images); phase B named site-0.. in its own run."""
+    if spec.sites < 2 or spec.sites % 2:
+        raise ConfigError(
+            f"Expected an even number of --sites >= 2 for --continual (half join in phase B), but got "
+            f"{spec.sites}; pass e.g. --sites 4"
+        )
+    half = spec.sites // 2
+    dataset = load_dataset(
+        spec.data,
+        synthetic_n=spec.synthetic_n,
+        seed=spec.federation.seed,
+        image_size=spec.federation.model.image_size,
+    )
+    pool = dataset.pooled()
+    profiles = [*DEFAULT_PROFILES[:half], *([PHASE_B_PROFILE] * half)]
+    specs = plan_sites(
+        spec.sites,
+        prevalences=[prevalence_a] * half + [prevalence_b] * half,
+        pool_counts=list(pool.class_counts(dataset.num_classes)),
+        profiles=profiles,
+        max_per_site=spec.max_per_site,
+        seed=spec.federation.seed,
+    )
+    sites = simulate_sites(
+        pool,
+        specs,
+        class_names=dataset.class_names,
+        source=dataset.source,
+        synthetic=dataset.synthetic,
+        seed=spec.federation.seed,
+    )
+    phase_b = [replace(s, spec=replace(s.spec, name=f"site-{k}")) for k, s in enumerate(sites[half:])]
+    return sites[:half], phase_b, dataset.label
+
+
+def evaluate_sites(
+    checkpoint_dir: Path, sites: Sequence[SimulatedSite], sites_root: Path, device: str
+) -> dict[str, dict[str, float]]:
+    """Test metrics of a checkpoint's adapters at each site, with the site's own local tensors."""
+    checkpoint = load_checkpoint(checkpoint_dir)
+    out = {}
+    for site in sites:
+        model = build_model(checkpoint.model)
+        model.load_shared_state_dict(checkpoint.arrays)
+        local = load_local_state(sites_root / site.spec.name)
+        if local is not None:
+            model.load_local_state_dict(local)
+        out[site.spec.name] = evaluate(model, site.data.split("test"), resolve_device(device))
+    return out
+
+
+def _mean_auc(per_site: Mapping[str, Mapping[str, float]]) -> float:
+    values = [float(m["auc"]) for m in per_site.values() if not np.isnan(m["auc"])]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def continual_table(summary: Mapping[str, Any], label: str) -> str:
+    head = ["phase B run", "A-sites AUC before", "A-sites AUC after", "forgetting", "B-sites AUC"]
+    rows = [head]
+    before = summary["phase_a_auc_before"]
+    for name, run in summary["runs"].items():
+        rows.append(
+            [
+                name,
+                f"{before:.3f}",
+                f"{run['phase_a_auc_after']:.3f}",
+                f"{run['forgetting']:+.3f}",
+                f"{run['phase_b_auc']:.3f}",
+            ]
+        )
+    return render_table(f"Continual federation on {label} (mean test AUC)", rows, mean_row=False)
+
+
+def run_continual(
+    spec: ExperimentSpec, *, prevalence_a: float = 0.3, prevalence_b: float = 0.8, ewc_lambda: float = 0.0
+) -> dict[str, Any]:
+    """Phase A (+ consolidation), then phase B without and with EWC; forgetting per run."""
+    started = time.time()
+    sites_a, sites_b, label = continual_sites(spec, prevalence_a, prevalence_b)
+    logger.info("Phase A sites:\n%s", format_site_table(sites_a))
+    logger.info("Phase B sites:\n%s", format_site_table(sites_b))
+    fed: FederationConfig = spec.federation
+    lam = ewc_lambda if ewc_lambda > 0 else (fed.ewc.lam if fed.ewc.lam > 0 else 100.0)
+    out = spec.out_dir
+    phase_a = replace(fed, ewc=replace(fed.ewc, lam=0.0, consolidate=True))
+    server_a, seconds_a = federate(phase_a, sites_a, out / "phase-a", spec.site_epsilons)
+    checkpoint_a = out / "phase-a" / "server" / "checkpoint"
+    before = evaluate_sites(checkpoint_a, sites_a, out / "phase-a" / "sites", fed.device)
+    variants = {
+        "no EWC": replace(fed, init_checkpoint=str(checkpoint_a), ewc=replace(fed.ewc, lam=0.0)),
+        f"EWC lambda={lam:g}": replace(
+            fed,
+            init_checkpoint=str(checkpoint_a),
+            ewc=replace(fed.ewc, lam=lam, anchor="consolidated"),
+        ),
+    }
+    runs: dict[str, dict[str, Any]] = {}
+    for k, (name, config) in enumerate(variants.items()):
+        root = out / f"phase-b-{k}"
+        server_b, seconds_b = federate(config, sites_b, root, spec.site_epsilons)
+        after = evaluate_sites(root / "server" / "checkpoint", sites_a, out / "phase-a" / "sites", fed.device)
+        runs[name] = {
+            "phase_a_after": after,
+            "phase_a_auc_after": _mean_auc(after),
+            "forgetting": _mean_auc(before) - _mean_auc(after),
+            "phase_b_test": server_b["final_test"],
+            "phase_b_auc": _mean_auc(server_b["final_test"]),
+            "ewc_lambda": config.ewc.lam,
+            "seconds": seconds_b,
+            "run_dir": str(root),
+        }
+    summary = {
+        "data": label,
+        "phase_a_sites": [site_summary(s) for s in sites_a],
+        "phase_b_sites": [site_summary(s) for s in sites_b],
+        "phase_a_before": before,
+        "phase_a_auc_before": _mean_auc(before),
+        "phase_a_own_test": server_a["final_test"],
+        "consolidated": server_a.get("consolidated"),
+        "phase_a_seconds": seconds_a,
+        "runs": runs,
+        "run_config": fed.to_run_config(),
+        "seconds": time.time() - started,
+    }
+    atomic_write_json(out / CONTINUAL_FILE, as_jsonable(summary))
+    summary["table"] = continual_table(summary, label)
+    return summary
