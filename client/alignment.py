@@ -15,13 +15,17 @@ Gaussian mechanism with noise multiplier ``sigma`` (q = 1, one step), charged
 as ``dp-moments``. The server adds the sites' releases into global moments
 (:func:`fedshift.common.shift_statistics.aggregate_moments`).
 
-**The alignment loss** (:class:`AlignmentLoss`). In coordinates whitened by the
-global moments, ``z = W (g - mu_g)`` with ``W = Cov_g^{-1/2}``, the site's
-discrepancy is ``L = (||Cov(z) - I||_F² + ||E z||²) / k`` (CORAL plus a mean
-term). ``L`` couples the samples of a batch, which DP-SGD's per-sample clipping
-cannot take, so the loss is written as a *sum of per-sample terms* whose
-gradient equals ``dL/dθ`` at a linearisation point ``(E z, E z zᵀ)``:
-``l_i = z_iᵀ G z_i + aᵀ z_i`` with ``G = dL/dE[zzᵀ]`` and ``a = dL/dE[z]``.
+**The alignment loss** (:class:`AlignmentLoss`). In coordinates centred on the
+global mean and scaled by the global variance per direction,
+``u = (g - mu_g) / sqrt(s)`` with ``s = tr(Cov_g) / k`` (one public scalar), the
+site's discrepancy is ``L = (||Cov(u) - T||_F² + ||E u||²) / k`` with
+``T = Cov_g / s``: CORAL plus a mean term. Nothing is inverted, so the DP noise
+in ``Cov_g`` (comparable to the small directions' variance at realistic sizes)
+enters the target linearly and unbiased instead of being blown up by a
+whitening. ``L`` couples the samples of a batch, which DP-SGD's per-sample
+clipping cannot take, so the loss is written as a *sum of per-sample terms*
+whose gradient equals ``dL/dθ`` at a linearisation point ``(E u, E u uᵀ)``:
+``l_i = u_iᵀ G u_i + aᵀ u_i`` with ``G = dL/dE[uuᵀ]`` and ``a = dL/dE[u]``.
 Without DP the point is the batch's own (detached) moments, which gives Deep
 CORAL's gradient exactly; with DP-SGD it is the site's DP moment release of
 this round (charged as ``dp-moments``; post-processing from then on), so each
@@ -62,7 +66,6 @@ from fedshift.common.shift_statistics import GlobalStatistics
 
 logger = logging.getLogger(__name__)
 
-EIGEN_FLOOR = 1e-6  # relative floor of the global covariance's eigenvalues before whitening
 
 
 # ----------------------------------------------------------------------------- features
@@ -162,18 +165,18 @@ def private_moments(
 # ----------------------------------------------------------------------------- the loss
 
 
-def whitening(cov: np.ndarray) -> np.ndarray:
-    """``cov^{-1/2}`` (symmetric), eigenvalues floored at ``EIGEN_FLOOR`` times the largest."""
-    values, vectors = np.linalg.eigh((cov + cov.T) / 2)
-    floor = EIGEN_FLOOR * max(float(values.max()), EIGEN_FLOOR)
-    return np.asarray((vectors / np.sqrt(np.maximum(values, floor))) @ vectors.T)
+def global_scale(cov: np.ndarray) -> float:
+    """``s = tr(cov) / k``: the mean variance per direction (floored at a tiny positive number)."""
+    return max(float(np.trace(cov)) / cov.shape[0], 1e-12)
 
 
-def alignment_discrepancy(mean: np.ndarray, second: np.ndarray) -> float:
-    """``L = (||C - I||_F² + ||m||²) / k`` for whitened moments ``m = E z``, ``second = E z zᵀ``."""
+def alignment_discrepancy(mean: np.ndarray, second: np.ndarray, target: np.ndarray | None = None) -> float:
+    """``L = (||C - T||_F² + ||m||²) / k`` for scaled moments ``m = E u``, ``second = E u uᵀ``
+    (``T`` defaults to the identity)."""
     k = mean.shape[0]
+    t = np.eye(k) if target is None else target
     cov = second - np.outer(mean, mean)
-    return float((np.sum((cov - np.eye(k)) ** 2) + np.sum(mean**2)) / k)
+    return float((np.sum((cov - t) ** 2) + np.sum(mean**2)) / k)
 
 
 class AlignmentLoss:
@@ -193,26 +196,28 @@ class AlignmentLoss:
     ) -> None:
         self.k = projection_matrix.shape[1]
         self.weight = float(weight)
-        w = whitening(global_cov)
+        scale = global_scale(global_cov)
         self._proj = torch.as_tensor(projection_matrix, dtype=torch.float32)
         self._mean = torch.as_tensor(global_mean, dtype=torch.float32)
-        self._white = torch.as_tensor(w, dtype=torch.float32)
+        self._inv_sqrt_scale = 1.0 / math.sqrt(scale)
+        self._target = torch.as_tensor((global_cov + global_cov.T) / (2 * scale), dtype=torch.float32)
         self._point: tuple[torch.Tensor, torch.Tensor] | None = None
         if point is not None:
             m_raw, second_raw = point
             mu = np.asarray(global_mean, dtype=np.float64)
             centred = second_raw - np.outer(m_raw, mu) - np.outer(mu, m_raw) + np.outer(mu, mu)
-            m = w @ (m_raw - mu)
-            s = w @ centred @ w
+            m = (m_raw - mu) / math.sqrt(scale)
+            s = centred / scale
             self._point = (torch.as_tensor(m, dtype=torch.float32), torch.as_tensor(s, dtype=torch.float32))
 
-    def whiten(self, features: torch.Tensor) -> torch.Tensor:
+    def scaled(self, features: torch.Tensor) -> torch.Tensor:
+        """``u = (P f - mu_g) / sqrt(s)`` per row."""
         dev = features.device
         g = features.float() @ self._proj.to(dev)
-        return (g - self._mean.to(dev)) @ self._white.to(dev)
+        return (g - self._mean.to(dev)) * self._inv_sqrt_scale
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        z = self.whiten(features)
+        z = self.scaled(features)
         k = self.k
         if self._point is None:
             zd = z.detach()
@@ -220,11 +225,11 @@ class AlignmentLoss:
             s = zd.T @ zd / max(len(zd), 1)
         else:
             m, s = (t.to(z.device) for t in self._point)
-        eye = torch.eye(k, device=z.device)
+        target = self._target.to(z.device)
         cov = s - torch.outer(m, m)
-        g_mat = 2.0 * (cov - eye) / k  # dL / dE[z zᵀ]
-        a = -2.0 * g_mat @ m + 2.0 * m / k  # dL / dE[z]
-        value = (torch.sum((cov - eye) ** 2) + torch.sum(m**2)) / k
+        g_mat = 2.0 * (cov - target) / k  # dL / dE[u uᵀ]
+        a = -2.0 * g_mat @ m + 2.0 * m / k  # dL / dE[u]
+        value = (torch.sum((cov - target) ** 2) + torch.sum(m**2)) / k
         constant = value - (torch.sum(g_mat * s) + a @ m)  # the terms' mean equals L at the point
         terms = torch.einsum("ni,ij,nj->n", z, g_mat, z) + z @ a + constant
         return self.weight * terms

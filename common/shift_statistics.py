@@ -14,6 +14,7 @@ site (stage ``global-statistics``), which keeps them in its state directory.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,14 +104,31 @@ def aggregate_prior(noisy_counts: Sequence[np.ndarray]) -> np.ndarray:
     return np.asarray(total / total.sum())
 
 
+def moment_noise_floor(noise_multiplier: float, clip: float, dim: int, sites: int, total: float) -> float:
+    """The expected spectral norm of the DP noise in the global covariance (post-processing, public).
+
+    Each site adds to ``Σ g gᵀ`` a symmetrised Gaussian matrix whose off-diagonal
+    entries have std ``noise_multiplier * R²`` (:func:`fedshift.client.alignment.private_moments`);
+    summed over ``sites`` and divided by the ``total`` sample count, its spectral
+    norm is about ``2 sqrt(dim)`` times the entry std. Directions whose estimated
+    variance is below this are noise, not signal.
+    """
+    entry_std = noise_multiplier * clip**2 * math.sqrt(sites) / max(total, 1.0)
+    return 2.0 * math.sqrt(dim) * entry_std
+
+
 def aggregate_moments(
-    sums: Sequence[np.ndarray], outers: Sequence[np.ndarray], counts: Sequence[float]
+    sums: Sequence[np.ndarray],
+    outers: Sequence[np.ndarray],
+    counts: Sequence[float],
+    noise_floor: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Global mean and covariance from the sites' noisy ``sum g`` and ``sum g g^T`` and their sizes.
 
-    ``mean = Σ sum / N``, ``cov = Σ outer / N - mean mean^T``, symmetrised and
-    floored to positive definite (eigenvalues at least ``MIN_EIGENVALUE`` times
-    the largest): the noise can make the estimate indefinite.
+    ``mean = Σ sum / N``, ``cov = Σ outer / N - mean mean^T``, symmetrised, and
+    its eigenvalues floored at ``noise_floor`` (e.g. :func:`moment_noise_floor`)
+    and at ``MIN_EIGENVALUE`` times the largest: the noise makes small directions
+    meaningless or negative, and whitening by them would blow them up.
     """
     if not sums or len(sums) != len(outers) or len(sums) != len(counts):
         raise DataError(
@@ -125,6 +143,6 @@ def aggregate_moments(
     cov = second - np.outer(mean, mean)
     cov = (cov + cov.T) / 2
     values, vectors = np.linalg.eigh(cov)
-    floor = MIN_EIGENVALUE * max(float(values.max()), MIN_EIGENVALUE)
+    floor = max(float(noise_floor), MIN_EIGENVALUE * max(float(values.max()), MIN_EIGENVALUE))
     cov = (vectors * np.maximum(values, floor)) @ vectors.T
     return mean, (cov + cov.T) / 2

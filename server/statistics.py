@@ -28,6 +28,7 @@ from fedshift.common.shift_statistics import (
     GlobalStatistics,
     aggregate_moments,
     aggregate_prior,
+    moment_noise_floor,
 )
 from fedshift.server.strategy import site_name
 
@@ -47,7 +48,7 @@ def _release_problem(msg: Message, cfg: FederationConfig) -> str | None:
     content = msg.content
     if STATUS_KEY in content.config_records:
         status = content.config_records[STATUS_KEY]
-        return f"{str(status.get('status'))}: {str(status.get('reason'))}"
+        return ": ".join(str(status.get(k)) for k in ("status", "reason"))
     if STATISTICS_KEY not in content.config_records or METRICS_KEY not in content.metric_records:
         return f"expected records {STATISTICS_KEY!r} and {METRICS_KEY!r}"
     record = content.config_records[STATISTICS_KEY]
@@ -100,7 +101,18 @@ def collect_statistics(
     if not contributors:
         logger.warning("Statistics stage: no site sent statistics; no correction or alignment in this run")
         return None
-    mean, cov = aggregate_moments(sums, outers, sizes) if cfg.shift.align else (None, None)
+    mean, cov = None, None
+    if cfg.shift.align:
+        sh = cfg.shift
+        mean, cov = aggregate_moments(sums, outers, sizes)
+        floor = moment_noise_floor(sh.align_noise, sh.align_clip, sh.align_dim, len(sums), sum(sizes))
+        above = int(np.sum(np.linalg.eigvalsh(cov) > floor))
+        logger.info(
+            "Statistics stage: %d of %d feature directions have a variance above the DP noise level %.3g",
+            above,
+            sh.align_dim,
+            floor,
+        )
     stats = GlobalStatistics(
         run=run_id,
         sites=len(contributors),

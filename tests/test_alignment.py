@@ -19,12 +19,12 @@ from fedshift.client.alignment import (
     adapted_norm_statistics,
     alignment_discrepancy,
     clip_rows,
+    global_scale,
     linear_cka,
     private_moments,
     projection,
     site_objective,
     subspace_alignment,
-    whitening,
 )
 from fedshift.client.dp import SeededSource
 from fedshift.common.data import make_synthetic_cxr
@@ -47,20 +47,22 @@ def _setup(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Ten
 
 
 def _coupled(feats: torch.Tensor, proj: np.ndarray, mu: np.ndarray, cov: np.ndarray) -> torch.Tensor:
-    """Reference: (||Cov(z) - I||² + ||E z||²) / k on the batch, samples coupled, differentiable."""
-    w = torch.tensor(whitening(cov), dtype=torch.float32)
-    z = (feats @ torch.tensor(proj, dtype=torch.float32) - torch.tensor(mu, dtype=torch.float32)) @ w
+    """Reference: (||Cov(u) - T||² + ||E u||²) / k on the batch, samples coupled, differentiable."""
+    s = float(np.trace(cov)) / K
+    target = torch.tensor(cov / s, dtype=torch.float32)
+    z = (feats @ torch.tensor(proj, dtype=torch.float32) - torch.tensor(mu, dtype=torch.float32)) / math.sqrt(
+        s
+    )
     m = z.mean(0)
     c = (z - m).T @ (z - m) / len(z)
-    return (torch.sum((c - torch.eye(K)) ** 2) + torch.sum(m**2)) / K
+    return (torch.sum((c - target) ** 2) + torch.sum(m**2)) / K
 
 
 def test_projection_is_orthonormal_and_public() -> None:
     p = projection(1280, 16, seed=3)
     np.testing.assert_allclose(p.T @ p, np.eye(16), atol=1e-12)
     np.testing.assert_array_equal(p, projection(1280, 16, seed=3))  # every site builds the same one
-    w = whitening(np.diag([4.0, 1.0]))
-    np.testing.assert_allclose(w, np.diag([0.5, 1.0]))
+    assert global_scale(np.diag([4.0, 1.0, 1.0])) == pytest.approx(2.0)
 
 
 def test_batch_mode_gradient_is_exactly_the_coupled_coral_gradient() -> None:
@@ -105,7 +107,8 @@ def test_point_mode_terms_are_per_sample_and_exact_at_the_point() -> None:
 
 
 def test_descending_the_loss_aligns_a_shifted_site() -> None:
-    """An affine map trained on the per-sample loss moves a shifted, scaled site onto the global moments."""
+    """An affine map trained on the per-sample loss moves a shifted, scaled site onto the global moments
+    (a diagonal target covariance: reachable by a per-direction scale)."""
     rng = np.random.default_rng(2)
     proj = np.eye(K)
     target = rng.normal(size=(4000, K)) @ np.diag([1.0, 2.0, 0.5, 1.0]) + 3.0
@@ -116,8 +119,9 @@ def test_descending_the_loss_aligns_a_shifted_site() -> None:
     loss = AlignmentLoss(proj, mu, cov, weight=1.0)
 
     def discrepancy() -> float:
-        z = ((site * scale + shift).detach().double().numpy() - mu) @ whitening(cov)
-        return alignment_discrepancy(z.mean(0), z.T @ z / len(z))
+        s = global_scale(cov)
+        z = ((site * scale + shift).detach().double().numpy() - mu) / math.sqrt(s)
+        return alignment_discrepancy(z.mean(0), z.T @ z / len(z), cov / s)
 
     before = discrepancy()
     opt = torch.optim.Adam([scale, shift], lr=0.05)
