@@ -23,7 +23,6 @@ import math
 import os
 import stat
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,10 +104,8 @@ def check_site(settings: ClientSettings) -> SiteCheck:
         except FedshiftError as exc:
             raise ConfigError(f"[site] in {path}: {exc}") from None
     else:
-        warnings.warn(
-            f"{site.name}: dp = false in {path}: this site sends adapters WITHOUT differential privacy",
-            UserWarning,
-            stacklevel=2,
+        logger.warning(
+            "%s: dp = false in %s: this site sends adapters WITHOUT differential privacy", site.name, path
         )
     _prepare_state_dir(site.state_dir, path)
     try:
@@ -202,11 +199,9 @@ def _log_since(path: Path, offset: int) -> str:
 def run_daemon(settings: ClientSettings, *, insecure: bool = False, max_restarts: int | None = None) -> int:
     """Run the SuperNode until stopped; the exit code (3: this site's key is not enrolled)."""
     if insecure:
-        warnings.warn(
+        logger.warning(
             "fedshift client --insecure: no TLS and no node authentication; a coordinator with TLS "
             "(the default) refuses this connection. Use only on a closed test network.",
-            UserWarning,
-            stacklevel=2,
         )
     node_config = write_node_config(settings)
     argv = supernode_argv(settings, node_config, insecure)

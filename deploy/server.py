@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -215,12 +214,10 @@ class Coordinator:
         self.paths.state_dir.mkdir(parents=True, exist_ok=True)
         self.paths.logs.mkdir(exist_ok=True)
         if self.insecure:
-            warnings.warn(
+            logger.warning(
                 "fedshift server --insecure: the SuperLink runs WITHOUT TLS and WITHOUT SuperNode "
                 "authentication; adapters and metrics travel in plaintext and any node may join. "
                 "Use this only on a closed test network.",
-                UserWarning,
-                stacklevel=2,
             )
         write_connection(self.paths.flwr_home, self.settings.local_address, self.settings.ca_cert)
         write_app(self.paths.app_dir)

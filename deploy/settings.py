@@ -282,6 +282,14 @@ class ClientSettings:
         except ConfigError as exc:
             raise ConfigError(f"[site] site-name in {path}: {exc}") from None
         _check_privacy_values(site, path)
+        metrics = site.get("egress-metrics")
+        if isinstance(metrics, list) and all(isinstance(m, str) for m in metrics):
+            site["egress-metrics"] = ",".join(metrics)  # the node config holds a comma-separated string
+        elif metrics is not None and not isinstance(metrics, str):
+            raise ConfigError(
+                f"Expected [site] egress-metrics in {path} to list metric names, but got {metrics!r}; "
+                'e.g. egress-metrics = ["auc", "n"]'
+            )
         state_dir = Path(site["state-dir"])
         log_file = _path(
             conn, "log-file", "connection", path, str(state_dir / "logs" / "fedshift-client.log")
