@@ -10,9 +10,11 @@ logs into a file, and keeps it running:
 - the SuperNode reconnects by itself when the coordinator restarts (Flower
   retries with backoff);
 - if the SuperNode process exits anyway, it is restarted after a pause that
-  grows up to :data:`MAX_BACKOFF`, except when the coordinator refused this
-  site's key (not enrolled): that is a configuration problem, and the daemon
-  stops with exit code 3 and says so;
+  grows up to :data:`MAX_BACKOFF`;
+- a key the coordinator refuses (not enrolled) is retried too, since the
+  coordinator may still be enrolling its sites; refused for longer than
+  ``[connection] enrollment-timeout`` seconds, it is a configuration problem:
+  the daemon stops with exit code 3 and says so;
 - SIGTERM (systemd, docker stop) stops the SuperNode and its ClientApp processes.
 """
 
@@ -196,8 +198,13 @@ def _log_since(path: Path, offset: int) -> str:
         return f.read().decode(errors="replace")
 
 
-def run_daemon(settings: ClientSettings, *, insecure: bool = False, max_restarts: int | None = None) -> int:
-    """Run the SuperNode until stopped; the exit code (3: this site's key is not enrolled)."""
+def run_daemon(settings: ClientSettings, *, insecure: bool = False) -> int:
+    """Run the SuperNode until stopped; the exit code (3: this site's key is not enrolled).
+
+    A refused key is retried (the coordinator may still be enrolling its sites
+    when the SuperNode first connects) until it has been refused for
+    ``enrollment-timeout`` seconds without a break.
+    """
     if insecure:
         logger.warning(
             "fedshift client --insecure: no TLS and no node authentication; a coordinator with TLS "
@@ -205,7 +212,8 @@ def run_daemon(settings: ClientSettings, *, insecure: bool = False, max_restarts
         )
     node_config = write_node_config(settings)
     argv = supernode_argv(settings, node_config, insecure)
-    backoff, restarts = MIN_BACKOFF, 0
+    backoff = MIN_BACKOFF
+    refused_since: float | None = None
     while True:
         offset = settings.log_file.stat().st_size if settings.log_file.exists() else 0
         child = Child("flower-supernode", argv, settings.log_file, env=flower_env(), cwd=settings.state_dir)
@@ -216,24 +224,23 @@ def run_daemon(settings: ClientSettings, *, insecure: bool = False, max_restarts
         finally:
             code = child.stop()
         if NOT_ENROLLED in _log_since(settings.log_file, offset):
-            logger.error(
-                "The coordinator refused %s's key (not enrolled); ask the coordinator to add %s's public "
-                "key to [hospitals] and restart the server",
-                settings.site_name,
-                settings.site_name,
-            )
-            return EXIT_NOT_ENROLLED
-        restarts += 1
-        if max_restarts is not None and restarts > max_restarts:
-            logger.error("flower-supernode exited (code %s) %d times; giving up", code, restarts)
-            return 1
+            refused_since = refused_since if refused_since is not None else started
+            waited = time.monotonic() - refused_since
+            if waited >= settings.enrollment_timeout:
+                logger.error(
+                    "The coordinator refused %s's key for %.0f s (not enrolled); ask the coordinator to "
+                    "add %s's public key to [hospitals] and restart the server, then start this daemon",
+                    settings.site_name,
+                    waited,
+                    settings.site_name,
+                )
+                return EXIT_NOT_ENROLLED
+            reason = "the coordinator refused this site's key (not enrolled yet?)"
+        else:
+            refused_since = None
+            reason = f"flower-supernode exited with code {code}"
         if time.monotonic() - started > 10 * MAX_BACKOFF:
             backoff = MIN_BACKOFF
-        logger.warning(
-            "flower-supernode exited with code %s; restarting in %.0f s (log: %s)",
-            code,
-            backoff,
-            settings.log_file,
-        )
+        logger.warning("%s; retrying in %.0f s (log: %s)", reason, backoff, settings.log_file)
         time.sleep(backoff)
         backoff = min(MAX_BACKOFF, backoff * 2)

@@ -65,6 +65,7 @@ CONNECTION_KEYS = {
     "private-key": "this site's SuperNode key (OpenSSH, from fedshift certs)",
     "runtime-port": "local port of the SuperNode's Runtime API (distinct per SuperNode on one machine)",
     "log-file": "the daemon's log file (default <state-dir>/logs/fedshift-client.log)",
+    "enrollment-timeout": "seconds a refused key is retried before the daemon exits with code 3",
 }
 NODE_LOCATION_KEYS = ("data-path", "state-dir", "site-name")
 NUMBER_EXAMPLES = {"dp-epsilon": 8.0, "dp-delta": 1e-5, "dp-clip-norm": 1.0, "dp-noise-multiplier": 1.1}
@@ -245,6 +246,7 @@ class ClientSettings:
     runtime_port: int
     log_file: Path
     node_config: dict[str, Any]  # [site] with absolute paths: data-path, state-dir, site-name, dp-*, ...
+    enrollment_timeout: float = 600.0  # seconds a refused key is retried before giving up
 
     @property
     def state_dir(self) -> Path:
@@ -295,7 +297,13 @@ class ClientSettings:
             conn, "log-file", "connection", path, str(state_dir / "logs" / "fedshift-client.log")
         )
         runtime_port = _port(conn, "runtime-port", "connection", path, DEFAULT_RUNTIME_PORT)
-        return cls(path, superlink, ca, key, runtime_port, log_file, site)
+        timeout = conn.get("enrollment-timeout", 600.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
+            raise ConfigError(
+                f"Expected [connection] enrollment-timeout in {path} to be a number of seconds >= 0, "
+                f"but got {timeout!r}; e.g. enrollment-timeout = 600"
+            )
+        return cls(path, superlink, ca, key, runtime_port, log_file, site, float(timeout))
 
 
 def _check_privacy_values(site: Mapping[str, Any], path: Path) -> None:

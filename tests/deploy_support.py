@@ -122,6 +122,7 @@ class Federation:
             "ca-cert": "certs/ca.crt",
             "private-key": f"certs/nodes/{key}.key",
             "runtime-port": free_port(),
+            "enrollment-timeout": 30.0,  # the intruder gives up soon; enrolled sites are let in before
         }
         values = {
             "site-name": site,
