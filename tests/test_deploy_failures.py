@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +74,12 @@ def test_unenrolled_and_plaintext_nodes_are_refused(make_federation: type[Federa
     assert {n["status"] for n in nodes} == {"registered"}  # none of them ever came online
     assert fed.egress("hospital-a") == [] and fed.egress("intruder") == []
     assert server.poll() is None  # the coordinator waits for its enrolled sites
+
+    # SIGTERM (systemctl stop, docker stop) to the daemons alone: they stop everything they started
+    for daemon in (plaintext, server):
+        os.kill(daemon.pid, signal.SIGTERM)
+        assert daemon.proc.wait(timeout=60) == 0, fed.log(daemon.name)
+    wait_for("no process left", lambda: flower_processes_under(fed.root) == [], 30)
 
 
 def test_a_killed_hospital_is_dropped_and_the_others_finish(make_federation: type[Federation]) -> None:
