@@ -112,7 +112,12 @@ def register(sub: Any) -> None:
     q.add_argument("--secure-rng", action="store_true", help="noise from the OS CSPRNG (production)")
     q.add_argument("--no-dp-reference", action="store_true", help="skip the same run without DP")
     e = p.add_argument_group("EWC (a Fisher-weighted pull towards each round's global adapters)")
-    e.add_argument("--ewc-lambda", type=float, default=0.0, help="penalty strength; 0 = off")
+    e.add_argument(
+        "--ewc-lambda",
+        type=_floats,
+        default=(0.0,),
+        help="penalty strength; 0 = off (with --continual: one or more, e.g. 1,10,100, default 10)",
+    )
     e.add_argument(
         "--ewc-fisher-source",
         default="dp",
@@ -147,6 +152,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"Expected --epsilon to be one budget or one per site ({args.sites}), but got "
             f"{len(args.epsilon)} values; pass e.g. --epsilon 8"
+        )
+    if len(args.ewc_lambda) > 1 and not args.continual:
+        raise ConfigError(
+            f"Expected one --ewc-lambda without --continual, but got {len(args.ewc_lambda)} values; pass "
+            "one, e.g. --ewc-lambda 10 (several are compared only in the continual scenario)"
         )
     site_budgets = tuple(args.epsilon) if args.epsilon is not None and len(args.epsilon) > 1 else None
     out = args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
@@ -185,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
             accountant=args.accountant,
             secure_rng=args.secure_rng,
         ),
-        ewc=EWCConfig(lam=args.ewc_lambda, fisher_source=args.ewc_fisher_source),
+        ewc=EWCConfig(lam=args.ewc_lambda[0], fisher_source=args.ewc_fisher_source),
     )
     # Fail on a bad backbone or device before any data is simulated or Ray is started:
     # inside Ray these would only surface as failed replies from every site.
@@ -218,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
     means = report["mean_test_auc"]
     fed_auc, no_dp_auc, loc_auc = means["federated"], means["federated_no_dp"], means["local_only"]
     print(report["table"])
+    if "ewc_line" in report:
+        print(report["ewc_line"])
     if "negative_transfer_line" in report:
         print(report["negative_transfer_line"])
     if "epsilon_table" in report:
@@ -264,7 +276,7 @@ def _compare(spec: Any, strategies: tuple[str, ...], out: Path) -> int:
     return 0
 
 
-def _continual(spec: Any, prevalences: tuple[float, ...], lam: float, out: Path) -> int:
+def _continual(spec: Any, prevalences: tuple[float, ...], lambdas: tuple[float, ...], out: Path) -> int:
     from fedshift.simulations.continual import CONTINUAL_FILE, run_continual
 
     if len(prevalences) != 2:
@@ -272,7 +284,8 @@ def _continual(spec: Any, prevalences: tuple[float, ...], lam: float, out: Path)
             f"Expected --phase-prevalences to be two numbers (phase A, phase B), but got {prevalences}; "
             "pass e.g. 0.3,0.8"
         )
-    report = run_continual(spec, prevalence_a=prevalences[0], prevalence_b=prevalences[1], ewc_lambda=lam)
+    chosen = tuple(lam for lam in lambdas if lam > 0) or (10.0,)
+    report = run_continual(spec, prevalence_a=prevalences[0], prevalence_b=prevalences[1], ewc_lambdas=chosen)
     print(report["table"])
     print(f"Time: {report['seconds']:.0f} s. Results: {out / CONTINUAL_FILE}")
     return 0

@@ -126,28 +126,35 @@ def continual_table(summary: Mapping[str, Any], label: str) -> str:
 
 
 def run_continual(
-    spec: ExperimentSpec, *, prevalence_a: float = 0.3, prevalence_b: float = 0.8, ewc_lambda: float = 0.0
+    spec: ExperimentSpec,
+    *,
+    prevalence_a: float = 0.3,
+    prevalence_b: float = 0.8,
+    ewc_lambdas: Sequence[float] = (10.0,),
 ) -> dict[str, Any]:
-    """Phase A (+ consolidation), then phase B without and with EWC; forgetting per run."""
+    """Phase A (+ consolidation), then phase B without EWC and with EWC at each lambda."""
+    if not ewc_lambdas or not all(lam > 0 for lam in ewc_lambdas):
+        raise ConfigError(
+            f"Expected one or more EWC lambdas > 0 for the continual scenario, but got {list(ewc_lambdas)}; "
+            "pass e.g. --ewc-lambda 1,10,100"
+        )
     started = time.time()
     sites_a, sites_b, label = continual_sites(spec, prevalence_a, prevalence_b)
     logger.info("Phase A sites:\n%s", format_site_table(sites_a))
     logger.info("Phase B sites:\n%s", format_site_table(sites_b))
     fed: FederationConfig = spec.federation
-    lam = ewc_lambda if ewc_lambda > 0 else (fed.ewc.lam if fed.ewc.lam > 0 else 100.0)
     out = spec.out_dir
     phase_a = replace(fed, ewc=replace(fed.ewc, lam=0.0, consolidate=True))
     server_a, seconds_a = federate(phase_a, sites_a, out / "phase-a", spec.site_epsilons)
     checkpoint_a = out / "phase-a" / "server" / "checkpoint"
     before = evaluate_sites(checkpoint_a, sites_a, out / "phase-a" / "sites", fed.device)
-    variants = {
-        "no EWC": replace(fed, init_checkpoint=str(checkpoint_a), ewc=replace(fed.ewc, lam=0.0)),
-        f"EWC lambda={lam:g}": replace(
+    variants = {"no EWC": replace(fed, init_checkpoint=str(checkpoint_a), ewc=replace(fed.ewc, lam=0.0))}
+    for lam in ewc_lambdas:
+        variants[f"EWC lambda={lam:g}"] = replace(
             fed,
             init_checkpoint=str(checkpoint_a),
             ewc=replace(fed.ewc, lam=lam, anchor="consolidated"),
-        ),
-    }
+        )
     runs: dict[str, dict[str, Any]] = {}
     for k, (name, config) in enumerate(variants.items()):
         root = out / f"phase-b-{k}"

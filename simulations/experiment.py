@@ -21,6 +21,7 @@ from fedshift.simulations.engine import run_flower_simulation
 from fedshift.simulations.report import (
     bytes_per_round,
     epsilon_table,
+    ewc_line,
     mean_metric,
     negative_transfer,
     negative_transfer_line,
@@ -234,6 +235,8 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
             "no-dp = the same without DP"
         )
     report["table"] = site_table(groups, sent, label)
+    if fed.ewc.enabled:
+        report["ewc_line"] = ewc_line(server["history"].get("privacy", {}), fed.ewc.lam, fed.ewc.anchor)
     if flags is not None:
         report["negative_transfer_line"] = negative_transfer_line(flags)
     if privacy.enabled:

@@ -146,3 +146,17 @@ def negative_transfer_line(flags: Mapping[str, Mapping[str, float | bool]]) -> s
     if not worse:
         return "Negative transfer: none (every site's federated validation AUC >= its local-only one)"
     return "Negative transfer: federated worse than local-only on validation AUC at " + ", ".join(worse)
+
+
+def ewc_line(
+    privacy_history: Mapping[str, Mapping[str, Mapping[str, object]]], lam: float, anchor: str
+) -> str:
+    """One line for the report: EWC's strength and anchor, and where each site's Fisher came from."""
+    sources: dict[str, set[str]] = {}
+    for per_site in privacy_history.values():
+        for site, record in per_site.items():
+            if "ewc-fisher" in record:
+                sources.setdefault(str(record["ewc-fisher"]), set()).add(site)
+    listed = "; ".join(f"{source}: {', '.join(sorted(sites))}" for source, sites in sorted(sources.items()))
+    listed = listed or "no site (none reported)"
+    return f"EWC: lambda={lam:g} towards the {anchor} anchor; Fisher from {listed}"

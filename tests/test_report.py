@@ -1,4 +1,4 @@
-"""Report helpers: the negative-transfer flag."""
+"""Report helpers: the negative-transfer flag and the EWC line."""
 
 from __future__ import annotations
 
@@ -38,3 +38,17 @@ def test_flag_is_raised_where_the_local_model_is_better() -> None:
 def test_kebab_case_federated_metrics_are_read() -> None:
     flags = negative_transfer({"a": {"auc": 0.6, "balanced-accuracy": 0.5}}, {"a": {"auc": 0.7}})
     assert flags["a"]["flagged"] and flags["a"]["federated_auc"] == 0.6
+
+
+def test_ewc_line_names_each_fisher_source_and_its_sites() -> None:
+    from fedshift.simulations.report import ewc_line
+
+    history = {
+        "1": {"site-0": {"ewc-fisher": "dp"}, "site-1": {"ewc-fisher": "public (synthetic images)"}},
+        "2": {"site-0": {"ewc-fisher": "dp"}, "site-2": {"mechanism": "dp-sgd"}},
+    }
+    assert ewc_line(history, 10.0, "global") == (
+        "EWC: lambda=10 towards the global anchor; Fisher from dp: site-0; "
+        "public (synthetic images): site-1"
+    )
+    assert ewc_line({}, 1.0, "consolidated").endswith("no site (none reported)")
