@@ -6,8 +6,9 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,16 +28,16 @@ def _teardown(fed: Federation) -> None:
 
 
 @pytest.fixture
-def make_federation(tmp_path: Path) -> Iterator[type[Federation]]:
+def make_federation(tmp_path: Path) -> Iterator[Callable[..., Federation]]:
     made: list[Federation] = []
 
-    class Made(Federation):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(tmp_path, *args, **kwargs)  # type: ignore[arg-type]
-            made.append(self)
+    def make(**kwargs: Any) -> Federation:
+        fed = Federation(tmp_path, **kwargs)
+        made.append(fed)
+        return fed
 
     try:
-        yield Made
+        yield make
     finally:
         for fed in made:
             _teardown(fed)
@@ -46,7 +47,7 @@ def _ledger_rounds(fed: Federation, site: str) -> list[tuple[str, int]]:
     return [(e["run_id"], e["round"]) for e in fed.ledger(site) if e["mechanism"] == "dp-sgd"]
 
 
-def test_unenrolled_and_plaintext_nodes_are_refused(make_federation: type[Federation]) -> None:
+def test_unenrolled_and_plaintext_nodes_are_refused(make_federation: Callable[..., Federation]) -> None:
     fed = make_federation(rounds=1, min_nodes=3)
     server = fed.start_server()
     wait_for("the run to be submitted", lambda: "Submitted" in fed.log(server.name), 180, server)
@@ -82,7 +83,9 @@ def test_unenrolled_and_plaintext_nodes_are_refused(make_federation: type[Federa
     wait_for("no process left", lambda: flower_processes_under(fed.root) == [], 30)
 
 
-def test_a_killed_hospital_is_dropped_and_the_others_finish(make_federation: type[Federation]) -> None:
+def test_a_killed_hospital_is_dropped_and_the_others_finish(
+    make_federation: Callable[..., Federation],
+) -> None:
     fed = make_federation(rounds=2, min_nodes=2)
     server = fed.start_server()
     clients = {site: fed.start_client(site) for site in SITES}
@@ -113,7 +116,7 @@ def test_a_killed_hospital_is_dropped_and_the_others_finish(make_federation: typ
 
 
 def test_a_restarted_coordinator_resumes_from_the_last_completed_round(
-    make_federation: type[Federation],
+    make_federation: Callable[..., Federation],
 ) -> None:
     fed = make_federation(rounds=2, min_nodes=3)
     server = fed.start_server()
