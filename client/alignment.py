@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -65,7 +65,6 @@ from fedshift.common.shift_config import ShiftConfig
 from fedshift.common.shift_statistics import GlobalStatistics
 
 logger = logging.getLogger(__name__)
-
 
 
 # ----------------------------------------------------------------------------- features
@@ -101,10 +100,11 @@ def feature_matrix(
 
 @dataclass(frozen=True, eq=False)
 class MomentRelease:
-    """``Σ g`` and ``Σ g gᵀ`` of clipped projected features, released by the Gaussian mechanism."""
+    """Per-class ``Σ g`` (and, for CORAL, the marginal ``Σ g gᵀ``) of clipped projected features,
+    released by the Gaussian mechanism."""
 
-    sum: np.ndarray  # (k,) noisy sum of the clipped vectors
-    outer: np.ndarray  # (k, k) noisy sum of their outer products, symmetrised
+    class_sums: np.ndarray  # (C, k) noisy sum of the clipped vectors of each class
+    outer: np.ndarray | None  # (k, k) noisy sum of all outer products, symmetrised; None if not released
     n: int  # samples (public, like the training-set size the site reports)
     noise_multiplier: float  # sigma
     clip: float  # R, the L2 bound of one projected vector
@@ -114,9 +114,11 @@ class MomentRelease:
         return moment_mechanism(self.noise_multiplier)
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(E g, E g gᵀ)`` estimated from the release (post-processing)."""
+        """Marginal ``(E g, E g gᵀ)`` estimated from the release (post-processing; needs ``outer``)."""
+        if self.outer is None:
+            raise DataError("Expected a release with outer products for marginal moments, but it has none")
         n = max(self.n, 1)
-        return self.sum / n, self.outer / n
+        return self.class_sums.sum(axis=0) / n, self.outer / n
 
 
 def moment_mechanism(noise_multiplier: float) -> Mechanism:
@@ -130,15 +132,33 @@ def clip_rows(x: np.ndarray, clip: float) -> np.ndarray:
     return np.asarray(x * np.minimum(1.0, clip / np.maximum(norms * (1 + 1e-12), 1e-300)))
 
 
-def private_moments(
-    projected: np.ndarray, clip: float, noise_multiplier: float, source: RandomSource
-) -> MomentRelease:
-    """The Gaussian mechanism on ``(Σ g, Σ g gᵀ)`` of the rows of ``projected``, clipped to ``clip``.
+def moment_sensitivity(clip: float, outer: bool) -> float:
+    """L2 sensitivity of the released vector: ``R`` for the class sums, ``sqrt(2) R`` with outer products.
 
-    L2 sensitivity of ``(Σ g, Σ g gᵀ / R)`` is ``sqrt(2) R`` (module docstring);
-    every coordinate gets noise of std ``noise_multiplier * sqrt(2) * R`` (times
-    ``R`` on the outer products), and the outer-product sum is symmetrised
-    afterwards (post-processing). Charge :attr:`MomentRelease.mechanism` first.
+    One patient adds ``g`` (``||g|| <= R``) to exactly one class's sum, and, with
+    outer products, ``g gᵀ / R`` (Frobenius norm ``||g||² / R <= R``) to the
+    scaled outer-product sum: ``sqrt(R² + R²)``.
+    """
+    return float(clip) * (math.sqrt(2.0) if outer else 1.0)
+
+
+def private_moments(
+    projected: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    clip: float,
+    noise_multiplier: float,
+    source: RandomSource,
+    *,
+    outer: bool = False,
+) -> MomentRelease:
+    """The Gaussian mechanism on the per-class sums of the rows of ``projected`` clipped to ``clip``
+    (and on ``Σ g gᵀ / R`` when ``outer``).
+
+    Every coordinate gets noise of std ``noise_multiplier * moment_sensitivity``
+    (times ``R`` on the outer products, which are released divided by ``R``), and
+    the outer-product sum is symmetrised afterwards (post-processing). Charge
+    :attr:`MomentRelease.mechanism` first.
     """
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise PrivacyError(
@@ -146,16 +166,26 @@ def private_moments(
             "a site only with noise (set align-noise-multiplier, e.g. 3.0)"
         )
     if not (math.isfinite(clip) and clip > 0):
-        raise PrivacyError(f"Expected a moment clip > 0, but got {clip!r}; set align-clip, e.g. 4.0")
+        raise PrivacyError(f"Expected a moment clip > 0, but got {clip!r}; set align-clip, e.g. 1.0")
     g = clip_rows(np.asarray(projected, dtype=np.float64), clip)
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    if y.shape[0] != g.shape[0] or (y.size and (y.min() < 0 or y.max() >= num_classes)):
+        raise DataError(
+            f"Expected one label in [0, {num_classes}) per feature row ({g.shape[0]}), but got {y.shape[0]}"
+        )
     k = g.shape[1]
-    std = float(noise_multiplier) * math.sqrt(2.0) * float(clip)
-    noise_sum = source.normal(std, torch.zeros(k, dtype=torch.float64)).cpu().numpy()
-    noise_outer = source.normal(std * clip, torch.zeros((k, k), dtype=torch.float64)).cpu().numpy()
-    outer = g.T @ g + noise_outer
+    std = float(noise_multiplier) * moment_sensitivity(clip, outer)
+    sums = np.zeros((num_classes, k))
+    np.add.at(sums, y, g)
+    sums += source.normal(std, torch.zeros((num_classes, k), dtype=torch.float64)).cpu().numpy()
+    released_outer = None
+    if outer:
+        noise = source.normal(std * clip, torch.zeros((k, k), dtype=torch.float64)).cpu().numpy()
+        total = g.T @ g + noise
+        released_outer = (total + total.T) / 2
     return MomentRelease(
-        sum=g.sum(axis=0) + noise_sum,
-        outer=(outer + outer.T) / 2,
+        class_sums=sums,
+        outer=released_outer,
         n=int(g.shape[0]),
         noise_multiplier=float(noise_multiplier),
         clip=float(clip),
@@ -235,6 +265,62 @@ class AlignmentLoss:
         return self.weight * terms
 
 
+class PrototypeLoss:
+    """Class-conditional alignment: ``w ||P f_i - mu_{y_i}||² / (k s)`` per sample, exactly per-sample.
+
+    ``mu_c`` are the global class means of the projected features (from the
+    sites' DP per-class sums and DP label counts), ``s`` the mean squared
+    distance between two classes' means per direction (a public scale). Pulling
+    every site's class-``c`` features to the same global ``mu_c`` aligns the
+    class-conditional feature distributions across scanners without aligning the
+    marginals, which would also erase the label shift the sites legitimately
+    have (Zhao et al. 2019). Each sample's term depends on it alone: DP-SGD as is.
+    """
+
+    def __init__(self, projection_matrix: np.ndarray, class_means: np.ndarray, weight: float) -> None:
+        c, k = class_means.shape
+        diffs = [np.sum((class_means[a] - class_means[b]) ** 2) for a in range(c) for b in range(a + 1, c)]
+        self.scale = max(float(np.mean(diffs)) / k if diffs else 1.0, 1e-12)
+        self.k = k
+        self.weight = float(weight)
+        self._proj = torch.as_tensor(projection_matrix, dtype=torch.float32)
+        self._means = torch.as_tensor(class_means, dtype=torch.float32)
+
+    def __call__(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        g = features.float() @ self._proj.to(features.device)
+        centre = self._means.to(features.device)[labels]
+        return self.weight * torch.sum((g - centre) ** 2, dim=1) / (self.k * self.scale)
+
+
+AlignTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (features, labels) -> (N,)
+
+
+def _alignment_term(
+    shift: ShiftConfig,
+    stats: GlobalStatistics | None,
+    projection_matrix: np.ndarray | None,
+    point: tuple[np.ndarray, np.ndarray] | None,
+) -> AlignTerm | None:
+    """The configured alignment loss, or ``None`` when its global statistics are missing."""
+    if stats is None or (stats.class_means is None and stats.moment_cov is None):
+        return None
+    if projection_matrix is None:
+        raise DataError("Expected a projection matrix for the alignment loss, but got None")
+    if shift.align_loss == "prototype" and stats.class_means is not None:
+        return PrototypeLoss(projection_matrix, stats.class_means, shift.align_weight)
+    if shift.align_loss == "coral" and stats.moment_mean is not None and stats.moment_cov is not None:
+        coral = AlignmentLoss(
+            projection_matrix, stats.moment_mean, stats.moment_cov, shift.align_weight, point
+        )
+
+        def marginal(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            del labels
+            return coral(features)
+
+        return marginal
+    return None
+
+
 def site_objective(
     shift: ShiftConfig,
     stats: GlobalStatistics | None,
@@ -249,7 +335,7 @@ def site_objective(
     statistics stage) is left out, with a warning.
     """
     adjust: torch.Tensor | None = None
-    align: AlignmentLoss | None = None
+    align: AlignTerm | None = None
     if shift.logit_adjust > 0:
         if stats is not None and stats.train_prior is not None:
             adjust = torch.as_tensor(
@@ -260,13 +346,8 @@ def site_objective(
                 "%s: no global training prior for this run: training without logit adjustment", site
             )
     if shift.align:
-        if stats is not None and stats.moment_mean is not None and stats.moment_cov is not None:
-            if projection_matrix is None:
-                raise DataError("Expected a projection matrix for the alignment loss, but got None")
-            align = AlignmentLoss(
-                projection_matrix, stats.moment_mean, stats.moment_cov, shift.align_weight, point
-            )
-        else:
+        align = _alignment_term(shift, stats, projection_matrix, point)
+        if align is None:
             logger.warning("%s: no global feature moments for this run: training without alignment", site)
     if adjust is None and align is None:
         return cross_entropy
@@ -274,7 +355,7 @@ def site_objective(
     def objective(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         shifted = logits + adjust.to(logits.device, logits.dtype) if adjust is not None else logits
         loss = nn.functional.cross_entropy(shifted, labels, reduction="none")
-        return loss + align(features) if align is not None else loss
+        return loss + align(features, labels) if align is not None else loss
 
     return objective
 

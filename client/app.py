@@ -140,7 +140,9 @@ def _train_private(
             steps=steps,
             delta=plan.delta,
         )
-    objective = training_objective(fed, site, model, train.images, run_id=run_id, private=True, seed=seed)
+    objective = training_objective(
+        fed, site, model, train.images, train.labels, run_id=run_id, private=True, seed=seed
+    )
     term, source = ewc_term(fed, site, model, msg, train.images, private=True, seed=seed)
     stats = train_local(
         model,
@@ -215,7 +217,14 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
             data = load_site_data(site).split("train")
             term, source = ewc_term(fed, site, model, msg, data.images, private=False, seed=seed)
             objective = training_objective(  # issue 5: logit adjustment and/or feature alignment
-                fed, site, model, data.images, run_id=str(msg.metadata.run_id), private=False, seed=seed
+                fed,
+                site,
+                model,
+                data.images,
+                data.labels,
+                run_id=str(msg.metadata.run_id),
+                private=False,
+                seed=seed,
             )
             stats = train_local(
                 model, data, fed.train, device, seed=seed, gradient_term=term, objective=objective

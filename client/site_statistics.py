@@ -133,20 +133,36 @@ def _release(
         )
         out["label-counts"] = counts.counts.tolist()
     if fed.shift.align:
-        moments = site_moments(fed, site, model, train.images, _source(fed, site, "moments"))
-        out["moment-sum"] = moments.sum.tolist()
-        out["moment-outer"] = moments.outer.ravel().tolist()
+        moments = site_moments(fed, site, model, train.images, train.labels, _source(fed, site, "moments"))
+        out["moment-sum"] = moments.class_sums.ravel().tolist()
+        if moments.outer is not None:
+            out["moment-outer"] = moments.outer.ravel().tolist()
     atomic_write_json(site.state_dir / RELEASE_FILE, out)
     return out
 
 
 def site_moments(
-    fed: FederationConfig, site: SiteSettings, model: FedshiftModel, images: np.ndarray, source: RandomSource
+    fed: FederationConfig,
+    site: SiteSettings,
+    model: FedshiftModel,
+    images: np.ndarray,
+    labels: np.ndarray,
+    source: RandomSource,
 ) -> MomentRelease:
-    """The DP moment release of the site's projected features under ``model`` (charge it first)."""
+    """The DP moment release of the site's projected features under ``model`` (charge it first):
+    per-class sums, and for CORAL the outer products."""
     features = feature_matrix(model, images, resolve_device(site.device))
     projected = features @ model_projection(fed, model)
-    return private_moments(projected, fed.shift.align_clip, fed.shift.align_noise, source)
+    shift = fed.shift
+    return private_moments(
+        projected,
+        labels,
+        fed.model.num_classes,
+        shift.align_clip,
+        shift.align_noise,
+        source,
+        outer=shift.per_round_moments,
+    )
 
 
 def handle_statistics(
@@ -198,8 +214,8 @@ def handle_statistics(
 
 
 def round_mechanisms(fed: FederationConfig) -> list[Mechanism]:
-    """Releases charged with every DP-SGD round: the alignment loss's moments (when aligning)."""
-    return [moment_mechanism(fed.shift.align_noise)] if fed.shift.align else []
+    """Releases charged with every DP-SGD round: the CORAL loss's moments (the prototype loss needs none)."""
+    return [moment_mechanism(fed.shift.align_noise)] if fed.shift.per_round_moments else []
 
 
 def training_objective(
@@ -207,6 +223,7 @@ def training_objective(
     site: SiteSettings,
     model: FedshiftModel,
     images: np.ndarray,
+    labels: np.ndarray,
     *,
     run_id: str,
     private: bool,
@@ -224,8 +241,8 @@ def training_objective(
     stats = load_global_statistics(site.state_dir, run_id)
     proj = model_projection(fed, model) if fed.shift.align else None
     point = None
-    if fed.shift.align and private and stats is not None:
-        release = site_moments(fed, site, model, images, _source(fed, site, f"moments:{seed}"))
+    if fed.shift.per_round_moments and private and stats is not None:
+        release = site_moments(fed, site, model, images, labels, _source(fed, site, f"moments:{seed}"))
         point = release.moments()
     model.train(True)
     return site_objective(fed.shift, stats, projection_matrix=proj, point=point, site=site.name)

@@ -20,6 +20,11 @@ PRIOR_METHODS: dict[str, str] = {
     "em": "maximum likelihood by EM on calibrated probabilities (Saerens et al. 2002)",
     "bbse": "black-box shift estimation from the confusion matrix (Lipton et al. 2018)",
 }
+# align-loss -> what it is
+ALIGN_LOSSES: dict[str, str] = {
+    "prototype": "class-conditional: each feature pulled to its class's global mean (DP per-class sums)",
+    "coral": "marginal CORAL + mean towards the global moments (DP sums and outer products)",
+}
 # ls-calibration -> what it is
 CALIBRATIONS: dict[str, str] = {
     "bcts": "bias-corrected temperature scaling",
@@ -50,9 +55,10 @@ class ShiftConfig:
     threshold: bool = False  # also report a per-site decision threshold chosen on the site's val split
     logit_adjust: float = 0.0  # tau of the logit-adjusted training loss towards the global prior; 0 = off
     count_noise: float = 2.0  # noise multiplier of the DP label-count release (L2 sensitivity 1)
-    align_weight: float = 0.0  # weight of the feature-alignment (CORAL + mean) loss; 0 = off
-    align_dim: int = 32  # features are projected on this many fixed random directions before alignment
-    align_clip: float = 4.0  # L2 bound of a projected feature vector in the DP moment release
+    align_weight: float = 0.0  # weight of the feature-alignment loss; 0 = off
+    align_loss: str = "prototype"  # prototype (class-conditional means) or coral (marginal moments)
+    align_dim: int = 16  # features are projected on this many fixed random directions before alignment
+    align_clip: float = 8.0  # L2 bound of a projected feature in the DP release (~1 at 32 px, ~8 at 64 px)
     align_noise: float = 3.0  # noise multiplier of the DP moment release
     tta: bool = False  # also evaluate with norm statistics adapted on the unlabeled evaluation images
 
@@ -68,6 +74,7 @@ class ShiftConfig:
         "ls-logit-adjust": "logit_adjust",
         "ls-count-noise-multiplier": "count_noise",
         "align-weight": "align_weight",
+        "align-loss": "align_loss",
         "align-dim": "align_dim",
         "align-clip": "align_clip",
         "align-noise-multiplier": "align_noise",
@@ -80,8 +87,8 @@ class ShiftConfig:
             if name in ("correction", "threshold", "tta"):
                 if not isinstance(value, bool):
                     raise ConfigError(f"Expected {key} to be true or false, but got {value!r}")
-            elif name in ("prior_method", "calibration"):
-                choices = PRIOR_METHODS if name == "prior_method" else CALIBRATIONS
+            elif name in ("prior_method", "calibration", "align_loss"):
+                choices = {"prior_method": PRIOR_METHODS, "calibration": CALIBRATIONS}.get(name, ALIGN_LOSSES)
                 if value not in choices:
                     raise ConfigError(
                         f"Expected {key} to be one of {sorted(choices)}, but got {value!r}; "
@@ -124,8 +131,13 @@ class ShiftConfig:
 
     @property
     def needs_counts(self) -> bool:
-        """The global training prior is needed (correction or logit adjustment)."""
-        return self.correction or self.logit_adjust > 0
+        """Label counts are released: the global prior (correction, logit adjustment) or per-class means."""
+        return self.correction or self.logit_adjust > 0 or self.align
+
+    @property
+    def per_round_moments(self) -> bool:
+        """A DP-SGD round also releases the site's moments (the CORAL loss's linearisation point)."""
+        return self.align and self.align_loss == "coral"
 
     @property
     def needs_statistics(self) -> bool:

@@ -42,6 +42,7 @@ class GlobalStatistics:
     run: str  # the run these belong to (a prior is the prior of one run's model)
     sites: int  # how many sites' releases went in
     train_prior: np.ndarray | None = None  # (C,) global training label prior; None when not released
+    class_means: np.ndarray | None = None  # (C, k) global mean of each class's projected features
     moment_mean: np.ndarray | None = None  # (k,) global mean of the projected features
     moment_cov: np.ndarray | None = None  # (k, k) global covariance of the projected features
 
@@ -50,6 +51,9 @@ class GlobalStatistics:
         out: dict[str, Any] = {"run": self.run, "sites": self.sites}
         if self.train_prior is not None:
             out["train-prior"] = [float(v) for v in self.train_prior]
+        if self.class_means is not None:
+            out["align-dim"] = int(self.class_means.shape[1])
+            out["class-means"] = [float(v) for v in self.class_means.ravel()]
         if self.moment_mean is not None and self.moment_cov is not None:
             out["moment-mean"] = [float(v) for v in self.moment_mean]
             out["moment-cov"] = [float(v) for v in self.moment_cov.ravel()]
@@ -61,6 +65,15 @@ class GlobalStatistics:
         mean = record.get("moment-mean")
         cov = record.get("moment-cov")
         moment_mean = np.asarray(mean, dtype=np.float64) if mean is not None else None
+        class_means = None
+        if record.get("class-means") is not None:
+            flat = np.asarray(record["class-means"], dtype=np.float64)
+            k = int(record.get("align-dim", 0))
+            if k < 1 or flat.size % k:
+                raise DataError(
+                    f"Expected class-means of a multiple of align-dim={k} entries, got {flat.size}"
+                )
+            class_means = flat.reshape(-1, k)
         moment_cov = None
         if moment_mean is not None and cov is not None:
             k = moment_mean.shape[0]
@@ -72,6 +85,7 @@ class GlobalStatistics:
             run=str(record.get("run", "")),
             sites=int(record.get("sites", 0)),
             train_prior=np.asarray(prior, dtype=np.float64) if prior is not None else None,
+            class_means=class_means,
             moment_mean=moment_mean,
             moment_cov=moment_cov,
         )
@@ -115,6 +129,24 @@ def moment_noise_floor(noise_multiplier: float, clip: float, dim: int, sites: in
     """
     entry_std = noise_multiplier * clip**2 * math.sqrt(sites) / max(total, 1.0)
     return 2.0 * math.sqrt(dim) * entry_std
+
+
+def aggregate_class_means(class_sums: Sequence[np.ndarray], noisy_counts: Sequence[np.ndarray]) -> np.ndarray:
+    """Global per-class means ``Σ_sites sum_c / Σ_sites n_c`` (counts floored at ``MIN_CLASS_COUNT``)."""
+    if not class_sums or len(class_sums) != len(noisy_counts):
+        raise DataError(
+            f"Expected as many class sums as count vectors (>= 1), but got {len(class_sums)} and "
+            f"{len(noisy_counts)}"
+        )
+    sums = np.sum([np.asarray(s, dtype=np.float64) for s in class_sums], axis=0)
+    counts = np.maximum(
+        np.sum([np.asarray(c, dtype=np.float64) for c in noisy_counts], axis=0), MIN_CLASS_COUNT
+    )
+    if sums.ndim != 2 or counts.shape != (sums.shape[0],):
+        raise DataError(
+            f"Expected class sums (C, k) and counts (C,), but got {sums.shape} and {counts.shape}"
+        )
+    return np.asarray(sums / counts[:, None])
 
 
 def aggregate_moments(

@@ -26,6 +26,7 @@ from fedshift.common.shift_statistics import (
     STAGE_RELEASE,
     STATISTICS_KEY,
     GlobalStatistics,
+    aggregate_class_means,
     aggregate_moments,
     aggregate_prior,
     moment_noise_floor,
@@ -58,7 +59,9 @@ def _release_problem(msg: Message, cfg: FederationConfig) -> str | None:
     shift, c, k = cfg.shift, cfg.model.num_classes, cfg.shift.align_dim
     wanted = {"label-counts": c} if shift.needs_counts else {}
     if shift.align:
-        wanted |= {"moment-sum": k, "moment-outer": k * k}
+        wanted["moment-sum"] = c * k
+    if shift.align and shift.align_loss == "coral":
+        wanted["moment-outer"] = k * k
     for key, size in wanted.items():
         value = record.get(key)
         if not isinstance(value, list) or len(value) != size:
@@ -95,16 +98,19 @@ def collect_statistics(
             counts.append(np.asarray(record["label-counts"], dtype=np.float64))
         if cfg.shift.align:
             k = cfg.shift.align_dim
-            sums.append(np.asarray(record["moment-sum"], dtype=np.float64))
-            outers.append(np.asarray(record["moment-outer"], dtype=np.float64).reshape(k, k))
+            sums.append(np.asarray(record["moment-sum"], dtype=np.float64).reshape(-1, k))
             sizes.append(float(msg.content.metric_records[METRICS_KEY][WEIGHT_KEY]))  # type: ignore[arg-type]
+        if cfg.shift.per_round_moments:
+            outers.append(np.asarray(record["moment-outer"], dtype=np.float64).reshape(k, k))
     if not contributors:
         logger.warning("Statistics stage: no site sent statistics; no correction or alignment in this run")
         return None
-    mean, cov = None, None
+    mean, cov, class_means = None, None, None
     if cfg.shift.align:
+        class_means = aggregate_class_means(sums, counts)
+    if cfg.shift.per_round_moments:  # CORAL: the marginal moments
         sh = cfg.shift
-        mean, cov = aggregate_moments(sums, outers, sizes)
+        mean, cov = aggregate_moments([s.sum(axis=0) for s in sums], outers, sizes)
         floor = moment_noise_floor(sh.align_noise, sh.align_clip, sh.align_dim, len(sums), sum(sizes))
         above = int(np.sum(np.linalg.eigvalsh(cov) > floor))
         logger.info(
@@ -117,6 +123,7 @@ def collect_statistics(
         run=run_id,
         sites=len(contributors),
         train_prior=aggregate_prior(counts) if cfg.shift.needs_counts else None,
+        class_means=class_means,
         moment_mean=mean,
         moment_cov=cov,
     )

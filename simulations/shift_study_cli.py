@@ -51,6 +51,12 @@ def register(sub: Any) -> None:
     p.add_argument("--min-samples", type=int, default=30, help="fewer unlabeled images: no correction")
     p.add_argument("--count-noise", type=float, default=2.0, help="noise multiplier of the DP label counts")
     p.add_argument("--align-weight", type=float, default=0.1, help="weight of the alignment loss (run c)")
+    p.add_argument(
+        "--align-loss",
+        default="prototype",
+        choices=["prototype", "coral"],
+        help="prototype: class-conditional means; coral: marginal moments",
+    )
     p.add_argument("--align-dim", type=int, default=16, help="random projection dimension of the features")
     p.add_argument("--align-clip", type=float, default=1.0, help="L2 bound of a projected feature (DP)")
     p.add_argument("--align-noise", type=float, default=3.0, help="noise multiplier of the DP moments")
@@ -91,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
             threshold=True,
             count_noise=args.count_noise,
             align_weight=args.align_weight,
+            align_loss=args.align_loss,
             align_dim=args.align_dim,
             align_clip=args.align_clip,
             align_noise=args.align_noise,

@@ -16,11 +16,13 @@ from scipy.linalg import subspace_angles
 
 from fedshift.client.alignment import (
     AlignmentLoss,
+    PrototypeLoss,
     adapted_norm_statistics,
     alignment_discrepancy,
     clip_rows,
     global_scale,
     linear_cka,
+    moment_sensitivity,
     private_moments,
     projection,
     site_objective,
@@ -136,24 +138,61 @@ def test_moment_release_sensitivity_and_noise() -> None:
     clip, sigma = 2.0, 3.0
     rng = np.random.default_rng(4)
     g = clip_rows(rng.normal(size=(50, K)) * 5, clip)
+    y = rng.integers(0, 2, 50)
     assert np.linalg.norm(g, axis=1).max() <= clip
-    # one patient's contribution (g, g gᵀ / R) has L2 norm sqrt(2) R at the clip bound, never more
+    # one patient's contribution (g in its class's block, g gᵀ / R) has L2 norm sqrt(2) R at the bound
     one = g[0]
-    contribution = np.concatenate([one, np.outer(one, one).ravel() / clip])
-    assert np.linalg.norm(contribution) == pytest.approx(math.sqrt(2) * clip)
+    contribution = np.concatenate([one, np.zeros(K), np.outer(one, one).ravel() / clip])
+    assert np.linalg.norm(contribution) == pytest.approx(moment_sensitivity(clip, outer=True))
+    assert moment_sensitivity(clip, outer=False) == pytest.approx(np.linalg.norm(one))
     source = SeededSource(5)
-    draws = [private_moments(g, clip, sigma, source) for _ in range(3000)]
-    sums = np.stack([d.sum for d in draws])
-    outers = np.stack([d.outer for d in draws])
-    np.testing.assert_allclose(sums.mean(0), g.sum(0), atol=4 * sigma * math.sqrt(2) * clip / math.sqrt(3000))
-    np.testing.assert_allclose(sums.std(0), sigma * math.sqrt(2) * clip, rtol=0.06)
+    truth = np.stack([g[y == c].sum(0) for c in (0, 1)])
+    for outer, sens in ((False, clip), (True, math.sqrt(2) * clip)):
+        draws = [private_moments(g, y, 2, clip, sigma, source, outer=outer) for _ in range(2000)]
+        sums = np.stack([d.class_sums for d in draws])
+        np.testing.assert_allclose(sums.mean(0), truth, atol=4 * sigma * sens / math.sqrt(2000))
+        np.testing.assert_allclose(sums.std(0), sigma * sens, rtol=0.06)
+        assert (draws[0].outer is not None) == outer
+    outers = np.stack([d.outer for d in draws])  # the last loop: with outer products
     std_outer = sigma * math.sqrt(2) * clip * clip
     np.testing.assert_allclose(np.diagonal(outers, axis1=1, axis2=2).std(0), std_outer, rtol=0.06)
     assert outers[:, 0, 1].std() == pytest.approx(std_outer / math.sqrt(2), rel=0.06)  # symmetrised
     np.testing.assert_allclose(outers, np.transpose(outers, (0, 2, 1)))
     assert draws[0].mechanism == (3.0, 1.0, 1)
     with pytest.raises(PrivacyError, match="noise multiplier > 0"):
-        private_moments(g, clip, 0.0, source)
+        private_moments(g, y, 2, clip, 0.0, source)
+
+
+def test_prototype_loss_by_hand_and_per_sample() -> None:
+    proj = np.eye(K)
+    means = np.array([[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]])  # squared distance 4: scale 4 / k = 1
+    loss = PrototypeLoss(proj, means, weight=0.5)
+    assert loss.scale == pytest.approx(1.0)
+    feats = torch.tensor([[1.0, 1.0, 0.0, 0.0], [2.0, 0.0, 0.0, 3.0]])
+    labels = torch.tensor([0, 1])
+    torch.testing.assert_close(loss(feats, labels), torch.tensor([0.5 * 2 / 4, 0.5 * 9 / 4]))
+    moved = feats.clone()
+    moved[1] += 5.0
+    assert float(loss(moved, labels)[0]) == float(loss(feats, labels)[0])  # per sample, as DP-SGD needs
+
+
+def test_prototype_alignment_keeps_the_label_shift_that_marginal_coral_erases() -> None:
+    """Two sites with the same class-conditional features but prevalences 0.1 and 0.9: the class-conditional
+    loss has nothing to correct, while marginal CORAL sees a large discrepancy (and would distort them)."""
+    rng = np.random.default_rng(8)
+    means = np.array([[-1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+
+    def site(prevalence: float) -> tuple[torch.Tensor, torch.Tensor]:
+        y = (rng.random(4000) < prevalence).astype(int)
+        return torch.tensor(means[y] + 0.3 * rng.normal(size=(4000, K)), dtype=torch.float32), torch.tensor(y)
+
+    (fa, ya), (fb, yb) = site(0.1), site(0.9)
+    pooled = torch.cat([fa, fb]).double().numpy()
+    mu, cov = pooled.mean(0), np.cov(pooled.T, bias=True)
+    proto = PrototypeLoss(np.eye(K), means, weight=1.0)
+    coral = AlignmentLoss(np.eye(K), mu, cov, weight=1.0)
+    assert float(proto(fa, ya).mean()) == pytest.approx(float(proto(fb, yb).mean()), rel=0.05)
+    assert float(coral(fa).mean()) > 0.5 and float(coral(fb).mean()) > 0.5  # marginals differ by label shift
 
 
 def test_subspace_alignment_matches_principal_angles() -> None:

@@ -34,7 +34,7 @@ from fedshift.common.errors import ConfigError, DataError, PrivacyError
 from fedshift.common.label_shift import fit_bcts, prior_weights
 from fedshift.common.privacy import epsilon
 from fedshift.common.shift_config import ShiftConfig
-from fedshift.common.shift_statistics import aggregate_moments, aggregate_prior
+from fedshift.common.shift_statistics import aggregate_class_means, aggregate_moments, aggregate_prior
 
 # ----------------------------------------------------------------------------- DP label counts
 
@@ -95,6 +95,12 @@ def test_server_sum_equals_pooled_statistics() -> None:
     allf = np.concatenate(feats)
     np.testing.assert_allclose(mean, allf.mean(0), atol=1e-12)
     np.testing.assert_allclose(cov, np.cov(allf.T, bias=True), atol=1e-10)
+    labels = [rng.integers(0, 2, len(f)) for f in feats]
+    class_sums = [np.stack([f[y == c].sum(0) for c in (0, 1)]) for f, y in zip(feats, labels, strict=True)]
+    counts = [np.bincount(y, minlength=2).astype(float) for y in labels]
+    pooled_y = np.concatenate(labels)
+    expected = np.stack([allf[pooled_y == c].mean(0) for c in (0, 1)])
+    np.testing.assert_allclose(aggregate_class_means(class_sums, counts), expected, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- weighted calibration

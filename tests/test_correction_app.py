@@ -35,6 +35,9 @@ from fedshift.common.shift_statistics import (
     STAGE_RELEASE,
     STATISTICS_KEY,
     GlobalStatistics,
+    aggregate_class_means,
+    aggregate_moments,
+    aggregate_prior,
 )
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -110,7 +113,8 @@ def test_statistics_stage_charges_first_and_sends_only_dp_statistics(tmp_path: P
     truth = np.bincount(train, minlength=2)
     counts = np.asarray(stats["label-counts"])
     assert np.all(np.abs(counts - truth) < 10) and np.any(counts != truth)
-    assert np.asarray(stats["moment-sum"]).shape == (8,) and np.asarray(stats["moment-outer"]).shape == (64,)
+    assert np.asarray(stats["moment-sum"]).shape == (16,)  # per-class sums, 2 x 8
+    assert "moment-outer" not in stats  # the prototype loss needs no second moments
     # the egress log lists exactly these, each with its DP mechanism; nothing else but the size and name
     entry = read_egress_log(site_dir)[-1]
     assert entry["blocked"] == []
@@ -118,7 +122,6 @@ def test_statistics_stage_charges_first_and_sends_only_dp_statistics(tmp_path: P
     assert by_key == {
         (STATISTICS_KEY, "label-counts"): "dp-label-counts",
         (STATISTICS_KEY, "moment-sum"): "dp-moments",
-        (STATISTICS_KEY, "moment-outer"): "dp-moments",
         (METRICS_KEY, "num-examples"): METRIC,
         ("site", "name"): BOOKKEEPING,
     }
@@ -173,12 +176,20 @@ def _prepared_site(tmp_path: Path, n_test: int = 40, **shift: Any) -> tuple[Path
     app = make_client_app()
     released = _call(app, _release_message(), config).content.config_records[STATISTICS_KEY]
     k = cfg.align_dim
-    from fedshift.common.shift_statistics import aggregate_moments, aggregate_prior
-
-    mean, cov = aggregate_moments(
-        [np.asarray(released["moment-sum"])], [np.asarray(released["moment-outer"]).reshape(k, k)], [80.0]
+    counts = np.asarray(released["label-counts"])
+    sums = np.asarray(released["moment-sum"]).reshape(2, k)
+    mean, cov = None, None
+    if cfg.align_loss == "coral":
+        outer = np.asarray(released["moment-outer"]).reshape(k, k)
+        mean, cov = aggregate_moments([sums.sum(axis=0)], [outer], [80.0])
+    stats = GlobalStatistics(
+        "1",
+        1,
+        train_prior=aggregate_prior([counts]),
+        class_means=aggregate_class_means([sums], [counts]),
+        moment_mean=mean,
+        moment_cov=cov,
     )
-    stats = GlobalStatistics("1", 1, aggregate_prior([np.asarray(released["label-counts"])]), mean, cov)
     ack = _call(app, _global_message(stats), config)
     assert set(ack.content.config_records) == {"site"}
     assert (site_dir / GLOBAL_FILE).is_file()
@@ -228,20 +239,25 @@ def test_without_global_prior_the_site_evaluates_uncorrected(
     assert "no global training prior for this run" in caplog.text
 
 
-def test_dp_training_with_alignment_charges_its_moments_each_round(tmp_path: Path) -> None:
-    site_dir, config = _prepared_site(tmp_path, logit_adjust=1.0)
+@pytest.mark.parametrize("loss", ["prototype", "coral"])
+def test_dp_training_with_alignment_charges_what_it_releases(tmp_path: Path, loss: str) -> None:
+    """CORAL's linearisation point is a fresh DP release every round (charged, planned); the prototype
+    loss is exactly per-sample and needs none."""
+    site_dir, config = _prepared_site(tmp_path, logit_adjust=1.0, align_loss=loss)
     config = {**config, "dp": True, "dp-epsilon": 8.0}
     reply = _call(make_client_app(), _message(MessageType.TRAIN, **{"server-round": 1}), config)
     assert reply.content.config_records["privacy"]["mechanism"] == "dp-sgd"
     ledger = PrivacyLedger.at(site_dir)
+    per_round = [(1, "dp-moments")] if loss == "coral" else []
     assert [(e.round, e.mechanism) for e in ledger.entries] == [
         (0, "dp-label-counts"),
         (0, "dp-moments"),
         (1, "dp-sgd"),
-        (1, "dp-moments"),
+        *per_round,
     ]
-    # the noise multiplier was planned with the statistics and both rounds' moment releases in the budget
+    # the noise multiplier was planned with the statistics and both rounds' releases in the budget
     sgd = ledger.entries[2]
-    planned = [*ledger.history(), (sgd.noise_multiplier, sgd.sample_rate, sgd.steps), (3.0, 1.0, 1)]
+    extra = [(3.0, 1.0, 1)] if loss == "coral" else []
+    planned = [*ledger.history(), (sgd.noise_multiplier, sgd.sample_rate, sgd.steps), *extra]
     assert epsilon(planned, 1e-5) <= 8.0
     assert read_egress_log(site_dir)[-1]["blocked"] == []
