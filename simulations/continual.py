@@ -26,19 +26,16 @@ from fedshift.client.site import load_local_state
 from fedshift.client.training import evaluate, resolve_device
 from fedshift.common.checkpoint import load_checkpoint
 from fedshift.common.config import FederationConfig
-from fedshift.common.data import load_dataset
 from fedshift.common.errors import ConfigError
 from fedshift.common.io import as_jsonable, atomic_write_json
 from fedshift.common.model import build_model
-from fedshift.simulations.experiment import ExperimentSpec, federate
+from fedshift.simulations.experiment import ExperimentSpec, build_sites, federate
 from fedshift.simulations.report import render_table
 from fedshift.simulations.shift import (
     DEFAULT_PROFILES,
     ScannerProfile,
     SimulatedSite,
     format_site_table,
-    plan_sites,
-    simulate_sites,
     site_summary,
 )
 
@@ -59,32 +56,13 @@ def continual_sites(
             f"{spec.sites}; pass e.g. --sites 4"
         )
     half = spec.sites // 2
-    dataset = load_dataset(
-        spec.data,
-        synthetic_n=spec.synthetic_n,
-        seed=spec.federation.seed,
-        image_size=spec.federation.model.image_size,
-    )
-    pool = dataset.pooled()
-    profiles = [*DEFAULT_PROFILES[:half], *([PHASE_B_PROFILE] * half)]
-    specs = plan_sites(
-        spec.sites,
+    sites, label = build_sites(
+        spec,
         prevalences=[prevalence_a] * half + [prevalence_b] * half,
-        pool_counts=list(pool.class_counts(dataset.num_classes)),
-        profiles=profiles,
-        max_per_site=spec.max_per_site,
-        seed=spec.federation.seed,
-    )
-    sites = simulate_sites(
-        pool,
-        specs,
-        class_names=dataset.class_names,
-        source=dataset.source,
-        synthetic=dataset.synthetic,
-        seed=spec.federation.seed,
+        profiles=[*DEFAULT_PROFILES[:half], *([PHASE_B_PROFILE] * half)],
     )
     phase_b = [replace(s, spec=replace(s.spec, name=f"site-{k}")) for k, s in enumerate(sites[half:])]
-    return sites[:half], phase_b, dataset.label
+    return sites[:half], phase_b, label
 
 
 def evaluate_sites(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from fedshift.simulations.report import (
     site_table,
 )
 from fedshift.simulations.shift import (
+    ScannerProfile,
     SimulatedSite,
     format_site_table,
     plan_sites,
@@ -57,8 +59,16 @@ class ExperimentSpec:
     federation: FederationConfig = field(default_factory=FederationConfig)
 
 
-def build_sites(spec: ExperimentSpec) -> tuple[list[SimulatedSite], str]:
-    """Load the source data and turn it into shifted sites; returns the sites and a data label."""
+def build_sites(
+    spec: ExperimentSpec,
+    *,
+    prevalences: Sequence[float] | None = None,
+    profiles: Sequence[ScannerProfile] | None = None,
+) -> tuple[list[SimulatedSite], str]:
+    """Load the source data and turn it into shifted sites; returns the sites and a data label.
+
+    ``prevalences`` and ``profiles`` override the spec's label shift and the default scanners.
+    """
     dataset = load_dataset(
         spec.data,
         synthetic_n=spec.synthetic_n,
@@ -68,8 +78,9 @@ def build_sites(spec: ExperimentSpec) -> tuple[list[SimulatedSite], str]:
     pool = dataset.pooled()
     specs = plan_sites(
         spec.sites,
-        prevalences=spec.prevalences,
-        dirichlet_alpha=spec.dirichlet_alpha,
+        prevalences=prevalences if prevalences is not None else spec.prevalences,
+        dirichlet_alpha=spec.dirichlet_alpha if prevalences is None else None,
+        profiles=profiles,
         quantity_skew=spec.quantity_skew,
         pool_counts=list(pool.class_counts(dataset.num_classes)),
         max_per_site=spec.max_per_site,

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from opacus.accountants import RDPAccountant
@@ -18,27 +17,14 @@ from fedshift.client.app import make_client_app
 from fedshift.client.egress import EGRESS_LOG_FILE, read_egress_log
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.common.config import FederationConfig
-from fedshift.common.data import Dataset, make_synthetic_cxr, save_npz
 from fedshift.common.errors import ConfigError, LedgerError
 from fedshift.common.model import ModelConfig, build_model, size_report
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+from fedshift.tests.helpers import call_client_app, write_site
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 MODEL = ModelConfig(image_size=32)
-
-
-def _site(root: Path, n: int = 90) -> Path:
-    pooled = make_synthetic_cxr(n, seed=1).split("train")
-    idx = np.arange(n)
-    splits = {
-        "train": pooled.subset(idx[: n - 30]),
-        "val": pooled.subset(idx[n - 30 : n - 15]),
-        "test": pooled.subset(idx[n - 15 :]),
-    }
-    site_dir = root / "site-0"
-    save_npz(site_dir / "data.npz", Dataset(splits, ("normal", "lesion"), "synthetic-cxr", True))
-    return site_dir
 
 
 def _run_config(root: Path, **privacy: Any) -> dict[str, Any]:
@@ -50,13 +36,6 @@ def _train_message(server_round: int) -> Message:
     arrays = ArrayRecord(build_model(MODEL).shared_state_dict())
     content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({"server-round": server_round})})
     return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
-
-
-def _call(app: Any, msg: Message, run_config: dict[str, Any]) -> Message:
-    context = Context(
-        run_id=1, node_id=0, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config
-    )
-    return app(msg, context)  # type: ignore[no-any-return]
 
 
 def _sent_items(reply: Message) -> set[tuple[str, str, int]]:
@@ -75,10 +54,10 @@ def _sent_items(reply: Message) -> set[tuple[str, str, int]]:
 
 
 def test_dp_round_charges_ledger_and_logs_exactly_what_left(tmp_path: Path) -> None:
-    site_dir = _site(tmp_path)
+    site_dir = write_site(tmp_path)
     config = _run_config(tmp_path, **{"dp": True, "dp-epsilon": 8.0, "dp-clip-norm": 1.0})
     app = make_client_app()
-    replies = [_call(app, _train_message(r), config) for r in (1, 2)]
+    replies = [call_client_app(app, _train_message(r), config) for r in (1, 2)]
     ledger = PrivacyLedger.at(site_dir)
     assert [e.round for e in ledger.entries] == [1, 2]
     first = ledger.entries[0]
@@ -108,7 +87,7 @@ def test_dp_round_charges_ledger_and_logs_exactly_what_left(tmp_path: Path) -> N
 
 
 def test_site_at_its_budget_refuses_and_sends_no_update(tmp_path: Path) -> None:
-    site_dir = _site(tmp_path)
+    site_dir = write_site(tmp_path)
     ledger = PrivacyLedger.at(site_dir)
     ledger.charge(
         run_id="0", round=1, mechanism="dp-sgd", noise_multiplier=0.8, sample_rate=0.3, steps=40, delta=1e-5
@@ -116,7 +95,7 @@ def test_site_at_its_budget_refuses_and_sends_no_update(tmp_path: Path) -> None:
     spent = ledger.epsilon(1e-5)
     before = (site_dir / "privacy-ledger.json").read_bytes()
     config = _run_config(tmp_path, **{"dp": True, "dp-epsilon": spent + 0.01})
-    reply = _call(make_client_app(), _train_message(1), config)
+    reply = call_client_app(make_client_app(), _train_message(1), config)
     status = reply.content.config_records["status"]
     assert status["status"] == "budget-exhausted"
     assert "epsilon" in str(status["reason"])
@@ -138,7 +117,7 @@ def test_site_at_its_budget_refuses_and_sends_no_update(tmp_path: Path) -> None:
 )
 def test_unaccounted_statistic_is_blocked(tmp_path: Path, record: str, blocked: str) -> None:
     """Label counts (private, unaccounted) cannot leave, as a metric or hidden in bookkeeping."""
-    site_dir = _site(tmp_path)
+    site_dir = write_site(tmp_path)
 
     def leak_label_counts(msg: Message, context: Context, call_next: Any) -> Message:
         reply = call_next(msg, context)
@@ -149,7 +128,7 @@ def test_unaccounted_statistic_is_blocked(tmp_path: Path, record: str, blocked: 
         return reply
 
     config = _run_config(tmp_path, **{"dp": True, "dp-epsilon": 8.0})
-    reply = _call(make_client_app(mods=[leak_label_counts]), _train_message(1), config)
+    reply = call_client_app(make_client_app(mods=[leak_label_counts]), _train_message(1), config)
     assert reply.content.config_records["status"]["status"] == "blocked"
     assert not reply.content.array_records and not reply.content.metric_records
     entry = read_egress_log(site_dir)[-1]
@@ -158,8 +137,8 @@ def test_unaccounted_statistic_is_blocked(tmp_path: Path, record: str, blocked: 
 
 
 def test_dp_off_must_be_explicit_and_shows_in_the_log(tmp_path: Path) -> None:
-    site_dir = _site(tmp_path)
-    reply = _call(make_client_app(), _train_message(1), _run_config(tmp_path, dp=False))
+    site_dir = write_site(tmp_path)
+    reply = call_client_app(make_client_app(), _train_message(1), _run_config(tmp_path, dp=False))
     assert reply.content.config_records["privacy"]["mechanism"] == "none"
     items = read_egress_log(site_dir)[-1]["items"]
     assert {i["mechanism"] for i in items if i["record"] == ARRAYS_KEY} == {"none (dp=false at this site)"}
@@ -169,27 +148,27 @@ def test_dp_off_must_be_explicit_and_shows_in_the_log(tmp_path: Path) -> None:
 
 def test_metrics_record_type_is_flower_s(tmp_path: Path) -> None:
     """Guard against replies Flower cannot serialise: the metrics are a MetricRecord of numbers."""
-    _site(tmp_path)
-    reply = _call(make_client_app(), _train_message(1), _run_config(tmp_path, dp=False))
+    write_site(tmp_path)
+    reply = call_client_app(make_client_app(), _train_message(1), _run_config(tmp_path, dp=False))
     assert isinstance(reply.content.metric_records[METRICS_KEY], MetricRecord)
     assert all(isinstance(v, int | float) for v in reply.content.metric_records[METRICS_KEY].values())
 
 
 def test_corrupt_ledger_stops_training_and_is_left_alone(tmp_path: Path) -> None:
-    site_dir = _site(tmp_path)
+    site_dir = write_site(tmp_path)
     ledger_file = site_dir / "privacy-ledger.json"
     ledger_file.write_text('{"format": "fedshift-privacy-ledger", "version": 1, "entries": [')
     before = ledger_file.read_bytes()
     config = _run_config(tmp_path, **{"dp": True, "dp-epsilon": 8.0})
     with pytest.raises(LedgerError, match=r"privacy-ledger\.json"):
-        _call(make_client_app(), _train_message(1), config)
+        call_client_app(make_client_app(), _train_message(1), config)
     assert ledger_file.read_bytes() == before
     assert read_egress_log(site_dir) == []  # nothing left the site
 
 
 def test_ewc_with_a_dp_fisher_is_charged_and_planned(tmp_path: Path) -> None:
     """EWC's Fisher on private images is a DP release: charged with the round, counted in the plan."""
-    site_dir = _site(tmp_path)
+    site_dir = write_site(tmp_path)
     config = _run_config(
         tmp_path,
         **{
@@ -200,7 +179,7 @@ def test_ewc_with_a_dp_fisher_is_charged_and_planned(tmp_path: Path) -> None:
             "ewc-fisher-samples": 32,
         },
     )
-    replies = [_call(make_client_app(), _train_message(r), config) for r in (1, 2)]
+    replies = [call_client_app(make_client_app(), _train_message(r), config) for r in (1, 2)]
     ledger = PrivacyLedger.at(site_dir)
     assert [(e.round, e.mechanism) for e in ledger.entries] == [
         (1, "dp-sgd"),
@@ -224,9 +203,9 @@ def test_ewc_with_a_dp_fisher_is_charged_and_planned(tmp_path: Path) -> None:
 
 
 def test_ewc_with_a_public_fisher_costs_nothing(tmp_path: Path) -> None:
-    site_dir = _site(tmp_path)
+    site_dir = write_site(tmp_path)
     config = _run_config(tmp_path, **{"dp": False, "ewc-lambda": 50.0, "ewc-fisher-source": "public"})
-    reply = _call(make_client_app(), _train_message(1), config)
+    reply = call_client_app(make_client_app(), _train_message(1), config)
     assert reply.content.config_records["privacy"]["ewc-fisher"] == "public (synthetic images)"
     assert not (site_dir / "privacy-ledger.json").exists()
 

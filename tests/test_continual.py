@@ -15,13 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedshift.client.app import make_client_app
 from fedshift.client.egress import read_egress_log
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.common.config import FederationConfig
-from fedshift.common.data import Dataset, make_synthetic_cxr, save_npz
 from fedshift.common.errors import CheckpointError, ConfigError
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.common.protocol import (
@@ -39,35 +38,16 @@ from fedshift.server.consolidation import (
     load_consolidated,
     save_consolidated,
 )
+from fedshift.tests.helpers import call_client_app, write_site
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 MODEL = ModelConfig(image_size=32)
 
 
-def _site(root: Path, n: int = 90) -> Path:
-    pooled = make_synthetic_cxr(n, seed=1).split("train")
-    idx = np.arange(n)
-    splits = {
-        "train": pooled.subset(idx[: n - 30]),
-        "val": pooled.subset(idx[n - 30 : n - 15]),
-        "test": pooled.subset(idx[n - 15 :]),
-    }
-    site_dir = root / "site-0"
-    save_npz(site_dir / "data.npz", Dataset(splits, ("normal", "lesion"), "synthetic-cxr", True))
-    return site_dir
-
-
 def _run_config(root: Path, **values: Any) -> dict[str, Any]:
     fed = FederationConfig(num_rounds=2, sites_root=str(root), device="cpu", model=MODEL)
     return {**fed.to_run_config(), "batch-size": 20, **values}
-
-
-def _call(app: Any, msg: Message, run_config: dict[str, Any]) -> Message:
-    context = Context(
-        run_id=1, node_id=0, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config
-    )
-    return app(msg, context)  # type: ignore[no-any-return]
 
 
 def _shared() -> dict[str, torch.Tensor]:
@@ -90,14 +70,14 @@ def _message(
 
 
 def test_dp_fisher_release_is_charged_once_logged_and_refused_when_repeated(tmp_path: Path) -> None:
-    site_dir = _site(tmp_path)
+    site_dir = write_site(tmp_path)
     config = _run_config(
         tmp_path,
         **{"dp": True, "dp-epsilon": 8.0, "ewc-consolidate": True, "ewc-fisher-noise-multiplier": 5.0},
     )
     app = make_client_app()
     arrays = _shared()
-    reply = _call(app, _message(FISHER_MESSAGE, 3, arrays), config)
+    reply = call_client_app(app, _message(FISHER_MESSAGE, 3, arrays), config)
     fisher = reply.content.array_records[FISHER_KEY]
     assert sorted(fisher) == sorted(arrays)
     assert all(tuple(fisher[k].shape) == tuple(arrays[k].shape) for k in arrays)
@@ -120,21 +100,21 @@ def test_dp_fisher_release_is_charged_once_logged_and_refused_when_repeated(tmp_
     assert {i["mechanism"] for i in fisher_items} == {"dp-fisher"}
     assert sum(i["bytes"] for i in fisher_items) == 4 * sum(v.numel() for v in arrays.values())
     # the same release again is refused, and nothing more is charged
-    again = _call(app, _message(FISHER_MESSAGE, 3, arrays), config)
+    again = call_client_app(app, _message(FISHER_MESSAGE, 3, arrays), config)
     assert "status" in again.content.config_records and FISHER_KEY not in again.content.array_records
     assert len(PrivacyLedger.at(site_dir).entries) == 1
 
 
 def test_dp_budget_planning_keeps_room_for_the_end_of_run_fisher(tmp_path: Path) -> None:
     """With ewc-consolidate, the derived noise multiplier leaves room for the final release."""
-    site_dir = _site(tmp_path)
+    site_dir = write_site(tmp_path)
     train = _message(MessageType.TRAIN, 1, _shared())
     plain = _run_config(tmp_path, **{"dp": True, "dp-epsilon": 4.0})
-    _call(make_client_app(), train, plain)
+    call_client_app(make_client_app(), train, plain)
     sigma_plain = PrivacyLedger.at(site_dir).entries[0].noise_multiplier
     (site_dir / "privacy-ledger.json").unlink()
     reserved = {**plain, "ewc-consolidate": True, "ewc-fisher-noise-multiplier": 2.0}
-    _call(make_client_app(), train, reserved)
+    call_client_app(make_client_app(), train, reserved)
     ledger = PrivacyLedger.at(site_dir)
     sgd = ledger.entries[0]
     assert sgd.noise_multiplier > sigma_plain  # more noise: the budget holds the Fisher release too
@@ -149,12 +129,12 @@ def test_dp_budget_planning_keeps_room_for_the_end_of_run_fisher(tmp_path: Path)
 def _train(
     tmp_path: Path, lam: float, records: dict[str, ArrayRecord], arrays: dict[str, torch.Tensor]
 ) -> dict:
-    _site(tmp_path)
+    write_site(tmp_path)
     config = _run_config(
         tmp_path,
         **{"ewc-lambda": lam, "ewc-anchor": "consolidated", "learning-rate": 0.01, "local-epochs": 3},
     )
-    reply = _call(make_client_app(), _message(MessageType.TRAIN, 1, arrays, **records), config)
+    reply = call_client_app(make_client_app(), _message(MessageType.TRAIN, 1, arrays, **records), config)
     assert "status" not in reply.content.config_records, reply.content.config_records.get("status")
     return {k: v.numpy() for k, v in reply.content.array_records[ARRAYS_KEY].items()}
 
@@ -166,9 +146,9 @@ def test_consolidated_anchor_holds_the_adapters_and_lambda_zero_changes_nothing(
     records = {ANCHOR_KEY: ArrayRecord(anchor), FISHER_KEY: ArrayRecord(fisher)}
     free = _train(tmp_path / "free", 0.0, records, start)  # lambda 0: training as without EWC
     plain_dir = tmp_path / "plain"
-    _site(plain_dir)
+    write_site(plain_dir)
     plain_config = _run_config(plain_dir, **{"learning-rate": 0.01, "local-epochs": 3})
-    plain_reply = _call(make_client_app(), _message(MessageType.TRAIN, 1, start), plain_config)
+    plain_reply = call_client_app(make_client_app(), _message(MessageType.TRAIN, 1, start), plain_config)
     zero = {k: v.numpy() for k, v in plain_reply.content.array_records[ARRAYS_KEY].items()}
     for k in free:
         np.testing.assert_array_equal(free[k], zero[k])
@@ -184,10 +164,10 @@ def test_consolidated_anchor_holds_the_adapters_and_lambda_zero_changes_nothing(
 
 
 def test_consolidated_anchor_without_records_is_a_clear_error(tmp_path: Path) -> None:
-    _site(tmp_path)
+    write_site(tmp_path)
     config = _run_config(tmp_path, **{"ewc-lambda": 10.0, "ewc-anchor": "consolidated"})
     with pytest.raises(ConfigError, match="init-checkpoint"):
-        _call(make_client_app(), _message(MessageType.TRAIN, 1, _shared()), config)
+        call_client_app(make_client_app(), _message(MessageType.TRAIN, 1, _shared()), config)
 
 
 def _fisher_reply(arrays: dict[str, np.ndarray], weight: float) -> Message:
