@@ -100,11 +100,12 @@ def feature_matrix(
 
 @dataclass(frozen=True, eq=False)
 class MomentRelease:
-    """Per-class ``Σ g`` (and, for CORAL, the marginal ``Σ g gᵀ``) of clipped projected features,
-    released by the Gaussian mechanism."""
+    """Per-class ``Σ g`` and a second moment (per-class ``Σ ||g||²`` or the marginal ``Σ g gᵀ``) of
+    clipped projected features, released by the Gaussian mechanism."""
 
     class_sums: np.ndarray  # (C, k) noisy sum of the clipped vectors of each class
-    outer: np.ndarray | None  # (k, k) noisy sum of all outer products, symmetrised; None if not released
+    class_squares: np.ndarray | None  # (C,) noisy sum of their squared norms (prototype loss)
+    outer: np.ndarray | None  # (k, k) noisy sum of all outer products, symmetrised (CORAL)
     n: int  # samples (public, like the training-set size the site reports)
     noise_multiplier: float  # sigma
     clip: float  # R, the L2 bound of one projected vector
@@ -132,14 +133,18 @@ def clip_rows(x: np.ndarray, clip: float) -> np.ndarray:
     return np.asarray(x * np.minimum(1.0, clip / np.maximum(norms * (1 + 1e-12), 1e-300)))
 
 
-def moment_sensitivity(clip: float, outer: bool) -> float:
-    """L2 sensitivity of the released vector: ``R`` for the class sums, ``sqrt(2) R`` with outer products.
+MOMENT_SENSITIVITY_FACTOR = math.sqrt(2.0)
 
-    One patient adds ``g`` (``||g|| <= R``) to exactly one class's sum, and, with
-    outer products, ``g gᵀ / R`` (Frobenius norm ``||g||² / R <= R``) to the
-    scaled outer-product sum: ``sqrt(R² + R²)``.
+
+def moment_sensitivity(clip: float) -> float:
+    """L2 sensitivity of a moment release: ``sqrt(2) R``.
+
+    One patient adds ``g`` (``||g|| <= R``) to exactly one class's sum, and a
+    second moment scaled by ``1 / R``: ``||g||² / R <= R`` to its class's squared
+    norms, or ``g gᵀ / R`` (Frobenius norm ``||g||² / R <= R``) to the outer
+    products. Together ``sqrt(R² + R²)``.
     """
-    return float(clip) * (math.sqrt(2.0) if outer else 1.0)
+    return float(clip) * MOMENT_SENSITIVITY_FACTOR
 
 
 def private_moments(
@@ -152,12 +157,12 @@ def private_moments(
     *,
     outer: bool = False,
 ) -> MomentRelease:
-    """The Gaussian mechanism on the per-class sums of the rows of ``projected`` clipped to ``clip``
-    (and on ``Σ g gᵀ / R`` when ``outer``).
+    """The Gaussian mechanism on the per-class sums of the rows of ``projected`` clipped to ``clip``,
+    and on the per-class sums of squared norms (or, with ``outer``, on ``Σ g gᵀ``), both divided by ``R``.
 
     Every coordinate gets noise of std ``noise_multiplier * moment_sensitivity``
-    (times ``R`` on the outer products, which are released divided by ``R``), and
-    the outer-product sum is symmetrised afterwards (post-processing). Charge
+    (times ``R`` on the second moments once scaled back); the outer-product sum
+    is symmetrised afterwards (post-processing). Charge
     :attr:`MomentRelease.mechanism` first.
     """
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
@@ -174,17 +179,25 @@ def private_moments(
             f"Expected one label in [0, {num_classes}) per feature row ({g.shape[0]}), but got {y.shape[0]}"
         )
     k = g.shape[1]
-    std = float(noise_multiplier) * moment_sensitivity(clip, outer)
+    std = float(noise_multiplier) * moment_sensitivity(clip)
+
+    def noise(*shape: int) -> np.ndarray:
+        return np.asarray(source.normal(std, torch.zeros(shape, dtype=torch.float64)).cpu().numpy())
+
     sums = np.zeros((num_classes, k))
     np.add.at(sums, y, g)
-    sums += source.normal(std, torch.zeros((num_classes, k), dtype=torch.float64)).cpu().numpy()
-    released_outer = None
+    sums += noise(num_classes, k)
+    squares, released_outer = None, None
     if outer:
-        noise = source.normal(std * clip, torch.zeros((k, k), dtype=torch.float64)).cpu().numpy()
-        total = g.T @ g + noise
+        total = g.T @ g + clip * noise(k, k)
         released_outer = (total + total.T) / 2
+    else:
+        squares = np.bincount(y, weights=np.sum(g**2, axis=1), minlength=num_classes) + clip * noise(
+            num_classes
+        )
     return MomentRelease(
         class_sums=sums,
+        class_squares=squares,
         outer=released_outer,
         n=int(g.shape[0]),
         noise_multiplier=float(noise_multiplier),
@@ -269,19 +282,20 @@ class PrototypeLoss:
     """Class-conditional alignment: ``w ||P f_i - mu_{y_i}||² / (k s)`` per sample, exactly per-sample.
 
     ``mu_c`` are the global class means of the projected features (from the
-    sites' DP per-class sums and DP label counts), ``s`` the mean squared
-    distance between two classes' means per direction (a public scale). Pulling
+    sites' DP per-class sums and DP label counts), ``s`` the global within-class
+    variance per direction (from the DP squared norms): a site whose class-``c``
+    features sit where everyone's do pays about 1 per sample. Pulling
     every site's class-``c`` features to the same global ``mu_c`` aligns the
     class-conditional feature distributions across scanners without aligning the
     marginals, which would also erase the label shift the sites legitimately
     have (Zhao et al. 2019). Each sample's term depends on it alone: DP-SGD as is.
     """
 
-    def __init__(self, projection_matrix: np.ndarray, class_means: np.ndarray, weight: float) -> None:
-        c, k = class_means.shape
-        diffs = [np.sum((class_means[a] - class_means[b]) ** 2) for a in range(c) for b in range(a + 1, c)]
-        self.scale = max(float(np.mean(diffs)) / k if diffs else 1.0, 1e-12)
-        self.k = k
+    def __init__(
+        self, projection_matrix: np.ndarray, class_means: np.ndarray, within_var: float, weight: float
+    ) -> None:
+        self.k = class_means.shape[1]
+        self.scale = max(float(within_var), 1e-12)
         self.weight = float(weight)
         self._proj = torch.as_tensor(projection_matrix, dtype=torch.float32)
         self._means = torch.as_tensor(class_means, dtype=torch.float32)
@@ -306,8 +320,8 @@ def _alignment_term(
         return None
     if projection_matrix is None:
         raise DataError("Expected a projection matrix for the alignment loss, but got None")
-    if shift.align_loss == "prototype" and stats.class_means is not None:
-        return PrototypeLoss(projection_matrix, stats.class_means, shift.align_weight)
+    if shift.align_loss == "prototype" and stats.class_means is not None and stats.within_var is not None:
+        return PrototypeLoss(projection_matrix, stats.class_means, stats.within_var, shift.align_weight)
     if shift.align_loss == "coral" and stats.moment_mean is not None and stats.moment_cov is not None:
         coral = AlignmentLoss(
             projection_matrix, stats.moment_mean, stats.moment_cov, shift.align_weight, point

@@ -24,7 +24,6 @@ from fedshift.client.egress import (
     DEFAULT_METRICS,
     MECHANISM_DP,
     MECHANISM_DP_FISHER,
-    MECHANISM_DP_MOMENTS,
     EgressPolicy,
     egress_guard,
     refusal,
@@ -105,7 +104,7 @@ def _train_private(
         server_round=server_round,
         num_rounds=fed.num_rounds,
         seed=seed,
-        extra=[*fisher_cost, *round_mechanisms(fed)],  # issue 5: + the alignment loss's DP moments
+        extra=[*fisher_cost, *round_mechanisms(fed)],  # issue 5: + the refreshed DP moments per round
         final=[fisher_mechanism(fed.ewc)] if fed.ewc.consolidation_spends_privacy else [],
     )
     dp = plan.training
@@ -124,17 +123,6 @@ def _train_private(
             run_id=run_id,
             round=server_round,
             mechanism=MECHANISM_DP_FISHER,
-            noise_multiplier=sigma,
-            sample_rate=q,
-            steps=steps,
-            delta=plan.delta,
-        )
-    # issue 5 (label shift, alignment): this round's DP moment release, charged before any access
-    for sigma, q, steps in round_mechanisms(fed):
-        entry = ledger.charge(
-            run_id=run_id,
-            round=server_round,
-            mechanism=MECHANISM_DP_MOMENTS,
             noise_multiplier=sigma,
             sample_rate=q,
             steps=steps,

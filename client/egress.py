@@ -112,6 +112,7 @@ DP_STATISTICS = {
     "label-counts": MECHANISM_DP_LABEL_COUNTS,
     "moment-sum": MECHANISM_DP_MOMENTS,
     "moment-outer": MECHANISM_DP_MOMENTS,
+    "moment-square": MECHANISM_DP_MOMENTS,
 }
 MECHANISM_NONE = "none (dp=false at this site)"
 # a Fisher a site sends for consolidation: its privacy record's mechanism -> what protected it

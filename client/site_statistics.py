@@ -34,7 +34,7 @@ from fedshift.client.alignment import (
 )
 from fedshift.client.correction import count_mechanism, private_label_counts
 from fedshift.client.dp import RandomSource, SecureSource, SeededSource
-from fedshift.client.egress import MECHANISM_DP_LABEL_COUNTS, MECHANISM_DP_MOMENTS, refusal
+from fedshift.client.egress import MECHANISM_DP_LABEL_COUNTS, MECHANISM_DP_MOMENTS, refusal, round_of
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.client.site import SiteSettings, load_site_data
 from fedshift.client.training import Objective, resolve_device
@@ -58,7 +58,7 @@ from fedshift.common.shift_statistics import (
 logger = logging.getLogger(__name__)
 
 RELEASE_FILE = "dp-statistics.json"  # this site's own releases of the current run (already charged)
-STATISTICS_ROUND = 0  # the ledger's round of the statistics stage (training rounds start at 1)
+STATISTICS_ROUND = 0  # the ledger's round of the first statistics stage (training rounds start at 1)
 
 
 def _source(fed: FederationConfig, site: SiteSettings, what: str) -> RandomSource:
@@ -67,12 +67,12 @@ def _source(fed: FederationConfig, site: SiteSettings, what: str) -> RandomSourc
     return SeededSource(zlib.crc32(f"{fed.seed}:{what}:{site.name}".encode()))
 
 
-def release_mechanisms(fed: FederationConfig) -> list[tuple[str, Mechanism]]:
-    """What the statistics stage releases for this run, in the ledger's form."""
+def release_mechanisms(fed: FederationConfig, server_round: int = 0) -> list[tuple[str, Mechanism]]:
+    """What the statistics stage of ``server_round`` releases, in the ledger's form (label counts once)."""
     out: list[tuple[str, Mechanism]] = []
-    if fed.shift.needs_counts:
+    if fed.shift.needs_counts and server_round == 0:
         out.append((MECHANISM_DP_LABEL_COUNTS, count_mechanism(fed.shift.count_noise)))
-    if fed.shift.align:
+    if fed.shift.align and (server_round == 0 or fed.shift.refreshes):
         out.append((MECHANISM_DP_MOMENTS, moment_mechanism(fed.shift.align_noise)))
     return out
 
@@ -82,26 +82,34 @@ def model_projection(fed: FederationConfig, model: FedshiftModel) -> np.ndarray:
     return projection(int(model.head.in_features), fed.shift.align_dim, fed.seed)
 
 
-def _load_release(state_dir: Path, run_id: str) -> dict[str, Any] | None:
+def _load_releases(state_dir: Path, run_id: str) -> dict[str, Any]:
+    """This run's releases by round (``{"0": {...}, "3": {...}}``), empty for another run."""
     path = state_dir / RELEASE_FILE
     if not path.is_file():
-        return None
+        return {}
     saved = json.loads(path.read_text())
-    return saved if saved.get("run") == run_id else None
+    return dict(saved.get("rounds", {})) if saved.get("run") == run_id else {}
+
+
+def own_release(state_dir: Path, run_id: str, server_round: int) -> dict[str, Any] | None:
+    """This site's own release of ``server_round`` (or the latest before it) in this run."""
+    releases = _load_releases(state_dir, run_id)
+    earlier = [int(r) for r in releases if int(r) <= server_round]
+    return releases[str(max(earlier))] if earlier else None
 
 
 def _release(
-    msg: Message, fed: FederationConfig, site: SiteSettings, model: FedshiftModel
+    msg: Message, fed: FederationConfig, site: SiteSettings, model: FedshiftModel, server_round: int
 ) -> Message | dict[str, Any]:
     """Charge, then draw this site's releases (a dict), or a refusal message."""
     run_id = str(msg.metadata.run_id)
     privacy = site.privacy
     ledger = PrivacyLedger.at(site.state_dir, accountant=privacy.accountant)
-    mechanisms = release_mechanisms(fed)
-    if any(ledger.find(run_id, STATISTICS_ROUND, name) for name, _ in mechanisms):
+    mechanisms = release_mechanisms(fed, server_round)
+    if any(ledger.find(run_id, server_round, name) for name, _ in mechanisms):
         reason = (
-            f"statistics of run {run_id} were charged but their release is not in {RELEASE_FILE}; a fresh "
-            "draw would be an uncharged second release: this site sends no statistics in this run"
+            f"statistics of run {run_id} round {server_round} were charged but their release is not in "
+            f"{RELEASE_FILE}; a fresh draw would be an uncharged second release: this site sends none"
         )
         logger.error("%s: %s", site.name, reason)
         return refusal(msg, site.name, "statistics-lost", reason)
@@ -118,7 +126,7 @@ def _release(
     for name, (sigma, q, steps) in mechanisms:
         ledger.charge(
             run_id=run_id,
-            round=STATISTICS_ROUND,
+            round=server_round,
             mechanism=name,
             noise_multiplier=sigma,
             sample_rate=q,
@@ -126,18 +134,24 @@ def _release(
             delta=privacy.delta,
         )
     train = load_site_data(site).split("train")
-    out: dict[str, Any] = {"run": run_id, "n": len(train)}
-    if fed.shift.needs_counts:
+    out: dict[str, Any] = {"n": len(train)}
+    names = {name for name, _ in mechanisms}
+    if MECHANISM_DP_LABEL_COUNTS in names:
         counts = private_label_counts(
             train.labels, fed.model.num_classes, fed.shift.count_noise, _source(fed, site, "counts")
         )
         out["label-counts"] = counts.counts.tolist()
-    if fed.shift.align:
-        moments = site_moments(fed, site, model, train.images, train.labels, _source(fed, site, "moments"))
+    if MECHANISM_DP_MOMENTS in names:
+        source = _source(fed, site, f"moments:{server_round}")
+        moments = site_moments(fed, site, model, train.images, train.labels, source)
         out["moment-sum"] = moments.class_sums.ravel().tolist()
         if moments.outer is not None:
             out["moment-outer"] = moments.outer.ravel().tolist()
-    atomic_write_json(site.state_dir / RELEASE_FILE, out)
+        if moments.class_squares is not None:
+            out["moment-square"] = moments.class_squares.tolist()
+    releases = _load_releases(site.state_dir, run_id)
+    releases[str(server_round)] = out
+    atomic_write_json(site.state_dir / RELEASE_FILE, {"run": run_id, "rounds": releases})
     return out
 
 
@@ -161,12 +175,12 @@ def site_moments(
         shift.align_clip,
         shift.align_noise,
         source,
-        outer=shift.per_round_moments,
+        outer=shift.align_loss == "coral",
     )
 
 
 def handle_statistics(
-    msg: Message, fed: FederationConfig, site: SiteSettings, model: FedshiftModel
+    msg: Message, fed: FederationConfig, site: SiteSettings, model: FedshiftModel | None
 ) -> Message:
     """The QUERY handler: release this site's statistics, or keep the global ones."""
     config = msg.content.config_records.get(CONFIG_KEY)
@@ -175,7 +189,11 @@ def handle_statistics(
         stats = GlobalStatistics.from_record(msg.content.config_records[GLOBAL_KEY])
         save_global_statistics(site.state_dir, stats)
         logger.info(
-            "%s: received global statistics of run %s from %d site(s)", site.name, stats.run, stats.sites
+            "%s: received global statistics of run %s (round %d) from %d site(s)",
+            site.name,
+            stats.run,
+            stats.round,
+            stats.sites,
         )
         return Message(RecordDict({SITE_KEY: ConfigRecord({"name": site.name})}), reply_to=msg)
     if stage != STAGE_RELEASE:
@@ -188,18 +206,27 @@ def handle_statistics(
             "Expected the run config to turn on ls-correction, ls-logit-adjust or align-weight for a "
             "statistics stage, but all are off"
         )
+    if model is None:
+        raise ConfigError(
+            "Expected the global adapters in a statistics query (feature moments need the model), but the "
+            "message has none; the server and the site run different fedshift versions"
+        )
     run_id = str(msg.metadata.run_id)
-    released = _load_release(site.state_dir, run_id)
+    server_round = round_of(msg)
+    released = _load_releases(site.state_dir, run_id).get(str(server_round))
     if released is None:
-        outcome = _release(msg, fed, site, model)
+        outcome = _release(msg, fed, site, model, server_round)
         if isinstance(outcome, Message):
             return outcome
         released = outcome
     else:
         logger.info(
-            "%s: sending the statistics already released in run %s again (no new draw)", site.name, run_id
+            "%s: sending the statistics already released in run %s round %d again (no new draw)",
+            site.name,
+            run_id,
+            server_round,
         )
-    record = ConfigRecord({k: v for k, v in released.items() if k not in ("run", "n")})
+    record = ConfigRecord({k: v for k, v in released.items() if k != "n"})
     content = RecordDict(
         {
             STATISTICS_KEY: record,
@@ -214,8 +241,11 @@ def handle_statistics(
 
 
 def round_mechanisms(fed: FederationConfig) -> list[Mechanism]:
-    """Releases charged with every DP-SGD round: the CORAL loss's moments (the prototype loss needs none)."""
-    return [moment_mechanism(fed.shift.align_noise)] if fed.shift.per_round_moments else []
+    """The releases that come with every later round (the refreshed moments), for planning DP-SGD's noise.
+
+    They are charged in the statistics stage before the round, not in training.
+    """
+    return [moment_mechanism(fed.shift.align_noise)] if fed.shift.refreshes else []
 
 
 def training_objective(
@@ -241,8 +271,16 @@ def training_objective(
     stats = load_global_statistics(site.state_dir, run_id)
     proj = model_projection(fed, model) if fed.shift.align else None
     point = None
-    if fed.shift.per_round_moments and private and stats is not None:
-        release = site_moments(fed, site, model, images, labels, _source(fed, site, f"moments:{seed}"))
-        point = release.moments()
+    if fed.shift.align and fed.shift.align_loss == "coral" and private and stats is not None:
+        # CORAL's linearisation point under DP: this site's own latest release (post-processing, free)
+        own = own_release(site.state_dir, run_id, stats.round)
+        if own is not None and "moment-outer" in own:
+            k = fed.shift.align_dim
+            n = max(int(own["n"]), 1)
+            sums = np.asarray(own["moment-sum"], dtype=np.float64).reshape(-1, k)
+            point = (
+                sums.sum(axis=0) / n,
+                np.asarray(own["moment-outer"], dtype=np.float64).reshape(k, k) / n,
+            )
     model.train(True)
     return site_objective(fed.shift, stats, projection_matrix=proj, point=point, site=site.name)

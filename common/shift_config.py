@@ -60,6 +60,7 @@ class ShiftConfig:
     align_dim: int = 16  # features are projected on this many fixed random directions before alignment
     align_clip: float = 8.0  # L2 bound of a projected feature in the DP release (~1 at 32 px, ~8 at 64 px)
     align_noise: float = 3.0  # noise multiplier of the DP moment release
+    align_refresh: bool = True  # release moments before every round (they move as adapters train)
     tta: bool = False  # also evaluate with norm statistics adapted on the unlabeled evaluation images
 
     # run-config key -> field
@@ -78,13 +79,14 @@ class ShiftConfig:
         "align-dim": "align_dim",
         "align-clip": "align_clip",
         "align-noise-multiplier": "align_noise",
+        "align-refresh": "align_refresh",
         "align-tta": "tta",
     }
 
     def __post_init__(self) -> None:
         for key, name in self.KEYS.items():
             value = getattr(self, name)
-            if name in ("correction", "threshold", "tta"):
+            if name in ("correction", "threshold", "tta", "align_refresh"):
                 if not isinstance(value, bool):
                     raise ConfigError(f"Expected {key} to be true or false, but got {value!r}")
             elif name in ("prior_method", "calibration", "align_loss"):
@@ -135,9 +137,9 @@ class ShiftConfig:
         return self.correction or self.logit_adjust > 0 or self.align
 
     @property
-    def per_round_moments(self) -> bool:
-        """A DP-SGD round also releases the site's moments (the CORAL loss's linearisation point)."""
-        return self.align and self.align_loss == "coral"
+    def refreshes(self) -> bool:
+        """The sites release their feature moments again before every round after the first."""
+        return self.align and self.align_refresh
 
     @property
     def needs_statistics(self) -> bool:

@@ -41,14 +41,19 @@ class GlobalStatistics:
 
     run: str  # the run these belong to (a prior is the prior of one run's model)
     sites: int  # how many sites' releases went in
+    round: int = 0  # the statistics stage they come from: 0 before round 1, r when refreshed before round r
     train_prior: np.ndarray | None = None  # (C,) global training label prior; None when not released
     class_means: np.ndarray | None = None  # (C, k) global mean of each class's projected features
+    within_var: float | None = None  # global within-class variance of the projected features, per direction
+    class_counts: np.ndarray | None = None  # (C,) summed noisy label counts (server side; not broadcast)
     moment_mean: np.ndarray | None = None  # (k,) global mean of the projected features
     moment_cov: np.ndarray | None = None  # (k, k) global covariance of the projected features
 
     def to_record(self) -> dict[str, Any]:
         """Flat values for a Flower ConfigRecord (lists of floats)."""
-        out: dict[str, Any] = {"run": self.run, "sites": self.sites}
+        out: dict[str, Any] = {"run": self.run, "sites": self.sites, "round": self.round}
+        if self.within_var is not None:
+            out["within-var"] = float(self.within_var)
         if self.train_prior is not None:
             out["train-prior"] = [float(v) for v in self.train_prior]
         if self.class_means is not None:
@@ -84,6 +89,8 @@ class GlobalStatistics:
         return cls(
             run=str(record.get("run", "")),
             sites=int(record.get("sites", 0)),
+            round=int(record.get("round", 0)),
+            within_var=float(record["within-var"]) if record.get("within-var") is not None else None,
             train_prior=np.asarray(prior, dtype=np.float64) if prior is not None else None,
             class_means=class_means,
             moment_mean=moment_mean,
@@ -131,22 +138,32 @@ def moment_noise_floor(noise_multiplier: float, clip: float, dim: int, sites: in
     return 2.0 * math.sqrt(dim) * entry_std
 
 
-def aggregate_class_means(class_sums: Sequence[np.ndarray], noisy_counts: Sequence[np.ndarray]) -> np.ndarray:
-    """Global per-class means ``Σ_sites sum_c / Σ_sites n_c`` (counts floored at ``MIN_CLASS_COUNT``)."""
-    if not class_sums or len(class_sums) != len(noisy_counts):
-        raise DataError(
-            f"Expected as many class sums as count vectors (>= 1), but got {len(class_sums)} and "
-            f"{len(noisy_counts)}"
-        )
-    sums = np.sum([np.asarray(s, dtype=np.float64) for s in class_sums], axis=0)
-    counts = np.maximum(
-        np.sum([np.asarray(c, dtype=np.float64) for c in noisy_counts], axis=0), MIN_CLASS_COUNT
-    )
+def aggregate_class_means(class_sums: Sequence[np.ndarray], class_counts: np.ndarray) -> np.ndarray:
+    """Global per-class means ``Σ_sites sum_c / n_c`` with the global (noisy) class counts floored at 1."""
+    if not class_sums:
+        raise DataError("Expected at least one site's class sums, but got none")
+    sums = np.sum([np.asarray(v, dtype=np.float64) for v in class_sums], axis=0)
+    counts = np.maximum(np.asarray(class_counts, dtype=np.float64), MIN_CLASS_COUNT)
     if sums.ndim != 2 or counts.shape != (sums.shape[0],):
         raise DataError(
             f"Expected class sums (C, k) and counts (C,), but got {sums.shape} and {counts.shape}"
         )
     return np.asarray(sums / counts[:, None])
+
+
+def aggregate_within_variance(
+    class_sums: Sequence[np.ndarray], class_squares: Sequence[np.ndarray], class_counts: np.ndarray, dim: int
+) -> float:
+    """Pooled within-class variance per direction: ``Σ_c (Σ||g||² - ||Σ g||² / n_c) / (dim Σ_c n_c)``.
+
+    From the sites' per-class sums and sums of squared norms; floored at a tiny
+    positive number (noise can push it below 0).
+    """
+    sums = np.sum([np.asarray(v, dtype=np.float64) for v in class_sums], axis=0)
+    squares = np.sum([np.asarray(v, dtype=np.float64) for v in class_squares], axis=0)
+    counts = np.maximum(np.asarray(class_counts, dtype=np.float64), MIN_CLASS_COUNT)
+    within = float(np.sum(squares - np.sum(sums**2, axis=1) / counts)) / (dim * float(counts.sum()))
+    return max(within, 1e-12)
 
 
 def aggregate_moments(

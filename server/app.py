@@ -24,7 +24,7 @@ from fedshift.common.io import atomic_write_json
 from fedshift.common.model import build_model, size_report
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 from fedshift.server.consolidation import anchor_records, consolidate, initial_arrays
-from fedshift.server.statistics import collect_statistics, statistics_summary
+from fedshift.server.statistics import initial_statistics, statistics_strategy, statistics_summary
 from fedshift.server.strategy import AdapterFedAvg, RunHistory, site_name
 from fedshift.server.validation import expected_specs, reply_problem
 
@@ -101,7 +101,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         logger.info("Resuming from %s: %d of %d rounds done", cfg.resume_from, done, cfg.num_rounds)
     elif cfg.init_checkpoint:  # a new phase, starting from an earlier one's adapters
         initial = initial_arrays(cfg, shared)
-    strategy = AdapterFedAvg(
+    strategy = statistics_strategy(cfg)(  # issue 5: AdapterFedAvg, refreshing DP moments if configured
         expected=expected_specs(initial),
         checkpoint_dir=run_dir / "checkpoint",
         model_config=cfg.model,
@@ -111,7 +111,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         history=history,
         train_records=anchor_records(cfg, shared),
     )
-    statistics = collect_statistics(grid, initial, cfg, str(grid.run.run_id))  # issue 5: DP statistics
+    statistics = initial_statistics(strategy, grid, initial, cfg)  # issue 5: DP label counts, moments
     arrays = initial
     if done < cfg.num_rounds:
         result = strategy.start(

@@ -1,7 +1,10 @@
 """The server's side of the statistics stage: collect the sites' DP releases, add them, send the sums back.
 
-Runs once before the first round when the run corrects label shift, adjusts
-logits or aligns features (:attr:`fedshift.common.shift_config.ShiftConfig.needs_statistics`).
+Runs before the first round when the run corrects label shift, adjusts logits
+or aligns features (:attr:`fedshift.common.shift_config.ShiftConfig.needs_statistics`),
+and, with ``align-refresh``, again before every later round for the feature
+moments only (:class:`StatisticsFedAvg`): features move as the adapters train,
+and a target from round 0 would pull them back.
 Every reply is a post-processing of Gaussian mechanisms the sites charged; the
 server only adds them (:func:`fedshift.common.shift_statistics.aggregate_prior`,
 :func:`~fedshift.common.shift_statistics.aggregate_moments`). A site that sends
@@ -10,7 +13,10 @@ nothing usable is logged and left out, like a failing node in a round.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,9 +35,10 @@ from fedshift.common.shift_statistics import (
     aggregate_class_means,
     aggregate_moments,
     aggregate_prior,
+    aggregate_within_variance,
     moment_noise_floor,
 )
-from fedshift.server.strategy import site_name
+from fedshift.server.strategy import AdapterFedAvg, site_name
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +50,7 @@ def _query(grid: Grid, content: RecordDict, timeout: float) -> list[Message]:
     return list(grid.send_and_receive(messages, timeout=timeout))
 
 
-def _release_problem(msg: Message, cfg: FederationConfig) -> str | None:
+def _release_problem(msg: Message, cfg: FederationConfig, server_round: int) -> str | None:
     if msg.has_error():
         return f"the site reported an error: {msg.error.reason}"
     content = msg.content
@@ -56,13 +63,7 @@ def _release_problem(msg: Message, cfg: FederationConfig) -> str | None:
     n = content.metric_records[METRICS_KEY].get(WEIGHT_KEY)
     if isinstance(n, list) or n is None or not n > 0:
         return f"expected a positive {WEIGHT_KEY!r}, got {n!r}"
-    shift, c, k = cfg.shift, cfg.model.num_classes, cfg.shift.align_dim
-    wanted = {"label-counts": c} if shift.needs_counts else {}
-    if shift.align:
-        wanted["moment-sum"] = c * k
-    if shift.align and shift.align_loss == "coral":
-        wanted["moment-outer"] = k * k
-    for key, size in wanted.items():
+    for key, size in expected_release(cfg, server_round).items():
         value = record.get(key)
         if not isinstance(value, list) or len(value) != size:
             return f"expected {key!r} with {size} numbers"
@@ -71,71 +72,20 @@ def _release_problem(msg: Message, cfg: FederationConfig) -> str | None:
     return None
 
 
-def collect_statistics(
-    grid: Grid, arrays: ArrayRecord, cfg: FederationConfig, run_id: str, timeout: float = 3600
-) -> GlobalStatistics | None:
-    """Ask every site for its DP statistics, aggregate them, send the result to every site.
+def expected_release(cfg: FederationConfig, server_round: int) -> dict[str, int]:
+    """The keys (and their lengths) of a site's release in ``server_round``'s statistics stage."""
+    shift, c, k = cfg.shift, cfg.model.num_classes, cfg.shift.align_dim
+    wanted = {"label-counts": c} if shift.needs_counts and server_round == 0 else {}
+    if shift.align:
+        wanted["moment-sum"] = c * k
+        wanted |= {"moment-outer": k * k} if shift.align_loss == "coral" else {"moment-square": c}
+    return wanted
 
-    Returns ``None`` when the run needs no statistics or no site sent any.
-    """
-    if not cfg.shift.needs_statistics:
-        return None
-    config = ConfigRecord({STAGE_KEY: STAGE_RELEASE, "server-round": 0})
-    replies = _query(grid, RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), timeout)
-    counts: list[np.ndarray] = []
-    sums: list[np.ndarray] = []
-    outers: list[np.ndarray] = []
-    sizes: list[float] = []
-    contributors: list[str] = []
-    for msg in replies:
-        problem = _release_problem(msg, cfg)
-        if problem is not None:
-            logger.warning("Statistics stage: left out %s: %s", site_name(msg), problem)
-            continue
-        record = msg.content.config_records[STATISTICS_KEY]
-        contributors.append(site_name(msg))
-        if cfg.shift.needs_counts:
-            counts.append(np.asarray(record["label-counts"], dtype=np.float64))
-        if cfg.shift.align:
-            k = cfg.shift.align_dim
-            sums.append(np.asarray(record["moment-sum"], dtype=np.float64).reshape(-1, k))
-            sizes.append(float(msg.content.metric_records[METRICS_KEY][WEIGHT_KEY]))  # type: ignore[arg-type]
-        if cfg.shift.per_round_moments:
-            outers.append(np.asarray(record["moment-outer"], dtype=np.float64).reshape(k, k))
-    if not contributors:
-        logger.warning("Statistics stage: no site sent statistics; no correction or alignment in this run")
-        return None
-    mean, cov, class_means = None, None, None
-    if cfg.shift.align:
-        class_means = aggregate_class_means(sums, counts)
-    if cfg.shift.per_round_moments:  # CORAL: the marginal moments
-        sh = cfg.shift
-        mean, cov = aggregate_moments([s.sum(axis=0) for s in sums], outers, sizes)
-        floor = moment_noise_floor(sh.align_noise, sh.align_clip, sh.align_dim, len(sums), sum(sizes))
-        above = int(np.sum(np.linalg.eigvalsh(cov) > floor))
-        logger.info(
-            "Statistics stage: %d of %d feature directions have a variance above the DP noise level %.3g",
-            above,
-            sh.align_dim,
-            floor,
-        )
-    stats = GlobalStatistics(
-        run=run_id,
-        sites=len(contributors),
-        train_prior=aggregate_prior(counts) if cfg.shift.needs_counts else None,
-        class_means=class_means,
-        moment_mean=mean,
-        moment_cov=cov,
-    )
-    logger.info(
-        "Statistics stage: %d site(s) %s; global training prior %s",
-        len(contributors),
-        sorted(contributors),
-        np.round(stats.train_prior, 4).tolist() if stats.train_prior is not None else "not released",
-    )
+
+def _broadcast(grid: Grid, stats: GlobalStatistics, server_round: int, timeout: float) -> None:
     broadcast = RecordDict(
         {
-            CONFIG_KEY: ConfigRecord({STAGE_KEY: STAGE_GLOBAL, "server-round": 0}),
+            CONFIG_KEY: ConfigRecord({STAGE_KEY: STAGE_GLOBAL, "server-round": server_round}),
             GLOBAL_KEY: ConfigRecord(stats.to_record()),
         }
     )
@@ -146,6 +96,139 @@ def collect_statistics(
                 site_name(msg),
                 msg.error.reason,
             )
+
+
+def collect_statistics(
+    grid: Grid,
+    arrays: ArrayRecord,
+    cfg: FederationConfig,
+    run_id: str,
+    timeout: float = 3600,
+    *,
+    server_round: int = 0,
+    previous: GlobalStatistics | None = None,
+) -> GlobalStatistics | None:
+    """Ask every site for its DP statistics, aggregate them, send the result to every site.
+
+    ``server_round`` 0 is the stage before the first round; a later round
+    refreshes the feature moments only and keeps ``previous``'s label counts.
+    Returns ``None`` when the run needs no statistics or no site sent any.
+    """
+    shift = cfg.shift
+    if not shift.needs_statistics:
+        return None
+    config = ConfigRecord({STAGE_KEY: STAGE_RELEASE, "server-round": server_round})
+    replies = _query(grid, RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), timeout)
+    counts: list[np.ndarray] = []
+    sums: list[np.ndarray] = []
+    seconds: list[np.ndarray] = []
+    sizes: list[float] = []
+    contributors: list[str] = []
+    k = shift.align_dim
+    for msg in replies:
+        problem = _release_problem(msg, cfg, server_round)
+        if problem is not None:
+            logger.warning(
+                "Statistics stage (round %d): left out %s: %s", server_round, site_name(msg), problem
+            )
+            continue
+        record = msg.content.config_records[STATISTICS_KEY]
+        contributors.append(site_name(msg))
+        if "label-counts" in record:
+            counts.append(np.asarray(record["label-counts"], dtype=np.float64))
+        if shift.align:
+            sums.append(np.asarray(record["moment-sum"], dtype=np.float64).reshape(-1, k))
+            sizes.append(float(msg.content.metric_records[METRICS_KEY][WEIGHT_KEY]))  # type: ignore[arg-type]
+            key = "moment-outer" if shift.align_loss == "coral" else "moment-square"
+            seconds.append(np.asarray(record[key], dtype=np.float64))
+    if not contributors:
+        logger.warning("Statistics stage (round %d): no site sent statistics", server_round)
+        return previous
+    class_counts = np.sum(counts, axis=0) if counts else (previous.class_counts if previous else None)
+    stats = GlobalStatistics(
+        run=run_id,
+        sites=len(contributors),
+        round=server_round,
+        train_prior=aggregate_prior(counts) if counts else (previous.train_prior if previous else None),
+        class_counts=class_counts,
+    )
+    if shift.align and class_counts is not None:
+        stats = _with_moments(stats, cfg, sums, seconds, sizes, class_counts)
+    logger.info(
+        "Statistics stage (round %d): %d site(s) %s; global training prior %s",
+        server_round,
+        len(contributors),
+        sorted(contributors),
+        np.round(stats.train_prior, 4).tolist() if stats.train_prior is not None else "not released",
+    )
+    _broadcast(grid, stats, server_round, timeout)
+    return stats
+
+
+def _with_moments(
+    stats: GlobalStatistics,
+    cfg: FederationConfig,
+    sums: list[np.ndarray],
+    seconds: list[np.ndarray],
+    sizes: list[float],
+    class_counts: np.ndarray,
+) -> GlobalStatistics:
+    """The global class means and within-class variance (prototype) or marginal moments (CORAL)."""
+    shift = cfg.shift
+    k = shift.align_dim
+    class_means = aggregate_class_means(sums, [class_counts])
+    if shift.align_loss == "coral":
+        outers = [o.reshape(k, k) for o in seconds]
+        mean, cov = aggregate_moments([s.sum(axis=0) for s in sums], outers, sizes)
+        floor = moment_noise_floor(shift.align_noise, shift.align_clip, k, len(sums), sum(sizes))
+        logger.info(
+            "Statistics stage: %d of %d feature directions have a variance above the DP noise level %.3g",
+            int(np.sum(np.linalg.eigvalsh(cov) > floor)),
+            k,
+            floor,
+        )
+        return replace(stats, class_means=class_means, moment_mean=mean, moment_cov=cov)
+    within = aggregate_within_variance(sums, seconds, class_counts, k)
+    return replace(stats, class_means=class_means, within_var=within)
+
+
+class StatisticsFedAvg(AdapterFedAvg):
+    """:class:`AdapterFedAvg` that refreshes the global feature moments before every round after the first."""
+
+    def __init__(self, *, federation: FederationConfig, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.federation = federation
+        self.statistics: GlobalStatistics | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if server_round > 1:  # round 1 trains from the arrays the stage before it saw
+            self.statistics = collect_statistics(
+                grid,
+                arrays,
+                self.federation,
+                str(grid.run.run_id),
+                server_round=server_round,
+                previous=self.statistics,
+            )
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+def statistics_strategy(cfg: FederationConfig) -> Callable[..., AdapterFedAvg]:
+    """The strategy class for ``cfg``: :class:`StatisticsFedAvg` when it refreshes moments every round."""
+    if cfg.shift.align and cfg.shift.align_refresh:
+        return functools.partial(StatisticsFedAvg, federation=cfg)
+    return AdapterFedAvg
+
+
+def initial_statistics(
+    strategy: AdapterFedAvg, grid: Grid, arrays: ArrayRecord, cfg: FederationConfig
+) -> GlobalStatistics | None:
+    """The statistics stage before round 1; a refreshing strategy keeps its result for the later rounds."""
+    stats = collect_statistics(grid, arrays, cfg, str(grid.run.run_id))
+    if isinstance(strategy, StatisticsFedAvg):
+        strategy.statistics = stats
     return stats
 
 
@@ -156,5 +239,5 @@ def statistics_summary(stats: GlobalStatistics | None) -> dict[str, Any] | None:
     return {
         "sites": stats.sites,
         "train_prior": stats.train_prior.tolist() if stats.train_prior is not None else None,
-        "moment_dim": int(stats.moment_mean.shape[0]) if stats.moment_mean is not None else None,
+        "align_dim": int(stats.class_means.shape[1]) if stats.class_means is not None else None,
     }

@@ -140,34 +140,39 @@ def test_moment_release_sensitivity_and_noise() -> None:
     g = clip_rows(rng.normal(size=(50, K)) * 5, clip)
     y = rng.integers(0, 2, 50)
     assert np.linalg.norm(g, axis=1).max() <= clip
-    # one patient's contribution (g in its class's block, g gᵀ / R) has L2 norm sqrt(2) R at the bound
+    # one patient's contribution (g in its class's block, and ||g||² / R or g gᵀ / R) has L2 norm
+    # sqrt(2) R at the clip bound, never more
     one = g[0]
-    contribution = np.concatenate([one, np.zeros(K), np.outer(one, one).ravel() / clip])
-    assert np.linalg.norm(contribution) == pytest.approx(moment_sensitivity(clip, outer=True))
-    assert moment_sensitivity(clip, outer=False) == pytest.approx(np.linalg.norm(one))
+    with_squares = np.concatenate([one, np.zeros(K), [one @ one / clip, 0.0]])
+    with_outer = np.concatenate([one, np.zeros(K), np.outer(one, one).ravel() / clip])
+    assert np.linalg.norm(with_squares) == pytest.approx(moment_sensitivity(clip))
+    assert np.linalg.norm(with_outer) == pytest.approx(moment_sensitivity(clip))
     source = SeededSource(5)
     truth = np.stack([g[y == c].sum(0) for c in (0, 1)])
-    for outer, sens in ((False, clip), (True, math.sqrt(2) * clip)):
-        draws = [private_moments(g, y, 2, clip, sigma, source, outer=outer) for _ in range(2000)]
-        sums = np.stack([d.class_sums for d in draws])
-        np.testing.assert_allclose(sums.mean(0), truth, atol=4 * sigma * sens / math.sqrt(2000))
-        np.testing.assert_allclose(sums.std(0), sigma * sens, rtol=0.06)
-        assert (draws[0].outer is not None) == outer
-    outers = np.stack([d.outer for d in draws])  # the last loop: with outer products
-    std_outer = sigma * math.sqrt(2) * clip * clip
-    np.testing.assert_allclose(np.diagonal(outers, axis1=1, axis2=2).std(0), std_outer, rtol=0.06)
-    assert outers[:, 0, 1].std() == pytest.approx(std_outer / math.sqrt(2), rel=0.06)  # symmetrised
+    truth_sq = np.array([np.sum(g[y == c] ** 2) for c in (0, 1)])
+    std = sigma * math.sqrt(2) * clip
+    draws = [private_moments(g, y, 2, clip, sigma, source) for _ in range(2000)]
+    sums = np.stack([d.class_sums for d in draws])
+    squares = np.stack([d.class_squares for d in draws])
+    np.testing.assert_allclose(sums.mean(0), truth, atol=4 * std / math.sqrt(2000))
+    np.testing.assert_allclose(sums.std(0), std, rtol=0.06)
+    np.testing.assert_allclose(squares.mean(0), truth_sq, atol=4 * std * clip / math.sqrt(2000))
+    np.testing.assert_allclose(squares.std(0), std * clip, rtol=0.06)
+    assert draws[0].outer is None
+    draws = [private_moments(g, y, 2, clip, sigma, source, outer=True) for _ in range(2000)]
+    outers = np.stack([d.outer for d in draws])
+    np.testing.assert_allclose(np.diagonal(outers, axis1=1, axis2=2).std(0), std * clip, rtol=0.06)
+    assert outers[:, 0, 1].std() == pytest.approx(std * clip / math.sqrt(2), rel=0.06)  # symmetrised
     np.testing.assert_allclose(outers, np.transpose(outers, (0, 2, 1)))
-    assert draws[0].mechanism == (3.0, 1.0, 1)
+    assert draws[0].class_squares is None and draws[0].mechanism == (3.0, 1.0, 1)
     with pytest.raises(PrivacyError, match="noise multiplier > 0"):
         private_moments(g, y, 2, clip, 0.0, source)
 
 
 def test_prototype_loss_by_hand_and_per_sample() -> None:
     proj = np.eye(K)
-    means = np.array([[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]])  # squared distance 4: scale 4 / k = 1
-    loss = PrototypeLoss(proj, means, weight=0.5)
-    assert loss.scale == pytest.approx(1.0)
+    means = np.array([[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]])
+    loss = PrototypeLoss(proj, means, within_var=1.0, weight=0.5)
     feats = torch.tensor([[1.0, 1.0, 0.0, 0.0], [2.0, 0.0, 0.0, 3.0]])
     labels = torch.tensor([0, 1])
     torch.testing.assert_close(loss(feats, labels), torch.tensor([0.5 * 2 / 4, 0.5 * 9 / 4]))
@@ -189,7 +194,7 @@ def test_prototype_alignment_keeps_the_label_shift_that_marginal_coral_erases() 
     (fa, ya), (fb, yb) = site(0.1), site(0.9)
     pooled = torch.cat([fa, fb]).double().numpy()
     mu, cov = pooled.mean(0), np.cov(pooled.T, bias=True)
-    proto = PrototypeLoss(np.eye(K), means, weight=1.0)
+    proto = PrototypeLoss(np.eye(K), means, within_var=0.09, weight=1.0)
     coral = AlignmentLoss(np.eye(K), mu, cov, weight=1.0)
     assert float(proto(fa, ya).mean()) == pytest.approx(float(proto(fb, yb).mean()), rel=0.05)
     assert float(coral(fa).mean()) > 0.5 and float(coral(fb).mean()) > 0.5  # marginals differ by label shift

@@ -34,7 +34,12 @@ from fedshift.common.errors import ConfigError, DataError, PrivacyError
 from fedshift.common.label_shift import fit_bcts, prior_weights
 from fedshift.common.privacy import epsilon
 from fedshift.common.shift_config import ShiftConfig
-from fedshift.common.shift_statistics import aggregate_class_means, aggregate_moments, aggregate_prior
+from fedshift.common.shift_statistics import (
+    aggregate_class_means,
+    aggregate_moments,
+    aggregate_prior,
+    aggregate_within_variance,
+)
 
 # ----------------------------------------------------------------------------- DP label counts
 
@@ -100,7 +105,13 @@ def test_server_sum_equals_pooled_statistics() -> None:
     counts = [np.bincount(y, minlength=2).astype(float) for y in labels]
     pooled_y = np.concatenate(labels)
     expected = np.stack([allf[pooled_y == c].mean(0) for c in (0, 1)])
-    np.testing.assert_allclose(aggregate_class_means(class_sums, counts), expected, atol=1e-12)
+    np.testing.assert_allclose(
+        aggregate_class_means(class_sums, np.sum(counts, axis=0)), expected, atol=1e-12
+    )
+    squares = [np.array([np.sum(f[y == c] ** 2) for c in (0, 1)]) for f, y in zip(feats, labels, strict=True)]
+    pooled_within = sum(np.sum((allf[pooled_y == c] - expected[c]) ** 2) for c in (0, 1)) / (4 * len(allf))
+    got = aggregate_within_variance(class_sums, squares, np.sum(counts, axis=0), 4)
+    assert got == pytest.approx(pooled_within, rel=1e-10)
 
 
 # ----------------------------------------------------------------------------- weighted calibration

@@ -38,6 +38,7 @@ from fedshift.common.shift_statistics import (
     aggregate_class_means,
     aggregate_moments,
     aggregate_prior,
+    aggregate_within_variance,
 )
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -114,7 +115,8 @@ def test_statistics_stage_charges_first_and_sends_only_dp_statistics(tmp_path: P
     counts = np.asarray(stats["label-counts"])
     assert np.all(np.abs(counts - truth) < 10) and np.any(counts != truth)
     assert np.asarray(stats["moment-sum"]).shape == (16,)  # per-class sums, 2 x 8
-    assert "moment-outer" not in stats  # the prototype loss needs no second moments
+    assert np.asarray(stats["moment-square"]).shape == (2,)  # per-class squared norms
+    assert "moment-outer" not in stats  # the prototype loss needs no outer products
     # the egress log lists exactly these, each with its DP mechanism; nothing else but the size and name
     entry = read_egress_log(site_dir)[-1]
     assert entry["blocked"] == []
@@ -122,6 +124,7 @@ def test_statistics_stage_charges_first_and_sends_only_dp_statistics(tmp_path: P
     assert by_key == {
         (STATISTICS_KEY, "label-counts"): "dp-label-counts",
         (STATISTICS_KEY, "moment-sum"): "dp-moments",
+        (STATISTICS_KEY, "moment-square"): "dp-moments",
         (METRICS_KEY, "num-examples"): METRIC,
         ("site", "name"): BOOKKEEPING,
     }
@@ -178,15 +181,18 @@ def _prepared_site(tmp_path: Path, n_test: int = 40, **shift: Any) -> tuple[Path
     k = cfg.align_dim
     counts = np.asarray(released["label-counts"])
     sums = np.asarray(released["moment-sum"]).reshape(2, k)
-    mean, cov = None, None
+    mean, cov, within = None, None, None
     if cfg.align_loss == "coral":
         outer = np.asarray(released["moment-outer"]).reshape(k, k)
         mean, cov = aggregate_moments([sums.sum(axis=0)], [outer], [80.0])
+    else:
+        within = aggregate_within_variance([sums], [np.asarray(released["moment-square"])], counts, k)
     stats = GlobalStatistics(
         "1",
         1,
         train_prior=aggregate_prior([counts]),
-        class_means=aggregate_class_means([sums], [counts]),
+        class_means=aggregate_class_means([sums], counts),
+        within_var=within,
         moment_mean=mean,
         moment_cov=cov,
     )
@@ -240,24 +246,29 @@ def test_without_global_prior_the_site_evaluates_uncorrected(
 
 
 @pytest.mark.parametrize("loss", ["prototype", "coral"])
-def test_dp_training_with_alignment_charges_what_it_releases(tmp_path: Path, loss: str) -> None:
-    """CORAL's linearisation point is a fresh DP release every round (charged, planned); the prototype
-    loss is exactly per-sample and needs none."""
+def test_dp_training_with_alignment_plans_the_refreshed_moments(tmp_path: Path, loss: str) -> None:
+    """Training charges DP-SGD only (CORAL's linearisation point is the site's own release: free); the
+    moments refreshed before round 2 are charged then, and were planned into round 1's noise."""
     site_dir, config = _prepared_site(tmp_path, logit_adjust=1.0, align_loss=loss)
     config = {**config, "dp": True, "dp-epsilon": 8.0}
     reply = _call(make_client_app(), _message(MessageType.TRAIN, **{"server-round": 1}), config)
     assert reply.content.config_records["privacy"]["mechanism"] == "dp-sgd"
+    refresh = ConfigRecord({STAGE_KEY: STAGE_RELEASE, "server-round": 2})
+    msg = Message(
+        RecordDict({ARRAYS_KEY: _arrays(), CONFIG_KEY: refresh}), dst_node_id=0, message_type="query"
+    )
+    released = _call(make_client_app(), msg, config).content.config_records[STATISTICS_KEY]
+    assert "label-counts" not in released and "moment-sum" in released  # counts are released once per run
     ledger = PrivacyLedger.at(site_dir)
-    per_round = [(1, "dp-moments")] if loss == "coral" else []
     assert [(e.round, e.mechanism) for e in ledger.entries] == [
         (0, "dp-label-counts"),
         (0, "dp-moments"),
         (1, "dp-sgd"),
-        *per_round,
+        (2, "dp-moments"),
     ]
-    # the noise multiplier was planned with the statistics and both rounds' releases in the budget
+    assert read_egress_log(site_dir)[-1]["blocked"] == []  # the refreshed moments' charge is found
+    # the noise multiplier fits both rounds' DP-SGD and the refreshed moments into the budget
     sgd = ledger.entries[2]
-    extra = [(3.0, 1.0, 1)] if loss == "coral" else []
-    planned = [*ledger.history(), (sgd.noise_multiplier, sgd.sample_rate, sgd.steps), *extra]
+    planned = [*ledger.history(), (sgd.noise_multiplier, sgd.sample_rate, sgd.steps)]
     assert epsilon(planned, 1e-5) <= 8.0
     assert read_egress_log(site_dir)[-1]["blocked"] == []
