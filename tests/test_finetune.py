@@ -172,3 +172,14 @@ def test_strategy_keys_round_trip_and_bad_values_are_refused() -> None:
             FederationConfig.from_run_config(values)
         message = str(bad.value)
         assert "\n" not in message and all(n in message for n in needles), message
+
+
+def test_simulate_refuses_an_unknown_strategy_in_one_line(tmp_path, capsys) -> None:
+    from fedshift.common.cli import main
+    from fedshift.tests.helpers import one_line_error
+
+    code = main(["simulate", "--strategy", "adapters,everything", "--out", str(tmp_path / "run")])
+    one_line_error(code, capsys.readouterr().err, "finetune", "'everything'", "linear-probe")
+    assert not (tmp_path / "run").exists()
+    code = main(["simulate", "--ewc-lambda", "1,10", "--out", str(tmp_path / "run")])
+    one_line_error(code, capsys.readouterr().err, "--ewc-lambda", "--continual")
