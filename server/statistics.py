@@ -176,7 +176,7 @@ def _with_moments(
     """The global class means and within-class variance (prototype) or marginal moments (CORAL)."""
     shift = cfg.shift
     k = shift.align_dim
-    class_means = aggregate_class_means(sums, [class_counts])
+    class_means = aggregate_class_means(sums, class_counts)
     if shift.align_loss == "coral":
         outers = [o.reshape(k, k) for o in seconds]
         mean, cov = aggregate_moments([s.sum(axis=0) for s in sums], outers, sizes)

@@ -272,3 +272,74 @@ def test_dp_training_with_alignment_plans_the_refreshed_moments(tmp_path: Path, 
     planned = [*ledger.history(), (sgd.noise_multiplier, sgd.sample_rate, sgd.steps)]
     assert epsilon(planned, 1e-5) <= 8.0
     assert read_egress_log(site_dir)[-1]["blocked"] == []
+
+
+class _Grid:
+    """A Flower Grid stand-in that delivers each message to an in-process ClientApp of its node."""
+
+    def __init__(self, root: Path, run_config: dict[str, Any], nodes: int) -> None:
+        self.app = make_client_app()
+        self.root = root
+        self.run_config = run_config
+        self.nodes = nodes
+        self.run = type("Run", (), {"run_id": 1})()
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(self.nodes))
+
+    def send_and_receive(self, messages: Any, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            context = Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": node},
+                state=RecordDict(),
+                run_config=self.run_config,
+            )
+            replies.append(self.app(msg, context))
+        return replies
+
+
+def test_server_statistics_stage_with_two_sites_and_a_refresh(tmp_path: Path) -> None:
+    from fedshift.server.statistics import StatisticsFedAvg, initial_statistics, statistics_strategy
+    from fedshift.server.validation import expected_specs
+
+    site_dirs = [_site(tmp_path)]
+    other = tmp_path / "site-1"
+    other.mkdir()
+    (other / "data.npz").write_bytes((site_dirs[0] / "data.npz").read_bytes())
+    site_dirs.append(other)
+    fed = FederationConfig.from_run_config(_run_config(tmp_path))
+    grid = _Grid(tmp_path, _run_config(tmp_path), nodes=2)
+    arrays = _arrays()
+    strategy = statistics_strategy(fed)(
+        expected=expected_specs(arrays),
+        checkpoint_dir=tmp_path / "ckpt",
+        model_config=MODEL,
+        num_rounds=2,
+    )
+    assert isinstance(strategy, StatisticsFedAvg)
+    stats = initial_statistics(strategy, grid, arrays, fed)  # type: ignore[arg-type]
+    assert stats is not None and stats.sites == 2 and strategy.statistics is stats
+    labels = np.load(site_dirs[0] / "data.npz")["train_labels"].ravel()
+    assert stats.train_prior is not None and stats.train_prior[1] == pytest.approx(labels.mean(), abs=0.05)
+    assert stats.class_means is not None and stats.class_means.shape == (2, 8)
+    assert stats.within_var is not None and stats.within_var > 0
+    kept = [GlobalStatistics.from_record(json.loads((d / GLOBAL_FILE).read_text())) for d in site_dirs]
+    for k in kept:  # every site holds the same global statistics of this run
+        np.testing.assert_allclose(k.class_means, stats.class_means)  # type: ignore[arg-type]
+        assert k.run == "1" and k.round == 0
+    # before round 2 the moments are released again (charged at round 2), the label counts are not
+    list(strategy.configure_train(2, arrays, ConfigRecord(), grid))  # type: ignore[arg-type]
+    assert strategy.statistics is not None and strategy.statistics.round == 2
+    np.testing.assert_allclose(strategy.statistics.train_prior, stats.train_prior)  # type: ignore[arg-type]
+    for d in site_dirs:
+        ledger = PrivacyLedger.at(d)
+        assert [(e.round, e.mechanism) for e in ledger.entries] == [
+            (0, "dp-label-counts"),
+            (0, "dp-moments"),
+            (2, "dp-moments"),
+        ]
+        assert GlobalStatistics.from_record(json.loads((d / GLOBAL_FILE).read_text())).round == 2
