@@ -101,3 +101,21 @@ def test_continual_scenario_measures_forgetting_against_an_independent_evaluatio
         "consolidated (sent by the server)"
     }
     assert "forgetting" in capsys.readouterr().out
+
+
+def test_strategy_benchmark_writes_consistent_rows(tmp_path: Path, capsys) -> None:
+    from fedshift.simulations.benchmarks.strategies import main as bench
+
+    out = tmp_path / "bench.json"
+    args = ["--device", "cpu", "--steps", "2", "--batch-size", "4", "--image-size", "32"]
+    assert bench([*args, "--strategies", "linear-probe,adapters", "--out", str(out)]) == 0
+    rows = {r["strategy"]: r for r in json.loads(out.read_text())["rows"]}
+    for name, row in rows.items():
+        model = build_model(ModelConfig(image_size=32, finetune=name))
+        assert row["trainable_params"] == sum(p.numel() for p in model.trainable_parameters())
+        assert row["shared_bytes"] == 4 * sum(v.numel() for v in model.shared_state_dict().values())
+        assert row["dp_over_no_dp"] == pytest.approx(
+            row["dp_samples_per_second"] / row["no-dp_samples_per_second"]
+        )
+        assert row["no-dp_samples_per_second"] > 0 and row["dp_samples_per_second"] > 0
+    assert "linear-probe" in capsys.readouterr().out
