@@ -91,28 +91,37 @@ def test_a_killed_hospital_is_dropped_and_the_others_finish(
     clients = {site: fed.start_client(site) for site in SITES}
     lost = "hospital-c"
     wait_for(
-        f"{lost} to send its round-1 update",
-        lambda: any(e["stage"] == "train" for e in fed.egress(lost)),
+        f"{lost} to finish round 1",
+        lambda: any(e["stage"] == "evaluate" for e in fed.egress(lost)),
         600,
         server,
     )
     kill_tree(clients[lost])  # SIGKILL: the SuperNode and its ClientApp vanish without a goodbye
     killed_at = time.monotonic()
+    wait_for(
+        "round 2 to be aggregated",
+        lambda: all(
+            any(e["round"] == 2 and e["stage"] == "evaluate" for e in fed.egress(s)) for s in SITES[:2]
+        ),
+        900,
+        server,
+    )
+    recovered = time.monotonic() - killed_at
     wait_for("the federation to finish", lambda: server.poll() is not None, 600)
     assert server.proc.returncode == 0, fed.log(server.name)
 
     results = fed.results()
     train = results["history"]["train"]
     assert sorted(train) == ["1", "2"]
-    assert lost in train["1"] and len(train["1"]) == 3
+    assert sorted(train["1"]) == list(SITES)
     assert sorted(train["2"]) == ["hospital-a", "hospital-b"]  # the round after the loss ran without it
     assert sorted(results["final_test"]) == ["hospital-a", "hospital-b"]
-    left_out = [r for r in results["history"]["rejected"] if "heartbeat" in r["reason"]]
-    assert left_out, results["history"]["rejected"]  # Flower reported the lost node, it was left out
-    assert [r for _, r in _ledger_rounds(fed, lost)] == [1]
+    # the lost site was charged for round 1, and for round 2 only if it had started training when killed
+    charged = [r for _, r in _ledger_rounds(fed, lost)]
+    assert charged in ([1], [1, 2])
     for site in ("hospital-a", "hospital-b"):
         assert [r for _, r in _ledger_rounds(fed, site)] == [1, 2]
-    print(f"client killed: federation finished {time.monotonic() - killed_at:.0f} s after the kill")
+    print(f"client killed ({lost} charged rounds {charged}): round 2 done {recovered:.0f} s after the kill")
 
 
 def test_a_restarted_coordinator_resumes_from_the_last_completed_round(
