@@ -36,7 +36,11 @@ trained under DP-SGD with everything else; their *statistics* stay the frozen
 pretrained ones during training (no data access). :func:`adapted_norm_statistics`
 offers test-time adaptation (AdaBN, Li et al. 2016): every norm layer's
 statistics re-estimated on the unlabeled evaluation images, used for local
-inference only, never saved, never sent and never used in training.
+inference only, never saved, never sent and never used in training. AdaBN
+assumes the model was trained with statistics of its own training data; here
+training keeps the pretrained (ImageNet) statistics frozen, so re-estimating
+them moves every activation the adapters and head were fitted to: measure it
+(``tta-`` metrics) before relying on it.
 
 **Scores** for reports: :func:`subspace_alignment` (mean squared cosine of the
 principal angles between two top-k principal subspaces) and :func:`linear_cka`.

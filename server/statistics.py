@@ -153,7 +153,8 @@ def collect_statistics(
         class_counts=class_counts,
     )
     if shift.align and class_counts is not None:
-        stats = _with_moments(stats, cfg, sums, seconds, sizes, class_counts)
+        within = previous.within_var if previous is not None else None
+        stats = _with_moments(stats, cfg, sums, seconds, sizes, class_counts, within)
     logger.info(
         "Statistics stage (round %d): %d site(s) %s; global training prior %s",
         server_round,
@@ -172,6 +173,7 @@ def _with_moments(
     seconds: list[np.ndarray],
     sizes: list[float],
     class_counts: np.ndarray,
+    previous_within: float | None = None,
 ) -> GlobalStatistics:
     """The global class means and within-class variance (prototype) or marginal moments (CORAL)."""
     shift = cfg.shift
@@ -189,6 +191,9 @@ def _with_moments(
         )
         return replace(stats, class_means=class_means, moment_mean=mean, moment_cov=cov)
     within = aggregate_within_variance(sums, seconds, class_counts, k)
+    if previous_within is not None:
+        # the scale stays round 0's: rescaled by its own shrinking variance, the pull would never let go
+        within = previous_within
     return replace(stats, class_means=class_means, within_var=within)
 
 

@@ -271,6 +271,7 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
         and far_acc["b"] > far_acc["a"],
         "mean_auc": {v: means[v]["auc"] for v in ("a", "c", "b", "d")},
         "alignment_keeps_mean_auc": means["c"]["auc"] >= means["a"]["auc"],
+        "tta_mean_auc": {v: means[v]["auc"] for v in ("a", "a+tta", "c", "c+tta")},
     }
     report = {
         "data": spec.data,

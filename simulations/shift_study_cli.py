@@ -50,7 +50,7 @@ def register(sub: Any) -> None:
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples of the prior interval")
     p.add_argument("--min-samples", type=int, default=30, help="fewer unlabeled images: no correction")
     p.add_argument("--count-noise", type=float, default=2.0, help="noise multiplier of the DP label counts")
-    p.add_argument("--align-weight", type=float, default=0.1, help="weight of the alignment loss (run c)")
+    p.add_argument("--align-weight", type=float, default=0.01, help="weight of the alignment loss (run c)")
     p.add_argument(
         "--align-loss",
         default="prototype",
@@ -126,6 +126,11 @@ def run(args: argparse.Namespace) -> int:
         f"Mean AUC: (a) {auc['a']:.4f} -> (c) {auc['c']:.4f} with alignment "
         f"({'not lower' if claims['alignment_keeps_mean_auc'] else 'LOWER'}); (b) {auc['b']:.4f}, "
         f"(d) {auc['d']:.4f}"
+    )
+    tta = claims["tta_mean_auc"]
+    print(
+        f"Test-time norm statistics (AdaBN, an option): mean AUC (a) {tta['a']:.4f} -> {tta['a+tta']:.4f}, "
+        f"(c) {tta['c']:.4f} -> {tta['c+tta']:.4f}"
     )
     for run_name, audit in report["egress"].items():
         print(
