@@ -335,6 +335,8 @@ def test_server_statistics_stage_with_two_sites_and_a_refresh(tmp_path: Path) ->
     list(strategy.configure_train(2, arrays, ConfigRecord(), grid))  # type: ignore[arg-type]
     assert strategy.statistics is not None and strategy.statistics.round == 2
     np.testing.assert_allclose(strategy.statistics.train_prior, stats.train_prior)  # type: ignore[arg-type]
+    assert strategy.statistics.within_var == stats.within_var  # round 0's scale is kept
+    assert not np.allclose(strategy.statistics.class_means, stats.class_means)  # type: ignore[arg-type]
     for d in site_dirs:
         ledger = PrivacyLedger.at(d)
         assert [(e.round, e.mechanism) for e in ledger.entries] == [
