@@ -57,6 +57,9 @@ from fedshift.common.shift_config import ShiftConfig
 logger = logging.getLogger(__name__)
 
 CORRECTION_FILE = "label-shift.json"  # in the site's state directory; never sent
+CALIBRATION_SHRINKAGE = (
+    2.0  # prior worth ~2 samples pulling the calibration to the identity (small val splits)
+)
 EM_MAX_ITER = 10_000  # EM iterations before an estimate counts as not converged (each is O(N))
 ORACLE_FLOOR = 1e-3  # the oracle's true prior is floored at this (a split without a class has prior 0)
 
@@ -179,7 +182,9 @@ def fit_calibration_under(
         logger.warning("Label shift: %s", note)
         return Calibration.identity(c), note
     weights = prior_weights(val_labels, source_prior, c)
-    return fit_calibration(val_logits, val_labels, kind, sample_weight=weights), ""
+    return fit_calibration(
+        val_logits, val_labels, kind, sample_weight=weights, shrinkage=CALIBRATION_SHRINKAGE
+    ), ""
 
 
 def fit_site_correction(
