@@ -270,3 +270,24 @@ def test_shift_config_round_trips_and_refuses_bad_values() -> None:
         ShiftConfig(bootstrap=1)
     with pytest.raises(PrivacyError, match="align-noise-multiplier > 0"):
         ShiftConfig(align_weight=1.0, align_noise=0.0)
+
+
+def test_calibration_shrinkage_keeps_a_separable_split_from_saturating() -> None:
+    """On a small separable val split plain BCTS sends T to its bound (probabilities of exactly 0 and 1,
+    ties, infinite log loss on the next mistake); the shrunk fit stays finite and barely moves a large one."""
+    from fedshift.common.label_shift import MIN_TEMPERATURE
+
+    logits = np.array([[0.0, -1.0], [0.0, -2.0], [0.0, -0.5], [0.0, 1.0], [0.0, 2.0], [0.0, -1.5]])
+    labels = np.array([0, 0, 0, 1, 1, 0])  # separable at 0
+    plain = fit_bcts(logits, labels)
+    shrunk = fit_bcts(logits, labels, shrinkage=2.0)
+    assert plain.temperature < 5 * MIN_TEMPERATURE  # heading for the bound until the gradient vanishes
+    assert np.max(plain.apply(logits)) > 1 - 1e-9  # saturated
+    assert shrunk.temperature > 0.2
+    probs = shrunk.apply(logits)
+    assert np.all((probs > 1e-6) & (probs < 1 - 1e-6))
+    x, y = _site(0.5, 5000, seed=11)
+    big = _model_logits(x, np.array([0.5, 0.5]))
+    assert fit_bcts(big, y, shrinkage=2.0).temperature == pytest.approx(
+        fit_bcts(big, y).temperature, rel=0.01
+    )
