@@ -42,8 +42,9 @@ from fedshift.simulations.shift import (
 logger = logging.getLogger(__name__)
 
 CONTINUAL_FILE = "continual.json"
-# phase B's hospitals: an older, noisier, blurrier scanner than anything phase A saw
-PHASE_B_PROFILE = ScannerProfile("portable", gamma=1.6, contrast=0.7, blur_sigma=1.0, noise_std=0.08)
+# phase B's hospitals: bedside portable units, far darker, flatter, blurrier and noisier than anything
+# phase A saw (a milder profile, gamma 1.6 / contrast 0.7 / blur 1 / noise 0.08, caused no forgetting)
+PHASE_B_PROFILE = ScannerProfile("portable", gamma=2.5, contrast=0.5, blur_sigma=1.5, noise_std=0.12)
 
 
 def continual_sites(
