@@ -214,7 +214,7 @@ class StatisticsFedAvg(AdapterFedAvg):
                 arrays,
                 self.federation,
                 str(grid.run.run_id),
-                server_round=server_round,
+                server_round=server_round + self.round_offset,  # the federation's round, also on resume
                 previous=self.statistics,
             )
         return super().configure_train(server_round, arrays, config, grid)
