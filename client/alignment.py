@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from fedshift.client.dp import RandomSource
-from fedshift.client.training import Objective, cross_entropy
+from fedshift.client.training import Objective, batched_outputs, cross_entropy
 from fedshift.common.data import to_tensor
 from fedshift.common.errors import DataError, PrivacyError
 from fedshift.common.label_shift import logit_adjustment
@@ -83,20 +83,12 @@ def projection(num_features: int, dim: int, seed: int) -> np.ndarray:
     return np.asarray(q * np.sign(np.diag(r)))
 
 
-@torch.no_grad()
 def feature_matrix(
     model: FedshiftModel, images: np.ndarray, device: torch.device, batch_size: int = 256
 ) -> np.ndarray:
     """The pooled features that enter the head, ``(N, D)``, in eval mode."""
-    model.to(device)
-    model.train(False)
-    out = []
-    for begin in range(0, len(images), batch_size):
-        x = to_tensor(images[begin : begin + batch_size], model.config.image_size).to(device)
-        out.append(model.forward_features(x).float().cpu().numpy())
-    if not out:
-        return np.zeros((0, int(model.head.in_features)))
-    return np.concatenate(out).astype(np.float64)
+    width = int(model.head.in_features)
+    return batched_outputs(model, images, device, model.forward_features, width, batch_size)
 
 
 # ----------------------------------------------------------------------------- DP moments

@@ -187,19 +187,33 @@ def train_local(
 
 
 @torch.no_grad()
-def predict_proba(
-    model: FedshiftModel, images: np.ndarray, device: torch.device, batch_size: int = 256
+def batched_outputs(
+    model: FedshiftModel,
+    images: np.ndarray,
+    device: torch.device,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    width: int,
+    batch_size: int = 256,
 ) -> np.ndarray:
-    """Class probabilities, shape (N, C)."""
+    """``fn(x)`` over ``images`` in eval mode, batch by batch, as float64 of shape (N, width)."""
     model.to(device)
     model.train(False)
     out = []
     for begin in range(0, len(images), batch_size):
         x = to_tensor(images[begin : begin + batch_size], model.config.image_size).to(device)
-        out.append(torch.softmax(model(x).float(), dim=1).cpu().numpy())
+        out.append(fn(x).float().cpu().numpy())
     if not out:
-        return np.zeros((0, model.config.num_classes))
+        return np.zeros((0, width))
     return np.concatenate(out).astype(np.float64)
+
+
+def predict_proba(
+    model: FedshiftModel, images: np.ndarray, device: torch.device, batch_size: int = 256
+) -> np.ndarray:
+    """Class probabilities, shape (N, C)."""
+    return batched_outputs(
+        model, images, device, lambda x: torch.softmax(model(x), dim=1), model.config.num_classes, batch_size
+    )
 
 
 def evaluate(model: FedshiftModel, data: ImageSet, device: torch.device) -> dict[str, float]:
