@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 
 from fedshift.common.cli import main
 from fedshift.deploy.server import resume_point
-from tests.deploy_support import toml, write_site_data
-from tests.helpers import one_line_error
+from fedshift.tests.deploy_support import toml, write_site_data
+from fedshift.tests.helpers import one_line_error
 
 
 @pytest.fixture

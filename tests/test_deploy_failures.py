@@ -14,7 +14,7 @@ import pytest
 
 from fedshift.common.checkpoint import MANIFEST, load_checkpoint
 from fedshift.deploy.flwr_cli import Flwr
-from tests.deploy_support import SITES, Federation, flower_processes_under, kill_tree, wait_for
+from fedshift.tests.deploy_support import SITES, Federation, flower_processes_under, kill_tree, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord
 
 from fedshift.common.checkpoint import load_checkpoint
 from fedshift.common.model import ModelConfig, build_model
-from tests.deploy_support import SITES, Federation, fedshift, flower_processes_under, wait_for
+from fedshift.tests.deploy_support import SITES, Federation, fedshift, flower_processes_under, wait_for
 
 pytestmark = pytest.mark.slow
 

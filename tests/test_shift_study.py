@@ -23,7 +23,7 @@ from fedshift.common.config import FederationConfig, TrainConfig
 from fedshift.common.model import ModelConfig
 from fedshift.common.shift_config import ShiftConfig
 from fedshift.simulations.shift_study import TABLE_VARIANTS, StudySpec, run_study
-from tests.helpers import one_line_error
+from fedshift.tests.helpers import one_line_error
 
 AUC_TOLERANCE = 0.01  # "does not lower": the mean AUC of (c) is at least (a)'s minus this (test sets of 30)
 
