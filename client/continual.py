@@ -127,4 +127,3 @@ def fisher_reply(msg: Message, fed: FederationConfig, site: SiteSettings, model:
         }
     )
     return Message(content, reply_to=msg)
-

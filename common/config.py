@@ -41,8 +41,10 @@ class TrainConfig:
                 f"Expected lr-decay to be a number in (0, 1], but got {self.lr_decay!r}; e.g. 0.5 "
                 "(each level deeper learns at half the rate), or 1 for one learning rate"
             )
-        if isinstance(self.unfreeze_every, bool) or not isinstance(self.unfreeze_every, int) or (
-            self.unfreeze_every < 0
+        if (
+            isinstance(self.unfreeze_every, bool)
+            or not isinstance(self.unfreeze_every, int)
+            or (self.unfreeze_every < 0)
         ):
             raise ConfigError(
                 f"Expected unfreeze-every to be an integer >= 0, but got {self.unfreeze_every!r}; "

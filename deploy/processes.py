@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -22,62 +21,11 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from fedshift.common.proctree import alive, descendants, signal_tree
+
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 15.0  # seconds between SIGTERM and SIGKILL
-
-
-def _children_map() -> dict[int, list[int]]:
-    """Parent pid -> child pids, for every process visible in /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # the command name (field 2) may hold spaces and parentheses: split after the last ')'
-        fields = stat[stat.rfind(")") + 2 :].split()
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    return children
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (children first, then theirs)."""
-    children = _children_map()
-    out: list[int] = []
-    todo = list(children.get(pid, []))
-    while todo:
-        child = todo.pop(0)
-        out.append(child)
-        todo.extend(children.get(child, []))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _signal_tree(pids: Sequence[int], sig: signal.Signals) -> None:
-    groups = set()
-    for pid in pids:
-        try:
-            groups.add(os.getpgid(pid))
-        except ProcessLookupError:
-            continue
-    own = os.getpgrp()
-    for group in groups - {own}:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, sig)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
 
 
 class Child:
@@ -127,17 +75,17 @@ class Child:
         tree = [self.proc.pid, *descendants(self.proc.pid), *self._known]
         if self.proc.poll() is None:
             logger.info("Stopping %s (pid %d)", self.name, self.proc.pid)
-        _signal_tree(tree, signal.SIGTERM)
+        signal_tree(tree, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.proc.poll()
-            tree = [p for p in {*tree, *descendants(self.proc.pid)} if _alive(p)]
+            tree = [p for p in {*tree, *descendants(self.proc.pid)} if alive(p)]
             if not tree:
                 break
             time.sleep(0.2)
         else:
             logger.warning("%s did not stop within %.0f s; killing %s", self.name, timeout, sorted(tree))
-            _signal_tree(tree, signal.SIGKILL)
+            signal_tree(tree, signal.SIGKILL)
         try:
             code = self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:

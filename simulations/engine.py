@@ -12,9 +12,12 @@ from flwr.clientapp.typing import Mod
 
 from fedshift.client.app import make_client_app
 from fedshift.common.config import FederationConfig
+from fedshift.common.proctree import descendants, reap
 from fedshift.server.app import make_server_app
 
 logger = logging.getLogger(__name__)
+
+RAY_EXIT_TIMEOUT = 20.0  # seconds Ray's processes get to exit after ray.shutdown()
 
 
 def backend_config(num_sites: int) -> dict[str, dict[str, int | float | bool | str]]:
@@ -48,6 +51,7 @@ def run_flower_simulation(cfg: FederationConfig, num_sites: int, client_mods: Se
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     flwr_logger = logging.getLogger("flwr")
     previous = flwr_logger.level
+    before = set(descendants(os.getpid()))
     if not logger.isEnabledFor(logging.DEBUG):
         flwr_logger.setLevel(logging.ERROR)
     try:
@@ -63,5 +67,9 @@ def run_flower_simulation(cfg: FederationConfig, num_sites: int, client_mods: Se
         flwr_logger.setLevel(previous)
         import ray
 
+        # Ray's raylet, GCS and worker processes: ray.shutdown() signals them but does not wait,
+        # and a ClientAppActor can linger for seconds after it. Wait for each, kill stragglers.
+        started = set(descendants(os.getpid())) - before
         if ray.is_initialized():
             ray.shutdown()
+        reap(started, RAY_EXIT_TIMEOUT, "Ray")

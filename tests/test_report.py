@@ -48,7 +48,6 @@ def test_ewc_line_names_each_fisher_source_and_its_sites() -> None:
         "2": {"site-0": {"ewc-fisher": "dp"}, "site-2": {"mechanism": "dp-sgd"}},
     }
     assert ewc_line(history, 10.0, "global") == (
-        "EWC: lambda=10 towards the global anchor; Fisher from dp: site-0; "
-        "public (synthetic images): site-1"
+        "EWC: lambda=10 towards the global anchor; Fisher from dp: site-0; public (synthetic images): site-1"
     )
     assert ewc_line({}, 1.0, "consolidated").endswith("no site (none reported)")
