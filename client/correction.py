@@ -213,6 +213,7 @@ def fit_site_correction(
         min_samples=config.min_samples,
         max_interval_width=config.max_interval_width,
         max_iter=EM_MAX_ITER,
+        pseudocount=config.prior_pseudocount,
     )
     threshold = None
     if config.threshold and c == 2:

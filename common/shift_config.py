@@ -49,6 +49,7 @@ class ShiftConfig:
     correction: bool = False  # correct posteriors for the site's prior at evaluation (needs DP label counts)
     prior_method: str = "em"  # em or bbse: how the site's prior is estimated from unlabeled data
     calibration: str = "bcts"  # bcts, ts, vs or none: fitted on the site's val split, reweighted to p_s
+    prior_pseudocount: float = 1.0  # EM: Dirichlet pseudo-count per class (MAP; 1 = Laplace, 0 = ML)
     bootstrap: int = 100  # resamples of the bootstrap interval around the prior; 0 = no interval
     min_samples: int = 50  # fewer unlabeled images than this: no correction (said so)
     max_interval_width: float = 0.5  # a wider bootstrap interval for a class: no correction
@@ -68,6 +69,7 @@ class ShiftConfig:
         "ls-correction": "correction",
         "ls-prior-method": "prior_method",
         "ls-calibration": "calibration",
+        "ls-prior-pseudocount": "prior_pseudocount",
         "ls-bootstrap": "bootstrap",
         "ls-min-samples": "min_samples",
         "ls-max-interval-width": "max_interval_width",

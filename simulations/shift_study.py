@@ -108,7 +108,7 @@ class StudySpec:
     out_dir: Path  # run directory (created)
     data: str  # MedMNIST-layout .npz (e.g. ../shared/data/pneumoniamnist.npz)
     prevalences: tuple[float, ...] = (0.05, 0.1, 0.5, 0.9, 0.95)  # one site each
-    max_per_site: int = 300  # images per site before its 60/20/20 train/val/test split
+    max_per_site: int = 600  # images per site (fewer if the pool runs out) before the 60/20/20 split
     far: float = 0.3  # a site is "far" when |its prevalence - the global prior| >= this
     federation: FederationConfig = field(default_factory=FederationConfig)  # shift settings included
 

@@ -37,7 +37,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--data", default=DEFAULT_DATA, help="MedMNIST-layout .npz")
     p.add_argument("--prevalences", type=_floats, default=(0.05, 0.1, 0.5, 0.9, 0.95), help="one per site")
-    p.add_argument("--max-per-site", type=int, default=300, help="images per site (60/20/20 split)")
+    p.add_argument(
+        "--max-per-site",
+        type=int,
+        default=600,
+        help="images per site, fewer if the pool runs out (60/20/20 split)",
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
@@ -46,6 +51,12 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     p.add_argument("--prior-method", default="em", choices=["em", "bbse"], help="site prior estimator")
+    p.add_argument(
+        "--prior-pseudocount",
+        type=float,
+        default=1.0,
+        help="EM: Dirichlet pseudo-count per class (1 = Laplace MAP, 0 = maximum likelihood)",
+    )
     p.add_argument("--calibration", default="bcts", choices=["bcts", "ts", "vs", "none"])
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples of the prior interval")
     p.add_argument("--min-samples", type=int, default=30, help="fewer unlabeled images: no correction")
@@ -91,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         shift=ShiftConfig(
             correction=True,
             prior_method=args.prior_method,
+            prior_pseudocount=args.prior_pseudocount,
             calibration=args.calibration,
             bootstrap=args.bootstrap,
             min_samples=args.min_samples,

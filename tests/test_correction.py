@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -217,10 +218,20 @@ def test_an_absurd_prior_is_never_applied() -> None:
     source = np.array([0.5, 0.5])
     xv, yv = _site(0.5, 200, seed=7)
     absurd = np.full(300, 6.0)  # far beyond any class-0 image
-    config = ShiftConfig(correction=True, bootstrap=0)
+    config = ShiftConfig(correction=True, bootstrap=0, prior_pseudocount=0.0)  # maximum likelihood
     corr = fit_site_correction(_model_logits(xv, source), yv, _model_logits(absurd, source), source, config)
     assert corr.estimate.fallback and "min_prior" in corr.estimate.reason
     np.testing.assert_array_equal(corr.estimate.prior, source)
+    # the default Laplace MAP estimate cannot reach 0: here it is (0 + 1) / (300 + 2) for class 0
+    laplace = fit_site_correction(
+        _model_logits(xv, source),
+        yv,
+        _model_logits(absurd, source),
+        source,
+        replace(config, prior_pseudocount=1.0),
+    )
+    assert not laplace.estimate.fallback
+    assert laplace.estimate.prior[0] == pytest.approx(1 / 302, rel=0.01)
 
 
 def test_threshold_is_chosen_on_the_site_val_split() -> None:

@@ -106,6 +106,60 @@ def test_em_is_the_maximum_likelihood_prior() -> None:
     assert est.prior[1] == pytest.approx(ref.x, abs=1e-6)
 
 
+def test_map_em_is_the_maximum_a_posteriori_prior() -> None:
+    # reference: maximise the log likelihood + the Dirichlet(1 + a) log density directly
+    ps, a = np.array([0.5, 0.5]), 1.0
+    x, _ = _sample(np.array([0.95, 0.05]), MEANS_1D, 60, seed=4)
+    probs = _bayes_posterior(x, MEANS_1D, ps)
+
+    def neg_log_post(q1: float) -> float:
+        q = np.array([1 - q1, q1])
+        return float(-np.sum(np.log(probs @ (q / ps))) - a * np.sum(np.log(q)))
+
+    ref = minimize_scalar(neg_log_post, bounds=(1e-9, 1 - 1e-9), method="bounded", options={"xatol": 1e-10})
+    est = em_prior(probs, ps, tol=1e-12, pseudocount=a)
+    assert est.converged and est.prior[1] == pytest.approx(ref.x, abs=1e-6)
+
+
+def test_map_em_with_certain_posteriors_is_laplace_smoothing() -> None:
+    # one-hot posteriors: every responsibility is the label, so the MAP prior is (n_c + a) / (n + C a)
+    labels = np.array([0] * 57 + [1] * 2 + [2] * 1)
+    probs = np.eye(3)[labels]
+    for a in (0.0, 1.0, 5.0):
+        est = em_prior(probs, np.full(3, 1 / 3), pseudocount=a)
+        np.testing.assert_allclose(est.prior, (np.array([57, 2, 1]) + a) / (60 + 3 * a), atol=1e-9)
+
+
+def test_map_em_beats_maximum_likelihood_on_small_rare_class_sites() -> None:
+    # 100 sites of 60 images at prevalence 0.05 (about 3 positives each), exact posteriors under
+    # p_s = (0.5, 0.5): the ML estimate often sits at ~0, which erases the class from the corrected
+    # posteriors; the Laplace MAP never goes below a / (n + 2a) and its corrected log loss is far
+    # lower, close to the correction with the true prior
+    ps, truth = np.array([0.5, 0.5]), np.array([0.95, 0.05])
+    ml: list[float] = []
+    laplace: list[float] = []
+    losses: dict[str, list[float]] = {"ml": [], "map": [], "true": []}
+    for seed in range(100):
+        x, y = _sample(truth, MEANS_1D, 60, seed=100 + seed)
+        probs = _bayes_posterior(x, MEANS_1D, ps)
+        for key, a, kept in (("ml", 0.0, ml), ("map", 1.0, laplace)):
+            prior = em_prior(probs, ps, max_iter=100_000, pseudocount=a).prior
+            kept.append(prior[1])
+            losses[key].append(log_loss(y, correct_posteriors(probs, ps, prior)[:, 1], labels=[0, 1]))
+        losses["true"].append(log_loss(y, correct_posteriors(probs, ps, truth)[:, 1], labels=[0, 1]))
+    assert np.mean(np.array(ml) < 0.01) > 0.2 and min(laplace) >= 1 / 62
+    mean = {k: float(np.mean(v)) for k, v in losses.items()}
+    assert mean["map"] < 0.7 * mean["ml"] and mean["map"] < mean["true"] + 0.02
+    # with n = 5000 the pseudo-count no longer matters
+    x, _ = _sample(np.array([0.9, 0.1]), MEANS_1D, 5000, seed=5)
+    probs = _bayes_posterior(x, MEANS_1D, ps)
+    assert em_prior(probs, ps, pseudocount=1.0).prior == pytest.approx(
+        em_prior(probs, ps, pseudocount=0.0).prior, abs=1e-3
+    )
+    with pytest.raises(ConfigError, match="Expected the prior pseudocount to be a finite number >= 0"):
+        em_prior(probs, ps, pseudocount=-1.0)
+
+
 def test_em_leaves_the_source_prior_when_nothing_shifted() -> None:
     # posteriors whose mean is exactly the source prior are a fixed point of EM at step 0
     probs = np.array([[0.9, 0.1], [0.1, 0.9]])
