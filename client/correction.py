@@ -319,7 +319,9 @@ def evaluate_with_shift(
         if state_dir is not None:
             save_correction(state_dir, correction, split)
     if config.tta and len(data):
-        with adapted_norm_statistics(model, data.images, device):
+        # relative to the site's val images (its training distribution); plain AdaBN without them
+        reference = val.images if len(val) else None
+        with adapted_norm_statistics(model, data.images, device, reference=reference):
             tta_logits = predict_logits(model, data.images, device)
             tta_val = predict_logits(model, val.images, device) if correction is not None else None
         out.update(_kebab(classification_metrics(data.labels, _softmax(tta_logits)), "tta-"))

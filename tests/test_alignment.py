@@ -30,7 +30,7 @@ from fedshift.client.alignment import (
 )
 from fedshift.client.dp import SeededSource
 from fedshift.common.data import make_synthetic_cxr
-from fedshift.common.errors import PrivacyError
+from fedshift.common.errors import DataError, PrivacyError
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.common.shift_config import ShiftConfig
 from fedshift.common.shift_statistics import GlobalStatistics
@@ -253,6 +253,44 @@ def test_adabn_uses_the_local_statistics_inside_and_restores_them() -> None:
             )  # type: ignore[arg-type]
     for m, mean in zip(layers, before, strict=True):
         torch.testing.assert_close(m.running_mean, mean)  # type: ignore[arg-type]
+
+
+def _logits(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
+    from fedshift.common.data import to_tensor
+
+    with torch.no_grad():
+        return model(to_tensor(images, 32))  # type: ignore[no-any-return]
+
+
+def test_relative_adaptation_is_the_identity_without_a_scanner_change() -> None:
+    model = build_model(ModelConfig(image_size=32, adapter_stages=1))
+    model.train(False)
+    images = make_synthetic_cxr(40, seed=4).split("train").images
+    plain = _logits(model, images)
+    with adapted_norm_statistics(model, images, torch.device("cpu"), reference=images) as count:
+        assert count > 10
+        torch.testing.assert_close(_logits(model, images), plain, rtol=1e-3, atol=1e-4)
+
+
+def test_relative_adaptation_undoes_a_contrast_and_brightness_change() -> None:
+    # a "new scanner": the same images at 60% contrast and brighter; the stem is linear, so the
+    # first norm layer sees a per-channel affine change, which the relative adaptation maps back
+    model = build_model(ModelConfig(image_size=32, adapter_stages=1))
+    model.train(False)
+    images = make_synthetic_cxr(40, seed=5).split("train").images
+    shifted = np.clip(images.astype(np.float64) * 0.6 + 60, 0, 255).astype(images.dtype)
+    reference = _logits(model, images)
+    drift = (_logits(model, shifted) - reference).abs().mean()
+    with adapted_norm_statistics(model, shifted, torch.device("cpu"), reference=images):
+        relative = (_logits(model, shifted) - reference).abs().mean()
+    with adapted_norm_statistics(model, shifted, torch.device("cpu")):
+        adabn = (_logits(model, shifted) - reference).abs().mean()
+    assert relative < 0.1 * drift and relative < 0.1 * adabn
+    with (
+        pytest.raises(DataError, match="Expected reference images"),
+        adapted_norm_statistics(model, shifted, torch.device("cpu"), reference=images[:0]),
+    ):
+        pass
 
 
 def test_site_objective_leaves_out_what_has_no_global_statistics(caplog: pytest.LogCaptureFixture) -> None:
