@@ -13,12 +13,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedshift.client.continual import ewc_term, fisher_reply
-from fedshift.client.correction import evaluate_with_shift
+from fedshift.client.correction import evaluate_with_shift, source_prior_for
 from fedshift.client.dp import plan_round
 from fedshift.client.egress import (
     DEFAULT_METRICS,
@@ -261,11 +262,19 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
         if (shift.correction or shift.tta) and split != "val" and "val" in dataset.splits:
             # issue 5: calibrated on val, the prior estimated on this split's images (labels hidden)
             stats = load_global_statistics(site.state_dir, str(msg.metadata.run_id))
+            source, which = source_prior_for(
+                stats.train_prior if stats is not None else None,
+                dataset.split("train").labels if "train" in dataset.splits else np.zeros(0),
+                fed.model.num_classes,
+                local_norm=fed.model.local_norm,
+                logit_adjust=shift.logit_adjust,
+            )
+            logger.info("Label shift: correcting from the %s training prior %s", which, source)
             result = evaluate_with_shift(
                 model,
                 dataset.split("val"),
                 data,
-                stats.train_prior if stats is not None else None,
+                source,
                 shift,
                 device,
                 seed=zlib.crc32(f"{fed.seed}:label-shift:{site.name}".encode()),

@@ -302,3 +302,19 @@ def test_calibration_shrinkage_keeps_a_separable_split_from_saturating() -> None
     assert fit_bcts(big, y, shrinkage=2.0).temperature == pytest.approx(
         fit_bcts(big, y).temperature, rel=0.01
     )
+
+
+def test_source_prior_is_the_site_own_with_local_norms() -> None:
+    from fedshift.client.correction import source_prior_for
+
+    labels = np.array([0] * 18 + [1] * 2)
+    global_prior = np.array([0.5, 0.5])
+    own, which = source_prior_for(global_prior, labels, 2, local_norm=True)
+    assert which == "site"
+    np.testing.assert_allclose(own, [19 / 22, 3 / 22])  # Laplace: (n_c + 1) / (n + C)
+    shared, which = source_prior_for(global_prior, labels, 2, local_norm=False)
+    assert which == "global"
+    np.testing.assert_array_equal(shared, global_prior)
+    assert source_prior_for(None, labels, 2, local_norm=False) == (None, "global")
+    # a logit-adjusted loss trains towards the global prior: that stays the reference
+    assert source_prior_for(global_prior, labels, 2, local_norm=True, logit_adjust=1.0)[1] == "global"

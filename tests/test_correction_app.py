@@ -238,11 +238,18 @@ def test_without_global_prior_the_site_evaluates_uncorrected(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _site(tmp_path)
+    shared_norms = _run_config(tmp_path, **{"local-norm": False})
     with caplog.at_level(logging.WARNING):
-        reply = _call(make_client_app(), _message(MessageType.EVALUATE, split="test"), _run_config(tmp_path))
+        reply = _call(make_client_app(), _message(MessageType.EVALUATE, split="test"), shared_norms)
     metrics = reply.content.metric_records[METRICS_KEY]
     assert "auc" in metrics and "ls-log-loss" not in metrics
     assert "no global training prior for this run" in caplog.text
+    # with site-local norms the site corrects from its own training prior, which it has without the stage
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        reply = _call(make_client_app(), _message(MessageType.EVALUATE, split="test"), _run_config(tmp_path))
+    assert "ls-log-loss" in reply.content.metric_records[METRICS_KEY]
+    assert "correcting from the site training prior" in caplog.text
 
 
 @pytest.mark.parametrize("loss", ["prototype", "coral"])
