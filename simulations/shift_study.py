@@ -310,6 +310,62 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
     return report
 
 
+def summarize_seeds(reports: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """The claims over several studies (one per seed: other images, noise and initialisation).
+
+    Per claim the value of every seed and the mean; for the alignment claim the
+    paired per-seed difference (c) - (a) of the mean AUC with its standard error,
+    since one study's test splits hold a few dozen images per site.
+    """
+    seeds = sorted(reports)
+
+    def per_seed(fn: Any) -> list[float]:
+        return [float(fn(reports[s])) for s in seeds]
+
+    far = reports[seeds[0]]["claims"]["far_sites"]
+    auc_diff = np.array(per_seed(lambda r: r["mean"]["c"]["auc"] - r["mean"]["a"]["auc"]))
+    se = float(auc_diff.std(ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else math.nan
+    out: dict[str, Any] = {
+        "seeds": seeds,
+        "mean_log_loss": {v: per_seed(lambda r, v=v: r["mean"][v]["log-loss"]) for v in ("a", "b", "c", "d")},
+        "far_accuracy": {
+            site: {
+                v: per_seed(lambda r, v=v, site=site: r["per_site"][v][site]["accuracy"]) for v in ("a", "b")
+            }
+            for site in far
+        },
+        "mean_auc": {v: per_seed(lambda r, v=v: r["mean"][v]["auc"]) for v in ("a", "c", "a+tta", "c+tta")},
+        "auc_difference_c_minus_a": {"mean": float(auc_diff.mean()), "standard_error": se},
+    }
+    return out
+
+
+def format_seed_summary(summary: Mapping[str, Any]) -> str:
+    """The claims over seeds: every seed's value and the mean."""
+
+    def row(label: str, values: Sequence[float]) -> str:
+        cells = " ".join(f"{v:7.3f}" for v in values)
+        return f"{label:<34} {cells}   mean {float(np.mean(values)):.3f}"
+
+    seeds = summary["seeds"]
+    lines = [f"Over seeds {seeds} (one column per seed):"]
+    for v, name in (
+        ("a", "(a) plain"),
+        ("b", "(b) + correction"),
+        ("c", "(c) + alignment"),
+        ("d", "(d) both"),
+    ):
+        lines.append(row(f"mean log loss {name}", summary["mean_log_loss"][v]))
+    for site, acc in summary["far_accuracy"].items():
+        lines.append(row(f"accuracy at far {site} (a)", acc["a"]))
+        lines.append(row(f"accuracy at far {site} (b)", acc["b"]))
+    for v in ("a", "c", "a+tta", "c+tta"):
+        lines.append(row(f"mean AUC ({v})", summary["mean_auc"][v]))
+    diff = summary["auc_difference_c_minus_a"]
+    lines.append(f"mean AUC (c) - (a): {diff['mean']:+.4f} (standard error {diff['standard_error']:.4f})")
+    return "\n".join(lines)
+
+
 def format_table(report: Mapping[str, Any], names: Sequence[str], prevalence: Mapping[str, float]) -> str:
     """Per site and variant: the five metrics; the site's prevalence, estimate and alignment score."""
     per = report["per_site"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,16 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers such as 0.05,0.5,0.95, but got {text!r}"
         ) from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, but got {text!r}")
+    return values
 
 
 def register(sub: Any) -> None:
@@ -49,6 +60,12 @@ def register(sub: Any) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate")
     p.add_argument("--image-size", type=int, default=32, help="input side in pixels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        type=_ints,
+        help="run the study once per seed (other images, noise, initialisation) into <out>/seed-N and "
+        "report the claims over seeds, e.g. 0,1,2 (default: --seed only)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     p.add_argument("--prior-method", default="em", choices=["em", "bbse"], help="site prior estimator")
     p.add_argument(
@@ -80,9 +97,10 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedshift.common.config import FederationConfig, PrivacyConfig, TrainConfig
+    from fedshift.common.io import as_jsonable, atomic_write_json
     from fedshift.common.model import ModelConfig
     from fedshift.common.shift_config import ShiftConfig
-    from fedshift.simulations.shift_study import StudySpec, run_study
+    from fedshift.simulations.shift_study import StudySpec, format_seed_summary, run_study, summarize_seeds
 
     if not Path(args.data).is_file():
         raise ConfigError(
@@ -116,14 +134,27 @@ def run(args: argparse.Namespace) -> int:
             tta=True,
         ),
     )
-    spec = StudySpec(
-        out_dir=out,
-        data=args.data,
-        prevalences=args.prevalences,
-        max_per_site=args.max_per_site,
-        federation=federation,
-    )
-    report = run_study(spec)
+    seeds = args.seeds or (args.seed,)
+    reports = {}
+    for seed in seeds:
+        fed = replace(federation, seed=seed, model=replace(federation.model, seed=seed))
+        spec = StudySpec(
+            out_dir=out / f"seed-{seed}" if len(seeds) > 1 else out,
+            data=args.data,
+            prevalences=args.prevalences,
+            max_per_site=args.max_per_site,
+            federation=fed,
+        )
+        reports[seed] = run_study(spec)
+        _print_study(reports[seed], spec.out_dir)
+    if len(seeds) > 1:
+        summary = summarize_seeds(reports)
+        atomic_write_json(out / "shift_study_seeds.json", as_jsonable(summary))
+        print(f"\n{format_seed_summary(summary)}\nSummary: {out / 'shift_study_seeds.json'}")
+    return 0
+
+
+def _print_study(report: dict[str, Any], out: Path) -> None:
     claims = report["claims"]
     print(report["table"])
     ll = claims["mean_log_loss"]
@@ -141,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     )
     tta = claims["tta_mean_auc"]
     print(
-        f"Test-time norm statistics (AdaBN, an option): mean AUC (a) {tta['a']:.4f} -> {tta['a+tta']:.4f}, "
+        f"Test-time norm adaptation (an option): mean AUC (a) {tta['a']:.4f} -> {tta['a+tta']:.4f}, "
         f"(c) {tta['c']:.4f} -> {tta['c+tta']:.4f}"
     )
     for run_name, audit in report["egress"].items():
@@ -153,4 +184,3 @@ def run(args: argparse.Namespace) -> int:
         f"Time: {report['seconds']['total']:.0f} s. Report: {out / 'shift_study.json'}, "
         f"plot: {out / 'shift_study.png'}"
     )
-    return 0

@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedshift.client.egress import BOOKKEEPING, METRIC
@@ -112,3 +113,23 @@ def test_study_needs_an_alignment_weight(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="Expected align-weight > 0 for the aligned run"):
         StudySpec(out_dir=tmp_path, data="x.npz", federation=FederationConfig())
+
+
+def test_seed_summary_reports_every_seed_and_the_paired_auc_difference() -> None:
+    from fedshift.simulations.shift_study import format_seed_summary, summarize_seeds
+
+    def report(auc_a: float, auc_c: float, acc_b: float) -> dict[str, object]:
+        mean = {v: {"log-loss": 0.1, "auc": auc_a} for v in ("a", "b", "c", "d", "a+tta", "c+tta")}
+        mean["c"]["auc"] = auc_c
+        per_site = {v: {"site-0": {"accuracy": acc_b if v == "b" else 0.9}} for v in ("a", "b")}
+        return {"claims": {"far_sites": ["site-0"]}, "mean": mean, "per_site": per_site}
+
+    summary = summarize_seeds({2: report(0.90, 0.93, 0.95), 0: report(0.95, 0.94, 0.97)})
+    assert summary["seeds"] == [0, 2]
+    assert summary["mean_auc"]["c"] == [0.94, 0.93]
+    assert summary["far_accuracy"]["site-0"] == {"a": [0.9, 0.9], "b": [0.97, 0.95]}
+    diff = np.array([0.94 - 0.95, 0.93 - 0.90])
+    assert summary["auc_difference_c_minus_a"]["mean"] == pytest.approx(diff.mean())
+    se = summary["auc_difference_c_minus_a"]["standard_error"]
+    assert se == pytest.approx(diff.std(ddof=1) / math.sqrt(2))
+    assert "mean AUC (c) - (a): +0.0100" in format_seed_summary(summary)
