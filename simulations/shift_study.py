@@ -9,13 +9,15 @@ engine:
   label-shift-corrected predictions and the **oracle** (corrected with the test
   split's true prior). Both are post-hoc corrections of the same global model at
   each site, so they cost no training;
-* run **aligned**: the same plus domain alignment: FedBN-style site-local norm
-  affines and the feature-alignment loss towards the global DP moments; its
-  evaluation gives (c) and, corrected, (d). Site-local norms also learn each
-  site's prior locally, which leaves less for the correction to do in (d).
+* run **aligned**: domain alignment without a loss: FedBN-style site-local
+  norm affines (and the site-local input adapter); its evaluation gives (c) and,
+  corrected, (d). Site-local norms also learn each site's prior locally, so
+  there the correction starts from the site's own training prior;
+* run **aligned+loss** (when ``align-weight > 0``): the same plus the
+  feature-alignment loss towards the global DP moments: (c+loss), (d+loss).
 
-Both runs hold a statistics stage (DP label counts, and moments in the aligned
-run) charged to each site's ledger. The report has, per site and for each of
+Every run holds a statistics stage (DP label counts, and moments in the
+aligned+loss run) charged to each site's ledger. The report has, per site and for each of
 (a) plain, (b) + label-shift correction, (c) + alignment, (d) both and the
 oracle: accuracy, balanced accuracy, log loss, ECE and AUC; the site's
 estimated prior with its bootstrap interval (read from the site's own
@@ -82,6 +84,8 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "b": ("plain", "ls-"),
     "c": ("aligned", ""),
     "d": ("aligned", "ls-"),
+    "c+loss": ("aligned+loss", ""),
+    "d+loss": ("aligned+loss", "ls-"),
     "oracle": ("plain", "oracle-"),
     "a+cal": ("plain", "cal-"),
     "a+tta": ("plain", "tta-"),
@@ -90,14 +94,16 @@ VARIANTS: dict[str, tuple[str, str]] = {
 VARIANT_NAMES = {
     "a": "(a) plain federated",
     "b": "(b) + label-shift correction",
-    "c": "(c) + domain alignment",
+    "c": "(c) + domain alignment (site-local norms)",
     "d": "(d) both",
+    "c+loss": "(c) + the feature-alignment loss",
+    "d+loss": "(d) + the feature-alignment loss",
     "oracle": "oracle: (a) corrected with the true prior",
     "a+cal": "(a) calibrated only (no prior correction)",
     "a+tta": "(a) + test-time norm statistics",
     "c+tta": "(c) + test-time norm statistics",
 }
-TABLE_VARIANTS = ("a", "b", "c", "d", "oracle")
+TABLE_VARIANTS = ("a", "b", "c", "d", "c+loss", "oracle")  # c+loss only with align-weight > 0
 ALLOWED_MECHANISMS = frozenset({MECHANISM_DP, MECHANISM_NONE, METRIC, BOOKKEEPING, *DP_STATISTICS.values()})
 
 
@@ -115,10 +121,6 @@ class StudySpec:
     def __post_init__(self) -> None:
         if len(self.prevalences) < 2:
             raise ConfigError(f"Expected at least 2 prevalences, but got {list(self.prevalences)}")
-        if not self.federation.shift.align:
-            raise ConfigError(
-                "Expected align-weight > 0 for the aligned run, but got 0; pass e.g. --align-weight 0.1"
-            )
 
 
 def build_sites(spec: StudySpec) -> list[SimulatedSite]:
@@ -247,17 +249,20 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
     logger.info("Simulated sites:\n%s", format_site_table(sites))
     fed = spec.federation
     # (a) is the shared model: no site-local norm affines (they would learn each site's prior and
-    # scanner locally); (c) adds the domain alignment: FedBN-style local norms and the alignment loss
-    plain_fed = replace(
-        fed, model=replace(fed.model, local_norm=False), shift=replace(fed.shift, align_weight=0.0)
-    )
-    fed = replace(fed, model=replace(fed.model, local_norm=True))
-    runs = {
-        "plain": federate(plain_fed, sites, out / "plain"),
-        "aligned": federate(fed, sites, out / "aligned"),
+    # scanner locally); (c) adds FedBN-style local norms; (c+loss) also the feature-alignment loss
+    no_loss = replace(fed.shift, align_weight=0.0)
+    configs = {
+        "plain": replace(fed, model=replace(fed.model, local_norm=False), shift=no_loss),
+        "aligned": replace(fed, model=replace(fed.model, local_norm=True), shift=no_loss),
     }
+    if fed.shift.align:
+        configs["aligned+loss"] = replace(fed, model=replace(fed.model, local_norm=True))
+    fed = configs.get("aligned+loss", configs["aligned"])
+    runs = {name: federate(cfg, sites, out / name) for name, cfg in configs.items()}
     per_variant = {
-        v: variant_metrics(runs[run]["final_test"], prefix) for v, (run, prefix) in VARIANTS.items()
+        v: variant_metrics(runs[run]["final_test"], prefix)
+        for v, (run, prefix) in VARIANTS.items()
+        if run in runs
     }
     names = [s.spec.name for s in sites]
     prevalence = {s.spec.name: float(site_summary(s)["prevalence"] or 0.0) for s in sites}  # type: ignore[arg-type]
@@ -277,7 +282,7 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
         "label_shift_raises_far_accuracy": bool(far)
         and all(per_variant["b"][n]["accuracy"] >= per_variant["a"][n]["accuracy"] for n in far)
         and far_acc["b"] > far_acc["a"],
-        "mean_auc": {v: means[v]["auc"] for v in ("a", "c", "b", "d")},
+        "mean_auc": {v: means[v]["auc"] for v in ("a", "c", "b", "d", "c+loss") if v in means},
         "alignment_keeps_mean_auc": means["c"]["auc"] >= means["a"]["auc"],
         "tta_mean_auc": {v: means[v]["auc"] for v in ("a", "a+tta", "c", "c+tta")},
     }
@@ -334,7 +339,11 @@ def summarize_seeds(reports: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
             }
             for site in far
         },
-        "mean_auc": {v: per_seed(lambda r, v=v: r["mean"][v]["auc"]) for v in ("a", "c", "a+tta", "c+tta")},
+        "mean_auc": {
+            v: per_seed(lambda r, v=v: r["mean"][v]["auc"])
+            for v in ("a", "c", "c+loss", "a+tta", "c+tta")
+            if all(v in r["mean"] for r in reports.values())
+        },
         "auc_difference_c_minus_a": {"mean": float(auc_diff.mean()), "standard_error": se},
     }
     return out
@@ -359,8 +368,8 @@ def format_seed_summary(summary: Mapping[str, Any]) -> str:
     for site, acc in summary["far_accuracy"].items():
         lines.append(row(f"accuracy at far {site} (a)", acc["a"]))
         lines.append(row(f"accuracy at far {site} (b)", acc["b"]))
-    for v in ("a", "c", "a+tta", "c+tta"):
-        lines.append(row(f"mean AUC ({v})", summary["mean_auc"][v]))
+    for v, values in summary["mean_auc"].items():
+        lines.append(row(f"mean AUC ({v})", values))
     diff = summary["auc_difference_c_minus_a"]
     lines.append(f"mean AUC (c) - (a): {diff['mean']:+.4f} (standard error {diff['standard_error']:.4f})")
     return "\n".join(lines)
@@ -372,8 +381,9 @@ def format_table(report: Mapping[str, Any], names: Sequence[str], prevalence: Ma
     priors = report["site_priors"]["plain"]
     head = ["site", "prev", "est.", "variant", *(LABELS[m] for m in METRICS), "align"]
     rows = [head]
+    variants = [v for v in TABLE_VARIANTS if v in per]
     for n in [*names, "mean"]:
-        for v in TABLE_VARIANTS:
+        for v in variants:
             metrics = report["mean"][v] if n == "mean" else per[v][n]
             run = VARIANTS[v][0]
             score = report["alignment_score"][run].get(n) if n != "mean" else None
@@ -385,13 +395,13 @@ def format_table(report: Mapping[str, Any], names: Sequence[str], prevalence: Ma
                     f"{est:.2f}" if est is not None and v == "b" else "",
                     v,
                     *(_fmt(metrics[m]) for m in METRICS),
-                    f"{score:.3f}" if score is not None and v in ("a", "c") else "",
+                    f"{score:.3f}" if score is not None and v in ("a", "c", "c+loss") else "",
                 ]
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    legend = "; ".join(f"{v} = {VARIANT_NAMES[v]}" for v in TABLE_VARIANTS)
+    legend = "; ".join(f"{v} = {VARIANT_NAMES[v]}" for v in variants)
     return "\n".join([f"Per-site test results ({legend}); est. = the site's EM prior estimate", *lines])
 
 
@@ -409,12 +419,13 @@ def plot_study(
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    width = 0.8 / len(TABLE_VARIANTS)
+    variants = [v for v in TABLE_VARIANTS if v in report["per_site"]]
+    width = 0.8 / len(variants)
     x = np.arange(len(names))
     for ax, metric in zip(axes, ("log-loss", "accuracy", "auc"), strict=True):
-        for i, v in enumerate(TABLE_VARIANTS):
+        for i, v in enumerate(variants):
             values = [report["per_site"][v][n][metric] for n in names]
-            ax.bar(x + (i - (len(TABLE_VARIANTS) - 1) / 2) * width, values, width, label=VARIANT_NAMES[v])
+            ax.bar(x + (i - (len(variants) - 1) / 2) * width, values, width, label=VARIANT_NAMES[v])
         ax.set_xticks(x, [f"{n}\np={prevalence[n]:.2f}" for n in names], fontsize=8)
         ax.set_title(LABELS[metric])
         ax.grid(axis="y", alpha=0.3)

@@ -78,7 +78,12 @@ def register(sub: Any) -> None:
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples of the prior interval")
     p.add_argument("--min-samples", type=int, default=30, help="fewer unlabeled images: no correction")
     p.add_argument("--count-noise", type=float, default=2.0, help="noise multiplier of the DP label counts")
-    p.add_argument("--align-weight", type=float, default=0.01, help="weight of the alignment loss (run c)")
+    p.add_argument(
+        "--align-weight",
+        type=float,
+        default=0.01,
+        help="weight of the feature-alignment loss (run c+loss; 0: no such run)",
+    )
     p.add_argument(
         "--align-loss",
         default="prototype",
@@ -165,10 +170,11 @@ def _print_study(report: dict[str, Any], out: Path) -> None:
     )
     for site, acc in claims["far_accuracy"].items():
         print(f"Accuracy at far site {site}: (a) {acc['a']:.3f} -> (b) {acc['b']:.3f}")
+    loss = f"; (c) + the alignment loss {auc['c+loss']:.4f}" if "c+loss" in auc else ""
     print(
         f"Mean AUC: (a) {auc['a']:.4f} -> (c) {auc['c']:.4f} with alignment "
         f"({'not lower' if claims['alignment_keeps_mean_auc'] else 'LOWER'}); (b) {auc['b']:.4f}, "
-        f"(d) {auc['d']:.4f}"
+        f"(d) {auc['d']:.4f}{loss}"
     )
     tta = claims["tta_mean_auc"]
     print(

@@ -87,12 +87,12 @@ def test_small_study_meets_the_claims(pneumonia_path: Path, tmp_path: Path) -> N
             METRIC,
             BOOKKEEPING,
         }
-        assert ("dp-moments" in audit["mechanisms"]) == (run == "aligned")
+        assert ("dp-moments" in audit["mechanisms"]) == (run == "aligned+loss")
         for site in ("site-0", "site-1", "site-2"):
             ledger = open_ledger(spec.out_dir / run / "sites" / site)
             assert ledger is not None
             # label counts once; moments before round 1 and refreshed before rounds 2 and 3
-            moments = [(r, "dp-moments") for r in (0, 2, 3)] if run == "aligned" else []
+            moments = [(r, "dp-moments") for r in (0, 2, 3)] if run == "aligned+loss" else []
             assert [(e.round, e.mechanism) for e in ledger.entries] == [(0, "dp-label-counts"), *moments]
     # the outputs: printed table, JSON and plot
     assert all(f" {v} " in report["table"] for v in TABLE_VARIANTS)
@@ -106,13 +106,6 @@ def test_small_study_meets_the_claims(pneumonia_path: Path, tmp_path: Path) -> N
 def test_cli_refuses_missing_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["shift-study", "--data", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "o")])
     one_line_error(code, capsys.readouterr().err, "Expected --data to be a MedMNIST-layout .npz", "nope.npz")
-
-
-def test_study_needs_an_alignment_weight(tmp_path: Path) -> None:
-    from fedshift.common.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="Expected align-weight > 0 for the aligned run"):
-        StudySpec(out_dir=tmp_path, data="x.npz", federation=FederationConfig())
 
 
 def test_seed_summary_reports_every_seed_and_the_paired_auc_difference() -> None:
