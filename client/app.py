@@ -119,15 +119,9 @@ def _train_private(
         steps=dp.steps,
         delta=plan.delta,
     )
-    for sigma, q, steps in fisher_cost:  # the DP Fisher release of this round, also before any access
-        entry = ledger.charge(
-            run_id=run_id,
-            round=server_round,
-            mechanism=MECHANISM_DP_FISHER,
-            noise_multiplier=sigma,
-            sample_rate=q,
-            steps=steps,
-            delta=plan.delta,
+    for cost in fisher_cost:  # the DP Fisher release of this round, also before any access
+        entry = ledger.charge_mechanism(
+            run_id=run_id, round=server_round, mechanism=MECHANISM_DP_FISHER, cost=cost, delta=plan.delta
         )
     objective = training_objective(
         fed, site, model, train.images, train.labels, run_id=run_id, private=True, seed=seed

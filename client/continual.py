@@ -99,13 +99,11 @@ def fisher_reply(msg: Message, fed: FederationConfig, site: SiteSettings, model:
             )
             logger.warning("%s: no consolidation Fisher: %s", site.name, reason)
             return refusal(msg, site.name, "budget-exhausted", reason)
-        entry = ledger.charge(
+        entry = ledger.charge_mechanism(
             run_id=run_id,
             round=server_round,
             mechanism=MECHANISM_DP_FISHER,
-            noise_multiplier=sigma,
-            sample_rate=q,
-            steps=steps,
+            cost=(sigma, q, steps),
             delta=privacy.delta,
         )
         record = {"epsilon": entry.epsilon, "delta": privacy.delta, "noise-multiplier": sigma}

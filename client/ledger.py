@@ -176,6 +176,21 @@ class PrivacyLedger:
         """The entries of one run, in charge order."""
         return [e for e in self._entries if e.run_id == run_id]
 
+    def charge_mechanism(
+        self, *, run_id: str, round: int, mechanism: str, cost: privacy.Mechanism, delta: float
+    ) -> LedgerEntry:
+        """:meth:`charge` with the cost as one ``(noise multiplier, sample rate, steps)`` triple."""
+        sigma, q, steps = cost
+        return self.charge(
+            run_id=run_id,
+            round=round,
+            mechanism=mechanism,
+            noise_multiplier=sigma,
+            sample_rate=q,
+            steps=steps,
+            delta=delta,
+        )
+
     def charge(
         self,
         *,

@@ -123,15 +123,9 @@ def _release(
             logger.warning("%s: %s", site.name, reason)
             return refusal(msg, site.name, "budget-exhausted", reason)
     # charged before the data is touched: a crash over-reports, never under-reports
-    for name, (sigma, q, steps) in mechanisms:
-        ledger.charge(
-            run_id=run_id,
-            round=server_round,
-            mechanism=name,
-            noise_multiplier=sigma,
-            sample_rate=q,
-            steps=steps,
-            delta=privacy.delta,
+    for name, cost in mechanisms:
+        ledger.charge_mechanism(
+            run_id=run_id, round=server_round, mechanism=name, cost=cost, delta=privacy.delta
         )
     train = load_site_data(site).split("train")
     out: dict[str, Any] = {"n": len(train)}
