@@ -21,18 +21,32 @@ def one_line_error(code: int, err: str, *needles: str) -> None:
         assert needle in errors[0], err
 
 
-def write_site(root: Path, n: int = 90) -> Path:
-    """A small SYNTHETIC site at ``root/site-0`` (train n-30, val 15, test 15), as simulation lays it out."""
+def write_site(root: Path, n: int = 90, n_val: int = 15, n_test: int = 15) -> Path:
+    """A small SYNTHETIC site at ``root/site-0`` (train, val, test: the rest, n_val, n_test), as simulation
+    lays it out."""
     pooled = make_synthetic_cxr(n, seed=1).split("train")
     idx = np.arange(n)
+    n_train = n - n_val - n_test
     splits = {
-        "train": pooled.subset(idx[: n - 30]),
-        "val": pooled.subset(idx[n - 30 : n - 15]),
-        "test": pooled.subset(idx[n - 15 :]),
+        "train": pooled.subset(idx[:n_train]),
+        "val": pooled.subset(idx[n_train : n_train + n_val]),
+        "test": pooled.subset(idx[n_train + n_val :]),
     }
     site_dir = root / "site-0"
     save_npz(site_dir / "data.npz", Dataset(splits, ("normal", "lesion"), "synthetic-cxr", True))
     return site_dir
+
+
+def site_run_config(root: Path, num_rounds: int = 2, **values: Any) -> dict[str, Any]:
+    """The run config of a small CPU federation over the sites under ``root`` (32 px, batches of 20),
+    with ``values`` (run-config keys) on top."""
+    from fedshift.common.config import FederationConfig
+    from fedshift.common.model import ModelConfig
+
+    fed = FederationConfig(
+        num_rounds=num_rounds, sites_root=str(root), device="cpu", model=ModelConfig(image_size=32)
+    )
+    return {**fed.to_run_config(), "batch-size": 20, **values}
 
 
 def call_client_app(app: Any, msg: Message, run_config: dict[str, Any]) -> Message:

@@ -20,7 +20,7 @@ from fedshift.common.config import FederationConfig
 from fedshift.common.errors import ConfigError, LedgerError
 from fedshift.common.model import ModelConfig, build_model, size_report
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
-from fedshift.tests.helpers import call_client_app, write_site
+from fedshift.tests.helpers import call_client_app, site_run_config, write_site
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -28,8 +28,7 @@ MODEL = ModelConfig(image_size=32)
 
 
 def _run_config(root: Path, **privacy: Any) -> dict[str, Any]:
-    fed = FederationConfig(num_rounds=3, sites_root=str(root), device="cpu", model=MODEL)
-    return {**fed.to_run_config(), "batch-size": 20, **privacy}
+    return site_run_config(root, num_rounds=3, **privacy)
 
 
 def _train_message(server_round: int) -> Message:

@@ -20,7 +20,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from fedshift.client.app import make_client_app
 from fedshift.client.egress import read_egress_log
 from fedshift.client.ledger import PrivacyLedger
-from fedshift.common.config import FederationConfig
 from fedshift.common.errors import CheckpointError, ConfigError
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.common.protocol import (
@@ -38,7 +37,7 @@ from fedshift.server.consolidation import (
     load_consolidated,
     save_consolidated,
 )
-from fedshift.tests.helpers import call_client_app, write_site
+from fedshift.tests.helpers import call_client_app, site_run_config, write_site
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -46,8 +45,7 @@ MODEL = ModelConfig(image_size=32)
 
 
 def _run_config(root: Path, **values: Any) -> dict[str, Any]:
-    fed = FederationConfig(num_rounds=2, sites_root=str(root), device="cpu", model=MODEL)
-    return {**fed.to_run_config(), "batch-size": 20, **values}
+    return site_run_config(root, **values)
 
 
 def _shared() -> dict[str, torch.Tensor]:

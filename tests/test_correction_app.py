@@ -22,7 +22,6 @@ from fedshift.client.egress import BOOKKEEPING, METRIC, read_egress_log
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.client.site_statistics import RELEASE_FILE
 from fedshift.common.config import FederationConfig
-from fedshift.common.data import Dataset, make_synthetic_cxr, save_npz
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.common.privacy import epsilon
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
@@ -40,6 +39,7 @@ from fedshift.common.shift_statistics import (
     aggregate_prior,
     aggregate_within_variance,
 )
+from fedshift.tests.helpers import call_client_app, site_run_config, write_site
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -48,29 +48,11 @@ SHIFT = ShiftConfig(correction=True, align_weight=1.0, align_dim=8, bootstrap=20
 
 
 def _site(root: Path, n: int = 150, n_test: int = 40) -> Path:
-    pooled = make_synthetic_cxr(n, seed=1).split("train")
-    idx = np.arange(n)
-    n_train = n - 30 - n_test
-    splits = {
-        "train": pooled.subset(idx[:n_train]),
-        "val": pooled.subset(idx[n_train : n_train + 30]),
-        "test": pooled.subset(idx[n_train + 30 :]),
-    }
-    site_dir = root / "site-0"
-    save_npz(site_dir / "data.npz", Dataset(splits, ("normal", "lesion"), "synthetic-cxr", True))
-    return site_dir
+    return write_site(root, n, n_val=30, n_test=n_test)
 
 
 def _run_config(root: Path, shift: ShiftConfig = SHIFT, **extra: Any) -> dict[str, Any]:
-    fed = FederationConfig(num_rounds=2, sites_root=str(root), device="cpu", model=MODEL, shift=shift)
-    return {**fed.to_run_config(), "batch-size": 20, **extra}
-
-
-def _call(app: Any, msg: Message, run_config: dict[str, Any]) -> Message:
-    context = Context(
-        run_id=1, node_id=0, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config
-    )
-    return app(msg, context)  # type: ignore[no-any-return]
+    return site_run_config(root, **shift.to_run_config(), **extra)
 
 
 def _arrays() -> ArrayRecord:
@@ -103,7 +85,7 @@ def test_statistics_stage_charges_first_and_sends_only_dp_statistics(tmp_path: P
     site_dir = _site(tmp_path)
     config = _run_config(tmp_path)
     app = make_client_app()
-    reply = _call(app, _release_message(), config)
+    reply = call_client_app(app, _release_message(), config)
     stats = reply.content.config_records[STATISTICS_KEY]
     ledger = PrivacyLedger.at(site_dir)
     charged = [(e.round, e.mechanism, e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries]
@@ -129,7 +111,7 @@ def test_statistics_stage_charges_first_and_sends_only_dp_statistics(tmp_path: P
         ("site", "name"): BOOKKEEPING,
     }
     # asked again in the same run: the same release is sent again, nothing new is drawn or charged
-    again = _call(app, _release_message(), config).content.config_records[STATISTICS_KEY]
+    again = call_client_app(app, _release_message(), config).content.config_records[STATISTICS_KEY]
     assert np.asarray(again["label-counts"]).tolist() == counts.tolist()
     assert len(PrivacyLedger.at(site_dir).entries) == 2
     assert json.loads((site_dir / RELEASE_FILE).read_text())["run"] == "1"
@@ -138,9 +120,9 @@ def test_statistics_stage_charges_first_and_sends_only_dp_statistics(tmp_path: P
 def test_release_lost_after_its_charge_is_refused_not_redrawn(tmp_path: Path) -> None:
     site_dir = _site(tmp_path)
     config = _run_config(tmp_path)
-    _call(make_client_app(), _release_message(), config)
+    call_client_app(make_client_app(), _release_message(), config)
     (site_dir / RELEASE_FILE).unlink()
-    reply = _call(make_client_app(), _release_message(), config)
+    reply = call_client_app(make_client_app(), _release_message(), config)
     assert reply.content.config_records["status"]["status"] == "statistics-lost"
     assert STATISTICS_KEY not in reply.content.config_records
     assert len(PrivacyLedger.at(site_dir).entries) == 2
@@ -149,7 +131,7 @@ def test_release_lost_after_its_charge_is_refused_not_redrawn(tmp_path: Path) ->
 def test_statistics_over_budget_are_refused(tmp_path: Path) -> None:
     site_dir = _site(tmp_path)
     config = _run_config(tmp_path, **{"dp": True, "dp-epsilon": 0.5})
-    reply = _call(make_client_app(), _release_message(), config)
+    reply = call_client_app(make_client_app(), _release_message(), config)
     assert reply.content.config_records["status"]["status"] == "budget-exhausted"
     assert not (site_dir / "privacy-ledger.json").exists()
 
@@ -164,7 +146,9 @@ def test_uncharged_statistic_is_blocked(tmp_path: Path) -> None:
         return reply
 
     plain = _run_config(tmp_path, shift=ShiftConfig(), dp=False)
-    reply = _call(make_client_app(mods=[smuggle]), _message(MessageType.TRAIN, **{"server-round": 1}), plain)
+    reply = call_client_app(
+        make_client_app(mods=[smuggle]), _message(MessageType.TRAIN, **{"server-round": 1}), plain
+    )
     assert reply.content.config_records["status"]["status"] == "blocked"
     entry = read_egress_log(site_dir)[-1]
     assert entry["blocked"] == [
@@ -177,7 +161,7 @@ def _prepared_site(tmp_path: Path, n_test: int = 40, **shift: Any) -> tuple[Path
     cfg = ShiftConfig(**{**SHIFT.__dict__, **shift})
     config = _run_config(tmp_path, shift=cfg)
     app = make_client_app()
-    released = _call(app, _release_message(), config).content.config_records[STATISTICS_KEY]
+    released = call_client_app(app, _release_message(), config).content.config_records[STATISTICS_KEY]
     k = cfg.align_dim
     counts = np.asarray(released["label-counts"])
     sums = np.asarray(released["moment-sum"]).reshape(2, k)
@@ -196,7 +180,7 @@ def _prepared_site(tmp_path: Path, n_test: int = 40, **shift: Any) -> tuple[Path
         moment_mean=mean,
         moment_cov=cov,
     )
-    ack = _call(app, _global_message(stats), config)
+    ack = call_client_app(app, _global_message(stats), config)
     assert set(ack.content.config_records) == {"site"}
     assert (site_dir / GLOBAL_FILE).is_file()
     return site_dir, config
@@ -204,7 +188,7 @@ def _prepared_site(tmp_path: Path, n_test: int = 40, **shift: Any) -> tuple[Path
 
 def test_corrected_evaluation_sends_only_aggregate_metrics(tmp_path: Path) -> None:
     site_dir, config = _prepared_site(tmp_path, tta=True)
-    reply = _call(make_client_app(), _message(MessageType.EVALUATE, split="test"), config)
+    reply = call_client_app(make_client_app(), _message(MessageType.EVALUATE, split="test"), config)
     metrics = reply.content.metric_records[METRICS_KEY]
     for prefix in ("", "cal-", "ls-", "oracle-", "tta-", "tta-ls-"):
         assert 0 <= float(metrics[f"{prefix}accuracy"]) <= 1  # type: ignore[arg-type]
@@ -223,7 +207,7 @@ def test_too_little_unlabeled_data_falls_back_and_says_so(
 ) -> None:
     site_dir, config = _prepared_site(tmp_path, n_test=12)
     with caplog.at_level(logging.WARNING):
-        reply = _call(make_client_app(), _message(MessageType.EVALUATE, split="test"), config)
+        reply = call_client_app(make_client_app(), _message(MessageType.EVALUATE, split="test"), config)
     metrics = reply.content.metric_records[METRICS_KEY]
     assert metrics["ls-fallback"] == 1.0
     # no correction: the corrected predictions are the calibrated ones, not a prior from 12 images
@@ -240,14 +224,16 @@ def test_without_global_prior_the_site_evaluates_uncorrected(
     _site(tmp_path)
     shared_norms = _run_config(tmp_path, **{"local-norm": False})
     with caplog.at_level(logging.WARNING):
-        reply = _call(make_client_app(), _message(MessageType.EVALUATE, split="test"), shared_norms)
+        reply = call_client_app(make_client_app(), _message(MessageType.EVALUATE, split="test"), shared_norms)
     metrics = reply.content.metric_records[METRICS_KEY]
     assert "auc" in metrics and "ls-log-loss" not in metrics
     assert "no global training prior for this run" in caplog.text
     # with site-local norms the site corrects from its own training prior, which it has without the stage
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        reply = _call(make_client_app(), _message(MessageType.EVALUATE, split="test"), _run_config(tmp_path))
+        reply = call_client_app(
+            make_client_app(), _message(MessageType.EVALUATE, split="test"), _run_config(tmp_path)
+        )
     assert "ls-log-loss" in reply.content.metric_records[METRICS_KEY]
     assert "correcting from the site training prior" in caplog.text
 
@@ -258,13 +244,13 @@ def test_dp_training_with_alignment_plans_the_refreshed_moments(tmp_path: Path, 
     moments refreshed before round 2 are charged then, and were planned into round 1's noise."""
     site_dir, config = _prepared_site(tmp_path, logit_adjust=1.0, align_loss=loss)
     config = {**config, "dp": True, "dp-epsilon": 8.0}
-    reply = _call(make_client_app(), _message(MessageType.TRAIN, **{"server-round": 1}), config)
+    reply = call_client_app(make_client_app(), _message(MessageType.TRAIN, **{"server-round": 1}), config)
     assert reply.content.config_records["privacy"]["mechanism"] == "dp-sgd"
     refresh = ConfigRecord({STAGE_KEY: STAGE_RELEASE, "server-round": 2})
     msg = Message(
         RecordDict({ARRAYS_KEY: _arrays(), CONFIG_KEY: refresh}), dst_node_id=0, message_type="query"
     )
-    released = _call(make_client_app(), msg, config).content.config_records[STATISTICS_KEY]
+    released = call_client_app(make_client_app(), msg, config).content.config_records[STATISTICS_KEY]
     assert "label-counts" not in released and "moment-sum" in released  # counts are released once per run
     ledger = PrivacyLedger.at(site_dir)
     assert [(e.round, e.mechanism) for e in ledger.entries] == [
