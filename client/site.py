@@ -29,7 +29,29 @@ LOCAL_STATE_FILE = "site_local.safetensors"
 SITE_CONFIG_FILE = "site.toml"  # simulation: a site's own settings, the keys of a deployment node config
 
 # node-config keys a site may set for itself (besides where its data and state live)
-SITE_KEYS = frozenset({"device", "egress-metrics", *PrivacyConfig.KEYS})
+SITE_KEYS = frozenset({"device", "egress-metrics", "eval-splits", *PrivacyConfig.KEYS})
+
+# splits a site evaluates for the server (``eval-splits``): metrics of them leave without DP, so never train
+EVAL_SPLITS = ("val", "test")
+
+
+def parse_eval_splits(value: Any) -> frozenset[str]:
+    """``eval-splits`` (comma-separated, or a list) as a set; ``train`` and unknown splits are refused."""
+    if value is None:
+        return frozenset(EVAL_SPLITS)
+    names = value if isinstance(value, list) else str(value).split(",")
+    splits = frozenset(str(n).strip() for n in names if str(n).strip())
+    if "train" in splits:
+        raise ConfigError(
+            f"Expected eval-splits to name only {', '.join(EVAL_SPLITS)}, but got {value!r}; metrics of the "
+            "training split would leave without differential privacy: remove train"
+        )
+    if not splits <= set(EVAL_SPLITS):
+        raise ConfigError(
+            f"Expected eval-splits to be a comma-separated subset of {', '.join(EVAL_SPLITS)}, but got "
+            f"{value!r}; e.g. eval-splits = \"val,test\""
+        )
+    return splits
 
 
 def read_site_config(path: Path) -> dict[str, Any]:
@@ -61,6 +83,7 @@ class SiteSettings:
     device: str  # auto, cpu or cuda:N
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # DP-SGD and the site's budget
     egress_metrics: frozenset[str] | None = None  # metric keys allowed to leave; None = the defaults
+    eval_splits: frozenset[str] = frozenset(EVAL_SPLITS)  # splits the server may have evaluated
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], fed: FederationConfig) -> SiteSettings:
@@ -79,18 +102,19 @@ class SiteSettings:
             if allowed is not None
             else None
         )
+        splits = parse_eval_splits(node_config.get("eval-splits"))
         if "data-path" in node_config:
             data_path = Path(str(node_config["data-path"]))
             state_dir = Path(str(node_config.get("state-dir", data_path.parent)))
             name = str(node_config.get("site-name", data_path.stem))
             production = {"dp": True, "dp-secure-rng": True, "dp-epsilon": float("nan")}
             privacy = fed.privacy.with_values({**production, **node_config})
-            return cls(name, data_path, state_dir, device, privacy, egress)
+            return cls(name, data_path, state_dir, device, privacy, egress, splits)
         if "partition-id" in node_config and fed.sites_root:
             name = f"site-{int(node_config['partition-id'])}"
             site_dir = Path(fed.sites_root) / name
             privacy = fed.privacy.with_values(node_config)
-            return cls(name, site_dir / SITE_DATA_FILE, site_dir, device, privacy, egress)
+            return cls(name, site_dir / SITE_DATA_FILE, site_dir, device, privacy, egress, splits)
         raise ConfigError(
             "Expected the node config to set 'data-path' (deployment) or the run config to set "
             "'sites-root' (simulation), but neither is set; pass "
