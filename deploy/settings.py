@@ -284,14 +284,15 @@ class ClientSettings:
         except ConfigError as exc:
             raise ConfigError(f"[site] site-name in {path}: {exc}") from None
         _check_privacy_values(site, path)
-        metrics = site.get("egress-metrics")
-        if isinstance(metrics, list) and all(isinstance(m, str) for m in metrics):
-            site["egress-metrics"] = ",".join(metrics)  # the node config holds a comma-separated string
-        elif metrics is not None and not isinstance(metrics, str):
-            raise ConfigError(
-                f"Expected [site] egress-metrics in {path} to list metric names, but got {metrics!r}; "
-                'e.g. egress-metrics = ["auc", "n"]'
-            )
+        for key, example in (("egress-metrics", '["auc", "n"]'), ("eval-splits", '["val", "test"]')):
+            names = site.get(key)
+            if isinstance(names, list) and all(isinstance(m, str) for m in names):
+                site[key] = ",".join(names)  # the node config holds a comma-separated string
+            elif names is not None and not isinstance(names, str):
+                raise ConfigError(
+                    f"Expected [site] {key} in {path} to list names, but got {names!r}; "
+                    f"e.g. {key} = {example}"
+                )
         state_dir = Path(site["state-dir"])
         log_file = _path(
             conn, "log-file", "connection", path, str(state_dir / "logs" / "fedshift-client.log")
