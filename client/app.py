@@ -29,6 +29,7 @@ from fedshift.client.egress import (
     egress_guard,
     refusal,
     round_of,
+    split_of,
 )
 from fedshift.client.ewc import fisher_mechanism
 from fedshift.client.ledger import PrivacyLedger
@@ -49,7 +50,6 @@ from fedshift.common.errors import BudgetExhaustedError
 from fedshift.common.model import FedshiftModel, build_model
 from fedshift.common.protocol import (
     ARRAYS_KEY,
-    CONFIG_KEY,
     METRICS_KEY,
     PRIVACY_KEY,
     SITE_KEY,
@@ -81,9 +81,14 @@ def _site_record(site: SiteSettings) -> ConfigRecord:
     return ConfigRecord({"name": site.name})
 
 
-def _policy(site: SiteSettings) -> EgressPolicy:
+def _policy(fed: FederationConfig, site: SiteSettings) -> EgressPolicy:
     allowed = site.egress_metrics if site.egress_metrics is not None else DEFAULT_METRICS
-    return EgressPolicy(dp_required=site.privacy.enabled, allowed_metrics=allowed)
+    return EgressPolicy(
+        dp_required=site.privacy.enabled,
+        allowed_metrics=allowed,
+        eval_splits=site.eval_splits,
+        num_rounds=fed.num_rounds,
+    )
 
 
 def _train_private(
@@ -171,8 +176,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
     fixed = dict(overrides or {})
 
     def resolve(context: Context) -> tuple[str, Path, EgressPolicy]:
-        _fed, site = _settings(context, fixed)
-        return site.name, site.state_dir, _policy(site)
+        fed, site = _settings(context, fixed)
+        return site.name, site.state_dir, _policy(fed, site)
 
     app = ClientApp(mods=[egress_guard(resolve), *mods])
 
@@ -225,14 +230,12 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
             device,
             f", epsilon {float(cast(float, privacy['epsilon'])):.3f}" if "epsilon" in privacy else "",
         )
+        # issue 18: the training loss is a statistic of the private batches without DP, and the val
+        # metrics would be an evaluation outside the evaluate stage's once-per-round rule: both stay in
+        # the site's log above. The weight is the training split's size (DP-SGD's sampling rate,
+        # in the privacy record, discloses it anyway); the throughput is not computed from data.
         metrics = MetricRecord(
-            {
-                WEIGHT_KEY: stats.num_examples,
-                "train-loss": stats.loss,
-                "val-auc": val["auc"],
-                "val-accuracy": val["accuracy"],
-                "samples-per-second": stats.samples_per_second,
-            }
+            {WEIGHT_KEY: stats.num_examples, "samples-per-second": stats.samples_per_second}
         )
         shared = {k: v.cpu() for k, v in model.shared_state_dict().items()}
         content = RecordDict(
@@ -248,7 +251,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         fed, site, model = _prepare(msg, context, fixed)
-        split = str(msg.content.config_records[CONFIG_KEY].get("split", "val"))
+        split = split_of(msg)  # one of the site's eval-splits: the egress guard refused any other
         dataset = load_site_data(site)
         data = dataset.split(split)
         device = resolve_device(site.device)

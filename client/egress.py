@@ -18,8 +18,22 @@ one, so it sees the reply exactly as it leaves. Every item in it must be one of:
 Anything else (a label count, a feature moment, a tensor nobody declared) is
 *blocked*: the reply is replaced by a refusal that names the blocked keys, and
 the log records it. Each message appends one JSON line to
-``<state-dir>/egress-log.jsonl``: every key sent, its shape, bytes and the
-mechanism that protected it.
+``<state-dir>/egress-log.jsonl``: the request (message type, run, round, split,
+the server's config), every key sent, its shape, bytes and the mechanism that
+protected it.
+
+The guard also answers for the evaluation metrics, which leave without DP
+(issue 18, finding 3): an evaluate message for a split outside the site's
+``eval-splits`` (never ``train``), or for a round outside the run's
+``1..num-server-rounds``, is refused before any site code runs; each
+(run, round, split) is evaluated once, and a repeat gets the stored answer
+(``<state-dir>/evaluations/``) byte for byte, without running the model again.
+Training replies carry no statistic of the training data but the DP-protected
+adapters and the example count (the FedAvg weight, which the DP accounting's
+sampling rate discloses anyway). And an exception anywhere inside the guard is
+caught here: logged at the site with its traceback, answered with a Flower
+error whose reason is :data:`~fedshift.common.protocol.SITE_ERROR`, never the
+exception's text (finding 7).
 """
 
 from __future__ import annotations
@@ -33,32 +47,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from fedshift.client.site import EVAL_SPLITS
+from fedshift.common.errors import FedshiftError
+from fedshift.common.io import atomic_write_bytes
 from fedshift.common.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
     FISHER_KEY,
     METRICS_KEY,
     PRIVACY_KEY,
+    SITE_ERROR,
     SITE_KEY,
+    SPLIT_KEY,
     STATUS_KEY,
+    STATUS_ROUND_REFUSED,
+    STATUS_SPLIT_NOT_ALLOWED,
 )
 from fedshift.common.shift_statistics import STATISTICS_KEY
 
 logger = logging.getLogger(__name__)
 
 EGRESS_LOG_FILE = "egress-log.jsonl"
+EVALUATIONS_DIR = "evaluations"  # in the state directory: the answer sent to each (run, round, split)
 
 DEFAULT_METRICS = frozenset(
     {
-        # training (aggregate numbers over the site's splits)
+        # every reply: the FedAvg weight (the size of the split used; public under DP-SGD's accounting)
         "num-examples",
-        "train-loss",
-        "val-auc",
-        "val-accuracy",
+        # training: throughput, not a statistic of the data (no training loss: it leaves no site)
         "samples-per-second",
-        # evaluation
+        # evaluation (of the splits in eval-splits, once per run, round and split; WITHOUT DP)
         "auc",
         "accuracy",
         "balanced-accuracy",
@@ -132,6 +155,8 @@ class EgressPolicy:
 
     dp_required: bool  # adapters must come out of DP-SGD
     allowed_metrics: frozenset[str] = DEFAULT_METRICS
+    eval_splits: frozenset[str] = frozenset(EVAL_SPLITS)  # the splits an evaluate message may ask for
+    num_rounds: int | None = None  # evaluate rounds must lie in 1..num_rounds (None: not checked)
 
 
 def _array_items(record: ArrayRecord, name: str, mechanism: str) -> list[dict[str, Any]]:
@@ -260,31 +285,168 @@ SiteResolver = Callable[[Context], tuple[str, Path, EgressPolicy]]
 Handler = Callable[[Message, Context], Message]
 
 
+def _config_value(value: Any) -> Any:
+    return value if isinstance(value, bool | int | float | str) else f"<{type(value).__name__}>"
+
+
+def describe_request(msg: Message) -> dict[str, Any]:
+    """What the server asked for, as the egress log records it: type, run, round, split, its config."""
+    config = msg.content.config_records.get(CONFIG_KEY)
+    values = {k: _config_value(v) for k, v in config.items()} if config is not None else {}
+    request: dict[str, Any] = {
+        "type": str(msg.metadata.message_type),
+        "run": str(msg.metadata.run_id),
+        "round": round_of(msg),
+        "config": values,
+    }
+    if is_evaluate(msg):
+        request["split"] = split_of(msg)
+    return request
+
+
+def is_evaluate(msg: Message) -> bool:
+    return str(msg.metadata.message_type).split(".")[0] == MessageType.EVALUATE
+
+
+def split_of(msg: Message) -> str:
+    """The split an evaluate message asks for (``val`` when it names none)."""
+    config = msg.content.config_records.get(CONFIG_KEY)
+    return str(config.get(SPLIT_KEY, "val")) if config is not None else "val"
+
+
+def site_error(msg: Message) -> Message:
+    """The reply to a message the site's code failed on: a Flower error with fixed words, no site text."""
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=SITE_ERROR), reply_to=msg)
+
+
+def _answer_path(state_dir: Path, run_id: str, server_round: int, split: str) -> Path:
+    return state_dir / EVALUATIONS_DIR / f"run-{int(run_id)}" / f"round-{server_round}-{split}.recorddict"
+
+
+def stored_answer(state_dir: Path, run_id: str, server_round: int, split: str) -> RecordDict | None:
+    """The content this site sent for (run, round, split), or ``None`` before it evaluated them."""
+    path = _answer_path(state_dir, run_id, server_round, split)
+    if not path.is_file():
+        return None
+    proto = ProtoRecordDict()
+    proto.ParseFromString(path.read_bytes())
+    return recorddict_from_proto(proto)
+
+
+def store_answer(state_dir: Path, run_id: str, server_round: int, split: str, content: RecordDict) -> None:
+    """Keep what is sent for (run, round, split), atomically, in Flower's own serialisation."""
+    data = recorddict_to_proto(content).SerializeToString()
+    atomic_write_bytes(_answer_path(state_dir, run_id, server_round, split), data)
+
+
+def _evaluation_refusal(msg: Message, site: str, policy: EgressPolicy) -> Message | None:
+    """A refusal for an evaluate message this site does not answer with numbers, else ``None``."""
+    split, server_round = split_of(msg), round_of(msg)
+    if split not in policy.eval_splits:
+        allowed = ", ".join(sorted(policy.eval_splits)) or "none"
+        reason = f"this site evaluates only the splits {allowed} (its eval-splits), not {split!r}"
+        logger.warning("%s: refused an evaluation of split %r: %s", site, split, reason)
+        return refusal(msg, site, STATUS_SPLIT_NOT_ALLOWED, reason)
+    if policy.num_rounds is not None and not 1 <= server_round <= policy.num_rounds:
+        reason = f"round {server_round} is not in this run's rounds 1..{policy.num_rounds}"
+        logger.warning("%s: refused an evaluation of split %r: %s", site, split, reason)
+        return refusal(msg, site, STATUS_ROUND_REFUSED, reason)
+    return None
+
+
 def egress_guard(resolve: SiteResolver) -> Callable[[Message, Context, Handler], Message]:
     """The client mod; ``resolve`` gives the site's name, state directory and policy from the context."""
 
+    def answer(
+        msg: Message, context: Context, call_next: Handler, site: str, state_dir: Path, policy: EgressPolicy
+    ) -> tuple[Message, dict[str, Any]]:
+        """The reply as it leaves, and what the log adds about how it was made."""
+        run_id, server_round = str(msg.metadata.run_id), round_of(msg)
+        if not is_evaluate(msg):
+            return call_next(msg, context), {}
+        refused = _evaluation_refusal(msg, site, policy)
+        if refused is not None:
+            return refused, {}
+        split = split_of(msg)
+        stored = stored_answer(state_dir, run_id, server_round, split)
+        if stored is not None:
+            logger.info(
+                "%s: run %s round %d %s was evaluated before: sending the same answer again",
+                site,
+                run_id,
+                server_round,
+                split,
+            )
+            return Message(stored, reply_to=msg), {"repeat": True}
+        return call_next(msg, context), {"repeat": False}
+
     def mod(msg: Message, context: Context, call_next: Handler) -> Message:
-        reply = call_next(msg, context)
+        try:
+            site, state_dir, policy = resolve(context)
+        except FedshiftError as exc:  # the site's own settings: it has no state directory to log in
+            logger.error("The site's settings are not valid; sending a generic error: %s", exc)
+            return site_error(msg)
+        except Exception:
+            logger.exception("The site's settings cannot be read; sending a generic error")
+            return site_error(msg)
+        request = describe_request(msg)
+        try:
+            reply, extra = answer(msg, context, call_next, site, state_dir, policy)
+        except FedshiftError as exc:  # a clear one-line reason (config, ledger, data): no traceback
+            logger.error(
+                "%s: %s of run %s round %d failed, the server gets a generic error: %s",
+                site,
+                request["type"],
+                request["run"],
+                request["round"],
+                exc,
+            )
+            reply, extra = site_error(msg), {}
+        except Exception:  # a defect: the traceback, here only
+            logger.exception(
+                "%s: %s of run %s round %d failed; the server gets a generic error",
+                site,
+                request["type"],
+                request["run"],
+                request["round"],
+            )
+            reply, extra = site_error(msg), {}
         if reply.has_error():
-            return reply
-        site, state_dir, policy = resolve(context)
-        items, blocked = inspect_reply(reply.content, policy)
-        blocked += uncharged_statistics(items, state_dir, str(msg.metadata.run_id), round_of(msg))
-        if blocked:
-            logger.error("%s: egress guard blocked %s; sending a refusal instead", site, blocked)
-            reply = refusal(msg, site, "blocked", f"egress guard blocked {len(blocked)} item(s): {blocked}")
-            items, _ = inspect_reply(reply.content, policy)
+            if reply.error.reason != SITE_ERROR:  # an error reply made inside: its text stays here
+                logger.error("%s: an error reply (%s) replaced by a generic error", site, reply.error.reason)
+                reply = site_error(msg)
+            items: list[dict[str, Any]] = []
+            blocked: list[str] = []
+            extra = {**extra, "error": SITE_ERROR}
+        else:
+            items, blocked = inspect_reply(reply.content, policy)
+            blocked += uncharged_statistics(items, state_dir, str(msg.metadata.run_id), round_of(msg))
+            if blocked:
+                logger.error("%s: egress guard blocked %s; sending a refusal instead", site, blocked)
+                reply = refusal(
+                    msg, site, "blocked", f"egress guard blocked {len(blocked)} item(s): {blocked}"
+                )
+                items, _ = inspect_reply(reply.content, policy)
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "run": str(msg.metadata.run_id),
-            "round": round_of(msg),
-            "stage": str(msg.metadata.message_type),
+            "run": request["run"],
+            "round": request["round"],
+            "stage": request["type"],
+            **({"split": request["split"]} if "split" in request else {}),
+            "request": request,
             "site": site,
             "items": items,
             "blocked": blocked,
             "bytes": int(sum(i["bytes"] for i in items)),
+            **extra,
         }
-        append_egress_log(state_dir, entry)
+        try:
+            if extra.get("repeat") is False and not reply.has_error():  # evaluated now: kept before it leaves
+                store_answer(state_dir, request["run"], request["round"], request["split"], reply.content)
+            append_egress_log(state_dir, entry)
+        except Exception:  # nothing leaves that the log does not record
+            logger.exception("%s: the egress log or the stored answer cannot be written; nothing sent", site)
+            return site_error(msg)
         return reply
 
     return mod

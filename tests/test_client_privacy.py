@@ -6,6 +6,7 @@ message, a real model and a real site directory, without Flower's engine.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,9 +18,9 @@ from fedshift.client.app import make_client_app
 from fedshift.client.egress import EGRESS_LOG_FILE, read_egress_log
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.common.config import FederationConfig
-from fedshift.common.errors import ConfigError, LedgerError
+from fedshift.common.errors import ConfigError
 from fedshift.common.model import ModelConfig, build_model, size_report
-from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_ERROR
 from fedshift.tests.helpers import call_client_app, site_run_config, write_site
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -153,16 +154,23 @@ def test_metrics_record_type_is_flower_s(tmp_path: Path) -> None:
     assert all(isinstance(v, int | float) for v in reply.content.metric_records[METRICS_KEY].values())
 
 
-def test_corrupt_ledger_stops_training_and_is_left_alone(tmp_path: Path) -> None:
+def test_corrupt_ledger_stops_training_and_is_left_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     site_dir = write_site(tmp_path)
     ledger_file = site_dir / "privacy-ledger.json"
     ledger_file.write_text('{"format": "fedshift-privacy-ledger", "version": 1, "entries": [')
     before = ledger_file.read_bytes()
     config = _run_config(tmp_path, **{"dp": True, "dp-epsilon": 8.0})
-    with pytest.raises(LedgerError, match=r"privacy-ledger\.json"):
-        call_client_app(make_client_app(), _train_message(1), config)
+    with caplog.at_level(logging.ERROR):
+        reply = call_client_app(make_client_app(), _train_message(1), config)
+    # the site's log has the reason (one line, no traceback); the server gets a generic error
+    assert reply.has_error() and reply.error.reason == SITE_ERROR
+    logged = [r for r in caplog.records if "privacy-ledger.json" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is None
     assert ledger_file.read_bytes() == before
-    assert read_egress_log(site_dir) == []  # nothing left the site
+    entry = read_egress_log(site_dir)[-1]  # nothing but the error left the site
+    assert (entry["items"], entry["bytes"], entry["error"]) == ([], 0, SITE_ERROR)
 
 
 def test_ewc_with_a_dp_fisher_is_charged_and_planned(tmp_path: Path) -> None:

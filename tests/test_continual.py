@@ -161,11 +161,16 @@ def test_consolidated_anchor_holds_the_adapters_and_lambda_zero_changes_nothing(
     assert dist_free > 0.9 * dist_start
 
 
-def test_consolidated_anchor_without_records_is_a_clear_error(tmp_path: Path) -> None:
+def test_consolidated_anchor_without_records_is_a_clear_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     write_site(tmp_path)
     config = _run_config(tmp_path, **{"ewc-lambda": 10.0, "ewc-anchor": "consolidated"})
-    with pytest.raises(ConfigError, match="init-checkpoint"):
-        call_client_app(make_client_app(), _message(MessageType.TRAIN, 1, _shared()), config)
+    with caplog.at_level("ERROR"):
+        reply = call_client_app(make_client_app(), _message(MessageType.TRAIN, 1, _shared()), config)
+    # the site's log names the fix; the server gets the egress guard's generic error, no site text
+    assert reply.has_error() and "init-checkpoint" not in reply.error.reason
+    assert "init-checkpoint" in caplog.text
 
 
 def _fisher_reply(arrays: dict[str, np.ndarray], weight: float) -> Message:
