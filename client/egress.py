@@ -6,7 +6,8 @@ one, so it sees the reply exactly as it leaves. Every item in it must be one of:
 * the shared adapter tensors, protected by DP-SGD (or explicitly unprotected
   because the site set ``dp=false``, which the log and the server both show);
 * a metric whose key the site allows (``egress-metrics``; aggregate numbers such
-  as validation AUC);
+  as validation AUC); fedshift's other metrics are withheld (taken out of the
+  reply, and the log says so), any other metric key is blocked;
 * bookkeeping the protocol needs: the site's name, its privacy accounting
   (noise multiplier, sample rate, epsilon), a refusal reason;
 * a statistic released by a Gaussian mechanism (noisy label counts, feature
@@ -157,6 +158,18 @@ class EgressPolicy:
     allowed_metrics: frozenset[str] = DEFAULT_METRICS
     eval_splits: frozenset[str] = frozenset(EVAL_SPLITS)  # the splits an evaluate message may ask for
     num_rounds: int | None = None  # evaluate rounds must lie in 1..num_rounds (None: not checked)
+
+
+def withhold_metrics(content: RecordDict, policy: EgressPolicy) -> list[str]:
+    """Take out of ``content`` the aggregate metrics fedshift sends that the site's egress-metrics leaves
+    out (the site narrowed them); their keys. Keys outside :data:`DEFAULT_METRICS` stay, to be blocked."""
+    metrics = content.metric_records.get(METRICS_KEY)
+    if metrics is None:
+        return []
+    withheld = sorted(k for k in metrics if k in DEFAULT_METRICS and k not in policy.allowed_metrics)
+    for key in withheld:
+        del metrics[key]
+    return withheld
 
 
 def _array_items(record: ArrayRecord, name: str, mechanism: str) -> list[dict[str, Any]]:
@@ -419,6 +432,8 @@ def egress_guard(resolve: SiteResolver) -> Callable[[Message, Context, Handler],
             blocked: list[str] = []
             extra = {**extra, "error": SITE_ERROR}
         else:
+            withheld = withhold_metrics(reply.content, policy)
+            extra = {**extra, "withheld": withheld} if withheld else extra
             items, blocked = inspect_reply(reply.content, policy)
             blocked += uncharged_statistics(items, state_dir, str(msg.metadata.run_id), round_of(msg))
             if blocked:

@@ -81,6 +81,10 @@ def _message(kind: str, **config: Any) -> Message:
     return Message(content, dst_node_id=0, message_type=kind)
 
 
+def _evaluate(split: str, server_round: int) -> Message:
+    return _message(MessageType.EVALUATE, split=split, **{"server-round": server_round})
+
+
 def test_statistics_stage_charges_first_and_sends_only_dp_statistics(tmp_path: Path) -> None:
     site_dir = _site(tmp_path)
     config = _run_config(tmp_path)
@@ -188,7 +192,7 @@ def _prepared_site(tmp_path: Path, n_test: int = 40, **shift: Any) -> tuple[Path
 
 def test_corrected_evaluation_sends_only_aggregate_metrics(tmp_path: Path) -> None:
     site_dir, config = _prepared_site(tmp_path, tta=True)
-    reply = call_client_app(make_client_app(), _message(MessageType.EVALUATE, split="test"), config)
+    reply = call_client_app(make_client_app(), _evaluate("test", 2), config)
     metrics = reply.content.metric_records[METRICS_KEY]
     for prefix in ("", "cal-", "ls-", "oracle-", "tta-", "tta-ls-"):
         assert 0 <= float(metrics[f"{prefix}accuracy"]) <= 1  # type: ignore[arg-type]
@@ -207,7 +211,7 @@ def test_too_little_unlabeled_data_falls_back_and_says_so(
 ) -> None:
     site_dir, config = _prepared_site(tmp_path, n_test=12)
     with caplog.at_level(logging.WARNING):
-        reply = call_client_app(make_client_app(), _message(MessageType.EVALUATE, split="test"), config)
+        reply = call_client_app(make_client_app(), _evaluate("test", 2), config)
     metrics = reply.content.metric_records[METRICS_KEY]
     assert metrics["ls-fallback"] == 1.0
     # no correction: the corrected predictions are the calibrated ones, not a prior from 12 images
@@ -224,16 +228,15 @@ def test_without_global_prior_the_site_evaluates_uncorrected(
     _site(tmp_path)
     shared_norms = _run_config(tmp_path, **{"local-norm": False})
     with caplog.at_level(logging.WARNING):
-        reply = call_client_app(make_client_app(), _message(MessageType.EVALUATE, split="test"), shared_norms)
+        reply = call_client_app(make_client_app(), _evaluate("test", 1), shared_norms)
     metrics = reply.content.metric_records[METRICS_KEY]
     assert "auc" in metrics and "ls-log-loss" not in metrics
     assert "no global training prior for this run" in caplog.text
     # with site-local norms the site corrects from its own training prior, which it has without the stage
+    # (another round: round 1's test answer was sent already, and a repeat would get it again)
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        reply = call_client_app(
-            make_client_app(), _message(MessageType.EVALUATE, split="test"), _run_config(tmp_path)
-        )
+        reply = call_client_app(make_client_app(), _evaluate("test", 2), _run_config(tmp_path))
     assert "ls-log-loss" in reply.content.metric_records[METRICS_KEY]
     assert "correcting from the site training prior" in caplog.text
 

@@ -114,6 +114,21 @@ def test_a_site_narrows_its_splits_and_never_lists_train(tmp_path: Path) -> None
         SiteSettings.from_node_config({"data-path": "site.npz", "eval-splits": "validation"}, fed)
 
 
+def test_a_site_narrows_the_metrics_it_sends(tmp_path: Path) -> None:
+    """Before, a site whose egress-metrics left out one of fedshift's metrics got every evaluation
+    replaced by a "blocked" refusal; now the others leave and the log names what was withheld."""
+    site_dir = write_site(tmp_path)
+    (site_dir / "site.toml").write_text('egress-metrics = "num-examples,auc,n"\n')
+    reply = call_client_app(
+        make_client_app(), _message(MessageType.EVALUATE, 1, split="val"), _config(tmp_path)
+    )
+    assert set(reply.content.metric_records[METRICS_KEY]) == {"num-examples", "auc", "n"}
+    entry = read_egress_log(site_dir)[-1]
+    assert entry["withheld"] == sorted(EVALUATION_KEYS - {"num-examples", "auc", "n"})
+    assert entry["blocked"] == []
+    assert {i["key"] for i in entry["items"] if i["record"] == METRICS_KEY} == {"num-examples", "auc", "n"}
+
+
 def test_each_round_and_split_is_evaluated_once(tmp_path: Path) -> None:
     """Before, a repeated evaluate ran the model again: a different global model gave new numbers."""
     site_dir = write_site(tmp_path)
