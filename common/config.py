@@ -290,6 +290,8 @@ class FederationConfig:
     device: str = "auto"  # simulation default for every site: auto, cpu or cuda:N
     seed: int = 0  # seeds initial adapters and local shuffling
     init_checkpoint: str = ""  # start from this checkpoint directory's adapters (e.g. an earlier phase)
+    enrollment: str = ""  # server: enrolled.json (node id of each site); "" = a name binds to its first node
+    max_num_examples: int = 1_000_000  # server: the largest FedAvg weight (num-examples) a reply may carry
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     # simulation: every site's privacy settings; deployment: defaults that the site config overrides
@@ -302,6 +304,11 @@ class FederationConfig:
             raise ConfigError(f"Expected num-server-rounds >= 1, but got {self.num_rounds}")
         if self.min_nodes < 1:
             raise ConfigError(f"Expected min-nodes >= 1, but got {self.min_nodes}")
+        if self.max_num_examples < 1:
+            raise ConfigError(
+                f"Expected max-num-examples >= 1, but got {self.max_num_examples}; set it above the "
+                "largest site's training split (default 1000000)"
+            )
 
     def to_run_config(self) -> dict[str, int | float | str]:
         """The kebab-case run config that :meth:`from_run_config` reads back."""
@@ -315,6 +322,8 @@ class FederationConfig:
             "device": self.device,
             "seed": self.seed,
             "init-checkpoint": self.init_checkpoint,
+            "enrollment": self.enrollment,
+            "max-num-examples": self.max_num_examples,
             "backbone": m.backbone,
             "backbone-weights": m.weights,
             "num-classes": m.num_classes,
@@ -366,6 +375,8 @@ class FederationConfig:
             device=get("device"),
             seed=seed,
             init_checkpoint=get("init-checkpoint"),
+            enrollment=get("enrollment"),
+            max_num_examples=get("max-num-examples"),
             model=ModelConfig(
                 backbone=get("backbone"),
                 weights=get("backbone-weights"),

@@ -24,9 +24,10 @@ from fedshift.common.io import atomic_write_json
 from fedshift.common.model import build_model, size_report
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 from fedshift.server.consolidation import anchor_records, consolidate, initial_arrays
+from fedshift.server.enrollment import SiteNames
 from fedshift.server.statistics import initial_statistics, statistics_strategy, statistics_summary
-from fedshift.server.strategy import AdapterFedAvg, RunHistory, site_name
-from fedshift.server.validation import expected_specs, reply_problem
+from fedshift.server.strategy import AdapterFedAvg, RunHistory
+from fedshift.server.validation import expected_specs, hold_to_reference, reply_problem
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,12 @@ RESULTS_FILE = "results.json"
 def final_evaluation(
     grid: Grid, arrays: ArrayRecord, strategy: AdapterFedAvg, split: str, timeout: float
 ) -> dict[str, dict[str, float]]:
-    """Ask every connected site to evaluate ``arrays`` on its ``split``; metrics per site."""
+    """Ask every connected site to evaluate ``arrays`` on its ``split``; metrics per site.
+
+    Replies are screened like a round's (:meth:`AdapterFedAvg._accept`'s checks:
+    enrolled sender, a usable weight, the metric keys most sites send), but not
+    recorded in the round history.
+    """
     config = ConfigRecord({"split": split, "server-round": strategy.num_rounds})
     messages = [
         Message(
@@ -46,14 +52,24 @@ def final_evaluation(
         )
         for node in grid.get_node_ids()
     ]
-    out: dict[str, dict[str, float]] = {}
+    checked: list[tuple[str, Message]] = []
     for msg in grid.send_and_receive(messages, timeout=timeout):
-        problem = reply_problem(msg, strategy.expected, with_arrays=False)
+        name, problem = strategy.names.resolve(msg)
+        if problem is None:
+            problem = reply_problem(
+                msg, strategy.expected, with_arrays=False, max_weight=strategy.max_num_examples
+            )
         if problem:
-            logger.warning("Final %s evaluation: no result from %s: %s", split, site_name(msg), problem)
+            logger.warning("Final %s evaluation: no result from %s: %s", split, name, problem)
             continue
+        checked.append((name, msg))
+    good, dropped, _ = hold_to_reference(checked)
+    for name, _msg, problem in dropped:
+        logger.warning("Final %s evaluation: no result from %s: %s", split, name, problem)
+    out: dict[str, dict[str, float]] = {}
+    for name, msg in good:
         record = msg.content.metric_records[METRICS_KEY]
-        out[site_name(msg)] = {k: float(v) for k, v in record.items() if not isinstance(v, list)}
+        out[name] = {k: float(v) for k, v in record.items() if not isinstance(v, list)}
     return out
 
 
@@ -110,6 +126,8 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         first_round=done + 1,
         history=history,
         train_records=anchor_records(cfg, shared),
+        names=SiteNames.from_file(cfg.enrollment),  # node id -> site; the names in replies are only claims
+        max_num_examples=cfg.max_num_examples,
     )
     statistics = initial_statistics(strategy, grid, initial, cfg)  # issue 5: DP label counts, moments
     arrays = initial
@@ -122,7 +140,11 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         )
         if len(result.arrays) > 0:  # empty when no round produced an aggregate
             arrays = result.arrays
-    consolidated = consolidate(grid, arrays, cfg, run_dir / "checkpoint") if cfg.ewc.consolidate else None
+    consolidated = (
+        consolidate(grid, arrays, cfg, run_dir / "checkpoint", strategy.names)
+        if cfg.ewc.consolidate
+        else None
+    )
     final = final_evaluation(grid, arrays, strategy, "test", timeout=3600)
     results = {
         "config": cfg.to_run_config(),

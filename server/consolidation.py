@@ -41,7 +41,8 @@ from fedshift.common.protocol import (
     PRIVACY_KEY,
     WEIGHT_KEY,
 )
-from fedshift.server.strategy import site_name
+from fedshift.server.enrollment import SiteNames
+from fedshift.server.validation import MAX_NUM_EXAMPLES, decode, weight_problem
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +51,27 @@ CONSOLIDATED_FILE = "consolidated.safetensors"
 CONSOLIDATED_MANIFEST = "consolidated.json"
 
 
-def fisher_problem(msg: Message, expected: Mapping[str, tuple[int, ...]]) -> str | None:
+def fisher_problem(
+    msg: Message, expected: Mapping[str, tuple[int, ...]], max_weight: int = MAX_NUM_EXAMPLES
+) -> str | None:
     """Why a site's Fisher reply must not be averaged, or ``None``."""
     if msg.has_error():
         return f"the site reported an error: {msg.error.reason}"
     content = msg.content
     if FISHER_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
         return f"expected an ArrayRecord {FISHER_KEY!r} and a MetricRecord {METRICS_KEY!r}"
-    weight = content.metric_records[METRICS_KEY].get(WEIGHT_KEY)
-    if isinstance(weight, list) or weight is None or not weight > 0:
-        return f"expected a positive {WEIGHT_KEY!r}, got {weight!r}"
+    problem = weight_problem(content.metric_records[METRICS_KEY].get(WEIGHT_KEY), max_weight)
+    if problem is not None:
+        return problem
     fisher = content.array_records[FISHER_KEY]
     if sorted(fisher) != sorted(expected):
         return "its Fisher does not cover exactly the shared tensors"
     for key, shape in expected.items():
-        value = fisher[key].numpy()
+        value, problem = decode(key, fisher[key])  # the data's own shape and dtype, not the declared ones
+        if value is None:
+            return f"Fisher {problem}"
+        if not np.issubdtype(value.dtype, np.floating):
+            return f"Fisher {key!r} has dtype {value.dtype}, expected a float dtype"
         if tuple(value.shape) != shape:
             return f"Fisher {key!r} has shape {tuple(value.shape)}, expected {shape}"
         if not (np.isfinite(value).all() and (value >= 0).all()):
@@ -73,9 +80,15 @@ def fisher_problem(msg: Message, expected: Mapping[str, tuple[int, ...]]) -> str
 
 
 def gather_fishers(
-    grid: Grid, arrays: ArrayRecord, server_round: int, timeout: float
+    grid: Grid,
+    arrays: ArrayRecord,
+    server_round: int,
+    timeout: float,
+    names: SiteNames | None = None,
+    max_weight: int = MAX_NUM_EXAMPLES,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Every site's Fisher at ``arrays``, averaged with the sites' example counts as weights."""
+    names = names if names is not None else SiteNames()
     expected = {k: tuple(v.shape) for k, v in arrays.items()}
     config = ConfigRecord({"server-round": server_round})
     messages = [
@@ -90,9 +103,13 @@ def gather_fishers(
     weight_sum = 0.0
     sources: dict[str, str] = {}
     for msg in grid.send_and_receive(messages, timeout=timeout):
-        problem = fisher_problem(msg, expected)
+        name, problem = names.resolve(msg)
+        if problem is None and name in sources:
+            problem = "a second reply from the same site"
+        if problem is None:
+            problem = fisher_problem(msg, expected, max_weight)
         if problem:
-            logger.warning("Consolidation: no Fisher from %s: %s", site_name(msg), problem)
+            logger.warning("Consolidation: no Fisher from %s: %s", name, problem)
             continue
         weight = float(msg.content.metric_records[METRICS_KEY][WEIGHT_KEY])  # type: ignore[arg-type]
         released = msg.content.array_records[FISHER_KEY]
@@ -100,7 +117,7 @@ def gather_fishers(
             total[key] += weight * released[key].numpy().astype(np.float64)
         weight_sum += weight
         privacy = msg.content.config_records.get(PRIVACY_KEY)
-        sources[site_name(msg)] = str(privacy.get("ewc-fisher", "undeclared")) if privacy else "undeclared"
+        sources[name] = str(privacy.get("ewc-fisher", "undeclared")) if privacy else "undeclared"
     if weight_sum == 0:
         raise CheckpointError(
             "Expected at least one site's Fisher to consolidate, but none arrived; check the sites' logs "
@@ -195,9 +212,13 @@ def anchor_records(cfg: FederationConfig, shared: Mapping[str, torch.Tensor]) ->
     }
 
 
-def consolidate(grid: Grid, arrays: ArrayRecord, cfg: FederationConfig, directory: Path) -> dict[str, Any]:
+def consolidate(
+    grid: Grid, arrays: ArrayRecord, cfg: FederationConfig, directory: Path, names: SiteNames | None = None
+) -> dict[str, Any]:
     """The end-of-phase step: gather the sites' Fishers at ``arrays`` and save them with the anchor."""
-    fisher, info = gather_fishers(grid, arrays, cfg.num_rounds + 1, timeout=3600)
+    fisher, info = gather_fishers(
+        grid, arrays, cfg.num_rounds + 1, timeout=3600, names=names, max_weight=cfg.max_num_examples
+    )
     anchor = {k: v.numpy() for k, v in arrays.items()}
     save_consolidated(directory, anchor, fisher, info)
     logger.info("Consolidated anchor and Fisher of %s saved in %s", ", ".join(info["sites"]), directory)

@@ -38,7 +38,9 @@ from fedshift.common.shift_statistics import (
     aggregate_within_variance,
     moment_noise_floor,
 )
-from fedshift.server.strategy import AdapterFedAvg, site_name
+from fedshift.server.enrollment import SiteNames
+from fedshift.server.strategy import AdapterFedAvg
+from fedshift.server.validation import weight_problem
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +62,9 @@ def _release_problem(msg: Message, cfg: FederationConfig, server_round: int) -> 
     if STATISTICS_KEY not in content.config_records or METRICS_KEY not in content.metric_records:
         return f"expected records {STATISTICS_KEY!r} and {METRICS_KEY!r}"
     record = content.config_records[STATISTICS_KEY]
-    n = content.metric_records[METRICS_KEY].get(WEIGHT_KEY)
-    if isinstance(n, list) or n is None or not n > 0:
-        return f"expected a positive {WEIGHT_KEY!r}, got {n!r}"
+    problem = weight_problem(content.metric_records[METRICS_KEY].get(WEIGHT_KEY), cfg.max_num_examples)
+    if problem is not None:
+        return problem
     for key, size in expected_release(cfg, server_round).items():
         value = record.get(key)
         if not isinstance(value, list) or len(value) != size:
@@ -82,7 +84,9 @@ def expected_release(cfg: FederationConfig, server_round: int) -> dict[str, int]
     return wanted
 
 
-def _broadcast(grid: Grid, stats: GlobalStatistics, server_round: int, timeout: float) -> None:
+def _broadcast(
+    grid: Grid, stats: GlobalStatistics, server_round: int, timeout: float, names: SiteNames
+) -> None:
     broadcast = RecordDict(
         {
             CONFIG_KEY: ConfigRecord({STAGE_KEY: STAGE_GLOBAL, "server-round": server_round}),
@@ -93,7 +97,7 @@ def _broadcast(grid: Grid, stats: GlobalStatistics, server_round: int, timeout: 
         if msg.has_error():
             logger.warning(
                 "Statistics stage: %s did not take the global statistics: %s",
-                site_name(msg),
+                names.name_of(msg.metadata.src_node_id),
                 msg.error.reason,
             )
 
@@ -107,13 +111,16 @@ def collect_statistics(
     *,
     server_round: int = 0,
     previous: GlobalStatistics | None = None,
+    names: SiteNames | None = None,
 ) -> GlobalStatistics | None:
     """Ask every site for its DP statistics, aggregate them, send the result to every site.
 
     ``server_round`` 0 is the stage before the first round; a later round
     refreshes the feature moments only and keeps ``previous``'s label counts.
     Returns ``None`` when the run needs no statistics or no site sent any.
+    ``names`` tells the sites apart (the strategy's; a new claim-binding one if not given).
     """
+    names = names if names is not None else SiteNames()
     shift = cfg.shift
     if not shift.needs_statistics:
         return None
@@ -126,14 +133,16 @@ def collect_statistics(
     contributors: list[str] = []
     k = shift.align_dim
     for msg in replies:
-        problem = _release_problem(msg, cfg, server_round)
+        name, problem = names.resolve(msg)
+        if problem is None and name in contributors:
+            problem = "a second reply from the same site"
+        if problem is None:
+            problem = _release_problem(msg, cfg, server_round)
         if problem is not None:
-            logger.warning(
-                "Statistics stage (round %d): left out %s: %s", server_round, site_name(msg), problem
-            )
+            logger.warning("Statistics stage (round %d): left out %s: %s", server_round, name, problem)
             continue
         record = msg.content.config_records[STATISTICS_KEY]
-        contributors.append(site_name(msg))
+        contributors.append(name)
         if "label-counts" in record:
             counts.append(np.asarray(record["label-counts"], dtype=np.float64))
         if shift.align:
@@ -162,7 +171,7 @@ def collect_statistics(
         sorted(contributors),
         np.round(stats.train_prior, 4).tolist() if stats.train_prior is not None else "not released",
     )
-    _broadcast(grid, stats, server_round, timeout)
+    _broadcast(grid, stats, server_round, timeout, names)
     return stats
 
 
@@ -216,6 +225,7 @@ class StatisticsFedAvg(AdapterFedAvg):
                 str(grid.run.run_id),
                 server_round=server_round + self.round_offset,  # the federation's round, also on resume
                 previous=self.statistics,
+                names=self.names,
             )
         return super().configure_train(server_round, arrays, config, grid)
 
@@ -231,7 +241,7 @@ def initial_statistics(
     strategy: AdapterFedAvg, grid: Grid, arrays: ArrayRecord, cfg: FederationConfig
 ) -> GlobalStatistics | None:
     """The statistics stage before round 1; a refreshing strategy keeps its result for the later rounds."""
-    stats = collect_statistics(grid, arrays, cfg, str(grid.run.run_id))
+    stats = collect_statistics(grid, arrays, cfg, str(grid.run.run_id), names=strategy.names)
     if isinstance(strategy, StatisticsFedAvg):
         strategy.statistics = stats
     return stats

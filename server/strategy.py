@@ -18,17 +18,17 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedshift.common.checkpoint import save_checkpoint
 from fedshift.common.model import ModelConfig
-from fedshift.common.protocol import ARRAYS_KEY, METRICS_KEY, PRIVACY_KEY, SITE_KEY, STATUS_KEY, WEIGHT_KEY
-from fedshift.server.validation import ArraySpec, reply_problem
+from fedshift.common.protocol import ARRAYS_KEY, METRICS_KEY, PRIVACY_KEY, STATUS_KEY, WEIGHT_KEY
+from fedshift.server.enrollment import SiteNames
+from fedshift.server.validation import (
+    MAX_NUM_EXAMPLES,
+    ArraySpec,
+    arrays_problem,
+    hold_to_reference,
+    reply_problem,
+)
 
 logger = logging.getLogger(__name__)
-
-
-def site_name(msg: Message) -> str:
-    """The display name a site put in its reply, else its node id."""
-    record = msg.content.config_records.get(SITE_KEY) if not msg.has_error() else None
-    name = record.get("name") if record is not None else None
-    return str(name) if name else f"node-{msg.metadata.src_node_id}"
 
 
 @dataclass
@@ -104,6 +104,8 @@ class AdapterFedAvg(FedAvg):
         first_round: int = 1,
         history: RunHistory | None = None,
         train_records: Mapping[str, ArrayRecord] | None = None,
+        names: SiteNames | None = None,
+        max_num_examples: int = MAX_NUM_EXAMPLES,
     ) -> None:
         super().__init__(
             min_train_nodes=min_nodes,
@@ -121,6 +123,9 @@ class AdapterFedAvg(FedAvg):
         self.exhausted: dict[int, str] = {}  # node id -> site name, left out of later training rounds
         self.train_records = dict(train_records or {})  # sent with every training message (EWC anchor)
         self._warned_no_dp: set[str] = set()
+        self.names = names if names is not None else SiteNames()  # node id -> site (enrolled or first claim)
+        self.max_num_examples = max_num_examples  # cap on a reply's FedAvg weight (max-num-examples)
+        self.metric_keys: dict[str, frozenset[str]] = {}  # stage -> the metric keys replies were held to
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -141,56 +146,62 @@ class AdapterFedAvg(FedAvg):
             logger.info("Round %d: left out %s (privacy budget spent)", server_round, left_out)
         return keep
 
-    def _accept(self, server_round: int, replies: Iterable[Message], stage: str) -> list[Message]:
-        good = []
+    def _accept(self, server_round: int, replies: Iterable[Message], stage: str) -> list[tuple[str, Message]]:
+        """The replies to aggregate, each with its site's name; every other reply is logged and recorded.
+
+        A reply is left out when its node is not a site of this federation (or
+        claims another site's name), when it fails :func:`reply_problem`, or when
+        its metric keys differ from the round's (which would make Flower's
+        FedAvg raise and end the run).
+        """
+        checked: list[tuple[str, Message]] = []
         for msg in replies:
-            status = _status_of(msg)
+            name, problem = self.names.resolve(msg)
+            if problem is None and any(n == name for n, _ in checked):
+                problem = f"a second reply from {name} in this round"
+            status = _status_of(msg) if problem is None else None
             if status is not None:
-                kind, reason = status
-                node = msg.metadata.src_node_id
-                logger.warning(
-                    "Round %d %s: %s sent no update (%s): %s",
-                    server_round,
-                    stage,
-                    site_name(msg),
-                    kind,
-                    reason,
-                )
-                self.history.refused.append(
-                    {
-                        "round": server_round,
-                        "stage": stage,
-                        "node": node,
-                        "site": site_name(msg),
-                        "status": kind,
-                        "reason": reason,
-                    }
-                )
-                if kind == "budget-exhausted":
-                    self.exhausted[node] = site_name(msg)
+                self._refused(server_round, stage, msg, name, *status)
                 continue
-            problem = reply_problem(msg, self.expected, with_arrays=stage == "train")
             if problem is None:
-                good.append(msg)
-                continue
-            node = msg.metadata.src_node_id
-            logger.warning(
-                "Round %d %s: left out the reply of %s: %s",
-                server_round,
-                stage,
-                site_name(msg),
-                problem,
-            )
-            self.history.rejected.append(
-                {
-                    "round": server_round,
-                    "stage": stage,
-                    "node": node,
-                    "site": site_name(msg),
-                    "reason": problem,
-                }
-            )
+                problem = reply_problem(
+                    msg, self.expected, with_arrays=stage == "train", max_weight=self.max_num_examples
+                )
+            if problem is None:
+                checked.append((name, msg))
+            else:
+                self._reject(server_round, stage, msg, name, problem)
+        good, dropped, keys = hold_to_reference(checked, self.metric_keys.get(stage))
+        if keys is not None:
+            self.metric_keys[stage] = keys
+        for name, msg, problem in dropped:
+            self._reject(server_round, stage, msg, name, problem)
         return good
+
+    def _refused(
+        self, server_round: int, stage: str, msg: Message, name: str, kind: str, reason: str
+    ) -> None:
+        node = msg.metadata.src_node_id
+        logger.warning("Round %d %s: %s sent no update (%s): %s", server_round, stage, name, kind, reason)
+        self.history.refused.append(
+            {
+                "round": server_round,
+                "stage": stage,
+                "node": node,
+                "site": name,
+                "status": kind,
+                "reason": reason,
+            }
+        )
+        if kind == "budget-exhausted":
+            self.exhausted[node] = name
+
+    def _reject(self, server_round: int, stage: str, msg: Message, name: str, problem: str) -> None:
+        node = msg.metadata.src_node_id
+        logger.warning("Round %d %s: left out the reply of %s: %s", server_round, stage, name, problem)
+        self.history.rejected.append(
+            {"round": server_round, "stage": stage, "node": node, "site": name, "reason": problem}
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -199,8 +210,7 @@ class AdapterFedAvg(FedAvg):
         good = self._accept(server_round, replies, "train")
         per_site = {}
         privacy = {}
-        for msg in good:
-            name = site_name(msg)
+        for name, msg in good:
             site_metrics = _metrics_of(msg)
             site_metrics["bytes-sent"] = float(msg.content.array_records[ARRAYS_KEY].count_bytes())
             per_site[name] = site_metrics
@@ -210,15 +220,24 @@ class AdapterFedAvg(FedAvg):
                 logger.warning("%s sends adapters WITHOUT differential privacy (%s)", name, privacy[name])
         self.history.train[server_round] = per_site
         self.history.privacy[server_round] = privacy
-        arrays, metrics = super().aggregate_train(server_round, good)
-        if arrays is not None:
-            save_checkpoint(
-                self.checkpoint_dir,
-                {k: v.numpy() for k, v in arrays.items()},
-                self.model_config,
+        arrays, metrics = super().aggregate_train(server_round, [msg for _, msg in good])
+        if arrays is None:
+            return None, metrics
+        problem = arrays_problem(arrays, self.expected)  # checked before anything is written
+        if problem is not None:
+            logger.error(
+                "Round %d: the aggregate is unusable (%s); no checkpoint written, the previous adapters stay",
                 server_round,
-                extra={"sites": sorted(per_site), "history": self.history.to_dict()},
+                problem,
             )
+            return None, metrics
+        save_checkpoint(
+            self.checkpoint_dir,
+            {k: v.numpy() for k, v in arrays.items()},
+            self.model_config,
+            server_round,
+            extra={"sites": sorted(per_site), "history": self.history.to_dict()},
+        )
         return arrays, metrics
 
     def configure_evaluate(
@@ -229,8 +248,8 @@ class AdapterFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
         good = self._accept(server_round, replies, "evaluate")
-        per_site = {site_name(m): _metrics_of(m) for m in good}
+        per_site = {name: _metrics_of(m) for name, m in good}
         self.history.evaluate[server_round] = per_site
         aucs = " | ".join(f"{name} {m.get('auc', math.nan):.3f}" for name, m in sorted(per_site.items()))
         logger.info("Round %d/%d validation AUC: %s", server_round, self.num_rounds, aucs)
-        return super().aggregate_evaluate(server_round, good)
+        return super().aggregate_evaluate(server_round, [m for _, m in good])

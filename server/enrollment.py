@@ -1,0 +1,113 @@
+"""Which site sent a reply: the node id Flower authenticated, never the name the reply claims.
+
+In deployment the coordinator's enrollment (run config ``enrollment``: the
+``enrolled.json`` that ``fedshift server`` writes, ``{site: {"node-id": "<id>", ...}}``)
+maps every enrolled node id to its site; a reply from any other node is refused,
+and a name a reply puts in its ``site`` record is ignored. In a simulation there
+is no enrollment: the first node id to claim a name binds it for the rest of the
+run, and another node claiming a taken name is refused (it would overwrite the
+first site's row in the history).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from flwr.app import Message
+
+from fedshift.common.errors import ConfigError
+from fedshift.common.protocol import SITE_KEY
+
+logger = logging.getLogger(__name__)
+
+_FIX = "re-run `fedshift server` to enroll the hospitals again, or unset run config enrollment"
+
+
+def load_enrollment(path: str | Path) -> dict[int, str]:
+    """Node id -> site name from an ``enrolled.json``; :class:`ConfigError` when it cannot be used."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"Expected run config enrollment to name a readable JSON file, but {str(path)!r} is not "
+            f"({type(err).__name__}); {_FIX}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"Expected {str(path)!r} to hold {{site: {{'node-id': ...}}}}, but it does not; {_FIX}"
+        )
+    sites: dict[int, str] = {}
+    for site, entry in data.items():
+        node = entry.get("node-id") if isinstance(entry, dict) else None
+        text = str(node) if isinstance(node, int | str) and not isinstance(node, bool) else ""
+        if not text.isdigit():
+            raise ConfigError(
+                f"Expected site {site!r} in {str(path)!r} to have a numeric node-id, but got {node!r}; {_FIX}"
+            )
+        if int(text) in sites:
+            raise ConfigError(
+                f"Expected one site per node id in {str(path)!r}, but {sites[int(text)]!r} and {site!r} "
+                f"share node {text}; {_FIX}"
+            )
+        sites[int(text)] = str(site)
+    return sites
+
+
+def claimed_name(msg: Message) -> str | None:
+    """The name a reply puts in its ``site`` record (the sender's word only), if any."""
+    if msg.has_error():
+        return None
+    record = msg.content.config_records.get(SITE_KEY)
+    name = record.get("name") if record is not None else None
+    return str(name) if isinstance(name, str) and name else None
+
+
+class SiteNames:
+    """Node id -> site name for one federation: enrolled, or bound by the first claim."""
+
+    def __init__(self, enrolled: Mapping[int, str] | None = None, source: str = "") -> None:
+        self.enrolled = dict(enrolled) if enrolled is not None else None
+        self.source = source  # where the enrollment came from (for messages)
+        self._bound: dict[int, str] = dict(self.enrolled or {})  # node id -> name
+        self._owner: dict[str, int] = {name: node for node, name in self._bound.items()}
+        self._warned: set[tuple[int, str]] = set()
+
+    @classmethod
+    def from_file(cls, path: str | Path | None) -> SiteNames:
+        """The enrollment of ``path``; claim-binding names when ``path`` is empty."""
+        if not path:
+            return cls()
+        return cls(load_enrollment(path), source=str(path))
+
+    def name_of(self, node: int) -> str:
+        """The site name of ``node`` (for logs and history), ``node-<id>`` when it has none."""
+        return self._bound.get(node, f"node-{node}")
+
+    def resolve(self, msg: Message) -> tuple[str, str | None]:
+        """``(site name, None)`` for the sender of ``msg``, or ``(display name, why it is refused)``."""
+        node = msg.metadata.src_node_id
+        claim = claimed_name(msg)
+        if self.enrolled is not None:
+            if node not in self.enrolled:
+                return f"node-{node}", f"node {node} is not enrolled (claims {claim!r}; see {self.source})"
+            self._note_claim(node, claim)
+            return self.enrolled[node], None
+        if node in self._bound:
+            self._note_claim(node, claim)
+            return self._bound[node], None
+        name = claim or f"node-{node}"
+        owner = self._owner.get(name)
+        if owner is not None:
+            return f"node-{node}", f"node {node} claims the name {name!r}, which node {owner} holds"
+        self._bound[node], self._owner[name] = name, node
+        return name, None
+
+    def _note_claim(self, node: int, claim: str | None) -> None:
+        name = self._bound[node]
+        if claim is not None and claim != name and (node, claim) not in self._warned:
+            self._warned.add((node, claim))
+            logger.warning("Node %d (%s) claims to be %r; it is kept as %s", node, name, claim, name)

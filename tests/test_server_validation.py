@@ -1,0 +1,400 @@
+"""The server checks what it actually received (issue 18, finding 6).
+
+Every test feeds real Flower ``Message``/``ArrayRecord``/``MetricRecord`` replies to
+the strategy's real ``aggregate_train``/``aggregate_evaluate`` (or to Flower's own
+round loop, ``Strategy.start``) and checks that a bad reply is logged and left out
+while the others are averaged exactly as ``np.average`` over them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fedshift.common.checkpoint import load_checkpoint
+from fedshift.common.config import FederationConfig
+from fedshift.common.errors import ConfigError
+from fedshift.common.model import ModelConfig
+from fedshift.server.app import final_evaluation
+from fedshift.server.consolidation import fisher_problem
+from fedshift.server.enrollment import SiteNames, load_enrollment
+from fedshift.server.strategy import AdapterFedAvg
+from fedshift.server.validation import expected_specs, metric_key_reference, weight_problem
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+SHAPES = {"lora.down": (4, 6), "lora.up": (6, 4), "head.bias": (2,)}
+TRAIN_METRICS = {"train-loss": 0.5, "samples-per-second": 100.0}
+EVAL_METRICS = {"auc": 0.8, "accuracy": 0.7}
+
+
+def _arrays(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def _reply(
+    node: int,
+    arrays: dict[str, np.ndarray] | ArrayRecord | None,
+    n: float,
+    name: str | None = None,
+    metrics: dict[str, float] | None = None,
+    message_type: str = MessageType.TRAIN,
+) -> Message:
+    """A real reply of ``node`` (Flower sets its src_node_id from the instruction it answers)."""
+    ins = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type=message_type)
+    default = TRAIN_METRICS if message_type == MessageType.TRAIN else EVAL_METRICS
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({"num-examples": n, **(default if metrics is None else metrics)}),
+            "site": ConfigRecord({"name": name or f"site-{node}"}),
+        }
+    )
+    if arrays is not None:
+        content["arrays"] = arrays if isinstance(arrays, ArrayRecord) else _record(arrays)
+    return Message(content, reply_to=ins)
+
+
+def _strategy(tmp_path: Path, **kwargs: Any) -> AdapterFedAvg:
+    initial = ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
+    return AdapterFedAvg(
+        expected=expected_specs(initial),
+        checkpoint_dir=tmp_path / "ckpt",
+        model_config=ModelConfig(),
+        num_rounds=3,
+        **kwargs,
+    )
+
+
+def _assert_average(agg: ArrayRecord | None, arrays: list[dict[str, np.ndarray]], weights: list[int]) -> None:
+    assert agg is not None
+    for key in SHAPES:
+        expected = np.average(np.stack([a[key] for a in arrays]), axis=0, weights=weights)
+        np.testing.assert_allclose(agg[key].numpy(), expected, rtol=1e-6, atol=1e-7)
+
+
+def _npy(value: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, value, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _lying(good: dict[str, np.ndarray], key: str, data: bytes) -> ArrayRecord:
+    """``good`` with ``key``'s data replaced by ``data`` while its declared dtype and shape stay right."""
+    record = _record(good)
+    declared = record[key]
+    record[key] = Array(dtype=declared.dtype, shape=tuple(declared.shape), stype=declared.stype, data=data)
+    return record
+
+
+# (a) the decoded data, not the declaration ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "needle"),
+    [
+        ("shape", "declares shape (4, 6) but its data has shape (1, 6)"),
+        ("dtype", "declares dtype float32 but its data has dtype float64"),
+        ("bytes", "does not decode as an array"),
+    ],
+)
+def test_data_that_differs_from_its_declaration_is_left_out(
+    tmp_path: Path, kind: str, needle: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # before: only the declared shape/dtype were checked; the (1, 6) data was broadcast into the
+    # average, float64 data averaged in, and undecodable bytes raised out of reply_problem
+    strategy = _strategy(tmp_path)
+    a, b, c = _arrays(1), _arrays(2), _arrays(3)
+    data = {
+        "shape": _npy(np.full((1, 6), 1e3, np.float32)),
+        "dtype": _npy(c["lora.down"].astype(np.float64)),
+        "bytes": b"\x93NUMPY not really",
+    }[kind]
+    bad = _reply(7, _lying(c, "lora.down", data), 50)
+    assert (
+        tuple(bad.content.array_records["arrays"]["lora.down"].shape) == SHAPES["lora.down"]
+    )  # declared right
+    with caplog.at_level(logging.WARNING, logger="fedshift.server.strategy"):
+        agg, _ = strategy.aggregate_train(1, [_reply(1, a, 20), bad, _reply(2, b, 60)])
+    _assert_average(agg, [a, b], [20, 60])
+    assert [(r["node"], r["site"]) for r in strategy.history.rejected] == [(7, "site-7")]
+    assert needle in strategy.history.rejected[0]["reason"]
+    assert needle in caplog.text
+    assert sorted(strategy.history.train[1]) == ["site-1", "site-2"]
+
+
+# (b) FedAvg weights --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weight", [float("inf"), 1e300, 2.5, 1_000_001, float("nan"), -5, 0])
+def test_an_unusable_weight_is_left_out(tmp_path: Path, weight: float) -> None:
+    # before: inf made the average NaN, 1e300 made it that one site's arrays, 2.5 and 1_000_001 counted
+    strategy = _strategy(tmp_path)
+    a, b = _arrays(1), _arrays(2)
+    agg, _ = strategy.aggregate_train(1, [_reply(1, a, 20), _reply(3, _arrays(3), weight), _reply(2, b, 60)])
+    _assert_average(agg, [a, b], [20, 60])
+    assert [r["node"] for r in strategy.history.rejected] == [3]
+    assert "'num-examples' to be a positive whole number <= 1000000" in strategy.history.rejected[0]["reason"]
+    assert np.isfinite(load_checkpoint(tmp_path / "ckpt").arrays["head.bias"]).all()
+
+
+def test_the_weight_cap_comes_from_the_run_config(tmp_path: Path) -> None:
+    cfg = FederationConfig.from_run_config({"max-num-examples": 100})
+    assert cfg.max_num_examples == 100
+    strategy = _strategy(tmp_path, max_num_examples=cfg.max_num_examples)
+    a, b = _arrays(1), _arrays(2)
+    agg, _ = strategy.aggregate_train(1, [_reply(1, a, 100), _reply(2, b, 101), _reply(3, b, 100.0)])
+    _assert_average(agg, [a, b], [100, 100])  # 100.0 is a whole number: kept
+    assert [r["node"] for r in strategy.history.rejected] == [2]
+    assert weight_problem(100, 100) is None and weight_problem(True, 100) is not None
+    with pytest.raises(ConfigError, match="max-num-examples >= 1, but got 0"):
+        FederationConfig.from_run_config({"max-num-examples": 0})
+
+
+# (c) metric key sets -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [{**TRAIN_METRICS, "leak": 41.0}, {"train-loss": 0.5}],
+    ids=["extra key", "missing key"],
+)
+def test_a_train_reply_with_other_metric_keys_is_left_out(tmp_path: Path, metrics: dict[str, float]) -> None:
+    # before: Flower's FedAvg raised InconsistentMessageReplies, which ended the run
+    strategy = _strategy(tmp_path)
+    a, b = _arrays(1), _arrays(2)
+    bad = _reply(5, _arrays(5), 40, metrics=metrics)
+    agg, agg_metrics = strategy.aggregate_train(1, [bad, _reply(1, a, 20), _reply(2, b, 60)])
+    _assert_average(agg, [a, b], [20, 60])
+    assert agg_metrics is not None and set(agg_metrics) == set(TRAIN_METRICS)
+    assert [r["node"] for r in strategy.history.rejected] == [5]
+    assert "expected the metric keys the other sites send" in strategy.history.rejected[0]["reason"]
+    assert load_checkpoint(tmp_path / "ckpt").round == 1
+
+
+def test_an_evaluate_reply_with_an_extra_metric_key_is_left_out(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path)
+    ev = MessageType.EVALUATE
+    replies = [
+        _reply(1, None, 10, message_type=ev, metrics={"auc": 0.9, "accuracy": 0.8}),
+        _reply(2, None, 30, message_type=ev, metrics={"auc": 0.5, "accuracy": 0.6}),
+        _reply(3, None, 30, message_type=ev, metrics={"auc": 0.1, "accuracy": 0.1, "train-count": 77.0}),
+    ]
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics is not None
+    assert metrics["auc"] == pytest.approx(np.average([0.9, 0.5], weights=[10, 30]))
+    assert sorted(strategy.history.evaluate[1]) == ["site-1", "site-2"]
+    assert [(r["stage"], r["node"]) for r in strategy.history.rejected] == [("evaluate", 3)]
+
+
+def test_a_tie_keeps_the_keys_an_earlier_round_settled_on(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path)
+    a, b = _arrays(1), _arrays(2)
+    strategy.aggregate_train(1, [_reply(1, a, 20), _reply(2, b, 60)])  # both agree: the reference
+    # round 2: one against one; site-2 now drops a key (the smaller set would win a tie without history)
+    agg, _ = strategy.aggregate_train(2, [_reply(1, a, 20), _reply(2, b, 60, metrics={"train-loss": 1.0})])
+    _assert_average(agg, [a], [20])
+    assert [(r["round"], r["node"]) for r in strategy.history.rejected] == [(2, 2)]
+    # without an earlier round, a tie goes to the smaller set (an added key is the likelier deviation)
+    extra, plain = frozenset({"num-examples", "x", "leak"}), frozenset({"num-examples", "x"})
+    assert metric_key_reference([extra, plain]) == plain
+    assert metric_key_reference([extra, plain], earlier=extra) == extra
+    assert metric_key_reference([extra, extra, plain], earlier=plain) == extra  # a majority wins
+
+
+# (d) site names come from the node id --------------------------------------------------------------
+
+
+def test_a_second_node_cannot_take_a_bound_name_without_enrollment(tmp_path: Path) -> None:
+    # before: node 3's reply named site-1 overwrote site-1's row in the history and was averaged in
+    strategy = _strategy(tmp_path)
+    a, b, c = _arrays(1), _arrays(2), _arrays(3)
+    strategy.aggregate_train(1, [_reply(1, a, 20, "site-1"), _reply(2, b, 60, "site-2")])
+    agg, _ = strategy.aggregate_train(
+        2, [_reply(3, c, 999, "site-1"), _reply(1, a, 20, "site-1"), _reply(2, b, 60, "site-2")]
+    )
+    _assert_average(agg, [a, b], [20, 60])
+    assert strategy.history.train[2]["site-1"]["num-examples"] == 20  # site-1's own row
+    assert [(r["node"], r["site"]) for r in strategy.history.rejected] == [(3, "node-3")]
+    assert "claims the name 'site-1', which node 1 holds" in strategy.history.rejected[0]["reason"]
+    # a bound node that later claims another name keeps its first one
+    strategy.aggregate_train(3, [_reply(1, a, 20, "site-2"), _reply(2, b, 60, "site-2")])
+    assert sorted(strategy.history.train[3]) == ["site-1", "site-2"]
+
+
+def _enrollment(tmp_path: Path, sites: dict[str, Any]) -> Path:
+    path = tmp_path / "enrolled.json"
+    path.write_text(
+        json.dumps({s: {"node-id": n, "key-sha256": "ab" * 32, "key": "k.pub"} for s, n in sites.items()})
+    )
+    return path
+
+
+def test_enrolled_names_win_over_what_a_reply_says(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = _enrollment(tmp_path, {"hospital-a": "11", "hospital-b": "12"})
+    cfg = FederationConfig.from_run_config({"enrollment": str(path)})
+    strategy = _strategy(tmp_path, names=SiteNames.from_file(cfg.enrollment))
+    a, b, c = _arrays(1), _arrays(2), _arrays(3)
+    with caplog.at_level(logging.WARNING):
+        agg, _ = strategy.aggregate_train(
+            1,
+            [
+                _reply(11, a, 20, "hospital-a"),
+                _reply(12, b, 60, "hospital-a"),  # enrolled as hospital-b, claims hospital-a
+                _reply(13, c, 500, "hospital-a"),  # not enrolled at all
+            ],
+        )
+    _assert_average(agg, [a, b], [20, 60])
+    rows = strategy.history.train[1]
+    assert sorted(rows) == ["hospital-a", "hospital-b"]
+    assert rows["hospital-a"]["num-examples"] == 20 and rows["hospital-b"]["num-examples"] == 60
+    assert [(r["node"], r["site"]) for r in strategy.history.rejected] == [(13, "node-13")]
+    assert "node 13 is not enrolled" in strategy.history.rejected[0]["reason"]
+    assert "Node 12 (hospital-b) claims to be 'hospital-a'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (None, "readable JSON file"),
+        ("[1, 2]", "to hold {site: {'node-id': ...}}"),
+        (json.dumps({"hospital-a": {"node-id": "(already enrolled)"}}), "numeric node-id"),
+        (json.dumps({"a": {"node-id": "5"}, "b": {"node-id": 5}}), "share node 5"),
+    ],
+)
+def test_an_unusable_enrollment_file_is_refused(tmp_path: Path, content: str | None, needle: str) -> None:
+    path = tmp_path / "enrolled.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match="enroll") as err:
+        load_enrollment(path)
+    assert needle in str(err.value)
+    assert load_enrollment(_enrollment(tmp_path, {"a": "5", "b": 6})) == {5: "a", 6: "b"}
+
+
+# the aggregate itself ------------------------------------------------------------------------------
+
+
+def test_a_nan_aggregate_writes_no_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    strategy = _strategy(tmp_path)
+    a, b = _arrays(1), _arrays(2)
+    first, _ = strategy.aggregate_train(1, [_reply(1, a, 20), _reply(2, b, 60)])
+    assert first is not None
+    before = (tmp_path / "ckpt" / "checkpoint.json").read_bytes()
+
+    def broken(self: FedAvg, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord, None]:
+        # an aggregation rule gone wrong (the check stands between any aggregator and the disk)
+        return _record({**_arrays(0), "lora.up": np.full(SHAPES["lora.up"], np.nan, np.float32)}), None
+
+    monkeypatch.setattr(FedAvg, "aggregate_train", broken)
+    with caplog.at_level(logging.ERROR, logger="fedshift.server.strategy"):
+        agg, _ = strategy.aggregate_train(2, [_reply(1, a, 20), _reply(2, b, 60)])
+    assert agg is None  # Flower's loop keeps the previous global adapters
+    assert (tmp_path / "ckpt" / "checkpoint.json").read_bytes() == before
+    assert load_checkpoint(tmp_path / "ckpt").round == 1
+    assert "Round 2: the aggregate is unusable ('lora.up' contains NaN or infinite values)" in caplog.text
+
+
+# the run goes on: Flower's own round loop ----------------------------------------------------------
+
+
+class _ScriptedGrid:
+    """The two Grid calls Flower's round loop makes; each node answers through ``answer``."""
+
+    def __init__(self, nodes: list[int], answer: Callable[[Message], Message]) -> None:
+        self.nodes, self.answer = nodes, answer
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return [self.answer(m) for m in messages]
+
+
+def test_a_misbehaving_site_never_ends_the_run(tmp_path: Path) -> None:
+    """Three rounds of Flower's real ``Strategy.start``; node 3 misbehaves differently every round."""
+    honest = {1: (_arrays(1), 20), 2: (_arrays(2), 60)}
+
+    def answer(msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        rnd = int(msg.content["config"]["server-round"])  # type: ignore[arg-type]
+        evaluating = msg.metadata.message_type == MessageType.EVALUATE
+        metrics = dict(EVAL_METRICS if evaluating else TRAIN_METRICS)
+        arrays: dict[str, np.ndarray] | ArrayRecord | None = None
+        n: float
+        if node in honest:
+            arrays, n, name = honest[node][0], honest[node][1], f"site-{node}"
+        else:
+            arrays, n, name = _arrays(3), 40, "site-3"
+            if rnd == 1:
+                metrics["leak"] = 1.0  # an extra metric key, in training and evaluation
+            elif rnd == 2:
+                n = float("inf")
+                arrays = _lying(arrays, "lora.up", _npy(np.ones((1, 4), np.float32)))
+            else:
+                name = "site-1"  # a good reply, but claiming another site's name
+        return _reply(node, None if evaluating else arrays, n, name, metrics, msg.metadata.message_type)
+
+    strategy = _strategy(tmp_path, min_nodes=3)
+    grid = _ScriptedGrid([1, 2, 3], answer)
+    result = strategy.start(
+        grid=grid,  # type: ignore[arg-type]
+        initial_arrays=ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()}),
+        num_rounds=3,
+        evaluate_config=ConfigRecord({"split": "val"}),
+    )
+    # round 3's aggregate: node 3's good reply counts, under the name its node id bound in round 1
+    _assert_average(result.arrays, [honest[1][0], honest[2][0], _arrays(3)], [20, 60, 40])
+    rejected = [(r["round"], r["stage"]) for r in strategy.history.rejected]
+    assert rejected == [(1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")]
+    for rnd in (1, 2):
+        assert sorted(strategy.history.train[rnd]) == ["site-1", "site-2"]
+    assert sorted(strategy.history.train[3]) == ["site-1", "site-2", "site-3"]
+    assert strategy.history.train[3]["site-1"]["num-examples"] == 20
+    assert load_checkpoint(tmp_path / "ckpt").round == 3
+
+    # the final evaluation is screened the same way: a taken name and an extra key leave nothing
+    intruder = {4: "site-2", 5: "site-5"}
+
+    def final(msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        metrics = {**EVAL_METRICS, **({"leak": 1.0} if node == 5 else {})}
+        return _reply(node, None, 30, intruder.get(node, f"site-{node}"), metrics, MessageType.EVALUATE)
+
+    out = final_evaluation(_ScriptedGrid([1, 2, 3, 4, 5], final), result.arrays, strategy, "test", 60)  # type: ignore[arg-type]
+    assert sorted(out) == ["site-1", "site-2", "site-3"]
+
+
+# the other stages that read weights and arrays -----------------------------------------------------
+
+
+def test_a_fisher_reply_is_checked_on_its_decoded_data_and_weight(tmp_path: Path) -> None:
+    shape = {"lora.down": SHAPES["lora.down"]}
+    good = {"lora.down": np.ones(SHAPES["lora.down"], np.float32)}
+
+    def fisher(record: ArrayRecord, n: float) -> Message:
+        ins = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=4, message_type="query.fisher")
+        content = RecordDict({"ewc-fisher": record, "metrics": MetricRecord({"num-examples": n})})
+        return Message(content, reply_to=ins)
+
+    assert fisher_problem(fisher(_record(good), 10), shape) is None
+    assert "positive whole number" in str(fisher_problem(fisher(_record(good), float("inf")), shape))
+    lying = _lying(good, "lora.down", _npy(np.ones((1, 6), np.float32)))
+    assert "declares shape (4, 6) but its data has shape (1, 6)" in str(
+        fisher_problem(fisher(lying, 10), shape)
+    )
