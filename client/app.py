@@ -20,7 +20,7 @@ from flwr.clientapp.typing import Mod
 
 from fedshift.client.continual import ewc_term, fisher_reply
 from fedshift.client.correction import evaluate_with_shift, source_prior_for
-from fedshift.client.dp import plan_round
+from fedshift.client.dp import check_round, plan_round
 from fedshift.client.egress import (
     DEFAULT_METRICS,
     MECHANISM_DP,
@@ -46,13 +46,14 @@ from fedshift.client.site_statistics import (
 )
 from fedshift.client.training import TrainStats, evaluate, resolve_device, train_local
 from fedshift.common.config import FederationConfig
-from fedshift.common.errors import BudgetExhaustedError
+from fedshift.common.errors import BudgetExhaustedError, RoundRefusedError
 from fedshift.common.model import FedshiftModel, build_model
 from fedshift.common.protocol import (
     ARRAYS_KEY,
     METRICS_KEY,
     PRIVACY_KEY,
     SITE_KEY,
+    STATUS_ROUND_REFUSED,
     WEIGHT_KEY,
 )
 from fedshift.common.shift_statistics import load_global_statistics
@@ -96,10 +97,12 @@ def _train_private(
 ) -> tuple[TrainStats, ConfigRecord]:
     """Plan the round under the budget, charge the ledger, then train (raises BudgetExhaustedError)."""
     privacy = site.privacy
-    train = load_site_data(site).split("train")
     ledger = PrivacyLedger.at(site.state_dir, accountant=privacy.accountant)
     server_round = round_of(msg)
     run_id = str(msg.metadata.run_id)
+    # a round out of order or beyond the run is refused before any data is read
+    check_round(ledger, run_id=run_id, server_round=server_round, num_rounds=fed.num_rounds)
+    train = load_site_data(site).split("train")
     fisher_cost = [fisher_mechanism(fed.ewc)] if fed.ewc.spends_privacy else []
     plan = plan_round(
         privacy,
@@ -192,6 +195,9 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
         if site.privacy.enabled:
             try:
                 stats, privacy = _train_private(msg, fed, site, model, seed)
+            except RoundRefusedError as exc:
+                logger.warning("%s round %d: refused: %s", site.name, server_round, exc)
+                return refusal(msg, site.name, STATUS_ROUND_REFUSED, str(exc))
             except BudgetExhaustedError as exc:
                 logger.warning("%s round %d: not training: %s", site.name, server_round, exc)
                 return refusal(msg, site.name, "budget-exhausted", str(exc))

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedshift.client.dp import check_allowance
 from fedshift.client.egress import MECHANISM_DP_FISHER, refusal, round_of
 from fedshift.client.ewc import FISHER_PUBLIC, EWCTerm, fisher_mechanism, site_fisher
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.client.site import SiteSettings, load_site_data
 from fedshift.common.config import FederationConfig
-from fedshift.common.errors import ConfigError
+from fedshift.common.errors import BudgetExhaustedError, ConfigError
 from fedshift.common.model import FedshiftModel
 from fedshift.common.protocol import ANCHOR_KEY, FISHER_KEY, METRICS_KEY, PRIVACY_KEY, SITE_KEY, WEIGHT_KEY
 
@@ -91,12 +92,10 @@ def fisher_reply(msg: Message, fed: FederationConfig, site: SiteSettings, model:
         if ledger.find(run_id, server_round, MECHANISM_DP_FISHER) is not None:
             return refusal(msg, site.name, "refused", "this Fisher was already released once in this run")
         sigma, q, steps = fisher_mechanism(fed.ewc)
-        after = ledger.epsilon_if(sigma, q, steps, privacy.delta)
-        if not after <= privacy.epsilon:
-            reason = (
-                f"releasing the Fisher would bring epsilon to {after:.4g}, past the budget "
-                f"{privacy.epsilon:g} at delta={privacy.delta:g}"
-            )
+        try:  # the lifetime budget and the per-run cap (dp-epsilon-per-run)
+            check_allowance(privacy, ledger, run_id=run_id, planned=[(sigma, q, steps)], what="the Fisher")
+        except BudgetExhaustedError as exc:
+            reason = str(exc)
             logger.warning("%s: no consolidation Fisher: %s", site.name, reason)
             return refusal(msg, site.name, "budget-exhausted", reason)
         entry = ledger.charge_mechanism(

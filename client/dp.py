@@ -43,7 +43,7 @@ from torch import nn
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.common.adapters import ChannelAffine
 from fedshift.common.config import PrivacyConfig, TrainConfig
-from fedshift.common.errors import BudgetExhaustedError, PrivacyError
+from fedshift.common.errors import BudgetExhaustedError, PrivacyError, RoundRefusedError
 from fedshift.common.privacy import Mechanism, check_budget, epsilon, noise_for_budget
 
 logger = logging.getLogger(__name__)
@@ -266,6 +266,72 @@ class RoundPlan:
     delta: float
 
 
+def check_round(ledger: PrivacyLedger, *, run_id: str, server_round: int, num_rounds: int) -> None:
+    """Refuse a DP-SGD round that is not the next one of this run (:class:`RoundRefusedError`).
+
+    A training round must lie in ``1..num_rounds`` (the run's ``num-server-rounds``) and
+    come after every round this site already trained in the run: a repeated or earlier
+    round would be charged twice, a round beyond the run would make the noise planning
+    spend the run's whole allowance at once. Checked before anything is charged or read.
+    """
+    if not 1 <= server_round <= num_rounds:
+        raise RoundRefusedError(
+            f"Expected a training round in 1..{num_rounds} (num-server-rounds of run {run_id}), but the "
+            f"server asked for round {server_round}; this site does not train it (nothing charged)"
+        )
+    trained = [e.round for e in ledger.run_entries(run_id) if e.mechanism == MECHANISM_DP_SGD]
+    if trained and server_round <= max(trained):
+        raise RoundRefusedError(
+            f"Expected round {server_round} of run {run_id} to come after round {max(trained)}, the last "
+            "this site already trained in this run, but it does not; training it would charge the budget "
+            "twice for one run's progress: this site does not train it (nothing charged)"
+        )
+
+
+def _run_history(ledger: PrivacyLedger, run_id: str) -> list[Mechanism]:
+    return [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.run_entries(run_id)]
+
+
+def check_allowance(
+    privacy: PrivacyConfig,
+    ledger: PrivacyLedger,
+    *,
+    run_id: str,
+    planned: Sequence[Mechanism],
+    reserve: Sequence[Mechanism] = (),
+    what: str = "this release",
+) -> float:
+    """The site's lifetime epsilon after charging ``planned``, or :class:`BudgetExhaustedError`.
+
+    ``planned`` (with ``reserve``: what the run keeps room for, e.g. its end-of-run Fisher)
+    must fit both the lifetime budget ``dp-epsilon`` over everything in the ledger and,
+    when the site sets one, the per-run cap ``dp-epsilon-per-run`` over this run's entries.
+    """
+    delta, accountant = privacy.delta, privacy.accountant
+    history = ledger.history()
+    after = epsilon([*history, *planned], delta, accountant)
+    reserved = epsilon([*history, *planned, *reserve], delta, accountant) if reserve else after
+    note = " (with the end-of-run release this run keeps room for)" if reserve else ""
+    if reserved > privacy.epsilon:
+        raise BudgetExhaustedError(
+            f"Expected {what} to fit the budget epsilon={privacy.epsilon:g} at delta={delta:g}, but it "
+            f"would bring epsilon from {ledger.epsilon(delta):.4g} to {reserved:.4g}{note}; this site "
+            "sits out (raise dp-epsilon only if the site's governance allows it)"
+        )
+    cap = privacy.run_cap
+    if cap is not None:
+        run = _run_history(ledger, run_id)
+        run_after = epsilon([*run, *planned, *reserve], delta, accountant)
+        if run_after > cap:
+            raise BudgetExhaustedError(
+                f"Expected {what} to fit the per-run cap dp-epsilon-per-run={cap:g} at delta={delta:g}, but "
+                f"it would bring run {run_id}'s epsilon from {epsilon(run, delta, accountant):.4g} to "
+                f"{run_after:.4g}{note}; this site sits out of the rest of this run (raise "
+                "dp-epsilon-per-run only if the site's governance allows it)"
+            )
+    return after
+
+
 def plan_round(
     privacy: PrivacyConfig,
     ledger: PrivacyLedger,
@@ -279,52 +345,56 @@ def plan_round(
     extra: Sequence[Mechanism] = (),
     final: Sequence[Mechanism] = (),
 ) -> RoundPlan:
-    """The DP-SGD round this site may run now, or :class:`BudgetExhaustedError` saying why not.
+    """The DP-SGD round this site may run now, or an error saying why not.
 
-    The noise multiplier is the configured one, or else the one this run already
-    uses (it stays fixed within a run), or else the smallest that fits every
-    planned round of this run into what is left of the site's lifetime budget;
-    when that would exceed :data:`MAX_USEFUL_SIGMA`, the site sits out. ``extra``
-    are the other mechanisms charged with every round (e.g. a DP Fisher release);
-    they count in the planning and in the budget check. ``final`` are mechanisms charged
-    once after the last round (e.g. the end-of-phase Fisher for consolidation): the budget
-    keeps room for them.
+    :class:`RoundRefusedError` for a round out of order or beyond ``num_rounds``
+    (:func:`check_round`); :class:`BudgetExhaustedError` when the round does not fit.
+    The noise multiplier is the site's own ``dp-noise-multiplier``, or else the one this
+    run already uses (it stays fixed within a run), or else the smallest that fits every
+    planned round of this run into what is left of the site's lifetime budget *and* of
+    its per-run cap (``dp-epsilon-per-run``); when that would exceed
+    :data:`MAX_USEFUL_SIGMA`, the site sits out. ``extra`` are the other mechanisms
+    charged with every round (e.g. a DP Fisher release); they count in the planning and
+    in the budget check. ``final`` are mechanisms charged once after the last round
+    (e.g. the end-of-phase Fisher for consolidation): the budget keeps room for them.
     """
     check_budget(privacy.epsilon, privacy.delta, num_examples)
+    check_round(ledger, run_id=run_id, server_round=server_round, num_rounds=num_rounds)
     q = sample_rate(num_examples, train.batch_size)
     steps = train.local_epochs * steps_per_epoch(num_examples, train.batch_size)
-    if ledger.find(run_id, server_round) is not None:
-        raise BudgetExhaustedError(
-            f"Expected round {server_round} of run {run_id} to be new, but this site already trained "
-            "it; training it again would charge the budget twice"
-        )
     sigma = privacy.noise_multiplier
     if sigma <= 0:
         earlier = [e for e in ledger.run_entries(run_id) if e.mechanism == MECHANISM_DP_SGD]
         if earlier:
             sigma = earlier[0].noise_multiplier
         else:
-            remaining = max(1, num_rounds - server_round + 1)
-            sigma = noise_for_budget(
-                privacy.epsilon,
-                privacy.delta,
-                q,
-                steps * remaining,
-                history=[*ledger.history(), *(list(extra) * remaining), *final],
-                accountant=privacy.accountant,
-                max_sigma=MAX_USEFUL_SIGMA,
-            ).noise_multiplier
+            remaining = num_rounds - server_round + 1
+            later = [*(list(extra) * remaining), *final]
+            budgets = [(privacy.epsilon, ledger.history(), "dp-epsilon")]
+            if privacy.run_cap is not None:
+                budgets.append((privacy.run_cap, _run_history(ledger, run_id), "dp-epsilon-per-run"))
+            sigma = max(
+                noise_for_budget(
+                    budget,
+                    privacy.delta,
+                    q,
+                    steps * remaining,
+                    history=[*history, *later],
+                    accountant=privacy.accountant,
+                    max_sigma=MAX_USEFUL_SIGMA,
+                    budget_name=name,
+                ).noise_multiplier
+                for budget, history, name in budgets
+            )
     before = ledger.epsilon(privacy.delta)
-    planned = [*ledger.history(), *extra, (sigma, q, steps)]
-    after = epsilon(planned, privacy.delta, privacy.accountant)
-    reserved = epsilon([*planned, *final], privacy.delta, privacy.accountant) if final else after
-    if reserved > privacy.epsilon:
-        raise BudgetExhaustedError(
-            f"Expected round {server_round} to fit the budget epsilon={privacy.epsilon:g} at "
-            f"delta={privacy.delta:g}, but it would bring epsilon from {before:.4g} to {reserved:.4g}"
-            f"{' (with the end-of-run Fisher release)' if final else ''}; "
-            "this site sits out (raise dp-epsilon only if the site's governance allows it)"
-        )
+    after = check_allowance(
+        privacy,
+        ledger,
+        run_id=run_id,
+        planned=[*extra, (sigma, q, steps)],
+        reserve=final,
+        what=f"round {server_round}",
+    )
     training = PrivateTraining(
         noise_multiplier=sigma,
         clip_norm=privacy.clip_norm,

@@ -19,7 +19,7 @@ import torch
 
 from fedshift.common.config import FederationConfig, PrivacyConfig
 from fedshift.common.data import Dataset, load_npz
-from fedshift.common.errors import ConfigError
+from fedshift.common.errors import ConfigError, PrivacyError
 from fedshift.common.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ class SiteSettings:
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], fed: FederationConfig) -> SiteSettings:
-        """Deployment: private by default (DP and the secure RNG on; the budget must be set).
+        """Deployment: private by default (DP and the secure RNG on; the budget must be set),
+        and the privacy settings are the site's alone (:func:`deployed_privacy`).
 
         Simulation: every site takes the run config's privacy settings, except what its
         own ``site.toml`` (in its site directory) sets.
@@ -107,8 +108,7 @@ class SiteSettings:
             data_path = Path(str(node_config["data-path"]))
             state_dir = Path(str(node_config.get("state-dir", data_path.parent)))
             name = str(node_config.get("site-name", data_path.stem))
-            production = {"dp": True, "dp-secure-rng": True, "dp-epsilon": float("nan")}
-            privacy = fed.privacy.with_values({**production, **node_config})
+            privacy = deployed_privacy(node_config, fed.privacy, name)
             return cls(name, data_path, state_dir, device, privacy, egress, splits)
         if "partition-id" in node_config and fed.sites_root:
             name = f"site-{int(node_config['partition-id'])}"
@@ -120,6 +120,45 @@ class SiteSettings:
             "'sites-root' (simulation), but neither is set; pass "
             "--node-config \"data-path='/path/site.npz'\""
         )
+
+
+# a deployed site's privacy defaults: DP on, noise and sampling from the OS CSPRNG, no budget (set it)
+DEPLOYMENT_PRIVACY = {"dp": True, "dp-secure-rng": True, "dp-epsilon": float("nan")}
+
+
+def deployed_privacy(node_config: Mapping[str, Any], run_privacy: PrivacyConfig, site: str) -> PrivacyConfig:
+    """A deployed site's privacy settings: its node config over :data:`DEPLOYMENT_PRIVACY`, nothing else.
+
+    The run config is the coordinator's: its ``dp-*`` values (``run_privacy``) are ignored
+    here, with a warning naming the ones that differ from fedshift's defaults, so the
+    coordinator cannot lower the noise, raise the clip norm or switch the accountant. The
+    seeded noise generator is refused: its seed (run seed, round, site name) is known to the
+    coordinator, which could regenerate the noise and subtract it.
+    """
+    privacy = PrivacyConfig().with_values({**DEPLOYMENT_PRIVACY, **node_config})
+    if not privacy.secure_rng:
+        raise PrivacyError(
+            "Expected dp-secure-rng to be true at a deployed site (a node config with data-path), but got "
+            f"{node_config.get('dp-secure-rng')!r}: a seeded noise generator's seed is known to the "
+            "coordinator, which could recompute the noise and remove it; delete dp-secure-rng from the "
+            "site's config (seeded noise is for simulations only)"
+        )
+    defaults = PrivacyConfig().to_run_config()
+    ignored = tuple(sorted((k, v) for k, v in run_privacy.to_run_config().items() if v != defaults[k]))
+    if ignored:
+        _warn_ignored(site, ignored)
+    return privacy
+
+
+@functools.lru_cache(maxsize=32)
+def _warn_ignored(site: str, ignored: tuple[tuple[str, Any], ...]) -> None:
+    """Once per process and setting: the run config's privacy values this deployed site ignores."""
+    logger.warning(
+        "%s: ignoring the run config's %s: a deployed site's privacy settings come only from its own "
+        "node config (set them there if the site's governance agrees)",
+        site,
+        ", ".join(f"{k}={v!r}" for k, v in ignored),
+    )
 
 
 @functools.lru_cache(maxsize=8)

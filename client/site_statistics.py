@@ -33,16 +33,16 @@ from fedshift.client.alignment import (
     site_objective,
 )
 from fedshift.client.correction import count_mechanism, private_label_counts
-from fedshift.client.dp import RandomSource, SecureSource, SeededSource
+from fedshift.client.dp import RandomSource, SecureSource, SeededSource, check_allowance
 from fedshift.client.egress import MECHANISM_DP_LABEL_COUNTS, MECHANISM_DP_MOMENTS, refusal, round_of
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.client.site import SiteSettings, load_site_data
 from fedshift.client.training import Objective, resolve_device
 from fedshift.common.config import FederationConfig
-from fedshift.common.errors import ConfigError
+from fedshift.common.errors import BudgetExhaustedError, ConfigError
 from fedshift.common.io import atomic_write_json
 from fedshift.common.model import FedshiftModel
-from fedshift.common.privacy import Mechanism, epsilon
+from fedshift.common.privacy import Mechanism
 from fedshift.common.protocol import CONFIG_KEY, METRICS_KEY, SITE_KEY, WEIGHT_KEY
 from fedshift.common.shift_statistics import (
     GLOBAL_KEY,
@@ -114,12 +114,12 @@ def _release(
         logger.error("%s: %s", site.name, reason)
         return refusal(msg, site.name, "statistics-lost", reason)
     if privacy.enabled:
-        after = epsilon([*ledger.history(), *(m for _, m in mechanisms)], privacy.delta, privacy.accountant)
-        if after > privacy.epsilon:
-            reason = (
-                f"releasing the statistics would bring epsilon to {after:.4g}, over the budget "
-                f"epsilon={privacy.epsilon:g} at delta={privacy.delta:g}"
+        try:  # the lifetime budget and the per-run cap (dp-epsilon-per-run)
+            check_allowance(
+                privacy, ledger, run_id=run_id, planned=[m for _, m in mechanisms], what="the statistics"
             )
+        except BudgetExhaustedError as exc:
+            reason = str(exc)
             logger.warning("%s: %s", site.name, reason)
             return refusal(msg, site.name, "budget-exhausted", reason)
     # charged before the data is touched: a crash over-reports, never under-reports

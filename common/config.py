@@ -92,7 +92,8 @@ class PrivacyConfig:
     clip_norm: float = 1.0  # per-sample gradient norm bound C
     noise_multiplier: float = 0.0  # sigma; 0 = smallest sigma fitting the budget over planned rounds
     accountant: str = "rdp"  # rdp or prv (Opacus accountants)
-    secure_rng: bool = False  # noise and sampling from the OS CSPRNG; turn on in production
+    secure_rng: bool = False  # noise and sampling from the OS CSPRNG; always on in deployment
+    epsilon_per_run: float = math.inf  # cap on what one run may spend at this site; inf = the lifetime budget
 
     # run-config / node-config key -> field
     KEYS: ClassVar[dict[str, str]] = {
@@ -103,6 +104,7 @@ class PrivacyConfig:
         "dp-noise-multiplier": "noise_multiplier",
         "dp-accountant": "accountant",
         "dp-secure-rng": "secure_rng",
+        "dp-epsilon-per-run": "epsilon_per_run",
     }
 
     def __post_init__(self) -> None:
@@ -117,8 +119,20 @@ class PrivacyConfig:
                 f"Expected dp-noise-multiplier to be >= 0 (0 = derive it from the budget), but got "
                 f"{self.noise_multiplier!r}"
             )
+        cap = self.epsilon_per_run
+        if not cap > 0:
+            raise PrivacyError(
+                f"Expected dp-epsilon-per-run to be a finite number > 0, but got {cap!r}; set it to the "
+                "most one run may spend at this site (e.g. 2.0), or leave it out (the lifetime dp-epsilon "
+                "bounds every run)"
+            )
         if self.enabled:
             check_budget(self.epsilon, self.delta)
+
+    @property
+    def run_cap(self) -> float | None:
+        """The per-run epsilon cap, or ``None`` when only the lifetime budget bounds a run."""
+        return self.epsilon_per_run if math.isfinite(self.epsilon_per_run) else None
 
     def with_values(self, values: Mapping[str, Any]) -> PrivacyConfig:
         """A copy with the ``dp-*`` keys present in ``values`` applied (parsed and checked)."""
@@ -144,6 +158,7 @@ class PrivacyConfig:
             "dp-noise-multiplier": self.noise_multiplier,
             "dp-accountant": self.accountant,
             "dp-secure-rng": self.secure_rng,
+            "dp-epsilon-per-run": self.epsilon_per_run if math.isfinite(self.epsilon_per_run) else 0.0,
         }
 
 
@@ -278,6 +293,31 @@ class EWCConfig:
         return {key: getattr(self, name) for key, name in self.KEYS.items()}
 
 
+# Upper limits of the run-config values that set how much work, memory or time a round costs a site.
+# The coordinator chooses the run config; these bound what it can make a hospital's machine do.
+RUN_CONFIG_MAXIMUM: dict[str, int] = {
+    "num-server-rounds": 1000,  # rounds of one run (each one trains and is charged)
+    "local-epochs": 20,  # passes over the training split per round
+    "batch-size": 1024,  # expected Poisson batch (per-sample gradients of the whole batch live at once)
+    "image-size": 512,  # side of the input: memory and compute grow with its square
+    "num-classes": 1000,  # outputs of the head
+    "adapter-rank": 64,  # LoRA rank
+    "ewc-fisher-samples": 10_000,  # images of one Fisher estimate (per-sample gradients)
+    "ls-bootstrap": 2000,  # EM refits of the label-shift bootstrap at each evaluation
+    "align-dim": 256,  # projected feature dimensions (second moments are align-dim squared)
+}
+
+
+def check_maximum(key: str, value: float) -> None:
+    """Refuse a run-config value above :data:`RUN_CONFIG_MAXIMUM`, naming the key, the value and the fix."""
+    most = RUN_CONFIG_MAXIMUM.get(key)
+    if most is not None and value > most:
+        raise ConfigError(
+            f"Expected run-config {key!r} to be at most {most}, but got {value!r}; lower it (sites "
+            "refuse larger values, which could exhaust a hospital's machine)"
+        )
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """One federation: rounds, model, local training and where things live."""
@@ -294,7 +334,7 @@ class FederationConfig:
     max_num_examples: int = 1_000_000  # server: the largest FedAvg weight (num-examples) a reply may carry
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    # simulation: every site's privacy settings; deployment: defaults that the site config overrides
+    # simulation: every site's privacy settings; deployment: ignored by the sites (their node config decides)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     ewc: EWCConfig = field(default_factory=EWCConfig)  # EWC penalty at every site (lambda 0 = off)
     shift: ShiftConfig = field(default_factory=ShiftConfig)  # label-shift correction, domain alignment
@@ -365,6 +405,10 @@ class FederationConfig:
                 raise ConfigError(f"Expected run-config {key!r} to be {want.__name__}, but got {value!r}")
             return value
 
+        for key in RUN_CONFIG_MAXIMUM:  # before any parsing (types are checked below)
+            if isinstance(values[key], int | float) and not isinstance(values[key], bool):
+                check_maximum(key, values[key])
+
         seed = get("seed")
         return cls(
             num_rounds=get("num-server-rounds"),
@@ -402,10 +446,8 @@ class FederationConfig:
 
 
 def _privacy_from_run_config(values: Mapping[str, Any]) -> PrivacyConfig:
-    """The run config's dp-* keys; an epsilon of 0 there means "not set"."""
-    eps = values.get("dp-epsilon", 0.0)
-    present = {k: v for k, v in values.items() if k in PrivacyConfig.KEYS and k != "dp-epsilon"}
-    base = PrivacyConfig()
-    if _number("dp-epsilon", eps) != 0.0:
-        base = replace(base, epsilon=_number("dp-epsilon", eps))
-    return base.with_values(present)
+    """The run config's dp-* keys; an epsilon (or per-run cap) of 0 there means "not set"."""
+    unset = ("dp-epsilon", "dp-epsilon-per-run")
+    present = {k: v for k, v in values.items() if k in PrivacyConfig.KEYS and k not in unset}
+    present.update({k: values[k] for k in unset if k in values and _number(k, values[k]) != 0.0})
+    return PrivacyConfig().with_values(present)

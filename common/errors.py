@@ -36,5 +36,9 @@ class BudgetExhaustedError(PrivacyError):
     """Training would spend more privacy budget than the site allows."""
 
 
+class RoundRefusedError(PrivacyError):
+    """A training round the site does not run (out of order, or beyond the run's rounds); nothing charged."""
+
+
 class LedgerError(PrivacyError):
     """The privacy ledger on disk is corrupt, inconsistent or cannot be written."""

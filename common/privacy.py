@@ -133,11 +133,13 @@ def noise_for_budget(
     accountant: str = "rdp",
     tolerance: float = 2e-3,
     max_sigma: float = 1e3,
+    budget_name: str = "dp-epsilon",
 ) -> NoisePlan:
     """The smallest noise multiplier (within ``tolerance``) whose planned steps keep epsilon <= budget.
 
     Accounts for everything already in ``history`` (earlier runs at this site).
-    Raises :class:`BudgetExhaustedError` when no amount of noise fits.
+    Raises :class:`BudgetExhaustedError` when no amount of noise fits; ``budget_name``
+    is the setting the message names (the lifetime ``dp-epsilon`` or ``dp-epsilon-per-run``).
     """
     check_budget(budget, delta)
     if steps < 1:
@@ -152,10 +154,10 @@ def noise_for_budget(
         fits = eps_at(max_sigma) <= budget
     if not fits:
         raise BudgetExhaustedError(
-            f"Expected room in the privacy budget epsilon={budget:g} (delta={delta:g}), but "
+            f"Expected room in the privacy budget {budget_name}={budget:g} (delta={delta:g}), but "
             f"{before:.4g} is already spent and {steps} more steps do not fit even with noise "
             f"multiplier {max_sigma:g} (beyond it updates are mostly noise); the site sits out: plan fewer "
-            "rounds or steps, or raise dp-epsilon if the site's governance allows it"
+            f"rounds or steps, or raise {budget_name} if the site's governance allows it"
         )
     low, high = 0.0, 1.0
     while eps_at(high) > budget:

@@ -114,6 +114,12 @@ def check_site(settings: ClientSettings) -> SiteCheck:
         ledger = open_ledger(site.state_dir)
     except FedshiftError as exc:
         raise ConfigError(f"[site] state-dir in {path}: {exc}") from None
+    if ledger is not None and privacy.enabled and ledger.accountant != privacy.accountant:
+        raise ConfigError(
+            f"Expected [site] dp-accountant in {path} to be {ledger.accountant!r}, the accountant this "
+            f"site's privacy ledger is kept with, but got {privacy.accountant!r}; set dp-accountant = "
+            f'"{ledger.accountant}" (the accountant is fixed in the ledger; a new ledger would reset the budget)'
+        )
     if ledger is not None and ledger.entries:
         spent = ledger.epsilon(ledger.entries[-1].delta)
     return SiteCheck(

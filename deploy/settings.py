@@ -68,7 +68,13 @@ CONNECTION_KEYS = {
     "enrollment-timeout": "seconds a refused key is retried before the daemon exits with code 3",
 }
 NODE_LOCATION_KEYS = ("data-path", "state-dir", "site-name")
-NUMBER_EXAMPLES = {"dp-epsilon": 8.0, "dp-delta": 1e-5, "dp-clip-norm": 1.0, "dp-noise-multiplier": 1.1}
+NUMBER_EXAMPLES = {
+    "dp-epsilon": 8.0,
+    "dp-epsilon-per-run": 2.0,
+    "dp-delta": 1e-5,
+    "dp-clip-norm": 1.0,
+    "dp-noise-multiplier": 1.1,
+}
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -324,3 +330,9 @@ def _check_privacy_values(site: Mapping[str, Any], path: Path) -> None:
                 f"Expected [site] {key} in {path} to be true or false, but got {site[key]!r}; "
                 f"write {key} = true (no quotes)"
             )
+    if site.get("dp-secure-rng") is False:
+        raise ConfigError(
+            f"Expected [site] dp-secure-rng in {path} to be true (a deployed site draws its noise from the "
+            "OS CSPRNG), but got false: the seeded generator's seed is known to the coordinator, which "
+            "could recompute the noise and remove it; delete the dp-secure-rng line"
+        )
