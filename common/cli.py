@@ -23,6 +23,7 @@ COMMANDS = {
     "ledger": "fedshift.client.ledger_cli",
     "shift-study": "fedshift.simulations.shift_study_cli",
     "certs": "fedshift.deploy.cli",
+    "keygen": "fedshift.deploy.cli",
     "server": "fedshift.deploy.cli",
     "client": "fedshift.deploy.cli",
 }
@@ -48,7 +49,7 @@ def setup_logging(verbose: bool) -> None:
         handlers=[_StderrHandler()],
         force=True,
     )
-    for noisy in ("flwr", "ray", "matplotlib", "PIL", "timm", "alembic"):
+    for noisy in ("flwr", "ray", "matplotlib", "PIL", "timm", "alembic", "httpx"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 

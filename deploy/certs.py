@@ -3,10 +3,14 @@
 Layout of a certificate directory (``fedshift certs --out DIR``)::
 
     ca.crt                  # the federation's CA certificate: every hospital gets a copy
-    ca.key                  # the CA's private key: stays with the coordinator's admin (0600)
+    ca.key                  # the CA's private key (0600; --ca-passphrase-file encrypts it): keep it offline
     server.crt, server.key  # the SuperLink's TLS certificate (SANs: the given hosts/IPs) and key
-    nodes/<site>.key        # a hospital's SuperNode authentication key (OpenSSH EC P-384, 0600)
+    nodes/<site>.key        # demos and tests only: a SuperNode key made at the coordinator (0600)
     nodes/<site>.pub        # its public key, enrolled at the coordinator (OpenSSH format)
+
+In a real federation each hospital makes its own key pair, at the hospital
+(``fedshift keygen``: :func:`make_node_key`), and sends only the ``.pub`` file;
+the private key never leaves the site.
 
 Flower's SuperNode authentication expects EC keys on a NIST curve in OpenSSH
 format (``flower-supernode --auth-supernode-private-key``, ``flwr supernode
@@ -17,7 +21,9 @@ reused to sign new certificates (so hospitals can be added later).
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import ipaddress
 import logging
 import os
@@ -28,6 +34,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedshift.common.errors import ConfigError
@@ -44,6 +51,7 @@ PUBLIC_MODE = 0o644
 DEFAULT_DAYS = 825  # the longest validity common TLS clients accept for a leaf certificate
 
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 
 
 def node_key_path(directory: Path, site: str) -> Path:
@@ -54,6 +62,45 @@ def node_key_path(directory: Path, site: str) -> Path:
 def node_public_key_path(directory: Path, site: str) -> Path:
     """Where ``fedshift certs`` puts a hospital's public SuperNode key (to enroll)."""
     return directory / NODES_DIR / f"{site}.pub"
+
+
+def _ssh_public_fields(path: Path) -> tuple[str, bytes]:
+    """The key type and the decoded body of an OpenSSH public key file (``type base64 [comment]``)."""
+    try:
+        fields = path.read_text().split()
+        return fields[0], base64.b64decode(fields[1], validate=True)
+    except (OSError, UnicodeDecodeError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"Expected {path} to be an OpenSSH public key ('ecdsa-sha2-nistp384 AAAA... site'), but reading "
+            f"it failed ({type(exc).__name__}); ask the hospital for the .pub file of fedshift keygen"
+        ) from None
+
+
+def node_public_key(path: Path) -> bytes:
+    """A SuperNode's public key (OpenSSH file) as DER SubjectPublicKeyInfo, checked as Flower checks it."""
+    kind, _ = _ssh_public_fields(path)
+    try:
+        key = load_ssh_public_key(path.read_bytes())
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"Expected {path} to be an OpenSSH public key, but it is not ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _NIST_CURVES:
+        raise ConfigError(
+            f"Expected {path} to be an EC public key on a NIST curve (Flower's node authentication), but "
+            f"got {kind}; make the key pair with fedshift keygen"
+        )
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def public_key_fingerprint(path: Path) -> str:
+    """sha256 (hex) of an OpenSSH public key's type and body (the comment does not count)."""
+    fields = path.read_text().split()
+    return hashlib.sha256(" ".join(fields[:2]).encode()).hexdigest()
+
+
+def ssh_fingerprint(path: Path) -> str:
+    """``SHA256:...`` as ``ssh-keygen -lf`` prints it: read it aloud to check a ``.pub`` received by mail."""
+    _, blob = _ssh_public_fields(path)
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 @dataclass
@@ -119,10 +166,26 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP384R1())
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+def _pem_key(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None = None) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     )
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+
+
+def read_passphrase(path: Path) -> bytes:
+    """The CA passphrase from a file (one trailing newline dropped); never from the command line."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"Expected --ca-passphrase-file {path} to be a readable file, but reading it failed ({exc}); "
+            "write the passphrase into a file only you can read (chmod 600)"
+        ) from None
+    passphrase = data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data
+    if not passphrase:
+        raise ConfigError(f"Expected a passphrase in --ca-passphrase-file {path}, but the file is empty")
+    return passphrase
 
 
 def _name(common_name: str) -> x509.Name:
@@ -134,23 +197,52 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
-def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _load_ca(
+    directory: Path, passphrase: bytes | None = None
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     cert_path, key_path = directory / CA_CERT, directory / CA_KEY
+    unreadable = (
+        f"Expected a readable CA in {directory} ({CA_CERT} and {CA_KEY}), but reading it failed ({{}}); "
+        "restore both files, or remove both to create a new CA (then every certificate and enrollment "
+        "must be renewed)"
+    )
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        key_bytes = key_path.read_bytes()
     except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"Expected a readable CA in {directory} ({CA_CERT} and {CA_KEY}), but reading it failed "
-            f"({exc}); restore both files, or remove both to create a new CA (then every certificate "
-            "and enrollment must be renewed)"
-        ) from None
+        raise ConfigError(unreadable.format(exc)) from None
+    try:
+        key = serialization.load_pem_private_key(key_bytes, password=None)
+    except TypeError:  # the key is encrypted
+        if passphrase is None:
+            raise ConfigError(
+                f"Expected the passphrase of the encrypted CA key {key_path}, but none was given; pass "
+                "--ca-passphrase-file FILE (a file holding the passphrase)"
+            ) from None
+        try:
+            key = serialization.load_pem_private_key(key_bytes, password=passphrase)
+        except ValueError:
+            raise ConfigError(
+                f"Expected the passphrase of the encrypted CA key {key_path}, but the one in "
+                "--ca-passphrase-file does not decrypt it; check the file (one line: the passphrase)"
+            ) from None
+    except ValueError as exc:
+        raise ConfigError(unreadable.format(exc)) from None
+    else:
+        if passphrase is not None:
+            logger.warning(
+                "%s is not encrypted, so the passphrase is not used; to encrypt it: openssl pkcs8 -topk8 "
+                "-v2 aes-256-cbc -in ca.key -out ca.key.enc, then replace ca.key with ca.key.enc",
+                key_path,
+            )
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"Expected {key_path} to be an EC private key, but got {type(key).__name__}")
     return cert, key
 
 
-def _make_ca(directory: Path, days: int, report: CertsReport) -> None:
+def _make_ca(
+    directory: Path, days: int, passphrase: bytes | None, report: CertsReport
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _new_key()
     now = dt.datetime.now(dt.UTC)
     cert = (
@@ -179,16 +271,29 @@ def _make_ca(directory: Path, days: int, report: CertsReport) -> None:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
-    _write(directory / CA_KEY, _pem_key(key), PRIVATE_MODE, False, report)
+    if passphrase is None:
+        logger.warning(
+            "%s is written unencrypted: pass --ca-passphrase-file to encrypt it; keep it offline either way",
+            directory / CA_KEY,
+        )
+    _write(directory / CA_KEY, _pem_key(key, passphrase), PRIVATE_MODE, False, report)
     _write(directory / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE, False, report)
+    return cert, key
 
 
-def _make_server_cert(directory: Path, hosts: list[str], days: int, force: bool, report: CertsReport) -> None:
+def _make_server_cert(
+    directory: Path,
+    hosts: list[str],
+    days: int,
+    force: bool,
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    report: CertsReport,
+) -> None:
     sans = parse_hosts(hosts)
     for target in (directory / SERVER_CERT, directory / SERVER_KEY):
         if target.exists() and not force:
             raise ConfigError(f"Expected {target} not to exist, but it does; pass --force to replace it")
-    ca_cert, ca_key = _load_ca(directory)
+    ca_cert, ca_key = ca
     key = _new_key()
     now = dt.datetime.now(dt.UTC)
     common = next((h.strip() for h in hosts if h.strip()), "fedshift-coordinator")
@@ -212,8 +317,19 @@ def _make_server_cert(directory: Path, hosts: list[str], days: int, force: bool,
     _write(directory / SERVER_CERT, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE, force, report)
 
 
-def _make_node_key(directory: Path, site: str, force: bool, report: CertsReport) -> None:
-    private, public = node_key_path(directory, site), node_public_key_path(directory, site)
+def make_node_key(directory: Path, site: str, *, force: bool = False) -> CertsReport:
+    """A hospital's SuperNode key pair, made at the hospital: ``<directory>/<site>.key`` (0600) and ``.pub``.
+
+    ``fedshift keygen``. Only the ``.pub`` goes to the coordinator (``[hospitals]``).
+    """
+    report = CertsReport()
+    check_site_name(site)
+    _make_node_key(directory / f"{site}.key", directory / f"{site}.pub", site, force, report)
+    logger.info("Key pair of %s in %s: send only %s.pub", site, directory, site)
+    return report
+
+
+def _make_node_key(private: Path, public: Path, site: str, force: bool, report: CertsReport) -> None:
     for target in (private, public):
         if target.exists() and not force:
             raise ConfigError(f"Expected {target} not to exist, but it does; pass --force to replace it")
@@ -235,12 +351,16 @@ def make_certs(
     sites: list[str] | None = None,
     days: int = DEFAULT_DAYS,
     force: bool = False,
+    ca_passphrase: bytes | None = None,
 ) -> CertsReport:
     """Create the CA (if missing), a server certificate for ``hosts`` and one key pair per site.
 
-    An existing CA is reused; an existing server certificate or node key is
-    refused (:class:`ConfigError`) unless ``force``. Everything is checked
-    before the first file is written.
+    An existing CA is reused (``ca_passphrase`` decrypts its key); a new CA's
+    key is encrypted with ``ca_passphrase`` when given. An existing server
+    certificate or node key is refused (:class:`ConfigError`) unless
+    ``force``. Everything is checked before the first file is written. Node
+    keys made here are for demos and tests: hospitals make their own
+    (:func:`make_node_key`).
     """
     if days < 1:
         raise ConfigError(f"Expected --days >= 1, but got {days}")
@@ -266,13 +386,14 @@ def make_certs(
     report = CertsReport()
     directory.mkdir(parents=True, exist_ok=True)
     if (directory / CA_CERT).exists() or (directory / CA_KEY).exists():
-        _load_ca(directory)
+        ca = _load_ca(directory, ca_passphrase)
         report.reused += [directory / CA_CERT, directory / CA_KEY]
     else:
-        _make_ca(directory, days, report)
+        ca = _make_ca(directory, days, ca_passphrase, report)
     if hosts:
-        _make_server_cert(directory, hosts, days, force, report)
+        _make_server_cert(directory, hosts, days, force, ca, report)
     for site in sites:
-        _make_node_key(directory, site, force, report)
+        private, public = node_key_path(directory, site), node_public_key_path(directory, site)
+        _make_node_key(private, public, site, force, report)
     logger.info("Certificates in %s: created %d file(s)", directory, len(report.created))
     return report

@@ -1,4 +1,4 @@
-"""``fedshift certs``, ``fedshift server`` and ``fedshift client``: the deployment commands."""
+"""``fedshift certs``, ``keygen``, ``server`` and ``client``: the deployment commands."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ LOCAL_HOSTS = ["localhost", "127.0.0.1"]  # the SuperLink's own helpers connect 
 
 def register(sub: Any) -> None:
     _register_certs(sub)
+    _register_keygen(sub)
     _register_server(sub)
     _register_client(sub)
 
@@ -24,12 +25,14 @@ def register(sub: Any) -> None:
 def _register_certs(sub: Any) -> None:
     p = sub.add_parser(
         "certs",
-        help="create the federation's CA, the coordinator's TLS certificate and hospital keys",
+        help="create the federation's CA and the coordinator's TLS certificate (and demo hospital keys)",
         description="Create (in --out) a CA (ca.crt, ca.key), a TLS certificate for the coordinator "
-        "(server.crt, server.key; its SANs are --hosts plus localhost and 127.0.0.1) and one SuperNode "
-        "authentication key pair per hospital (nodes/<site>.key, nodes/<site>.pub: EC P-384, OpenSSH "
-        "format, as Flower's node authentication expects). Private keys are written 0600. An existing "
-        "CA is reused; existing certificates and keys are never replaced unless --force is given.",
+        "(server.crt, server.key; its SANs are --hosts plus localhost and 127.0.0.1) and, for demos and "
+        "tests only, SuperNode key pairs (--sites: nodes/<site>.key, nodes/<site>.pub); in a real "
+        "federation each hospital makes its own with fedshift keygen and sends only the .pub. Private "
+        "keys are written 0600; --ca-passphrase-file encrypts a new CA key (and decrypts an existing "
+        "one). An existing CA is reused; existing certificates and keys are never replaced unless "
+        "--force is given.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", type=Path, required=True, help="certificate directory (created if missing)")
@@ -38,10 +41,37 @@ def _register_certs(sub: Any) -> None:
         help="comma-separated DNS names and IP addresses the hospitals use to reach the coordinator; "
         "writes server.crt/server.key",
     )
-    p.add_argument("--sites", help="comma-separated hospital names; writes nodes/<site>.key and .pub")
+    p.add_argument(
+        "--sites",
+        help="demos and tests: comma-separated hospital names; writes nodes/<site>.key and .pub here "
+        "(real hospitals run fedshift keygen)",
+    )
     p.add_argument("--days", type=int, default=DEFAULT_DAYS, help="validity of new certificates in days")
     p.add_argument("--force", action="store_true", help="replace existing server certificate and site keys")
+    p.add_argument(
+        "--ca-passphrase-file",
+        type=Path,
+        help="file holding the CA key's passphrase: a new ca.key is written encrypted with it, an "
+        "encrypted one is decrypted with it to sign",
+    )
     p.set_defaults(func=_run_certs)
+
+
+def _register_keygen(sub: Any) -> None:
+    p = sub.add_parser(
+        "keygen",
+        help="make this hospital's SuperNode key pair, here at the hospital",
+        description="Write <out>/<site>.key (the private key, 0600: it never leaves this machine) and "
+        "<out>/<site>.pub (EC P-384, OpenSSH format, as Flower's node authentication expects). Send only "
+        "the .pub to the coordinator's admin, who lists it in [hospitals]; read them the printed "
+        "fingerprint to check the file they received (ssh-keygen -lf <site>.pub prints the same). "
+        "Existing keys are never replaced unless --force is given.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--site", required=True, help="this hospital's site name, e.g. hospital-a")
+    p.add_argument("--out", type=Path, default=Path("."), help="folder for <site>.key and <site>.pub")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair (re-enroll it then)")
+    p.set_defaults(func=_run_keygen)
 
 
 def _register_server(sub: Any) -> None:
@@ -61,7 +91,7 @@ def _register_server(sub: Any) -> None:
     p.add_argument(
         "--insecure",
         action="store_true",
-        help="run WITHOUT TLS and WITHOUT node authentication (closed test networks only; warns)",
+        help="run WITHOUT TLS and WITHOUT node authentication; refused unless [server] address is loopback",
     )
     p.add_argument("--check", action="store_true", help="only check the config and certificates, then exit")
     p.set_defaults(func=_run_server)
@@ -94,18 +124,35 @@ def _csv(value: str | None) -> list[str]:
 
 
 def _run_certs(args: argparse.Namespace) -> int:
-    from fedshift.deploy.certs import make_certs
+    from fedshift.deploy.certs import make_certs, read_passphrase
 
     hosts = _csv(args.hosts)
     if hosts:
         hosts += [h for h in LOCAL_HOSTS if h not in hosts]
+    passphrase = read_passphrase(args.ca_passphrase_file) if args.ca_passphrase_file else None
     report = make_certs(
-        args.out, hosts=hosts or None, sites=_csv(args.sites), days=args.days, force=args.force
+        args.out,
+        hosts=hosts or None,
+        sites=_csv(args.sites),
+        days=args.days,
+        force=args.force,
+        ca_passphrase=passphrase,
     )
     for path in report.created:
         print(f"created {path}")
     for path in report.reused:
         print(f"kept    {path}")
+    return 0
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    from fedshift.deploy.certs import make_node_key, ssh_fingerprint
+
+    report = make_node_key(args.out, args.site, force=args.force)
+    private, public = report.created
+    print(f"created {private} (private: stays at this hospital)")
+    print(f"created {public} (send only this file to the coordinator)")
+    print(f"fingerprint {ssh_fingerprint(public)}")
     return 0
 
 
@@ -119,10 +166,12 @@ def _file_logging(path: Path) -> None:
 
 def _run_server(args: argparse.Namespace) -> int:
     from fedshift.deploy.processes import StopRequested, stop_on_signals
+    from fedshift.deploy.proxy import nginx_executable
     from fedshift.deploy.server import RunFailedError, serve
     from fedshift.deploy.settings import ServerSettings
 
     settings = ServerSettings.load(args.config, insecure=args.insecure)
+    nginx_executable()  # the public port's proxy: missing is a set-up mistake, found before anything starts
     if args.check:
         print(f"{args.config}: OK ({len(settings.hospitals)} hospital(s), run dir {settings.run_dir})")
         return 0

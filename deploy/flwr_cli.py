@@ -10,7 +10,10 @@ it runs are the ones an operator types::
     FLWR_HOME=<state-dir>/flwr flwr ls fedshift
 
 ``--format json`` answers are parsed; note that ``flwr`` exits 0 even when it
-reports ``"success": false``.
+reports ``"success": false``. The one question ``flwr`` cannot answer, which
+public key each registered node holds (``flwr supernode list`` leaves the keys
+out), is asked with Flower's own Control API client over the same connection
+(:meth:`Flwr.registered_keys`).
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives import serialization
 
 from fedshift.common.errors import FedshiftError
 
@@ -125,6 +131,43 @@ class Flwr:
 
     def nodes(self) -> list[dict[str, Any]]:
         return list(self.call("supernode", "list", CONNECTION).get("nodes", []))
+
+    def registered_keys(self) -> dict[int, bytes]:
+        """Node id -> public key (DER SubjectPublicKeyInfo) of every node not unregistered.
+
+        The Control API's ``ListNodes`` (what ``flwr supernode list`` calls),
+        through Flower's client with the connection of ``config.toml``.
+        """
+        from flwr.proto.control_pb2 import ListNodesRequest  # Flower's client, imported only when asked
+        from flwr.supercore.constant import NodeStatus
+        from flwr.supercore.control import ControlHttpClient
+        from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+
+        connection = tomllib.loads((self.flwr_home / "config.toml").read_text())["superlink"][CONNECTION]
+        ca = connection.get("root-certificates")
+        try:
+            client = ControlHttpClient.from_server_address(
+                connection["address"],
+                insecure=bool(connection.get("insecure", False)),
+                root_certificates=Path(ca).read_bytes() if ca else None,
+                interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
+            )
+            try:
+                nodes = client.ListNodes(ListNodesRequest()).nodes_info
+            finally:
+                client.close()
+        except Exception as exc:  # httpx, TLS and Flower errors alike: one message
+            raise FlwrCommandError(
+                f"listing the SuperLink's nodes failed ({type(exc).__name__}: {exc})"
+            ) from None
+        keys = {}
+        for node in nodes:
+            if node.status != NodeStatus.UNREGISTERED:
+                key = serialization.load_pem_public_key(node.public_key)
+                keys[int(node.node_id)] = key.public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+        return keys
 
     def submit(self, app_dir: Path, run_config: Path) -> int:
         """Start the app in ``app_dir`` with the run config file; the run id."""

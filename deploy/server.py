@@ -1,17 +1,22 @@
 """``fedshift server``: the coordinator daemon.
 
-It starts Flower's SuperLink (TLS, SuperNode authentication, a database file),
-enrolls the hospitals' public keys, submits the fedshift ServerApp as a Flower
-run, waits for it, and stops every process it started on exit or SIGTERM.
+It starts Flower's SuperLink (TLS, SuperNode authentication, a database file)
+on loopback only, makes the SuperLink's registered node keys exactly the
+hospitals' public keys, opens the public port (an nginx proxy that forwards only
+the Fleet API: :mod:`fedshift.deploy.proxy`), submits the fedshift ServerApp as
+a Flower run, waits for it, and stops every process it started on exit or SIGTERM.
 
 State directory (``[server] state-dir``)::
 
     superlink.db            # the SuperLink's persistent state (enrolled nodes, runs)
-    flwr/config.toml        # FLWR_HOME of the flwr commands the coordinator runs
+    flwr/config.toml        # FLWR_HOME of the flwr commands the coordinator runs (loopback address)
+    enrolled.json           # {site: {"node-id", "key-sha256", "key"}}: the ServerApp's node id -> site map
+    proxy/nginx.conf        # the public port's proxy (Fleet API only)
     app/pyproject.toml      # the Flower app submitted (components and run-config defaults)
     run-config.toml         # this federation's run config ([federation] + resume-from)
     runs.jsonl              # one line per submitted run: run id, resumed-from round, status
     logs/superlink.log      # SuperLink (and SuperExec) output
+    logs/proxy-*.log        # the public port: every request (client address, path, status), errors
     logs/run-<id>.log       # the ServerApp's log of each run
     run/                    # the run directory: checkpoint/ after every round, results.json at the end
 
@@ -23,10 +28,10 @@ goes on from the last completed round.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
+import socket
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +42,7 @@ from fedshift.common.checkpoint import MANIFEST, load_checkpoint
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import ConfigError
 from fedshift.common.io import atomic_write_json
+from fedshift.deploy.certs import node_public_key, public_key_fingerprint
 from fedshift.deploy.flwr_cli import (
     ALREADY_ENROLLED_NOTE,
     CONNECTION,
@@ -47,6 +53,7 @@ from fedshift.deploy.flwr_cli import (
     write_connection,
 )
 from fedshift.deploy.processes import Child, wait_for_port
+from fedshift.deploy.proxy import ProxyConfig
 from fedshift.deploy.settings import ServerSettings
 from fedshift.server.app import RESULTS_FILE
 
@@ -55,6 +62,7 @@ logger = logging.getLogger(__name__)
 DATABASE = "superlink.db"
 STARTUP_TIMEOUT = 120.0
 FINISHED = "finished"
+LOOPBACK = "127.0.0.1"  # the SuperLink's own address: its Control and Runtime APIs never leave the machine
 
 
 class RunFailedError(RuntimeError):
@@ -95,15 +103,39 @@ class Paths:
     def logs(self) -> Path:
         return self.state_dir / "logs"
 
+    @property
+    def proxy(self) -> Path:
+        return self.state_dir / "proxy"
 
-def superlink_argv(settings: ServerSettings, paths: Paths, insecure: bool) -> list[str]:
-    """The ``flower-superlink`` command line."""
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def proxy_config(settings: ServerSettings, paths: Paths, local_port: int, insecure: bool) -> ProxyConfig:
+    """The public port's proxy: ``[server] address`` -> the SuperLink on ``127.0.0.1:local_port``."""
+    tls = (
+        {}
+        if insecure
+        else {
+            "ca_cert": settings.ca_cert,
+            "server_cert": settings.server_cert,
+            "server_key": settings.server_key,
+        }
+    )
+    return ProxyConfig(settings.public_address, local_port, paths.proxy, paths.logs, **tls)
+
+
+def superlink_argv(settings: ServerSettings, paths: Paths, local_port: int, insecure: bool) -> list[str]:
+    """The ``flower-superlink`` command line: every API on ``127.0.0.1:local_port``, nowhere else."""
     argv = [
         executable("flower-superlink"),
         "--host",
-        settings.host,
+        LOOPBACK,
         "--port",
-        str(settings.port),
+        str(local_port),
         "--database",
         str(paths.database),
         # the app's code is installed with fedshift: never `uv sync` at run time (hospitals are offline)
@@ -174,16 +206,19 @@ def resume_point(run_dir: Path) -> int | None:
     return load_checkpoint(run_dir / "checkpoint").round
 
 
-def write_run_config(path: Path, settings: ServerSettings, resume_round: int | None) -> None:
+def write_run_config(
+    path: Path, settings: ServerSettings, resume_round: int | None, enrollment: Path | None
+) -> None:
+    """The run config of a submission: ``[federation]``, ``resume-from`` and ``enrollment``.
+
+    ``enrollment`` names ``enrolled.json``, from which the ServerApp maps the
+    node id Flower authenticated to a site (never the name a reply claims);
+    empty with ``--insecure``, where nothing is enrolled.
+    """
     values = dict(settings.run_config)
     values["resume-from"] = str(settings.run_dir / "checkpoint") if resume_round is not None else ""
+    values["enrollment"] = str(enrollment) if enrollment is not None else ""
     path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()))
-
-
-def _key_fingerprint(path: Path) -> str:
-    """sha256 of an OpenSSH public key's type and body (the comment does not count)."""
-    fields = path.read_text().split()
-    return hashlib.sha256(" ".join(fields[:2]).encode()).hexdigest()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -207,10 +242,17 @@ class Coordinator:
         self.paths = Paths(settings.state_dir)
         self.flwr = Flwr(self.paths.flwr_home)
         self.superlink: Child | None = None
+        self.proxy: Child | None = None
+        self.local_port = settings.local_port or free_loopback_port()
         self.run_id: int | None = None
 
+    @property
+    def local_address(self) -> str:
+        """The SuperLink's own address (loopback): the coordinator's flwr commands and helpers use it."""
+        return f"{LOOPBACK}:{self.local_port}"
+
     def start(self) -> None:
-        """Start the SuperLink and wait until its Control API answers."""
+        """Start the SuperLink on loopback; wait until its Control API answers (public port still shut)."""
         self.paths.state_dir.mkdir(parents=True, exist_ok=True)
         self.paths.logs.mkdir(exist_ok=True)
         if self.insecure:
@@ -219,17 +261,16 @@ class Coordinator:
                 "authentication; adapters and metrics travel in plaintext and any node may join. "
                 "Use this only on a closed test network.",
             )
-        write_connection(self.paths.flwr_home, self.settings.local_address, self.settings.ca_cert)
+        write_connection(self.paths.flwr_home, self.local_address, self.settings.ca_cert)
         write_app(self.paths.app_dir)
         self.superlink = Child(
             "flower-superlink",
-            superlink_argv(self.settings, self.paths, self.insecure),
+            superlink_argv(self.settings, self.paths, self.local_port, self.insecure),
             self.paths.logs / "superlink.log",
             env=flower_env(),
             cwd=self.paths.state_dir,
         )
-        host, _, port = self.settings.local_address.rpartition(":")
-        wait_for_port(host.strip("[]"), int(port), STARTUP_TIMEOUT, self.superlink)
+        wait_for_port(LOOPBACK, self.local_port, STARTUP_TIMEOUT, self.superlink)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:  # the port opens before the Control API serves
             try:
@@ -239,39 +280,77 @@ class Coordinator:
                 if time.monotonic() > deadline or self.superlink.poll() is not None:
                     raise
                 time.sleep(1.0)
-        logger.info("SuperLink up at %s (state in %s)", self.settings.local_address, self.paths.database)
+        logger.info("SuperLink up at %s (state in %s)", self.local_address, self.paths.database)
+
+    def open(self) -> None:
+        """Open the public port: the proxy that forwards only the Fleet API to the loopback SuperLink."""
+        config = proxy_config(self.settings, self.paths, self.local_port, self.insecure)
+        config.write()
+        log = self.paths.logs / "proxy.log"
+        self.proxy = Child("fleet-proxy", config.argv(), log, cwd=self.paths.state_dir)
+        host = {"0.0.0.0": LOOPBACK, "::": "::1"}.get(self.settings.host, self.settings.host)
+        wait_for_port(host, self.settings.port, STARTUP_TIMEOUT, self.proxy)
+        logger.info(
+            "Public port %s open: Fleet API only (proxy errors in %s)",
+            self.settings.public_address,
+            config.error_log,
+        )
 
     def enroll(self) -> dict[str, dict[str, str]]:
-        """Make the SuperLink's enrolled keys exactly ``[hospitals]``.
+        """Make the SuperLink's registered node keys exactly ``[hospitals]``; ``enrolled.json``.
 
-        Every configured key is registered (one already known is fine); a site
-        that was enrolled by an earlier start (``enrolled.json``) but is no
-        longer configured, or whose key changed, is unregistered first, so a
-        revoked hospital cannot join again.
+        Every node the SuperLink holds as registered is checked, not only
+        those fedshift registered: a node whose key is not in ``[hospitals]``
+        (a site removed, a key replaced, or a key someone else registered) is
+        unregistered. A configured key the SuperLink holds already keeps its
+        node id; a new one is registered. ``enrolled.json`` gets the node id
+        the SuperLink really holds for each site.
         """
         if self.insecure:
             logger.warning("Insecure mode: SuperNode authentication is off, nothing to enroll")
             return {}
-        before = _read_json(self.paths.enrolled)
-        wanted = {site: _key_fingerprint(key) for site, key in self.settings.hospitals.items()}
-        for site, entry in sorted(before.items()):
-            if wanted.get(site) != entry.get("key-sha256") and entry.get("node-id", "").isdigit():
-                logger.warning(
-                    "Revoking %s (node %s): no longer in [hospitals] or its key changed",
-                    site,
-                    entry["node-id"],
+        hospitals = self.settings.hospitals
+        wanted = {site: node_public_key(key) for site, key in sorted(hospitals.items())}
+        owners: dict[bytes, str] = {}
+        for site, key in wanted.items():
+            if key in owners:
+                raise ConfigError(
+                    f"Expected one key per site in [hospitals] of {self.settings.path}, but "
+                    f"{owners[key]} and {site} have the same public key; give each hospital its own key "
+                    "(fedshift keygen)"
                 )
-                try:
-                    self.flwr.unregister(int(entry["node-id"]))
-                except FlwrCommandError as exc:
-                    logger.warning("Could not unregister %s: %s", site, exc)
+            owners[key] = site
+        known = {
+            int(entry["node-id"]): site
+            for site, entry in _read_json(self.paths.enrolled).items()
+            if isinstance(entry, dict) and str(entry.get("node-id", "")).isdigit()
+        }
+        registered = self.flwr.registered_keys()
+        for node_id, key in sorted(registered.items()):
+            if key not in owners:
+                logger.warning(
+                    "Unregistering node %d (%s): its key is not in [hospitals]",
+                    node_id,
+                    f"was {known[node_id]}" if node_id in known else "registered outside this enrollment",
+                )
+                self.flwr.unregister(node_id)
+        holder = {key: node_id for node_id, key in registered.items() if key in owners}
         enrolled: dict[str, dict[str, str]] = {}
-        for site, key in sorted(self.settings.hospitals.items()):
-            node_id = self.flwr.register(key, site)
-            if node_id == ALREADY_ENROLLED_NOTE:
-                node_id = before.get(site, {}).get("node-id", node_id)
-            enrolled[site] = {"node-id": node_id, "key-sha256": wanted[site], "key": str(key)}
-            logger.info("Enrolled %s (%s): node %s", site, key.name, node_id)
+        for site, key in wanted.items():
+            path = hospitals[site]
+            if key in holder:
+                node_id = str(holder[key])
+            else:
+                node_id = self.flwr.register(path, site)
+                if node_id == ALREADY_ENROLLED_NOTE:  # held by a node that was unregistered: revoked for good
+                    raise ConfigError(
+                        f"Expected [hospitals] {site} ({path}) to be a new or an enrolled key, but the "
+                        "SuperLink holds it as revoked (unregistered earlier), and a revoked key cannot join "
+                        "again; the hospital makes a new key pair (fedshift keygen) and sends its .pub"
+                    )
+            fingerprint = public_key_fingerprint(path)
+            enrolled[site] = {"node-id": node_id, "key-sha256": fingerprint, "key": str(path)}
+            logger.info("Enrolled %s (%s): node %s", site, path.name, node_id)
         atomic_write_json(self.paths.enrolled, enrolled)
         return enrolled
 
@@ -290,7 +369,8 @@ class Coordinator:
     def submit(self) -> int:
         """Submit the federation (resumed from the checkpoint when there is one); the run id."""
         resume_round = resume_point(self.settings.run_dir)
-        write_run_config(self.paths.run_config, self.settings, resume_round)
+        enrollment = None if self.insecure else self.paths.enrolled
+        write_run_config(self.paths.run_config, self.settings, resume_round, enrollment)
         self.run_id = self.flwr.submit(self.paths.app_dir, self.paths.run_config)
         if resume_round is None:
             logger.info("Submitted the federation as run %d", self.run_id)
@@ -341,7 +421,10 @@ class Coordinator:
         return results
 
     def close(self) -> None:
-        """Stop the SuperLink and everything it started."""
+        """Stop the public port's proxy, then the SuperLink and everything it started."""
+        if self.proxy is not None:
+            self.proxy.stop()
+            self.proxy = None
         if self.superlink is not None:
             self.superlink.stop()
             self.superlink = None
@@ -355,6 +438,7 @@ def serve(settings: ServerSettings, *, insecure: bool = False) -> Path:
         coordinator.start()
         coordinator.enroll()
         coordinator.stop_stale_runs()
+        coordinator.open()  # hospitals get in only once the enrollment is exact and no stale run is left
         coordinator.submit()
         return coordinator.wait()
     finally:

@@ -3,7 +3,8 @@
 ``federation.toml`` (the coordinator, ``fedshift server``)::
 
     [server]
-    address = "0.0.0.0:9092"          # where the SuperLink listens (Fleet, Control and Runtime APIs, HTTPS)
+    address = "0.0.0.0:9092"          # the public HTTPS port: a proxy that forwards only Flower's Fleet API
+    # local-port = 9093               # the SuperLink itself, on 127.0.0.1 only (default: a free port)
     state-dir = "state"               # SuperLink database, logs, the federation's run directory
     ca-cert = "certs/ca.crt"
     server-cert = "certs/server.crt"
@@ -35,6 +36,7 @@ Relative paths are relative to the config file's folder. Every mistake is a
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import numbers
 import tomllib
@@ -52,7 +54,8 @@ DEFAULT_PORT = 9092
 DEFAULT_RUNTIME_PORT = 9094  # flower-supernode's local Runtime API (ClientApp processes connect to it)
 
 SERVER_KEYS = {
-    "address": 'host:port the SuperLink listens on, e.g. "0.0.0.0:9092"',
+    "address": 'host:port of the public HTTPS port (Fleet API only), e.g. "0.0.0.0:9092"',
+    "local-port": "loopback port of the SuperLink itself (all its APIs); default: a free one",
     "state-dir": "folder for the SuperLink database, logs and the run directory",
     "ca-cert": "the federation's CA certificate (PEM), from fedshift certs",
     "server-cert": "the coordinator's TLS certificate (PEM), from fedshift certs",
@@ -174,13 +177,33 @@ def _port(table: Mapping[str, Any], key: str, name: str, path: Path, default: in
     return value
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP (127.0.0.0/8, ::1); names are never resolved."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def require_loopback_for_insecure(host: str, key: str, name: str, path: Path) -> None:
+    """``--insecure`` (no TLS, no node authentication) only where nothing leaves the machine."""
+    if not is_loopback(host):
+        raise ConfigError(
+            f"Expected [{name}] {key} in {path} to be a loopback address (127.0.0.1, ::1 or localhost) "
+            f"with --insecure, but got {host!r}; without TLS and node authentication nothing may leave "
+            "this machine: drop --insecure (use TLS, see fedshift certs) or use a loopback address"
+        )
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """The coordinator: where the SuperLink listens, its certificates, the enrolled sites, the run config."""
 
     path: Path  # the federation.toml these came from
-    host: str  # bind address of the SuperLink
-    port: int  # its port (Fleet, Control and Runtime APIs share it)
+    host: str  # bind address of the public port (the Fleet-only proxy)
+    port: int  # the public port: hospitals reach the Fleet API here, and nothing else
     state_dir: Path  # SuperLink database, logs, run directory
     ca_cert: Path | None  # None only with --insecure
     server_cert: Path | None
@@ -188,16 +211,16 @@ class ServerSettings:
     hospitals: dict[str, Path]  # site name -> public key (OpenSSH)
     run_config: dict[str, Any]  # [federation], checked by FederationConfig.from_run_config
     poll_seconds: float  # status poll interval
+    local_port: int | None = None  # the SuperLink's own port on 127.0.0.1; None: a free one at each start
 
     @property
     def run_dir(self) -> Path:
         return Path(str(self.run_config["run-dir"]))
 
     @property
-    def local_address(self) -> str:
-        """The address local tools (flwr CLI) use: bind-all addresses become loopback."""
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+    def public_address(self) -> str:
+        """``host:port`` of the public port (IPv6 hosts in brackets)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @classmethod
     def load(cls, path: Path, *, insecure: bool = False) -> ServerSettings:
@@ -209,6 +232,14 @@ class ServerSettings:
         host, port = split_address(
             _string(server, "address", "server", path, f"0.0.0.0:{DEFAULT_PORT}"), "address", "server", path
         )
+        if insecure:
+            require_loopback_for_insecure(host, "address", "server", path)
+        local_port = _port(server, "local-port", "server", path, port) if "local-port" in server else None
+        if local_port == port:
+            raise ConfigError(
+                f"Expected [server] local-port in {path} to differ from the port of address ({port}), but "
+                "both are the same; pick another local-port or leave it out"
+            )
         state_dir = _path(server, "state-dir", "server", path, "state")
         poll = server.get("poll-seconds", 30.0)
         if not isinstance(poll, numbers.Real) or isinstance(poll, bool) or not 0 < float(poll) <= 600:
@@ -238,7 +269,7 @@ class ServerSettings:
             FederationConfig.from_run_config(federation)
         except FedshiftError as exc:
             raise ConfigError(f"[federation] in {path}: {exc}") from None
-        return cls(path, host, port, state_dir, ca, cert, key, hospitals, federation, float(poll))
+        return cls(path, host, port, state_dir, ca, cert, key, hospitals, federation, float(poll), local_port)
 
 
 @dataclass(frozen=True)
@@ -274,7 +305,9 @@ class ClientSettings:
         conn = _table(doc, "connection", path)
         _unknown(conn, CONNECTION_KEYS, "connection", path)
         superlink = _string(conn, "superlink", "connection", path)
-        split_address(superlink, "superlink", "connection", path)
+        superlink_host, _ = split_address(superlink, "superlink", "connection", path)
+        if insecure:
+            require_loopback_for_insecure(superlink_host, "superlink", "connection", path)
         if insecure:
             ca = key = None
         else:

@@ -174,7 +174,7 @@ def test_a_finished_federation_is_not_started_again(tmp_path: Path) -> None:
     assert resume_point(tmp_path / "fresh") is None
 
 
-@pytest.mark.parametrize("command", ["server", "client", "certs"])
+@pytest.mark.parametrize("command", ["server", "client", "certs", "keygen"])
 def test_help_documents_every_option(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -183,26 +183,35 @@ def test_help_documents_every_option(command: str, capsys: pytest.CaptureFixture
     options = {
         "server": ["--config", "--insecure", "--check"],
         "client": ["--config", "--insecure", "--check"],
-        "certs": ["--out", "--hosts", "--sites", "--days", "--force"],
+        "certs": ["--out", "--hosts", "--sites", "--days", "--force", "--ca-passphrase-file"],
+        "keygen": ["--site", "--out", "--force"],
     }[command]
     for option in options:
         assert option in out
 
 
 class _FakeFlwr:
-    """Records what the coordinator asks Flower's CLI to do."""
+    """A SuperLink's node table, and what the coordinator asks Flower's CLI to do with it."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, object]] = []
         self.next_id = 100
+        self.keys: dict[int, bytes] = {}  # registered (not unregistered) node id -> key
 
     def register(self, key: Path, name: str) -> str:
+        from fedshift.deploy.certs import node_public_key
+
         self.calls.append(("register", name))
         self.next_id += 1
+        self.keys[self.next_id] = node_public_key(key)
         return str(self.next_id)
 
     def unregister(self, node_id: int) -> None:
         self.calls.append(("unregister", node_id))
+        del self.keys[node_id]
+
+    def registered_keys(self) -> dict[int, bytes]:
+        return dict(self.keys)
 
 
 def test_enrollment_follows_the_hospitals_table(tmp_path: Path, certs: Path) -> None:
@@ -223,14 +232,24 @@ def test_enrollment_follows_the_hospitals_table(tmp_path: Path, certs: Path) -> 
     assert sorted(first) == ["hospital-a", "hospital-b"]
     assert fake.calls == [("register", "hospital-a"), ("register", "hospital-b")]
 
-    # hospital-b leaves the federation and hospital-a gets a new key: both old nodes are revoked
-    make_certs(certs, sites=["hospital-a"], force=True)
+    # a restart with the same table: the keys the SuperLink holds keep their node ids, nothing is called
+    fake.calls.clear()
+    restarted = Coordinator(ServerSettings.load(path))
+    restarted.flwr = fake  # type: ignore[assignment]
+    assert restarted.enroll() == first
+    assert fake.calls == []
+
+    # hospital-b leaves the federation, hospital-a gets a new key, and a key nobody enrolled was
+    # registered behind fedshift's back: all three nodes are unregistered
+    make_certs(certs, sites=["hospital-a", "stranger"], force=True)
+    stranger = int(fake.register(certs / "nodes" / "stranger.pub", "hospital-c"))
     path.write_text(text.replace(line_b, ""))
     fake.calls.clear()
     coordinator = Coordinator(ServerSettings.load(path))
     coordinator.flwr = fake  # type: ignore[assignment]
     second = coordinator.enroll()
     assert sorted(second) == ["hospital-a"]
-    revoked = sorted(int(first[s]["node-id"]) for s in ("hospital-a", "hospital-b"))
+    revoked = sorted([*(int(first[s]["node-id"]) for s in ("hospital-a", "hospital-b")), stranger])
     assert sorted(c[1] for c in fake.calls if c[0] == "unregister") == revoked  # type: ignore[type-var]
     assert ("register", "hospital-a") in fake.calls
+    assert sorted(fake.keys) == [int(second["hospital-a"]["node-id"])]
