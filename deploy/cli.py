@@ -103,8 +103,11 @@ def _register_client(sub: Any) -> None:
         help="run a hospital's daemon: a Flower SuperNode next to the site's data",
         description="Check the site config ([connection]: coordinator address, CA certificate, this "
         "site's private key; [site]: data-path, state-dir, site-name, device, dp-epsilon and the other "
-        "dp-* keys, egress-metrics), then run a Flower SuperNode that trains the fedshift ClientApp "
-        "with DP. Logs to [connection] log-file (default <state-dir>/logs/fedshift-client.log), "
+        "dp-* keys, egress-metrics), then run a Flower SuperNode and, next to it, the site runner: "
+        "the only process that runs ClientApp code here, the installed fedshift ClientApp (with DP), "
+        "for runs whose app bundle is the coordinator's plain fedshift bundle of this fedshift version; "
+        "any other bundle is refused with an error reply. Logs to [connection] log-file "
+        "(default <state-dir>/logs/fedshift-client.log), "
         "reconnects when the coordinator restarts, restarts the SuperNode if it exits, and stops on "
         "SIGTERM. Exit code 2: a config mistake; 3: the coordinator has not enrolled this site's key.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

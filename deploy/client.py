@@ -5,7 +5,11 @@ readable with valid labels and the splits the ClientApp uses, privacy budget
 set and possible for the data, ledger trustworthy) and refuses with one line
 naming the key and the fix. Then it runs ``flower-supernode`` with the site's
 private key, the CA and the node config (data path, state directory, budget),
-logs into a file, and keeps it running:
+in Flower's ``process`` isolation, and next to it the site runner
+(:mod:`fedshift.deploy.site_runner`): the one process that runs ClientApp code
+here, the *installed* ``fedshift.client.app:app``, and only for a run whose app
+bundle is the coordinator's plain fedshift bundle (any other is refused with an
+error reply). Both log into one file and are kept running:
 
 - the SuperNode reconnects by itself when the coordinator restarts (Flower
   retries with backoff);
@@ -15,7 +19,8 @@ logs into a file, and keeps it running:
   coordinator may still be enrolling its sites; refused for longer than
   ``[connection] enrollment-timeout`` seconds, it is a configuration problem:
   the daemon stops with exit code 3 and says so;
-- SIGTERM (systemd, docker stop) stops the SuperNode and its ClientApp processes.
+- if the site runner exits, it is restarted (after the same growing pause);
+- SIGTERM (systemd, docker stop) stops the SuperNode and the site runner.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import stat
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +53,9 @@ from fedshift.deploy.settings import ClientSettings
 logger = logging.getLogger(__name__)
 
 NODE_CONFIG_FILE = "node-config.toml"
+RUNTIME_SECRET = (
+    "runtime-secret"  # in the state dir while the daemon runs: signs the site runner's task claims
+)
 REQUIRED_SPLITS = ("train", "val", "test")  # trained on, validated on each round, tested at the end
 MIN_BACKOFF, MAX_BACKOFF = 2.0, 60.0
 # flower-supernode's words when the SuperLink refuses its key (it then exits with code 1)
@@ -118,7 +128,8 @@ def check_site(settings: ClientSettings) -> SiteCheck:
         raise ConfigError(
             f"Expected [site] dp-accountant in {path} to be {ledger.accountant!r}, the accountant this "
             f"site's privacy ledger is kept with, but got {privacy.accountant!r}; set dp-accountant = "
-            f'"{ledger.accountant}" (the accountant is fixed in the ledger; a new ledger would reset the budget)'
+            f'"{ledger.accountant}" (the accountant is fixed in the ledger; a new ledger would reset the '
+            "budget)"
         )
     if ledger is not None and ledger.entries:
         spent = ledger.epsilon(ledger.entries[-1].delta)
@@ -176,7 +187,24 @@ def _toml(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def supernode_argv(settings: ClientSettings, node_config: Path, insecure: bool) -> list[str]:
+def write_runtime_secret(settings: ClientSettings) -> Path:
+    """A new random secret (0600) with which the site runner signs its task claims, made at each start.
+
+    The SuperNode's Runtime API listens on loopback, where any local process may
+    connect: with this secret only the site runner can claim a task (and get the
+    token that reads its message and answers it).
+    """
+    path = settings.state_dir / RUNTIME_SECRET
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+    return path
+
+
+def supernode_argv(
+    settings: ClientSettings, node_config: Path, insecure: bool, runtime_secret: Path | None = None
+) -> list[str]:
     argv = [
         executable("flower-supernode"),
         "--superlink",
@@ -185,6 +213,10 @@ def supernode_argv(settings: ClientSettings, node_config: Path, insecure: bool) 
         str(node_config),
         "--port",
         str(settings.runtime_port),
+        # the SuperNode starts no ClientApp itself: the site runner takes its tasks (see site_runner.py)
+        "--isolation",
+        "process",
+        *(["--superexec-auth-secret-file", str(runtime_secret)] if runtime_secret is not None else []),
     ]
     if insecure:
         return [*argv, "--insecure"]
@@ -196,6 +228,63 @@ def supernode_argv(settings: ClientSettings, node_config: Path, insecure: bool) 
         "--auth-supernode-private-key",
         str(settings.private_key),
     ]
+
+
+def runner_argv(settings: ClientSettings, runtime_secret: Path | None = None) -> list[str]:
+    """The site runner: the installed fedshift ClientApp, taking the SuperNode's tasks on loopback."""
+    argv = [
+        sys.executable,
+        "-m",
+        "fedshift.deploy.site_runner",
+        "--runtime-api-address",
+        f"127.0.0.1:{settings.runtime_port}",
+    ]
+    return [*argv, "--runtime-secret-file", str(runtime_secret)] if runtime_secret is not None else argv
+
+
+class _Runner:
+    """The site runner child, restarted (after a growing pause) whenever it exits."""
+
+    def __init__(self, settings: ClientSettings, runtime_secret: Path | None) -> None:
+        self.settings = settings
+        self.runtime_secret = runtime_secret
+        self.child: Child | None = None
+        self.backoff = MIN_BACKOFF
+        self.restart_at = 0.0
+        self.started = 0.0
+
+    def check(self) -> None:
+        """Start the runner if it is not running (and its pause is over)."""
+        if self.child is not None:
+            code = self.child.poll()
+            if code is None:
+                return
+            self.child.stop()
+            self.child = None
+            if time.monotonic() - self.started > 10 * MAX_BACKOFF:
+                self.backoff = MIN_BACKOFF
+            logger.warning(
+                "The site runner exited with code %s; restarting it in %.0f s (log: %s)",
+                code,
+                self.backoff,
+                self.settings.log_file,
+            )
+            self.restart_at = time.monotonic() + self.backoff
+            self.backoff = min(MAX_BACKOFF, self.backoff * 2)
+        if time.monotonic() >= self.restart_at:
+            self.started = time.monotonic()
+            self.child = Child(
+                "fedshift site runner",
+                runner_argv(self.settings, self.runtime_secret),
+                self.settings.log_file,
+                env=flower_env(),
+                cwd=self.settings.state_dir,
+            )
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+            self.child = None
 
 
 def _log_since(path: Path, offset: int) -> str:
@@ -217,7 +306,17 @@ def run_daemon(settings: ClientSettings, *, insecure: bool = False) -> int:
             "(the default) refuses this connection. Use only on a closed test network.",
         )
     node_config = write_node_config(settings)
-    argv = supernode_argv(settings, node_config, insecure)
+    runtime_secret = write_runtime_secret(settings)
+    argv = supernode_argv(settings, node_config, insecure, runtime_secret)
+    runner = _Runner(settings, runtime_secret)
+    try:
+        return _supervise(settings, argv, runner)
+    finally:
+        runner.stop()
+        runtime_secret.unlink(missing_ok=True)
+
+
+def _supervise(settings: ClientSettings, argv: list[str], runner: _Runner) -> int:
     backoff = MIN_BACKOFF
     refused_since: float | None = None
     while True:
@@ -226,6 +325,7 @@ def run_daemon(settings: ClientSettings, *, insecure: bool = False) -> int:
         started = time.monotonic()
         try:
             while child.poll() is None:
+                runner.check()
                 time.sleep(0.5)
         finally:
             code = child.stop()

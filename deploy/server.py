@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import fedshift
 from fedshift.common.checkpoint import MANIFEST, load_checkpoint
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import ConfigError
@@ -166,7 +167,7 @@ def write_app(app_dir: Path) -> None:
     lines = [
         "[project]",
         'name = "fedshift"',
-        'version = "0.1.0"',
+        f'version = "{fedshift.__version__}"',  # hospitals refuse a bundle of another fedshift version
         "dependencies = []",
         "",
         "[tool.flwr.app]",

@@ -323,14 +323,14 @@ class ClientSettings:
         except ConfigError as exc:
             raise ConfigError(f"[site] site-name in {path}: {exc}") from None
         _check_privacy_values(site, path)
-        for key, example in (("egress-metrics", '["auc", "n"]'), ("eval-splits", '["val", "test"]')):
-            names = site.get(key)
+        for name_key, example in (("egress-metrics", '["auc", "n"]'), ("eval-splits", '["val", "test"]')):
+            names = site.get(name_key)
             if isinstance(names, list) and all(isinstance(m, str) for m in names):
-                site[key] = ",".join(names)  # the node config holds a comma-separated string
+                site[name_key] = ",".join(names)  # the node config holds a comma-separated string
             elif names is not None and not isinstance(names, str):
                 raise ConfigError(
-                    f"Expected [site] {key} in {path} to list names, but got {names!r}; "
-                    f"e.g. {key} = {example}"
+                    f"Expected [site] {name_key} in {path} to list names, but got {names!r}; "
+                    f"e.g. {name_key} = {example}"
                 )
         state_dir = Path(site["state-dir"])
         log_file = _path(
