@@ -14,6 +14,7 @@ as a *deployed* node (a node config with ``data-path``), the way a SuperNode's n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -39,6 +40,7 @@ from fedshift.common.config import RUN_CONFIG_MAXIMUM, FederationConfig, Privacy
 from fedshift.common.errors import BudgetExhaustedError, ConfigError, FedshiftError, PrivacyError
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.common.privacy import epsilon
+from fedshift.common.proctree import descendants
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, STATUS_KEY, STATUS_ROUND_REFUSED
 from fedshift.tests.deploy_support import FEDSHIFT, toml, write_site_data
 from fedshift.tests.helpers import one_line_error, site_run_config, write_site
@@ -157,7 +159,9 @@ def test_a_deployed_site_with_seeded_noise_refuses_to_start(tmp_path: Path) -> N
     try:
         _out, err = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the daemon and the SuperNode it started
+        for pid in [*descendants(proc.pid), proc.pid]:  # the SuperNode it started runs in its own group
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.communicate()
         pytest.fail("fedshift client started with dp-secure-rng = false instead of refusing")
     one_line_error(
@@ -204,7 +208,6 @@ def test_the_run_configs_privacy_values_do_not_reach_a_deployed_site(
         "dp-clip-norm": 20.0,
         "dp-accountant": "prv",
         "dp-epsilon": 500.0,
-        "dp-epsilon-per-run": 400.0,
     }
     run_config = site_run_config(tmp_path, num_rounds=3, **coordinator)
     node = _deployed_node(site_dir)
@@ -261,14 +264,20 @@ def test_rounds_out_of_order_or_beyond_the_run_are_refused_without_a_charge(tmp_
         2: "to come after round 2",
         1: "to come after round 2",
     }
-    (site_dir / "data.npz").rename(site_dir / "elsewhere.npz")  # reading the data would now fail
-    for server_round, needle in refused.items():
+
+    def check(server_round: int) -> None:
         reply = _call_deployed(app, _train_message(server_round), node, run_config)
+        assert reply.has_content(), reply.error
         status = reply.content.config_records[STATUS_KEY]
         assert status["status"] == STATUS_ROUND_REFUSED
-        assert needle in str(status["reason"]) and "nothing charged" in str(status["reason"])
+        assert refused[server_round] in str(status["reason"]) and "nothing charged" in str(status["reason"])
         assert not reply.content.array_records and not reply.content.metric_records
         assert _ledger_bytes(site_dir) == charged
+
+    check(7)  # with the site's data in place
+    (site_dir / "data.npz").rename(site_dir / "elsewhere.npz")  # reading the data would now fail
+    for server_round in refused:
+        check(server_round)
 
 
 def test_the_per_run_cap_bounds_each_run_and_the_lifetime_budget_all_of_them(tmp_path: Path) -> None:
