@@ -196,6 +196,7 @@ def coordinator(tmp_path: Path) -> Iterator[tuple[Federation, Coordinator]]:
     try:
         coord.start()  # the real SuperLink, TLS and node authentication, as fedshift server starts it
         coord.enroll()
+        coord.open()  # the public port (Fleet API only), where the hospitals connect
         yield fed, coord
     finally:
         fed.stop_all()
@@ -220,7 +221,7 @@ def test_every_site_refuses_a_coordinator_bundle_with_its_own_clientapp(
     elapsed = time.monotonic() - started
 
     answer = json.loads(out.read_text())
-    assert len(answer["nodes"]) == len(ATTACK_SITES)
+    assert len(answer["nodes"]) == len(ATTACK_SITES), f"connected: {answer['nodes']}"
     # every site answered with the refusal, and nothing else: no records, no text of its own
     assert sorted(answer["replies"]) == sorted(str(n) for n in answer["nodes"])
     for reply in answer["replies"].values():
