@@ -89,6 +89,9 @@ class ProxyConfig:
                 f"ssl_certificate {_quoted(self.server_cert)};",
                 f"ssl_certificate_key {_quoted(self.server_key)};",
                 "ssl_protocols TLSv1.2 TLSv1.3;",
+                "# plain HTTP on the HTTPS port: close the connection, no reply (nginx would send a 400)",
+                "error_page 497 = @plaintext;",
+                "location @plaintext { return 444; }",
             ]
             if tls
             else []

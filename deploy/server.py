@@ -259,8 +259,8 @@ class Coordinator:
         if self.insecure:
             logger.warning(
                 "fedshift server --insecure: the SuperLink runs WITHOUT TLS and WITHOUT SuperNode "
-                "authentication; adapters and metrics travel in plaintext and any node may join. "
-                "Use this only on a closed test network.",
+                "authentication; adapters and metrics travel in plaintext and any local process may "
+                "join (allowed only because every address is loopback).",
             )
         write_connection(self.paths.flwr_home, self.local_address, self.settings.ca_cert)
         write_app(self.paths.app_dir)

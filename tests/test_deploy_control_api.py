@@ -318,6 +318,7 @@ def test_the_proxy_forwards_only_fleet_paths_to_loopback(tmp_path: Path) -> None
     text = config.text()
     locations = [line.strip() for line in text.splitlines() if line.strip().startswith("location")]
     assert locations == [
+        "location @plaintext { return 444; }",  # plain HTTP on the TLS port: the connection is closed
         "location ~ ^/v1/fleet/([a-z-]+)$ {",
         'location / { return 403 "fedshift: only the Fleet API is served on this port\\n"; }',
     ]
