@@ -41,6 +41,7 @@ from fedshift.client.site import (
 )
 from fedshift.client.site_statistics import (
     handle_statistics,
+    own_release,
     round_mechanisms,
     training_objective,
 )
@@ -264,13 +265,21 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
         shift = fed.shift
         if (shift.correction or shift.tta) and split != "val" and "val" in dataset.splits:
             # issue 5: calibrated on val, the prior estimated on this split's images (labels hidden)
-            stats = load_global_statistics(site.state_dir, str(msg.metadata.run_id))
+            run_id = str(msg.metadata.run_id)
+            stats = load_global_statistics(site.state_dir, run_id)
+            labels = dataset.split("train").labels if "train" in dataset.splits else np.zeros(0)
+            counts = None
+            if site.privacy.enabled:  # issue 18: the metrics leave, so the labels count only via DP
+                own = own_release(site.state_dir, run_id, 0)
+                labels = np.zeros(0)
+                counts = np.asarray(own["label-counts"]) if own and "label-counts" in own else None
             source, which = source_prior_for(
                 stats.train_prior if stats is not None else None,
-                dataset.split("train").labels if "train" in dataset.splits else np.zeros(0),
+                labels,
                 fed.model.num_classes,
                 local_norm=fed.model.local_norm,
                 logit_adjust=shift.logit_adjust,
+                train_counts=counts,
             )
             logger.info("Label shift: correcting from the %s training prior %s", which, source)
             result = evaluate_with_shift(

@@ -130,6 +130,7 @@ def source_prior_for(
     *,
     local_norm: bool,
     logit_adjust: float = 0.0,
+    train_counts: np.ndarray | None = None,
 ) -> tuple[np.ndarray | None, str]:
     """The prior the site's model outputs are posteriors under, and which one it is (``global``/``site``).
 
@@ -143,10 +144,17 @@ def source_prior_for(
     global one (0.171 uncorrected). Laplace-smoothed, so no class has prior 0. A
     logit-adjusted loss (``logit_adjust > 0``) trains towards the global prior, so
     that one stays the reference then.
+
+    ``train_counts`` replace the counts of ``train_labels``: a site under DP passes
+    its own DP release of them (negative noisy counts clipped at 0), since the
+    corrected metrics leave the site and the exact counts must not shape them.
     """
-    y = np.asarray(train_labels, dtype=np.int64).ravel()
-    if local_norm and y.size and logit_adjust == 0:
+    if train_counts is not None:
+        counts = np.clip(np.asarray(train_counts, dtype=np.float64).ravel(), 0.0, None)
+    else:
+        y = np.asarray(train_labels, dtype=np.int64).ravel()
         counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    if local_norm and counts.sum() > 0 and logit_adjust == 0:
         return (counts + 1.0) / (counts.sum() + num_classes), "site"
     if global_prior is None:
         return None, "global"

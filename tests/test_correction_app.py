@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -20,7 +20,7 @@ from fedshift.client.app import make_client_app
 from fedshift.client.correction import CORRECTION_FILE
 from fedshift.client.egress import BOOKKEEPING, METRIC, read_egress_log
 from fedshift.client.ledger import PrivacyLedger
-from fedshift.client.site_statistics import RELEASE_FILE
+from fedshift.client.site_statistics import RELEASE_FILE, own_release
 from fedshift.common.config import FederationConfig
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.common.privacy import epsilon
@@ -239,6 +239,31 @@ def test_without_global_prior_the_site_evaluates_uncorrected(
         reply = call_client_app(make_client_app(), _evaluate("test", 2), _run_config(tmp_path))
     assert "ls-log-loss" in reply.content.metric_records[METRICS_KEY]
     assert "correcting from the site training prior" in caplog.text
+
+
+def test_a_dp_site_corrects_from_its_dp_label_counts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The corrected metrics leave the site: under DP its own prior comes from its DP release of the label
+    counts (post-processing), never the exact counts. Before, the exact training counts shaped them."""
+    site_dir = _site(tmp_path)
+    config = _run_config(tmp_path, **{"dp": True, "dp-epsilon": 8.0})
+    app = make_client_app()
+    call_client_app(app, _release_message(), config)
+    own = own_release(site_dir, "1", 0)
+    assert own is not None
+    with caplog.at_level(logging.INFO):
+        reply = call_client_app(app, _evaluate("test", 1), config)
+    assert "ls-log-loss" in reply.content.metric_records[METRICS_KEY]
+    [used] = [
+        np.asarray(cast(tuple[Any, ...], r.args)[1])
+        for r in caplog.records
+        if "correcting from the site training prior" in r.getMessage()
+    ]
+    noisy = np.clip(np.asarray(own["label-counts"]), 0, None)
+    np.testing.assert_allclose(used, (noisy + 1) / (noisy.sum() + 2))
+    exact = np.bincount(np.load(site_dir / "data.npz")["train_labels"].ravel(), minlength=2)
+    assert not np.allclose(used, (exact + 1) / (exact.sum() + 2))
 
 
 @pytest.mark.parametrize("loss", ["prototype", "coral"])
