@@ -39,9 +39,7 @@ exception's text (finding 7).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,6 +51,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from fedshift.client import integrity
 from fedshift.client.site import EVAL_SPLITS
 from fedshift.common.errors import FedshiftError
 from fedshift.common.io import atomic_write_bytes
@@ -241,22 +240,17 @@ def inspect_reply(content: RecordDict, policy: EgressPolicy) -> tuple[list[dict[
 
 
 def append_egress_log(state_dir: Path, entry: Mapping[str, Any]) -> None:
-    """Append one JSON line and fsync it: a crash loses at most the line being written."""
+    """Append one JSON line, chained by HMAC to the line before (:mod:`fedshift.client.integrity`),
+    and fsync it: a crash loses at most the line being written. A log that does not verify (an
+    edited, removed or deleted line) is refused with :class:`LedgerError`, and nothing is appended."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(entry, sort_keys=True) + "\n"
-    fd = os.open(state_dir / EGRESS_LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, line.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    integrity.append_chained_line(state_dir / EGRESS_LOG_FILE, integrity.EGRESS_STREAM, entry, "line")
 
 
 def read_egress_log(state_dir: Path) -> list[dict[str, Any]]:
-    path = state_dir / EGRESS_LOG_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The log's entries as appended (without their MACs), after verifying the chain and the anchor."""
+    records, _ = integrity.read_chained_lines(state_dir / EGRESS_LOG_FILE, integrity.EGRESS_STREAM, "line")
+    return records
 
 
 def round_of(msg: Message) -> int:

@@ -14,9 +14,20 @@ Crash safety and concurrency:
   old ledger or the new one, never half of one, and two processes at one site
   never lose each other's entries;
 - a (run, round, mechanism) is charged at most once;
-- a ledger that fails any check (JSON, format, checksum, entries, duplicates,
-  monotone epsilon) raises :class:`LedgerError` and is never reset or
-  overwritten: deleting or resetting it would reset the site's privacy budget.
+- a ledger that fails any check (JSON, format, chain, anchor, entries,
+  duplicates, monotone epsilon) raises :class:`LedgerError` and is never reset
+  or overwritten: deleting or resetting it would reset the site's privacy budget.
+
+Tamper evidence (:mod:`fedshift.client.integrity`): every entry carries an
+HMAC chained to the one before, under the site's key kept outside the state
+directory, and the anchor beside the key records the entry count and the
+latest MAC. An edited entry breaks the chain; an older copy put back (a
+rollback) is shorter than the anchor; a deleted ledger is missing where the
+anchor counts entries. Each is refused on opening, before any data is read.
+A version-1 ledger (an unkeyed sha256 from before) is read while the anchor
+records no chained entry, and chained at its next charge, with a warning: its
+past cannot be proven, but refusing it would leave the site only the choice of
+deleting it, which resets the budget.
 
 Every mechanism is accounted as a Poisson-subsampled Gaussian with
 ``(noise_multiplier, sample_rate, steps)``, by the Opacus accountant the ledger
@@ -26,7 +37,6 @@ was started with (:mod:`fedshift.common.privacy`).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -40,6 +50,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedshift.client import integrity
 from fedshift.common import privacy
 from fedshift.common.errors import LedgerError, PrivacyError
 from fedshift.common.io import atomic_write_bytes
@@ -49,14 +60,16 @@ logger = logging.getLogger(__name__)
 LEDGER_FILE = "privacy-ledger.json"
 LOCK_SUFFIX = ".lock"  # sidecar lock file: privacy-ledger.json.lock
 FORMAT = "fedshift-privacy-ledger"
-VERSION = 1
+VERSION = 2  # 2: entries chained by HMAC (fedshift.client.integrity); 1: one unkeyed sha256
+LEGACY_VERSION = 1
 FILE_MODE = 0o600  # the ledger tells how much a hospital has spent: owner-only
 
 _FIX = (
     "restore it from a backup; never delete it: deleting a ledger resets the privacy budget "
     "and breaks the site's promise"
 )
-_DOCUMENT_KEYS = ("format", "version", "accountant", "entries", "sha256")
+_DOCUMENT_KEYS = ("format", "version", "accountant", "key-id", "entries")
+_LEGACY_DOCUMENT_KEYS = ("format", "version", "accountant", "entries", "sha256")
 
 
 @dataclass(frozen=True)
@@ -216,7 +229,7 @@ class PrivacyLedger:
         if problem is not None:
             raise PrivacyError(f"{problem}; nothing was charged to {self.path}")
         with _exclusive_lock(self.path):
-            entries = self._load()
+            entries, chained = self._read()
             key = (run_id, round, mechanism)
             if any(e.key == key for e in entries):
                 raise LedgerError(
@@ -240,7 +253,19 @@ class PrivacyLedger:
                 time=datetime.now(UTC).isoformat(timespec="milliseconds"),
             )
             new_entries = (*entries, entry)
-            _write(self.path, _document(self.accountant, new_entries))
+            site = integrity.for_state_dir(self.path.parent)
+            site.install()  # the site's first charge: make its key and anchor (nothing if they exist)
+            data, head = _document(site, self.accountant, new_entries)
+            _write(self.path, data)
+            site.advance(integrity.LEDGER_STREAM, len(new_entries), head)
+            if entries and not chained:
+                logger.warning(
+                    "Chained the %d entries of the version-1 privacy ledger %s with the site's integrity "
+                    "key %s (what they say was not tamper-evident before; what follows is)",
+                    len(entries),
+                    self.path,
+                    site.key_path,
+                )
             self._entries = new_entries
         logger.info(
             "Charged run %s round %s (%s, sigma=%.4g, q=%.4g, %d steps) to %s: epsilon = %.4f at delta = %g",
@@ -257,10 +282,14 @@ class PrivacyLedger:
         return entry
 
     def _load(self) -> tuple[LedgerEntry, ...]:
+        return self._read()[0]
+
+    def _read(self) -> tuple[tuple[LedgerEntry, ...], bool]:
+        """The entries on disk, and whether they are chained (``False``: none yet, or version 1)."""
         contents = _read(self.path)
         if contents is None:
-            return ()
-        accountant, entries = contents
+            return (), False
+        accountant, entries, chained = contents
         if accountant != self.accountant:
             raise LedgerError(
                 f"Expected the privacy ledger {self.path} to be kept with the {self.accountant!r} "
@@ -268,7 +297,7 @@ class PrivacyLedger:
                 "for this site (one ledger is accounted by one accountant; never start a new ledger "
                 "to switch, that resets the privacy budget)"
             )
-        return entries
+        return entries, chained
 
     def _epsilon_after(
         self, entries: Sequence[LedgerEntry], mech: tuple[float, float, int], delta: float
@@ -295,6 +324,36 @@ def open_ledger(path: str | Path) -> PrivacyLedger | None:
     if contents is None:
         return None
     return PrivacyLedger(path, accountant=contents[0])
+
+
+def verify_site(state_dir: str | Path) -> str:
+    """Check a site's ledger and egress log against its key and anchor; one line saying what holds.
+
+    Reads only. :class:`LedgerError` names the first thing that does not verify.
+    """
+    from fedshift.client.egress import EGRESS_LOG_FILE
+
+    state_dir = Path(state_dir)
+    site = integrity.for_state_dir(state_dir)
+    contents = _read(state_dir / LEDGER_FILE)
+    entries, chained = (0, True) if contents is None else (len(contents[1]), contents[2] or not contents[1])
+    records, macs = integrity.read_chained_lines(state_dir / EGRESS_LOG_FILE, integrity.EGRESS_STREAM, "line")
+
+    def state(ok: bool) -> str:
+        return "chained" if ok else "UNCHAINED (version 1: chained at the next write)"
+
+    if not site.installed():
+        return (
+            f"integrity: nothing recorded yet ({entries} ledger entries, {len(records)} egress-log lines); "
+            f"the key will be made at {site.key_path}"
+        )
+    ledger = site.anchor(integrity.LEDGER_STREAM).count
+    egress = site.anchor(integrity.EGRESS_STREAM).count
+    return (
+        f"integrity verified with key {site.key_path} (id {site.key_id()}): ledger {entries} "
+        f"entries {state(chained)} (anchor {ledger}), egress log {len(records)} lines "
+        f"{state(bool(macs) or not records)} (anchor {egress})"
+    )
 
 
 def format_ledger(ledger: PrivacyLedger, delta: float | None = None) -> str:
@@ -400,27 +459,36 @@ def _is_integer(value: Any) -> bool:
 
 
 def _checksum(entries: Any) -> str:
+    """Version 1's unkeyed checksum (read for migration only)."""
     canonical = json.dumps(entries, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _document(accountant: str, entries: Sequence[LedgerEntry]) -> bytes:
-    items = [e.to_dict() for e in entries]
+def _document(
+    site: integrity.SiteIntegrity, accountant: str, entries: Sequence[LedgerEntry]
+) -> tuple[bytes, str]:
+    """The ledger file with every entry chained under the site's key, and the last entry's MAC."""
+    items = site.seal(integrity.LEDGER_STREAM, [e.to_dict() for e in entries])
     doc = {
         "format": FORMAT,
         "version": VERSION,
         "accountant": accountant,
+        "key-id": site.key_id(),
         "entries": items,
-        "sha256": _checksum(items),
     }
-    return (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode()
+    return (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode(), items[-1][integrity.MAC_FIELD]
 
 
-def _read(path: Path) -> tuple[str, tuple[LedgerEntry, ...]] | None:
-    """(accountant, entries) of the ledger file at ``path``, or ``None`` when there is no file."""
+def _read(path: Path) -> tuple[str, tuple[LedgerEntry, ...], bool] | None:
+    """(accountant, entries, chained) of the ledger file at ``path``, or ``None`` when there is none.
+
+    A missing file where the site's anchor counts entries is refused (it was deleted).
+    """
+    site = integrity.for_state_dir(path.parent).snapshot()  # the anchor before the file it covers
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
+        site.check_missing(integrity.LEDGER_STREAM, path, "ledger entry")
         return None
     except IsADirectoryError:
         raise LedgerError(
@@ -432,7 +500,7 @@ def _read(path: Path) -> tuple[str, tuple[LedgerEntry, ...]] | None:
             f"Expected the privacy ledger {path} to be readable, but reading it failed ({exc}); "
             "fix its permissions (owner read/write)"
         ) from exc
-    return _parse(path, raw)
+    return _parse(path, raw, site)
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -448,7 +516,9 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number in strict JSON")
 
 
-def _parse(path: Path, raw: bytes) -> tuple[str, tuple[LedgerEntry, ...]]:
+def _parse(
+    path: Path, raw: bytes, site: integrity.SiteIntegrity
+) -> tuple[str, tuple[LedgerEntry, ...], bool]:
     def corrupt(what: str) -> LedgerError:
         return LedgerError(f"Expected {path} to be a valid privacy ledger, but {what}; {_FIX}")
 
@@ -464,27 +534,48 @@ def _parse(path: Path, raw: bytes) -> tuple[str, tuple[LedgerEntry, ...]]:
         raise corrupt(f"it is not valid JSON ({exc}; {len(raw)} bytes)") from None
     if not isinstance(doc, dict):
         raise corrupt(f"it holds a JSON {type(doc).__name__}, not an object")
-    if sorted(doc) != sorted(_DOCUMENT_KEYS):
-        raise corrupt(f"its top-level keys are {sorted(doc)}, not {sorted(_DOCUMENT_KEYS)}")
-    if doc["format"] != FORMAT:
-        raise corrupt(f"its format is {doc['format']!r}, not {FORMAT!r}")
-    if type(doc["version"]) is not int or doc["version"] != VERSION:
-        raise corrupt(f"its version is {doc['version']!r}; this fedshift reads version {VERSION}")
-    accountant, items, recorded = doc["accountant"], doc["entries"], doc["sha256"]
+    if doc.get("format") != FORMAT:
+        raise corrupt(f"its format is {doc.get('format')!r}, not {FORMAT!r}")
+    version = doc.get("version")
+    if type(version) is not int or version not in (VERSION, LEGACY_VERSION):
+        raise corrupt(
+            f"its version is {version!r}; this fedshift reads versions {LEGACY_VERSION} and {VERSION}"
+        )
+    keys = _DOCUMENT_KEYS if version == VERSION else _LEGACY_DOCUMENT_KEYS
+    if sorted(doc) != sorted(keys):
+        raise corrupt(f"its top-level keys are {sorted(doc)}, not {sorted(keys)}")
+    accountant, items = doc["accountant"], doc["entries"]
     if not isinstance(accountant, str) or not accountant:
         raise corrupt(f"its accountant is {accountant!r}, not an accountant name")
     if not isinstance(items, list):
         raise corrupt(f"its entries are a JSON {type(items).__name__}, not a list")
-    actual = _checksum(items)
-    if recorded != actual:
-        raise corrupt(
-            f"its entries do not match their sha256 checksum (recorded {str(recorded)[:16]}..., "
-            f"computed {actual[:16]}...): the file was edited or damaged after it was written"
-        )
+    macs: list[str] = []
+    if version == LEGACY_VERSION:
+        if not integrity.legacy_allowed(site, integrity.LEDGER_STREAM):
+            raise corrupt(
+                f"it is an unchained version-{LEGACY_VERSION} ledger while the integrity anchor "
+                f"{site.anchor_path} records {site.anchor(integrity.LEDGER_STREAM).count} chained entries: "
+                "an old copy from before the upgrade was put back (rolled back)"
+            )
+        recorded, actual = doc["sha256"], _checksum(items)
+        if recorded != actual:
+            raise corrupt(
+                f"its entries do not match their sha256 checksum (recorded {str(recorded)[:16]}..., "
+                f"computed {actual[:16]}...): the file was edited or damaged after it was written"
+            )
+        plain = items
+    else:
+        if doc["key-id"] != site.key_id():  # key() first: a missing key says so
+            raise corrupt(
+                f"it was chained with another integrity key (id {doc['key-id']!r}) than {site.key_path} "
+                f"(id {site.key_id()!r}); set integrity-key to this site's own key"
+            )
+        macs = site.verify(integrity.LEDGER_STREAM, items, path, "ledger entry")
+        plain = [{k: v for k, v in item.items() if k != integrity.MAC_FIELD} for item in items]
     entries: list[LedgerEntry] = []
     seen: dict[tuple[str, int, str], int] = {}
     highest: dict[float, tuple[int, LedgerEntry]] = {}  # delta -> entry with the largest epsilon
-    for i, item in enumerate(items):
+    for i, item in enumerate(plain):
         try:
             entry = LedgerEntry.from_dict(item)
         except LedgerError as exc:
@@ -509,26 +600,24 @@ def _parse(path: Path, raw: bytes) -> tuple[str, tuple[LedgerEntry, ...]]:
         if entry.delta not in highest or entry.epsilon > highest[entry.delta][1].epsilon:
             highest[entry.delta] = (i, entry)
         entries.append(entry)
-    return accountant, tuple(entries)
+    if version == VERSION:
+        site.check_anchor(integrity.LEDGER_STREAM, len(macs), macs.__getitem__, path, "ledger entry")
+    elif entries:
+        logger.warning(
+            "%s is an unchained version-%d ledger (%d entries); it will be chained with the site's "
+            "integrity key at its next charge",
+            path,
+            LEGACY_VERSION,
+            len(entries),
+        )
+    return accountant, tuple(entries), version == VERSION
 
 
 @contextlib.contextmanager
 def _exclusive_lock(path: Path) -> Iterator[None]:
     """Hold ``flock(LOCK_EX)`` on ``<path>.lock``; the kernel releases it if the process dies."""
-    lock_path = path.with_name(path.name + LOCK_SUFFIX)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-    except OSError as exc:
-        raise LedgerError(
-            f"Expected to create the privacy ledger lock {lock_path}, but it failed ({exc}); "
-            "make the site's state directory writable by the user running the SuperNode"
-        ) from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with integrity.exclusive_lock(path.with_name(path.name + LOCK_SUFFIX)):
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _write(path: Path, data: bytes) -> None:

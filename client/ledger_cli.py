@@ -15,9 +15,11 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "ledger",
         help="show a site's privacy ledger",
-        description="Print every DP charge in a site's privacy ledger (run, round, noise multiplier, "
-        "sample rate, steps, epsilon after the charge) and the epsilon of the whole ledger. "
-        "Reads only; the ledger is never changed.",
+        description="Verify a site's privacy ledger and egress log against its integrity key and anchor "
+        "(the HMAC chain of every entry and line; a rolled-back or deleted ledger), then print every DP "
+        "charge (run, round, noise multiplier, sample rate, steps, epsilon after the charge) and the "
+        "epsilon of the whole ledger. Reads only; nothing is changed. Exit code 2 when anything does "
+        "not verify.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
@@ -25,6 +27,11 @@ def register(sub: Any) -> None:
         metavar="SITE_DIR",
         type=Path,
         help="the site's state directory (holding privacy-ledger.json), or the ledger file itself",
+    )
+    p.add_argument(
+        "--key",
+        type=Path,
+        help="the site's integrity key (its integrity-key setting; default: <SITE_DIR>.integrity-key)",
     )
     p.add_argument("--json", action="store_true", help="print the ledger as JSON instead of a table")
     p.add_argument(
@@ -36,7 +43,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedshift.client.ledger import LEDGER_FILE, format_ledger, open_ledger
+    from fedshift.client.integrity import bind_key
+    from fedshift.client.ledger import LEDGER_FILE, format_ledger, open_ledger, verify_site
 
     delta: float | None = args.delta
     if delta is not None and not (math.isfinite(delta) and 0 < delta < 1):
@@ -46,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
             f"Expected SITE_DIR to be a site's state directory or its {LEDGER_FILE}, but got the file "
             f"{args.site_dir}; pass the directory that holds {LEDGER_FILE}"
         )
+    state_dir = args.site_dir if args.site_dir.is_dir() else args.site_dir.parent
+    if args.key is not None:
+        bind_key(state_dir, args.key)
     ledger = open_ledger(args.site_dir)
     if ledger is None:
         path = args.site_dir / LEDGER_FILE if args.site_dir.is_dir() else args.site_dir
@@ -53,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
             f"no privacy ledger at {path}: this site has not trained with DP yet (expected SITE_DIR "
             f"to be the site's state directory holding {LEDGER_FILE}, or that file itself)"
         )
+    verified = verify_site(state_dir)
     if not args.json:
         print(format_ledger(ledger, delta))
+        print(verified)
         return 0
     if delta is None and ledger.entries:
         delta = ledger.entries[-1].delta
@@ -64,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         "delta": delta,
         "epsilon": 0.0 if delta is None else ledger.epsilon(delta),
         "entries": [e.to_dict() for e in ledger.entries],
+        "integrity": verified,
     }
     print(json.dumps(report, indent=2))
     return 0

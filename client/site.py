@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fedshift.client.integrity import bind_key
 from fedshift.common.config import FederationConfig, PrivacyConfig
 from fedshift.common.data import Dataset, load_npz
 from fedshift.common.errors import ConfigError, PrivacyError
@@ -108,6 +109,8 @@ class SiteSettings:
             data_path = Path(str(node_config["data-path"]))
             state_dir = Path(str(node_config.get("state-dir", data_path.parent)))
             name = str(node_config.get("site-name", data_path.stem))
+            if "integrity-key" in node_config:  # the ledger's and egress log's key, outside state_dir
+                bind_key(state_dir, Path(str(node_config["integrity-key"])))
             privacy = deployed_privacy(node_config, fed.privacy, name)
             return cls(name, data_path, state_dir, device, privacy, egress, splits)
         if "partition-id" in node_config and fed.sites_root:

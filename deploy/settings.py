@@ -70,7 +70,7 @@ CONNECTION_KEYS = {
     "log-file": "the daemon's log file (default <state-dir>/logs/fedshift-client.log)",
     "enrollment-timeout": "seconds a refused key is retried before the daemon exits with code 3",
 }
-NODE_LOCATION_KEYS = ("data-path", "state-dir", "site-name")
+NODE_LOCATION_KEYS = ("data-path", "state-dir", "site-name", "integrity-key")
 NUMBER_EXAMPLES = {
     "dp-epsilon": 8.0,
     "dp-epsilon-per-run": 2.0,
@@ -317,6 +317,8 @@ class ClientSettings:
         _unknown(site, {*NODE_LOCATION_KEYS, *SITE_KEYS}, "site", path)
         site["data-path"] = str(_path(site, "data-path", "site", path))
         site["state-dir"] = str(_path(site, "state-dir", "site", path, str(Path(site["data-path"]).parent)))
+        if "integrity-key" in site:  # the HMAC key of the ledger and egress log (default: beside state-dir)
+            site["integrity-key"] = str(_path(site, "integrity-key", "site", path))
         name = _string(site, "site-name", "site", path, Path(site["data-path"]).stem)
         try:
             site["site-name"] = check_site_name(name)

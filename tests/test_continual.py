@@ -110,7 +110,9 @@ def test_dp_budget_planning_keeps_room_for_the_end_of_run_fisher(tmp_path: Path)
     plain = _run_config(tmp_path, **{"dp": True, "dp-epsilon": 4.0})
     call_client_app(make_client_app(), train, plain)
     sigma_plain = PrivacyLedger.at(site_dir).entries[0].noise_multiplier
-    (site_dir / "privacy-ledger.json").unlink()
+    fresh = tmp_path / "fresh"  # the same data as a new site (deleting a ledger stops a site: issue 18)
+    site_dir = write_site(fresh)
+    plain = _run_config(fresh, **{"dp": True, "dp-epsilon": 4.0})
     reserved = {**plain, "ewc-consolidate": True, "ewc-fisher-noise-multiplier": 2.0}
     call_client_app(make_client_app(), train, reserved)
     ledger = PrivacyLedger.at(site_dir)

@@ -87,6 +87,12 @@ def test_a_good_site_config_passes_the_check(
     out = capsys.readouterr().out
     assert "OK" in out and "'train': 60" in out and "epsilon 8" in out
     assert (tmp_path / "state").is_dir()
+    # the first start made the site's integrity key and its anchor, beside (not in) the state directory
+    key = tmp_path / "state.integrity-key"
+    assert key.stat().st_mode & 0o777 == 0o600 and (tmp_path / "state.integrity-key.anchor").is_file()
+    made = key.read_bytes()
+    assert main(["client", "--config", str(path), "--check"]) == 0  # and the next start keeps them
+    assert key.read_bytes() == made
 
 
 @pytest.mark.parametrize(

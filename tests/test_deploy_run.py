@@ -73,6 +73,8 @@ def test_tls_federation_with_enrolled_sites_runs_two_rounds(federation: Federati
     shown = fedshift("ledger", "sites/hospital-a", cwd=federation.root)
     assert shown.returncode == 0, shown.stderr
     assert "2 entries" in shown.stdout and "epsilon = " in shown.stdout
+    # ... after verifying its chain, and the egress log's, written by the real SuperNode's ClientApp
+    assert "ledger 2 entries chained (anchor 2), egress log 5 lines chained (anchor 5)" in shown.stdout
 
     # the node config reached the ClientApp: the state went where site.toml said
     for site in SITES:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -24,6 +25,7 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
+from fedshift.client import integrity
 from fedshift.client.ledger import LEDGER_FILE, LedgerEntry, PrivacyLedger, format_ledger, open_ledger
 from fedshift.common import privacy
 from fedshift.common.cli import main
@@ -199,19 +201,39 @@ def test_absent_ledger_is_empty_and_not_created(tmp_path: Path) -> None:
     assert open_ledger(tmp_path) is None
 
 
-def test_file_format_checksum_and_private_mode(tmp_path: Path, few_orders: str) -> None:
-    ledger = PrivacyLedger.at(tmp_path, accountant=few_orders)
+def _reference_chain(key: bytes, stream: str, records: list[dict[str, Any]]) -> list[str]:
+    """HMAC-SHA256(key, previous MAC + newline + canonical JSON), from HMAC(key, genesis:<stream>)."""
+    previous = hmac.new(key, f"fedshift-chain-genesis:{stream}".encode(), hashlib.sha256).hexdigest()
+    macs = []
+    for record in records:
+        body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+        previous = hmac.new(key, previous.encode() + b"\n" + body, hashlib.sha256).hexdigest()
+        macs.append(previous)
+    return macs
+
+
+def test_file_format_chain_and_private_mode(tmp_path: Path, few_orders: str) -> None:
+    state = tmp_path / "site"
+    ledger = PrivacyLedger.at(state, accountant=few_orders)
     _charge_all(ledger, HISTORY[:2])
-    path = tmp_path / LEDGER_FILE
+    path = state / LEDGER_FILE
     assert ledger.path == path
     assert path.stat().st_mode & 0o777 == 0o600
     doc = json.loads(path.read_text())
-    assert set(doc) == {"format", "version", "accountant", "entries", "sha256"}
-    assert (doc["format"], doc["version"], doc["accountant"]) == ("fedshift-privacy-ledger", 1, FEW)
-    canonical = json.dumps(doc["entries"], sort_keys=True, separators=(",", ":"))
-    assert doc["sha256"] == hashlib.sha256(canonical.encode()).hexdigest()
-    assert doc["entries"] == [e.to_dict() for e in ledger.entries]
-    assert [LedgerEntry.from_dict(d) for d in doc["entries"]] == list(ledger.entries)
+    assert set(doc) == {"format", "version", "accountant", "key-id", "entries"}
+    assert (doc["format"], doc["version"], doc["accountant"]) == ("fedshift-privacy-ledger", 2, FEW)
+    # the key was made beside the state directory, owner-only; the chain is HMAC-SHA256 under it
+    key_file = tmp_path / "site.integrity-key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = bytes.fromhex(key_file.read_text().strip().removeprefix("fedshift-integrity-key-v1:"))
+    plain = [{k: v for k, v in d.items() if k != "mac"} for d in doc["entries"]]
+    assert [d["mac"] for d in doc["entries"]] == _reference_chain(key, "privacy-ledger", plain)
+    assert doc["key-id"] == hmac.new(key, b"fedshift-integrity-key-id", hashlib.sha256).hexdigest()[:16]
+    assert plain == [e.to_dict() for e in ledger.entries]
+    assert [LedgerEntry.from_dict(d) for d in plain] == list(ledger.entries)
+    # the anchor beside the key records the count and the last MAC
+    anchor = json.loads((tmp_path / "site.integrity-key.anchor").read_text())
+    assert anchor["streams"]["privacy-ledger"] == {"count": 2, "head": doc["entries"][-1]["mac"]}
 
 
 def test_find_and_run_entries(tmp_path: Path, few_orders: str) -> None:
@@ -286,12 +308,14 @@ def test_impossible_charge_is_refused_before_touching_the_file(tmp_path: Path, b
 
 
 def _rewrite(doc: dict[str, Any], entries: list[dict[str, Any]]) -> bytes:
-    """A ledger whose checksum is valid again: damage that only the entry checks can see."""
-    doc = {**doc, "entries": entries}
-    doc["sha256"] = hashlib.sha256(
-        json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
+    """A ledger whose chain is valid again (re-sealed with the site's own key, as only someone holding
+    the key could): damage that only the entry checks can see."""
+    site = integrity.for_state_dir(_STATE[0])
+    doc = {**doc, "entries": site.seal(integrity.LEDGER_STREAM, entries)}
     return json.dumps(doc).encode()
+
+
+_STATE: list[Path] = []  # the state directory of the ledger a corruption is applied to
 
 
 def _corruptions() -> dict[str, Callable[[bytes], bytes]]:
@@ -329,7 +353,7 @@ def _corruptions() -> dict[str, Callable[[bytes], bytes]]:
         return _rewrite(doc, entries)
 
     def duplicate_json_key(raw: bytes) -> bytes:
-        return raw.replace(b'"version": 1,', b'"version": 1, "version": 1,')
+        return raw.replace(b'"version": 2,', b'"version": 2, "version": 2,')
 
     return {
         "truncated": lambda raw: raw[: len(raw) // 2],
@@ -352,6 +376,7 @@ def test_corrupt_ledger_is_refused_and_left_byte_identical(
     ledger = PrivacyLedger.at(tmp_path, accountant=few_orders)  # opened while the file is fine
     _charge_all(ledger, HISTORY[:2])
     path = tmp_path / LEDGER_FILE
+    _STATE[:] = [tmp_path]
     corrupt = _corruptions()[damage](path.read_bytes())
     path.write_bytes(corrupt)
     with pytest.raises(LedgerError) as info:
@@ -424,7 +449,7 @@ def job(path, run_id, count=None, die_on_replace=None):
     if die_on_replace is not None:  # be killed inside atomic_write_bytes, after fsync, before os.replace
         real_replace, calls = os.replace, [0]
         def replace(src, dst):
-            calls[0] += 1
+            calls[0] += os.path.basename(dst) == "privacy-ledger.json"  # the ledger's, not the anchor's
             if calls[0] == die_on_replace:
                 os.kill(os.getpid(), signal.SIGKILL)
             real_replace(src, dst)
@@ -556,7 +581,9 @@ def test_sigkill_inside_the_atomic_write_keeps_the_old_file(
     assert [e.round for e in entries] == [0, 1]
     # the third charge was fully written to a temp file, then killed before os.replace
     (orphan,) = tmp_path.glob(f".{LEDGER_FILE}.*.tmp")
-    unfinished = json.loads(orphan.read_text())["entries"]
+    unfinished = [
+        {k: v for k, v in d.items() if k != "mac"} for d in json.loads(orphan.read_text())["entries"]
+    ]
     assert [e.to_dict() for e in entries] == unfinished[:2] and len(unfinished) == 3
     # a new process continues (and clears the orphan under the lock)
     pid = workers.start(path, "42", count=1)
@@ -599,7 +626,11 @@ def test_cli_table_total_matches_the_ledger(tmp_path: Path, capsys: pytest.Captu
     assert float(delta) == DELTA and accountant == "rdp" and int(n) == len(HISTORY)
     assert abs(float(eps) - ledger.epsilon(DELTA)) <= 1e-3
     assert out.count("dp-sgd") == len(HISTORY)
-    assert out == format_ledger(ledger) + "\n"
+    table, verified = out.rstrip("\n").rsplit("\n", 1)
+    assert table == format_ledger(ledger)
+    key = tmp_path.with_name(tmp_path.name + ".integrity-key")
+    assert verified.startswith(f"integrity verified with key {key} ")
+    assert "ledger 3 entries chained (anchor 3)" in verified
     # at another delta, given the ledger file itself
     assert main(["ledger", str(tmp_path / LEDGER_FILE), "--delta", "1e-3"]) == 0
     match = _TOTAL.search(capsys.readouterr().out)

@@ -13,12 +13,15 @@ COPY simulations simulations
 COPY deploy deploy
 COPY tests tests
 RUN pip install . && useradd --system --home /var/lib/fedshift fedshift \
-    && mkdir -p /var/lib/fedshift && chown fedshift /var/lib/fedshift
+    && mkdir -p /var/lib/fedshift /var/lib/fedshift-integrity \
+    && chown fedshift /var/lib/fedshift /var/lib/fedshift-integrity && chmod 700 /var/lib/fedshift-integrity
 USER fedshift
 WORKDIR /var/lib/fedshift
 # site.toml and the certificates are mounted at /etc/fedshift (read-only), the data at /data (read-only);
 # /var/lib/fedshift holds the privacy ledger, the egress log and the logs: keep it on a persistent volume
-VOLUME ["/var/lib/fedshift"]
+# /var/lib/fedshift-integrity holds the HMAC key and anchor of the ledger and egress log (integrity-key):
+# a second volume, so that restoring or copying the state volume cannot roll the ledger back unseen
+VOLUME ["/var/lib/fedshift", "/var/lib/fedshift-integrity"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["fedshift", "client"]
 CMD ["--config", "/etc/fedshift/site.toml"]
