@@ -103,6 +103,7 @@ def test_a_good_site_config_passes_the_check(
         ({"dp-epsilon": "eight"}, ("dp-epsilon", "number", "without quotes")),
         ({"dp-epsilonn": 8.0}, ("dp-epsilonn", "unknown key", "spelling")),
         ({"dp-epsilon": None}, ("dp-epsilon", "set dp-epsilon")),
+        ({"eval-splits": ["val", "train"]}, ("eval-splits", "remove train")),  # its metrics would leave
     ],
 )
 def test_bad_site_configs_fail_in_one_line_naming_the_key(
