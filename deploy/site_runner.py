@@ -244,7 +244,8 @@ class SiteRunner:
             except (httpx.HTTPError, RunNotRunningException) as exc:
                 logger.warning("Could not push the reply to the SuperNode: %s", exc)
             finally:
-                heartbeat.stop()
+                if heartbeat.is_running:
+                    heartbeat.stop()
                 client.close()
 
     def verdict(self, run: Run, fab: Fab, task_type: str) -> str | None:
