@@ -237,7 +237,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
             device,
             f", epsilon {float(cast(float, privacy['epsilon'])):.3f}" if "epsilon" in privacy else "",
         )
-        # issue 18: the training loss is a statistic of the private batches without DP, and the val
+        # the training loss is a statistic of the private batches without DP, and the val
         # metrics would be an evaluation outside the evaluate stage's once-per-round rule: both stay in
         # the site's log above. The weight is the training split's size (DP-SGD's sampling rate,
         # in the privacy record, discloses it anyway); the throughput is not computed from data.
@@ -269,7 +269,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
             stats = load_global_statistics(site.state_dir, run_id)
             labels = dataset.split("train").labels if "train" in dataset.splits else np.zeros(0)
             counts = None
-            if site.privacy.enabled:  # issue 18: the metrics leave, so the labels count only via DP
+            if site.privacy.enabled:  # the metrics leave, so the labels count only via DP
                 own = own_release(site.state_dir, run_id, 0)
                 labels = np.zeros(0)
                 counts = np.asarray(own["label-counts"]) if own and "label-counts" in own else None

@@ -23,8 +23,8 @@ the log records it. Each message appends one JSON line to
 the server's config), every key sent, its shape, bytes and the mechanism that
 protected it.
 
-The guard also answers for the evaluation metrics, which leave without DP
-(issue 18, finding 3): an evaluate message for a split outside the site's
+The guard also answers for the evaluation metrics, which leave without DP:
+an evaluate message for a split outside the site's
 ``eval-splits`` (never ``train``), or for a round outside the run's
 ``1..num-server-rounds``, is refused before any site code runs; each
 (run, round, split) is evaluated once, and a repeat gets the stored answer
@@ -34,7 +34,7 @@ adapters and the example count (the FedAvg weight, which the DP accounting's
 sampling rate discloses anyway). And an exception anywhere inside the guard is
 caught here: logged at the site with its traceback, answered with a Flower
 error whose reason is :data:`~fedshift.common.protocol.SITE_ERROR`, never the
-exception's text (finding 7).
+exception's text.
 """
 
 from __future__ import annotations
