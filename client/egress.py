@@ -387,6 +387,24 @@ def egress_guard(resolve: SiteResolver) -> Callable[[Message, Context, Handler],
             return Message(stored, reply_to=msg), {"repeat": True}
         return call_next(msg, context), {"repeat": False}
 
+    def checked(
+        msg: Message, reply: Message, site: str, state_dir: Path, policy: EgressPolicy
+    ) -> tuple[Message, list[dict[str, Any]], list[str], dict[str, Any]]:
+        """What of ``reply`` may leave: the reply, its items, what was blocked, what the log adds."""
+        if reply.has_error():
+            if reply.error.reason != SITE_ERROR:  # an error reply made inside: its text stays here
+                logger.error("%s: an error reply (%s) replaced by a generic error", site, reply.error.reason)
+                reply = site_error(msg)
+            return reply, [], [], {"error": SITE_ERROR}
+        withheld = withhold_metrics(reply.content, policy)
+        items, blocked = inspect_reply(reply.content, policy)
+        blocked += uncharged_statistics(items, state_dir, str(msg.metadata.run_id), round_of(msg))
+        if blocked:
+            logger.error("%s: egress guard blocked %s; sending a refusal instead", site, blocked)
+            reply = refusal(msg, site, "blocked", f"egress guard blocked {len(blocked)} item(s): {blocked}")
+            items, _ = inspect_reply(reply.content, policy)
+        return reply, items, blocked, {"withheld": withheld} if withheld else {}
+
     def mod(msg: Message, context: Context, call_next: Handler) -> Message:
         try:
             site, state_dir, policy = resolve(context)
@@ -397,45 +415,17 @@ def egress_guard(resolve: SiteResolver) -> Callable[[Message, Context, Handler],
             logger.exception("The site's settings cannot be read; sending a generic error")
             return site_error(msg)
         request = describe_request(msg)
+        where = f"{site}: {request['type']} of run {request['run']} round {request['round']} failed"
         try:
             reply, extra = answer(msg, context, call_next, site, state_dir, policy)
+            reply, items, blocked, checks = checked(msg, reply, site, state_dir, policy)
+            extra = {**extra, **checks}
         except FedshiftError as exc:  # a clear one-line reason (config, ledger, data): no traceback
-            logger.error(
-                "%s: %s of run %s round %d failed, the server gets a generic error: %s",
-                site,
-                request["type"],
-                request["run"],
-                request["round"],
-                exc,
-            )
-            reply, extra = site_error(msg), {}
+            logger.error("%s, the server gets a generic error: %s", where, exc)
+            reply, items, blocked, extra = site_error(msg), [], [], {"error": SITE_ERROR}
         except Exception:  # a defect: the traceback, here only
-            logger.exception(
-                "%s: %s of run %s round %d failed; the server gets a generic error",
-                site,
-                request["type"],
-                request["run"],
-                request["round"],
-            )
-            reply, extra = site_error(msg), {}
-        if reply.has_error():
-            if reply.error.reason != SITE_ERROR:  # an error reply made inside: its text stays here
-                logger.error("%s: an error reply (%s) replaced by a generic error", site, reply.error.reason)
-                reply = site_error(msg)
-            items: list[dict[str, Any]] = []
-            blocked: list[str] = []
-            extra = {**extra, "error": SITE_ERROR}
-        else:
-            withheld = withhold_metrics(reply.content, policy)
-            extra = {**extra, "withheld": withheld} if withheld else extra
-            items, blocked = inspect_reply(reply.content, policy)
-            blocked += uncharged_statistics(items, state_dir, str(msg.metadata.run_id), round_of(msg))
-            if blocked:
-                logger.error("%s: egress guard blocked %s; sending a refusal instead", site, blocked)
-                reply = refusal(
-                    msg, site, "blocked", f"egress guard blocked {len(blocked)} item(s): {blocked}"
-                )
-                items, _ = inspect_reply(reply.content, policy)
+            logger.exception("%s; the server gets a generic error", where)
+            reply, items, blocked, extra = site_error(msg), [], [], {"error": SITE_ERROR}
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "run": request["run"],
