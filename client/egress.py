@@ -40,11 +40,12 @@ exception's text.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
@@ -53,7 +54,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedshift.client import integrity
 from fedshift.client.site import EVAL_SPLITS
-from fedshift.common.errors import FedshiftError
+from fedshift.common.errors import FedshiftError, RoundRefusedError
 from fedshift.common.io import atomic_write_bytes
 from fedshift.common.protocol import (
     ARRAYS_KEY,
@@ -254,9 +255,18 @@ def read_egress_log(state_dir: Path) -> list[dict[str, Any]]:
 
 
 def round_of(msg: Message) -> int:
+    """The message's ``server-round`` (0 when it names none); :class:`RoundRefusedError` when it is not a
+    whole number (a string, a bool, NaN, inf, 2.5): the guard refuses such a message before site code runs."""
     config = msg.content.config_records.get(CONFIG_KEY)
     value = config.get("server-round", 0) if config is not None else 0
-    return int(cast(int, value))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    raise RoundRefusedError(
+        f"Expected server-round to be a whole number (1, 2, ...), but got {repr(value)[:40]}; "
+        "the server must send the round it runs"
+    )
 
 
 def refusal(msg: Message, site: str, status: str, reason: str) -> Message:
@@ -270,14 +280,14 @@ def refusal(msg: Message, site: str, status: str, reason: str) -> Message:
     return Message(content, reply_to=msg)
 
 
-def uncharged_statistics(
-    items: list[dict[str, Any]], state_dir: Path, run_id: str, server_round: int
-) -> list[str]:
-    """The DP statistics among ``items`` whose release the site's ledger has no charge for (blocked)."""
+def uncharged_statistics(items: list[dict[str, Any]], state_dir: Path, msg: Message) -> list[str]:
+    """The DP statistics among ``items`` whose release the site's ledger has no charge for in the run
+    and round of ``msg`` (blocked)."""
     dp = {*DP_STATISTICS.values(), MECHANISM_DP_FISHER}
     released = {(i["record"], i["key"], i["mechanism"]) for i in items if i["mechanism"] in dp}
     if not released:
         return []
+    run_id, server_round = str(msg.metadata.run_id), round_of(msg)
     from fedshift.client.ledger import open_ledger
 
     ledger = open_ledger(state_dir)
@@ -300,10 +310,14 @@ def describe_request(msg: Message) -> dict[str, Any]:
     """What the server asked for, as the egress log records it: type, run, round, split, its config."""
     config = msg.content.config_records.get(CONFIG_KEY)
     values = {k: _config_value(v) for k, v in config.items()} if config is not None else {}
+    try:
+        server_round: int | None = round_of(msg)
+    except RoundRefusedError:  # not a round number: the guard refuses the message; config shows the value
+        server_round = None
     request: dict[str, Any] = {
         "type": str(msg.metadata.message_type),
         "run": str(msg.metadata.run_id),
-        "round": round_of(msg),
+        "round": server_round,
         "config": values,
     }
     if is_evaluate(msg):
@@ -368,7 +382,11 @@ def egress_guard(resolve: SiteResolver) -> Callable[[Message, Context, Handler],
         msg: Message, context: Context, call_next: Handler, site: str, state_dir: Path, policy: EgressPolicy
     ) -> tuple[Message, dict[str, Any]]:
         """The reply as it leaves, and what the log adds about how it was made."""
-        run_id, server_round = str(msg.metadata.run_id), round_of(msg)
+        try:
+            run_id, server_round = str(msg.metadata.run_id), round_of(msg)
+        except RoundRefusedError as exc:  # the server's mistake: refused before any site code runs
+            logger.warning("%s: refused a %s message: %s", site, msg.metadata.message_type, exc)
+            return refusal(msg, site, STATUS_ROUND_REFUSED, str(exc)), {}
         if not is_evaluate(msg):
             return call_next(msg, context), {}
         refused = _evaluation_refusal(msg, site, policy)
@@ -398,7 +416,7 @@ def egress_guard(resolve: SiteResolver) -> Callable[[Message, Context, Handler],
             return reply, [], [], {"error": SITE_ERROR}
         withheld = withhold_metrics(reply.content, policy)
         items, blocked = inspect_reply(reply.content, policy)
-        blocked += uncharged_statistics(items, state_dir, str(msg.metadata.run_id), round_of(msg))
+        blocked += uncharged_statistics(items, state_dir, msg)
         if blocked:
             logger.error("%s: egress guard blocked %s; sending a refusal instead", site, blocked)
             reply = refusal(msg, site, "blocked", f"egress guard blocked {len(blocked)} item(s): {blocked}")

@@ -218,3 +218,27 @@ def test_a_failure_sends_a_generic_error_and_its_text_stays_at_the_site(
     entry = read_egress_log(site_dir)[-1]
     assert (entry["items"], entry["bytes"], entry["error"]) == ([], 0, SITE_ERROR)
     assert secret not in (site_dir / "egress-log.jsonl").read_text()
+
+
+@pytest.mark.parametrize("kind", [MessageType.TRAIN, MessageType.EVALUATE])
+@pytest.mark.parametrize("server_round", ["x", float("nan"), float("inf"), 2.5, True])
+def test_a_bad_round_number_is_refused_inside_the_guard(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str, server_round: Any
+) -> None:
+    """Before, ``describe_request`` ran ``int(server-round)`` outside the guard's catch: "x", NaN or inf
+    raised out of the ClientApp (under plain Flower its text goes to the server), nothing was logged."""
+    site_dir = write_site(tmp_path)
+    calls = _Calls()
+    msg = _message(kind, 1, split="val")
+    msg.content.config_records[CONFIG_KEY]["server-round"] = server_round
+    with caplog.at_level(logging.WARNING):
+        reply = call_client_app(make_client_app(mods=[calls]), msg, _config(tmp_path))
+    status = reply.content.config_records[STATUS_KEY]
+    assert status["status"] == STATUS_ROUND_REFUSED and "Expected server-round to be a whole number" in str(
+        status["reason"]
+    )
+    assert not reply.content.metric_records and not reply.content.array_records and calls.count == 0
+    assert "refused" in caplog.text and not any(r.exc_info for r in caplog.records)
+    entry = read_egress_log(site_dir)[-1]
+    assert entry["round"] is None and entry["blocked"] == []
+    assert {i["record"] for i in entry["items"]} == {"site", STATUS_KEY}
