@@ -65,6 +65,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 import fedshift
+from fedshift.client.egress import site_error  # the runner loads fedshift.client.app (and this) anyway
 from fedshift.common.protocol import APP_REFUSED, SITE_ERROR
 
 # run as ``python -m``, this module is __main__; its log lines still carry its package name
@@ -73,6 +74,7 @@ logger = logging.getLogger("fedshift.deploy.site_runner" if __name__ == "__main_
 APPROVED_CLIENTAPP = "fedshift.client.app:app"
 APPROVED_PROJECT = "fedshift"
 FAB_CONFIG = "pyproject.toml"
+FAB_CONFIG_MAX_BYTES = 64 * 1024  # fedshift's own is under 1 KiB
 FAB_FILES = frozenset({FAB_CONFIG, ".info/CONTENT"})  # what `flwr run` packs from deploy/server.py:write_app
 # the SuperNode creates these two task types for a message; both are taken (and the agent kind refused)
 TASK_TYPES = (TaskType.CLIENT_APP, TaskType.AGENT_APP)
@@ -91,9 +93,15 @@ def check_app(fab: Fab, run: Run, task_type: str = TaskType.CLIENT_APP) -> str |
     try:
         with zipfile.ZipFile(io.BytesIO(fab.content)) as bundle:
             names = bundle.namelist()
-            config_bytes = bundle.read(FAB_CONFIG) if FAB_CONFIG in names else b""
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        return f"the bundle is not a readable zip archive ({exc})"
+            size = bundle.getinfo(FAB_CONFIG).file_size if FAB_CONFIG in names else 0
+            config_bytes = b""
+            if FAB_CONFIG in names and size <= FAB_CONFIG_MAX_BYTES:
+                with bundle.open(FAB_CONFIG) as member:  # bounded even if the declared size lies
+                    config_bytes = member.read(FAB_CONFIG_MAX_BYTES + 1)
+    except Exception as exc:  # any it cannot read (encrypted, unknown compression, truncated): refused
+        return f"the bundle is not a readable zip archive ({type(exc).__name__}: {exc})"
+    if max(size, len(config_bytes)) > FAB_CONFIG_MAX_BYTES:  # a zip bomb, or not fedshift's few lines
+        return f"its {FAB_CONFIG} unpacks to more than {FAB_CONFIG_MAX_BYTES} bytes; the site reads no more"
     extra = sorted(set(names) - FAB_FILES)
     if extra:
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
@@ -231,8 +239,7 @@ class SiteRunner:
         except Exception:  # the site logs everything; the coordinator learns nothing
             logger.exception("The ClientApp failed; the coordinator gets a generic error")
             if message is not None:
-                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=SITE_ERROR)
-                reply = Message(error, reply_to=message)
+                reply = site_error(message)
         finally:
             try:
                 if reply is not None and message is not None:

@@ -11,10 +11,14 @@ appears.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
+import struct
 import textwrap
 import time
 import tomllib
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +37,13 @@ from fedshift.deploy.client import RUNTIME_SECRET, supernode_argv, write_node_co
 from fedshift.deploy.flwr_cli import CONNECTION
 from fedshift.deploy.server import Coordinator, write_app
 from fedshift.deploy.settings import ClientSettings, ServerSettings
-from fedshift.deploy.site_runner import APPROVED_CLIENTAPP, check_app, runtime_client
+from fedshift.deploy.site_runner import (
+    APPROVED_CLIENTAPP,
+    FAB_CONFIG_MAX_BYTES,
+    SiteRunner,
+    check_app,
+    runtime_client,
+)
 from fedshift.tests.deploy_support import Federation, flower_processes_under, wait_for
 
 ATTACK_SITES = ("hospital-a", "hospital-b")
@@ -95,6 +105,61 @@ def test_a_bundle_whose_hash_differs_or_an_agent_task_is_refused(legit_app: Path
     assert "flwr-agentapp" in str(check_app(fab, _run(fab), TaskType.AGENT_APP))
     broken = Fab(hashlib.sha256(b"not a zip").hexdigest(), b"not a zip", {})
     assert "zip" in str(check_app(broken, _run(broken)))
+
+
+def _zip(data: bytes, compression: int = zipfile.ZIP_STORED, corrupt: bool = False, **header: int) -> Fab:
+    """A bundle holding one pyproject.toml; ``header`` overwrites its 2-byte header fields
+    (``flags``, ``method``) in both the local and the central header, as a forged zip would;
+    ``corrupt`` flips the first bytes of its data."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=compression) as bundle:
+        bundle.writestr("pyproject.toml", data)
+    raw = bytearray(buf.getvalue())
+    local, central = raw.find(b"PK\x03\x04"), raw.find(b"PK\x01\x02")
+    for field, value in header.items():
+        at_local, at_central = {"flags": (6, 8), "method": (8, 10)}[field]
+        struct.pack_into("<H", raw, local + at_local, value)
+        struct.pack_into("<H", raw, central + at_central, value)
+    if corrupt:
+        name_len, extra_len = struct.unpack_from("<HH", raw, local + 26)
+        start = local + 30 + name_len + extra_len
+        raw[start : start + 10] = bytes(b ^ 0xFF for b in raw[start : start + 10])
+    content = bytes(raw)
+    return Fab(hashlib.sha256(content).hexdigest(), content, {})
+
+
+def test_a_zip_bomb_config_is_refused_unread(legit_app: Path) -> None:
+    """Before, the whole pyproject.toml was unpacked whatever its size (here 64 MiB from 64 KiB sent)."""
+    bomb = b"[project]\n" + b" " * (64 * 1024 * 1024)
+    fab = _zip(bomb, zipfile.ZIP_DEFLATED)
+    assert len(fab.content) < 128 * 1024
+    refused = check_app(fab, _run(fab))
+    assert refused is not None and f"more than {FAB_CONFIG_MAX_BYTES} bytes" in refused
+
+
+@pytest.mark.parametrize(
+    ("fab", "error"),
+    [
+        (_zip(b"[project]\n", flags=0x1), "RuntimeError"),  # an encrypted member
+        (_zip(b"[project]\n", method=99), "NotImplementedError"),  # an unknown compression method
+        (
+            _zip(b"[project]\nname = 'x'\n" * 50, zipfile.ZIP_DEFLATED, corrupt=True),
+            "error",
+        ),  # a corrupt deflate stream
+    ],
+    ids=["encrypted", "compression", "deflate"],
+)
+def test_a_bundle_that_cannot_be_read_is_one_cached_refusal(
+    fab: Fab, error: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, these raised out of check_app (RuntimeError, NotImplementedError, zlib.error): a traceback
+    for every message of the run instead of one verdict, logged once."""
+    runner = SiteRunner(runtime_api_address="127.0.0.1:1")
+    with caplog.at_level(logging.WARNING, logger="fedshift.deploy.site_runner"):
+        verdicts = [runner.verdict(_run(fab), fab, TaskType.CLIENT_APP) for _ in range(3)]
+    assert verdicts[0] is not None and "not a readable zip archive" in verdicts[0] and error in verdicts[0]
+    assert verdicts == [verdicts[0]] * 3
+    assert [r.getMessage().count("REFUSED app bundle") for r in caplog.records] == [1]
 
 
 def test_the_supernode_runs_no_clientapp_of_its_own(tmp_path: Path) -> None:
