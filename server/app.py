@@ -27,7 +27,7 @@ from fedshift.server.consolidation import anchor_records, consolidate, initial_a
 from fedshift.server.enrollment import SiteNames
 from fedshift.server.statistics import initial_statistics, statistics_strategy, statistics_summary
 from fedshift.server.strategy import AdapterFedAvg, RunHistory
-from fedshift.server.validation import expected_specs, hold_to_reference, reply_problem
+from fedshift.server.validation import expected_specs, reply_problem
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ def final_evaluation(
     """Ask every connected site to evaluate ``arrays`` on its ``split``; metrics per site.
 
     Replies are screened like a round's (:meth:`AdapterFedAvg._accept`'s checks:
-    enrolled sender, a usable weight, the metric keys most sites send), but not
-    recorded in the round history.
+    enrolled sender, a usable weight, finite numbers as metrics), but not
+    recorded in the round history. Nothing is averaged, so each site's own keys stay.
     """
     config = ConfigRecord({"split": split, "server-round": strategy.num_rounds})
     messages = [
@@ -63,11 +63,8 @@ def final_evaluation(
             logger.warning("Final %s evaluation: no result from %s: %s", split, name, problem)
             continue
         checked.append((name, msg))
-    good, dropped, _ = hold_to_reference(checked)
-    for name, _msg, problem in dropped:
-        logger.warning("Final %s evaluation: no result from %s: %s", split, name, problem)
     out: dict[str, dict[str, float]] = {}
-    for name, msg in good:
+    for name, msg in checked:
         record = msg.content.metric_records[METRICS_KEY]
         out[name] = {k: float(v) for k, v in record.items() if not isinstance(v, list)}
     return out

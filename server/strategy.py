@@ -23,8 +23,8 @@ from fedshift.server.enrollment import SiteNames
 from fedshift.server.validation import (
     MAX_NUM_EXAMPLES,
     ArraySpec,
+    aggregation_view,
     arrays_problem,
-    hold_to_reference,
     reply_problem,
 )
 
@@ -125,7 +125,6 @@ class AdapterFedAvg(FedAvg):
         self._warned_no_dp: set[str] = set()
         self.names = names if names is not None else SiteNames()  # node id -> site (enrolled or first claim)
         self.max_num_examples = max_num_examples  # cap on a reply's FedAvg weight (max-num-examples)
-        self.metric_keys: dict[str, frozenset[str]] = {}  # stage -> the metric keys replies were held to
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -150,9 +149,8 @@ class AdapterFedAvg(FedAvg):
         """The replies to aggregate, each with its site's name; every other reply is logged and recorded.
 
         A reply is left out when its node is not a site of this federation (or
-        claims another site's name), when it fails :func:`reply_problem`, or when
-        its metric keys differ from the round's (which would make Flower's
-        FedAvg raise and end the run).
+        claims another site's name) or when it fails :func:`reply_problem`; never
+        over its metric keys (see :meth:`_for_flower`).
         """
         checked: list[tuple[str, Message]] = []
         for msg in replies:
@@ -171,12 +169,23 @@ class AdapterFedAvg(FedAvg):
                 checked.append((name, msg))
             else:
                 self._reject(server_round, stage, msg, name, problem)
-        good, dropped, keys = hold_to_reference(checked, self.metric_keys.get(stage))
-        if keys is not None:
-            self.metric_keys[stage] = keys
-        for name, msg, problem in dropped:
-            self._reject(server_round, stage, msg, name, problem)
-        return good
+        return checked
+
+    def _for_flower(self, server_round: int, stage: str, good: list[tuple[str, Message]]) -> list[Message]:
+        """The accepted replies as Flower's FedAvg averages them: every reply's arrays, the shared metrics.
+
+        A metric that not every accepted reply carries is left out of the
+        aggregate (and logged), so Flower never sees differing key sets.
+        """
+        copies, left_out = aggregation_view(good, with_arrays=stage == "train")
+        if left_out:
+            logger.warning(
+                "Round %d %s: metrics not in every reply, left out of the aggregate metrics: %s",
+                server_round,
+                stage,
+                ", ".join(f"{name} {keys}" for name, keys in sorted(left_out.items())),
+            )
+        return copies
 
     def _refused(
         self, server_round: int, stage: str, msg: Message, name: str, kind: str, reason: str
@@ -220,7 +229,7 @@ class AdapterFedAvg(FedAvg):
                 logger.warning("%s sends adapters WITHOUT differential privacy (%s)", name, privacy[name])
         self.history.train[server_round] = per_site
         self.history.privacy[server_round] = privacy
-        arrays, metrics = super().aggregate_train(server_round, [msg for _, msg in good])
+        arrays, metrics = super().aggregate_train(server_round, self._for_flower(server_round, "train", good))
         if arrays is None:
             return None, metrics
         problem = arrays_problem(arrays, self.expected)  # checked before anything is written
@@ -252,4 +261,4 @@ class AdapterFedAvg(FedAvg):
         self.history.evaluate[server_round] = per_site
         aucs = " | ".join(f"{name} {m.get('auc', math.nan):.3f}" for name, m in sorted(per_site.items()))
         logger.info("Round %d/%d validation AUC: %s", server_round, self.num_rounds, aucs)
-        return super().aggregate_evaluate(server_round, [m for _, m in good])
+        return super().aggregate_evaluate(server_round, self._for_flower(server_round, "evaluate", good))

@@ -7,20 +7,26 @@ count. Shapes and dtypes are those of the *decoded* data: an ``Array``'s
 what gets averaged. A reply that fails is reported with a reason and left out;
 it is never averaged in.
 
-Flower's FedAvg also needs every reply of a round to carry the same metric keys
-(else it raises ``InconsistentMessageReplies`` and the run ends):
-:func:`metric_key_reference` picks the key set the round's replies are held to.
+Every metric value must be one finite number: ``MetricRecord`` also allows lists,
+on which Flower's metric averaging raises (a list next to a number, or lists of
+different lengths). Flower's FedAvg also needs every reply of a round to carry
+the same metric keys (else it raises ``InconsistentMessageReplies`` and the run
+ends), yet a site may rightly send fewer (its ``egress-metrics`` withhold some):
+no reply is left out over its keys. :func:`aggregation_view` gives Flower copies
+of the accepted replies whose metrics are restricted to the keys all of them
+share, so every reply's arrays are averaged and Flower's check always passes.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections import Counter
+import reprlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedshift.common.config import FederationConfig
 from fedshift.common.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
@@ -89,6 +95,18 @@ def weight_problem(weight: object, maximum: int = MAX_NUM_EXAMPLES) -> str | Non
     return None
 
 
+def metrics_problem(record: MetricRecord) -> str | None:
+    """Why a metric of ``record`` is not one finite number (an int or a float), or ``None``."""
+    for key, value in record.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number and math.isfinite(value)):  # type: ignore[arg-type]
+            return (
+                f"expected metric {key!r} to be one finite number, got {reprlib.repr(value)} "
+                "(lists, NaN and infinities cannot be averaged)"
+            )
+    return None
+
+
 def reply_problem(
     msg: Message,
     expected: Mapping[str, ArraySpec],
@@ -102,7 +120,8 @@ def reply_problem(
     content = msg.content
     if len(content.metric_records) != 1 or METRICS_KEY not in content.metric_records:
         return f"expected one MetricRecord {METRICS_KEY!r}, got {sorted(content.metric_records)}"
-    problem = weight_problem(content.metric_records[METRICS_KEY].get(WEIGHT_KEY), max_weight)
+    record = content.metric_records[METRICS_KEY]
+    problem = weight_problem(record.get(WEIGHT_KEY), max_weight) or metrics_problem(record)
     if problem is not None or not with_arrays:
         return problem
     if len(content.array_records) != 1 or ARRAYS_KEY not in content.array_records:
@@ -127,51 +146,38 @@ def metric_keys(msg: Message) -> frozenset[str]:
     return frozenset(msg.content.metric_records[METRICS_KEY].keys())
 
 
-def metric_key_reference(
-    key_sets: Iterable[frozenset[str]], earlier: frozenset[str] | None = None
-) -> frozenset[str] | None:
-    """The metric key set a round's replies are held to: the one most of them carry.
+def shared_metric_keys(replies: Iterable[Message]) -> frozenset[str]:
+    """The metric keys every one of the (checked) ``replies`` carries; always holds the weight."""
+    shared: frozenset[str] | None = None
+    for msg in replies:
+        keys = metric_keys(msg)
+        shared = keys if shared is None else shared & keys
+    return shared if shared is not None else frozenset({WEIGHT_KEY})
 
-    Honest sites run the same fedshift code on the same run config, so they
-    send the same keys. On a tie, the set an earlier round settled on wins, else
-    the smallest (an added key is the likelier deviation). ``None`` for no replies.
+
+def aggregation_view(
+    accepted: list[tuple[str, Message]], *, with_arrays: bool
+) -> tuple[list[Message], dict[str, list[str]]]:
+    """Copies of checked ``(site, reply)`` pairs for Flower's aggregation, and each site's keys left out.
+
+    Each copy holds the reply's ArrayRecord (``with_arrays``) and a copy of its
+    MetricRecord restricted to the keys all replies share (the weight among
+    them), so Flower's ``validate_message_reply_consistency`` always passes and
+    no reply is left out over its metric keys. The replies themselves are not
+    changed (the history records what each site sent).
     """
-    counts = Counter(key_sets)
-    if not counts:
-        return None
-    most = max(counts.values())
-    tied = [keys for keys, n in counts.items() if n == most]
-    if earlier in tied:
-        return earlier
-    return min(tied, key=lambda keys: (len(keys), sorted(keys)))
-
-
-def metric_keys_problem(keys: frozenset[str], reference: frozenset[str]) -> str | None:
-    """Why a reply's metric keys differ from the round's ``reference`` set, or ``None``."""
-    if keys == reference:
-        return None
-    extra, missing = sorted(keys - reference), sorted(reference - keys)
-    return (
-        f"expected the metric keys the other sites send, but got extra {extra[:5]} and missing "
-        f"{missing[:5]} (metrics of a round must match for aggregation)"
-    )
-
-
-def hold_to_reference(
-    accepted: list[tuple[str, Message]], earlier: frozenset[str] | None = None
-) -> tuple[list[tuple[str, Message]], list[tuple[str, Message, str]], frozenset[str] | None]:
-    """Split checked ``(site, reply)`` pairs into those with the round's metric keys and the rest.
-
-    Returns the kept pairs, ``(site, reply, why)`` for the others, and the
-    reference key set (see :func:`metric_key_reference`).
-    """
-    reference = metric_key_reference((metric_keys(msg) for _, msg in accepted), earlier)
-    kept: list[tuple[str, Message]] = []
-    dropped: list[tuple[str, Message, str]] = []
+    shared = shared_metric_keys(msg for _, msg in accepted)
+    copies: list[Message] = []
+    left_out: dict[str, list[str]] = {}
     for name, msg in accepted:
-        problem = metric_keys_problem(metric_keys(msg), reference) if reference is not None else None
-        if problem is None:
-            kept.append((name, msg))
-        else:
-            dropped.append((name, msg, problem))
-    return kept, dropped, reference
+        record = msg.content.metric_records[METRICS_KEY]
+        content = RecordDict({METRICS_KEY: MetricRecord({k: record[k] for k in record if k in shared})})
+        if with_arrays:
+            content[ARRAYS_KEY] = msg.content.array_records[ARRAYS_KEY]
+        view = copy.copy(msg)  # the reply's metadata; its own content stays as it came
+        view.content = content
+        copies.append(view)
+        extra = sorted(set(record) - shared)
+        if extra:
+            left_out[name] = extra
+    return copies, left_out

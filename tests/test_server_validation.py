@@ -28,7 +28,7 @@ from fedshift.server.app import final_evaluation
 from fedshift.server.consolidation import fisher_problem
 from fedshift.server.enrollment import SiteNames, load_enrollment
 from fedshift.server.strategy import AdapterFedAvg
-from fedshift.server.validation import expected_specs, metric_key_reference, weight_problem
+from fedshift.server.validation import expected_specs, weight_problem
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -168,51 +168,60 @@ def test_the_weight_cap_comes_from_the_run_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "metrics",
-    [{**TRAIN_METRICS, "leak": 41.0}, {"train-loss": 0.5}],
-    ids=["extra key", "missing key"],
+    ("metrics", "left_out"),
+    [({"samples-per-second": 90.0}, ["train-loss"]), ({}, ["samples-per-second", "train-loss"])],
+    ids=["one key withheld", "only num-examples"],
 )
-def test_a_train_reply_with_other_metric_keys_is_left_out(tmp_path: Path, metrics: dict[str, float]) -> None:
-    # before: Flower's FedAvg raised InconsistentMessageReplies, which ended the run
+def test_a_site_that_narrows_its_metrics_still_has_its_arrays_averaged_in(
+    tmp_path: Path, metrics: dict[str, float], left_out: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # before: its reply's key set differed from the others' and it was left out every round (its
+    # DP update thrown away); in a 2-site tie the narrowed set even pushed out the honest site
     strategy = _strategy(tmp_path)
-    a, b = _arrays(1), _arrays(2)
-    bad = _reply(5, _arrays(5), 40, metrics=metrics)
-    agg, agg_metrics = strategy.aggregate_train(1, [bad, _reply(1, a, 20), _reply(2, b, 60)])
-    _assert_average(agg, [a, b], [20, 60])
+    a, b, c = _arrays(1), _arrays(2), _arrays(3)
+    for rnd, honest in ((1, [_reply(1, a, 20), _reply(2, b, 60)]), (2, [_reply(1, a, 20)])):
+        narrowed = _reply(5, c, 40, metrics=metrics)
+        with caplog.at_level(logging.WARNING, logger="fedshift.server.strategy"):
+            agg, agg_metrics = strategy.aggregate_train(rnd, [*honest, narrowed])
+        kept = [a, b, c] if rnd == 1 else [a, c]
+        _assert_average(agg, kept, [20, 60, 40] if rnd == 1 else [20, 40])
+        assert agg_metrics is not None
+        assert set(agg_metrics) == set(metrics)  # the aggregate keeps only the keys all share
+        for key, value in agg_metrics.items():
+            ns, values = (
+                ([20, 60, 40], [TRAIN_METRICS[key]] * 2) if rnd == 1 else ([20, 40], [TRAIN_METRICS[key]])
+            )
+            assert value == pytest.approx(np.average([*values, metrics[key]], weights=ns))
+    assert strategy.history.rejected == []
+    assert sorted(strategy.history.train[2]) == ["site-1", "site-5"]
+    assert strategy.history.train[2]["site-1"]["train-loss"] == 0.5  # each site's row is what it sent
+    line = f"Round 2 train: metrics not in every reply, left out of the aggregate metrics: site-1 {left_out}"
+    assert line in caplog.text
+    assert load_checkpoint(tmp_path / "ckpt").round == 2
+
+
+def test_an_extra_metric_key_is_left_out_of_the_aggregate_only(tmp_path: Path) -> None:
+    # before: the reply with the extra key was dropped (its arrays lost); before that, Flower's
+    # FedAvg raised InconsistentMessageReplies, which ended the run
+    strategy = _strategy(tmp_path)
+    a, b, c = _arrays(1), _arrays(2), _arrays(5)
+    extra = _reply(5, c, 40, metrics={**TRAIN_METRICS, "leak": 41.0})
+    agg, agg_metrics = strategy.aggregate_train(1, [extra, _reply(1, a, 20), _reply(2, b, 60)])
+    _assert_average(agg, [c, a, b], [40, 20, 60])
     assert agg_metrics is not None and set(agg_metrics) == set(TRAIN_METRICS)
-    assert [r["node"] for r in strategy.history.rejected] == [5]
-    assert "expected the metric keys the other sites send" in strategy.history.rejected[0]["reason"]
-    assert load_checkpoint(tmp_path / "ckpt").round == 1
-
-
-def test_an_evaluate_reply_with_an_extra_metric_key_is_left_out(tmp_path: Path) -> None:
-    strategy = _strategy(tmp_path)
+    assert strategy.history.rejected == []
+    # evaluation: the metrics all three send are averaged over all three
     ev = MessageType.EVALUATE
     replies = [
         _reply(1, None, 10, message_type=ev, metrics={"auc": 0.9, "accuracy": 0.8}),
-        _reply(2, None, 30, message_type=ev, metrics={"auc": 0.5, "accuracy": 0.6}),
+        _reply(2, None, 30, message_type=ev, metrics={"auc": 0.5}),  # narrowed: no accuracy
         _reply(3, None, 30, message_type=ev, metrics={"auc": 0.1, "accuracy": 0.1, "train-count": 77.0}),
     ]
     metrics = strategy.aggregate_evaluate(1, replies)
-    assert metrics is not None
-    assert metrics["auc"] == pytest.approx(np.average([0.9, 0.5], weights=[10, 30]))
-    assert sorted(strategy.history.evaluate[1]) == ["site-1", "site-2"]
-    assert [(r["stage"], r["node"]) for r in strategy.history.rejected] == [("evaluate", 3)]
-
-
-def test_a_tie_keeps_the_keys_an_earlier_round_settled_on(tmp_path: Path) -> None:
-    strategy = _strategy(tmp_path)
-    a, b = _arrays(1), _arrays(2)
-    strategy.aggregate_train(1, [_reply(1, a, 20), _reply(2, b, 60)])  # both agree: the reference
-    # round 2: one against one; site-2 now drops a key (the smaller set would win a tie without history)
-    agg, _ = strategy.aggregate_train(2, [_reply(1, a, 20), _reply(2, b, 60, metrics={"train-loss": 1.0})])
-    _assert_average(agg, [a], [20])
-    assert [(r["round"], r["node"]) for r in strategy.history.rejected] == [(2, 2)]
-    # without an earlier round, a tie goes to the smaller set (an added key is the likelier deviation)
-    extra, plain = frozenset({"num-examples", "x", "leak"}), frozenset({"num-examples", "x"})
-    assert metric_key_reference([extra, plain]) == plain
-    assert metric_key_reference([extra, plain], earlier=extra) == extra
-    assert metric_key_reference([extra, extra, plain], earlier=plain) == extra  # a majority wins
+    assert metrics is not None and set(metrics) == {"auc"}
+    assert metrics["auc"] == pytest.approx(np.average([0.9, 0.5, 0.1], weights=[10, 30, 30]))
+    assert sorted(strategy.history.evaluate[1]) == ["site-1", "site-2", "site-3"]
+    assert strategy.history.rejected == []
 
 
 # (d) site names come from the node id --------------------------------------------------------------
@@ -341,13 +350,13 @@ def test_a_misbehaving_site_never_ends_the_run(tmp_path: Path) -> None:
             arrays, n, name = honest[node][0], honest[node][1], f"site-{node}"
         else:
             arrays, n, name = _arrays(3), 40, "site-3"
-            if rnd == 1:
-                metrics["leak"] = 1.0  # an extra metric key, in training and evaluation
+            if rnd == 1:  # a list-valued metric, in training and evaluation
+                metrics["auc" if evaluating else "train-loss"] = [0.5, 0.1]  # type: ignore[assignment]
             elif rnd == 2:
                 n = float("inf")
                 arrays = _lying(arrays, "lora.up", _npy(np.ones((1, 4), np.float32)))
-            else:
-                name = "site-1"  # a good reply, but claiming another site's name
+            else:  # a good reply with an extra metric key, but claiming another site's name
+                name, metrics["leak"] = "site-1", 1.0
         return _reply(node, None if evaluating else arrays, n, name, metrics, msg.metadata.message_type)
 
     strategy = _strategy(tmp_path, min_nodes=3)
@@ -368,16 +377,75 @@ def test_a_misbehaving_site_never_ends_the_run(tmp_path: Path) -> None:
     assert strategy.history.train[3]["site-1"]["num-examples"] == 20
     assert load_checkpoint(tmp_path / "ckpt").round == 3
 
-    # the final evaluation is screened the same way: a taken name and an extra key leave nothing
-    intruder = {4: "site-2", 5: "site-5"}
+    assert "expected metric 'train-loss' to be one finite number, got [0.5, 0.1]" in rejected_reasons(
+        strategy
+    )
+    assert set(strategy.history.train[3]["site-3"]) == {*TRAIN_METRICS, "num-examples", "leak", "bytes-sent"}
+
+    # the final evaluation is screened the same way: a taken name and a list leave nothing; each site's
+    # own keys stay (nothing is averaged there)
+    intruder = {4: "site-2", 5: "site-5", 6: "site-6"}
 
     def final(msg: Message) -> Message:
         node = msg.metadata.dst_node_id
-        metrics = {**EVAL_METRICS, **({"leak": 1.0} if node == 5 else {})}
+        metrics: dict[str, Any] = {**EVAL_METRICS, **({"leak": 1.0} if node == 5 else {})}
+        if node == 6:
+            metrics["auc"] = [0.5, 0.1]
         return _reply(node, None, 30, intruder.get(node, f"site-{node}"), metrics, MessageType.EVALUATE)
 
-    out = final_evaluation(_ScriptedGrid([1, 2, 3, 4, 5], final), result.arrays, strategy, "test", 60)  # type: ignore[arg-type]
-    assert sorted(out) == ["site-1", "site-2", "site-3"]
+    out = final_evaluation(_ScriptedGrid([1, 2, 3, 4, 5, 6], final), result.arrays, strategy, "test", 60)  # type: ignore[arg-type]
+    assert sorted(out) == ["site-1", "site-2", "site-3", "site-5"]
+    assert out["site-5"]["leak"] == 1.0 and out["site-1"] == {"num-examples": 30.0, **EVAL_METRICS}
+
+
+def rejected_reasons(strategy: AdapterFedAvg) -> str:
+    return "\n".join(r["reason"] for r in strategy.history.rejected)
+
+
+@pytest.mark.parametrize(
+    ("auc", "needle"),
+    [
+        ([0.5, 0.1], "got [0.5, 0.1]"),  # next to numbers: Flower's averaging raised TypeError
+        (float("nan"), "got nan"),  # made the aggregate NaN
+        (float("inf"), "got inf"),
+    ],
+)
+def test_a_metric_that_is_not_one_finite_number_is_left_out(tmp_path: Path, auc: Any, needle: str) -> None:
+    # before: reply_problem checked only the keys and the weight; the list reached Flower's
+    # aggregate_metricrecords, which raised and ended the run
+    strategy = _strategy(tmp_path)
+    ev = MessageType.EVALUATE
+    replies = [
+        _reply(1, None, 10, message_type=ev, metrics={"auc": 0.9}),
+        _reply(2, None, 30, message_type=ev, metrics={"auc": 0.5}),
+        _reply(3, None, 30, message_type=ev, metrics={"auc": auc}),
+    ]
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics is not None
+    assert metrics["auc"] == pytest.approx(np.average([0.9, 0.5], weights=[10, 30]))
+    assert [r["node"] for r in strategy.history.rejected] == [3]
+    assert f"expected metric 'auc' to be one finite number, {needle}" in rejected_reasons(strategy)
+    # in training the same: the reply's arrays are not averaged in
+    a, b, c = _arrays(1), _arrays(2), _arrays(3)
+    bad = _reply(3, c, 40, metrics={**TRAIN_METRICS, "train-loss": auc})
+    agg, _ = strategy.aggregate_train(1, [_reply(1, a, 20), bad, _reply(2, b, 60)])
+    _assert_average(agg, [a, b], [20, 60])
+    assert [(r["stage"], r["node"]) for r in strategy.history.rejected] == [("evaluate", 3), ("train", 3)]
+
+
+def test_lists_of_different_lengths_never_end_the_run(tmp_path: Path) -> None:
+    # before: the keys matched, so Flower's aggregate_metricrecords zipped the lists (strict) and raised
+    # ValueError, which ended the run
+    strategy = _strategy(tmp_path)
+    ev = MessageType.EVALUATE
+    curves = {1: [0.9, 0.8], 2: [0.5, 0.4], 3: [0.5]}
+    replies = [
+        _reply(n, None, 10, message_type=ev, metrics={"auc": 0.5, "curve": c})  # type: ignore[dict-item]
+        for n, c in curves.items()
+    ]
+    assert strategy.aggregate_evaluate(1, replies) is None  # no usable reply: no aggregate, no error
+    assert [r["node"] for r in strategy.history.rejected] == [1, 2, 3]
+    assert "expected metric 'curve' to be one finite number, got [0.5]" in rejected_reasons(strategy)
 
 
 # the other stages that read weights and arrays -----------------------------------------------------
