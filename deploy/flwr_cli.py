@@ -41,8 +41,27 @@ ALREADY_ENROLLED_NOTE = "already enrolled"
 TIMEOUT = 120.0
 
 
+UNREADABLE_KEY = b""  # a registered key that does not parse as a public key: matches no [hospitals] key
+
+
 class FlwrCommandError(FedshiftError):
     """A ``flwr`` command failed."""
+
+
+def _der_key(node_id: int, pem: bytes) -> bytes:
+    """A registered node's PEM public key as DER SubjectPublicKeyInfo; :data:`UNREADABLE_KEY`, with a
+    warning, when the SuperLink's database holds something else (enrollment then unregisters the node)."""
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except Exception as exc:  # malformed PEM, an unsupported algorithm: not a key any hospital holds
+        logger.warning(
+            "Node %d's registered public key cannot be read (%s: %s); treated as a key not in [hospitals]",
+            node_id,
+            type(exc).__name__,
+            exc,
+        )
+        return UNREADABLE_KEY
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def executable(name: str) -> str:
@@ -133,7 +152,8 @@ class Flwr:
         return list(self.call("supernode", "list", CONNECTION).get("nodes", []))
 
     def registered_keys(self) -> dict[int, bytes]:
-        """Node id -> public key (DER SubjectPublicKeyInfo) of every node not unregistered.
+        """Node id -> public key (DER SubjectPublicKeyInfo) of every node not unregistered;
+        :data:`UNREADABLE_KEY` for a key that does not parse (never a hospital's: unregistered).
 
         The Control API's ``ListNodes`` (what ``flwr supernode list`` calls),
         through Flower's client with the connection of ``config.toml``.
@@ -160,14 +180,11 @@ class Flwr:
             raise FlwrCommandError(
                 f"listing the SuperLink's nodes failed ({type(exc).__name__}: {exc})"
             ) from None
-        keys = {}
-        for node in nodes:
-            if node.status != NodeStatus.UNREGISTERED:
-                key = serialization.load_pem_public_key(node.public_key)
-                keys[int(node.node_id)] = key.public_bytes(
-                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-                )
-        return keys
+        return {
+            int(node.node_id): _der_key(int(node.node_id), node.public_key)
+            for node in nodes
+            if node.status != NodeStatus.UNREGISTERED
+        }
 
     def submit(self, app_dir: Path, run_config: Path) -> int:
         """Start the app in ``app_dir`` with the run config file; the run id."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import stat
 from pathlib import Path
 
@@ -260,3 +261,51 @@ def test_enrollment_follows_the_hospitals_table(tmp_path: Path, certs: Path) -> 
     assert sorted(c[1] for c in fake.calls if c[0] == "unregister") == revoked  # type: ignore[type-var]
     assert ("register", "hospital-a") in fake.calls
     assert sorted(fake.keys) == [int(second["hospital-a"]["node-id"])]
+
+
+def test_an_unreadable_registered_key_is_a_foreign_node_not_a_traceback(
+    tmp_path: Path, certs: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, ``registered_keys`` parsed each key outside any catch: one malformed key in the
+    SuperLink's database ended ``fedshift server`` with a ValueError traceback."""
+    from cryptography.hazmat.primitives import serialization
+    from flwr.proto.control_pb2 import ListNodesResponse  # type: ignore[attr-defined]
+    from flwr.proto.node_pb2 import NodeInfo  # type: ignore[attr-defined]
+    from flwr.supercore.control import ControlHttpClient
+
+    from fedshift.deploy.flwr_cli import UNREADABLE_KEY, Flwr, write_connection
+    from fedshift.deploy.server import Coordinator
+    from fedshift.deploy.settings import ServerSettings
+
+    public = ec.generate_private_key(ec.SECP384R1()).public_key()
+    pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    garbled = b"-----BEGIN PUBLIC KEY-----\nbm90IGEga2V5\n-----END PUBLIC KEY-----\n"
+    nodes = [
+        NodeInfo(node_id=1, status="online", public_key=pem),
+        NodeInfo(node_id=2, status="registered", public_key=garbled),
+        NodeInfo(node_id=3, status="unregistered", public_key=b"revoked long ago"),
+    ]
+
+    class _Client:
+        def ListNodes(self, request: object) -> ListNodesResponse:  # noqa: N802 (Flower's name)
+            return ListNodesResponse(nodes_info=nodes)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(ControlHttpClient, "from_server_address", lambda *args, **kwargs: _Client())
+    write_connection(tmp_path / "flwr", "127.0.0.1:9093", None)
+    with caplog.at_level(logging.WARNING, logger="fedshift.deploy.flwr_cli"):
+        keys = Flwr(tmp_path / "flwr").registered_keys()
+    assert keys == {1: der, 2: UNREADABLE_KEY}
+    assert "Node 2's registered public key cannot be read (ValueError" in caplog.text
+
+    # enrollment unregisters it like any key not in [hospitals]
+    coordinator = Coordinator(ServerSettings.load(_federation_toml(tmp_path, certs)))
+    fake = _FakeFlwr()
+    fake.keys[2] = keys[2]
+    coordinator.flwr = fake  # type: ignore[assignment]
+    (tmp_path / "coordinator").mkdir()
+    enrolled = coordinator.enroll()
+    assert sorted(enrolled) == ["hospital-a"] and ("unregister", 2) in fake.calls and 2 not in fake.keys
