@@ -96,13 +96,17 @@ def weight_problem(weight: object, maximum: int = MAX_NUM_EXAMPLES) -> str | Non
 
 
 def metrics_problem(record: MetricRecord) -> str | None:
-    """Why a metric of ``record`` is not one finite number (an int or a float), or ``None``."""
+    """Why a metric of ``record`` is not one number (an int or a float, not infinite), or ``None``.
+
+    NaN passes: it is what an honest site reports for a metric that is undefined on its
+    split (the AUC of a one-class split), and averaging it ends no run.
+    """
     for key, value in record.items():
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not (number and math.isfinite(value)):  # type: ignore[arg-type]
+        if not number or math.isinf(value):  # type: ignore[arg-type]
             return (
-                f"expected metric {key!r} to be one finite number, got {reprlib.repr(value)} "
-                "(lists, NaN and infinities cannot be averaged)"
+                f"expected metric {key!r} to be one number (not infinite), got {reprlib.repr(value)} "
+                "(lists and infinities cannot be averaged)"
             )
     return None
 

@@ -377,7 +377,7 @@ def test_a_misbehaving_site_never_ends_the_run(tmp_path: Path) -> None:
     assert strategy.history.train[3]["site-1"]["num-examples"] == 20
     assert load_checkpoint(tmp_path / "ckpt").round == 3
 
-    assert "expected metric 'train-loss' to be one finite number, got [0.5, 0.1]" in rejected_reasons(
+    assert "expected metric 'train-loss' to be one number (not infinite), got [0.5, 0.1]" in rejected_reasons(
         strategy
     )
     assert set(strategy.history.train[3]["site-3"]) == {*TRAIN_METRICS, "num-examples", "leak", "bytes-sent"}
@@ -406,11 +406,10 @@ def rejected_reasons(strategy: AdapterFedAvg) -> str:
     ("auc", "needle"),
     [
         ([0.5, 0.1], "got [0.5, 0.1]"),  # next to numbers: Flower's averaging raised TypeError
-        (float("nan"), "got nan"),  # made the aggregate NaN
         (float("inf"), "got inf"),
     ],
 )
-def test_a_metric_that_is_not_one_finite_number_is_left_out(tmp_path: Path, auc: Any, needle: str) -> None:
+def test_a_metric_that_is_not_one_number_is_left_out(tmp_path: Path, auc: Any, needle: str) -> None:
     # before: reply_problem checked only the keys and the weight; the list reached Flower's
     # aggregate_metricrecords, which raised and ended the run
     strategy = _strategy(tmp_path)
@@ -424,13 +423,23 @@ def test_a_metric_that_is_not_one_finite_number_is_left_out(tmp_path: Path, auc:
     assert metrics is not None
     assert metrics["auc"] == pytest.approx(np.average([0.9, 0.5], weights=[10, 30]))
     assert [r["node"] for r in strategy.history.rejected] == [3]
-    assert f"expected metric 'auc' to be one finite number, {needle}" in rejected_reasons(strategy)
+    assert f"expected metric 'auc' to be one number (not infinite), {needle}" in rejected_reasons(strategy)
     # in training the same: the reply's arrays are not averaged in
     a, b, c = _arrays(1), _arrays(2), _arrays(3)
     bad = _reply(3, c, 40, metrics={**TRAIN_METRICS, "train-loss": auc})
     agg, _ = strategy.aggregate_train(1, [_reply(1, a, 20), bad, _reply(2, b, 60)])
     _assert_average(agg, [a, b], [20, 60])
     assert [(r["stage"], r["node"]) for r in strategy.history.rejected] == [("evaluate", 3), ("train", 3)]
+
+
+def test_an_undefined_metric_keeps_the_reply(tmp_path: Path) -> None:
+    # an honest site's AUC on a one-class split is NaN: its adapters still count
+    strategy = _strategy(tmp_path)
+    a, b = _arrays(1), _arrays(2)
+    nan = _reply(2, b, 60, metrics={**TRAIN_METRICS, "auc": float("nan")})
+    agg, _ = strategy.aggregate_train(1, [_reply(1, a, 20, metrics={**TRAIN_METRICS, "auc": 0.5}), nan])
+    _assert_average(agg, [a, b], [20, 60])
+    assert strategy.history.rejected == []
 
 
 def test_lists_of_different_lengths_never_end_the_run(tmp_path: Path) -> None:
@@ -445,7 +454,7 @@ def test_lists_of_different_lengths_never_end_the_run(tmp_path: Path) -> None:
     ]
     assert strategy.aggregate_evaluate(1, replies) is None  # no usable reply: no aggregate, no error
     assert [r["node"] for r in strategy.history.rejected] == [1, 2, 3]
-    assert "expected metric 'curve' to be one finite number, got [0.5]" in rejected_reasons(strategy)
+    assert "expected metric 'curve' to be one number (not infinite), got [0.5]" in rejected_reasons(strategy)
 
 
 # the other stages that read weights and arrays -----------------------------------------------------
