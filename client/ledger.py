@@ -25,7 +25,8 @@ latest MAC. An edited entry breaks the chain; an older copy put back (a
 rollback) is shorter than the anchor; a deleted ledger is missing where the
 anchor counts entries. Each is refused on opening, before any data is read.
 A version-1 ledger (an unkeyed sha256 from before) is read while the anchor
-records no chained entry, and chained at its next charge, with a warning: its
+records no chained entry, and chained at the daemon's start
+(:func:`chain_legacy_ledger`) or its next charge, with a warning: its
 past cannot be proven, but refusing it would leave the site only the choice of
 deleting it, which resets the budget.
 
@@ -253,19 +254,7 @@ class PrivacyLedger:
                 time=datetime.now(UTC).isoformat(timespec="milliseconds"),
             )
             new_entries = (*entries, entry)
-            site = integrity.for_state_dir(self.path.parent)
-            site.install()  # the site's first charge: make its key and anchor (nothing if they exist)
-            data, head = _document(site, self.accountant, new_entries)
-            _write(self.path, data)
-            site.advance(integrity.LEDGER_STREAM, len(new_entries), head)
-            if entries and not chained:
-                logger.warning(
-                    "Chained the %d entries of the version-1 privacy ledger %s with the site's integrity "
-                    "key %s (what they say was not tamper-evident before; what follows is)",
-                    len(entries),
-                    self.path,
-                    site.key_path,
-                )
+            _store(self.path, self.accountant, new_entries, legacy=0 if chained else len(entries))
             self._entries = new_entries
         logger.info(
             "Charged run %s round %s (%s, sigma=%.4g, q=%.4g, %d steps) to %s: epsilon = %.4f at delta = %g",
@@ -324,6 +313,23 @@ def open_ledger(path: str | Path) -> PrivacyLedger | None:
     if contents is None:
         return None
     return PrivacyLedger(path, accountant=contents[0])
+
+
+def chain_legacy_ledger(state_dir: str | Path) -> int:
+    """Chain a site's version-1 ledger now, under the ledger's lock, and advance the anchor to it; the
+    number of entries chained (0: no ledger, an empty one, or one chained already).
+
+    The daemon does this at its start: until then the anchor records no ledger entry, so a deleted
+    version-1 file, or one edited with its sha256 recomputed, would pass unnoticed.
+    """
+    path = Path(state_dir) / LEDGER_FILE
+    with _exclusive_lock(path):
+        contents = _read(path)
+        if contents is None or contents[2] or not contents[1]:
+            return 0
+        accountant, entries, _ = contents
+        _store(path, accountant, entries, legacy=len(entries))
+    return len(entries)
 
 
 def verify_site(state_dir: str | Path) -> str:
@@ -479,6 +485,24 @@ def _document(
     return (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode(), items[-1][integrity.MAC_FIELD]
 
 
+def _store(path: Path, accountant: str, entries: Sequence[LedgerEntry], *, legacy: int) -> None:
+    """Write ``entries`` chained under the site's key, then advance its anchor (the caller holds the
+    lock); ``legacy``: how many of them came from a version-1 ledger (chained now, with a warning)."""
+    site = integrity.for_state_dir(path.parent)
+    site.install()  # the site's first charge: make its key and anchor (nothing if they exist)
+    data, head = _document(site, accountant, entries)
+    _write(path, data)
+    site.advance(integrity.LEDGER_STREAM, len(entries), head)
+    if legacy:
+        logger.warning(
+            "Chained the %d entries of the version-1 privacy ledger %s with the site's integrity "
+            "key %s (what they say was not tamper-evident before; what follows is)",
+            legacy,
+            path,
+            site.key_path,
+        )
+
+
 def _read(path: Path) -> tuple[str, tuple[LedgerEntry, ...], bool] | None:
     """(accountant, entries, chained) of the ledger file at ``path``, or ``None`` when there is none.
 
@@ -605,7 +629,7 @@ def _parse(
     elif entries:
         logger.warning(
             "%s is an unchained version-%d ledger (%d entries); it will be chained with the site's "
-            "integrity key at its next charge",
+            "integrity key at the daemon's start or its next charge",
             path,
             LEGACY_VERSION,
             len(entries),

@@ -221,12 +221,9 @@ def test_a_bound_key_outside_the_state_dir_is_used_and_one_inside_is_refused(tmp
         integrity.bind_key(state, state / "key")
 
 
-def test_a_version_1_ledger_is_chained_once_and_its_old_copy_then_refused(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Sites upgrading keep their spent budget (migrated with a warning); the unchained copy is then
-    a rollback like any other."""
-    state, ledger = _site(tmp_path / "old")  # real entries, rewritten as fedshift wrote them before
+def _v1_ledger(tmp_path: Path) -> tuple[dict[str, Any], PrivacyLedger]:
+    """A version-1 ledger document (unkeyed sha256) of two real entries, and the ledger they came from."""
+    _, ledger = _site(tmp_path / "old")
     entries = [e.to_dict() for e in ledger.entries]
     canonical = json.dumps(entries, sort_keys=True, separators=(",", ":"))
     v1 = {
@@ -236,6 +233,16 @@ def test_a_version_1_ledger_is_chained_once_and_its_old_copy_then_refused(
         "entries": entries,
         "sha256": hashlib.sha256(canonical.encode()).hexdigest(),
     }
+    return v1, ledger
+
+
+def test_a_version_1_ledger_is_chained_once_and_its_old_copy_then_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sites upgrading keep their spent budget (migrated with a warning); the unchained copy is then
+    a rollback like any other."""
+    v1, ledger = _v1_ledger(tmp_path)  # real entries, rewritten as fedshift wrote them before
+    state = ledger.path.parent
     site = tmp_path / "upgraded"
     site.mkdir()
     (site / LEDGER_FILE).write_text(json.dumps(v1))
@@ -251,6 +258,52 @@ def test_a_version_1_ledger_is_chained_once_and_its_old_copy_then_refused(
     )
     (site / LEDGER_FILE).write_text(json.dumps(v1))
     _refused(site, "unchained version-1", "rolled back")
+
+
+def test_the_daemons_start_chains_a_version_1_ledger_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, the daemon's start made an anchor recording 0 ledger entries and left the version-1 file
+    unchained until its next DP charge: meanwhile deleting it passed check_missing (the budget reset),
+    and an edited copy with its sha256 recomputed was accepted."""
+    from fedshift.deploy.certs import make_certs
+    from fedshift.deploy.client import check_site
+    from fedshift.deploy.settings import ClientSettings
+    from fedshift.tests.deploy_support import toml, write_site_data
+
+    v1, ledger = _v1_ledger(tmp_path)
+    root = tmp_path / "site"
+    make_certs(root / "certs", sites=["hospital-a"])
+    write_site_data(root / "a.npz", seed=0)
+    connection = {
+        "superlink": "127.0.0.1:9",
+        "ca-cert": str(root / "certs" / "ca.crt"),
+        "private-key": str(root / "certs" / "nodes" / "hospital-a.key"),
+    }
+    site = {"site-name": "hospital-a", "data-path": "a.npz", "state-dir": "state", "dp-epsilon": 8.0}
+    (root / "site.toml").write_text(toml({"connection": connection, "site": site}))
+    state = root / "state"
+    state.mkdir()
+    (state / LEDGER_FILE).write_text(json.dumps(v1))
+    with caplog.at_level(logging.WARNING):
+        check = check_site(ClientSettings.load(root / "site.toml"))
+    assert check.spent == pytest.approx(ledger.epsilon(DELTA))
+    assert any("Chained the 2 entries of the version-1" in r.getMessage() for r in caplog.records)
+    assert json.loads((state / LEDGER_FILE).read_text())["version"] == 2
+    assert integrity.for_state_dir(state).snapshot().anchor(integrity.LEDGER_STREAM).count == 2
+    assert PrivacyLedger.at(state).entries == ledger.entries
+    check_site(ClientSettings.load(root / "site.toml"))  # a second start: nothing left to chain
+    assert integrity.for_state_dir(state).snapshot().anchor(integrity.LEDGER_STREAM).count == 2
+
+    # an edited version-1 copy with its sha256 recomputed: a rollback now, not accepted
+    v1["entries"] = v1["entries"][:1]
+    canonical = json.dumps(v1["entries"], sort_keys=True, separators=(",", ":"))
+    v1["sha256"] = hashlib.sha256(canonical.encode()).hexdigest()
+    (state / LEDGER_FILE).write_text(json.dumps(v1))
+    _refused(state, "unchained version-1", "rolled back")
+    # deleted: missing where the anchor counts entries, not an empty ledger (a reset budget)
+    (state / LEDGER_FILE).unlink()
+    _refused(state, "records 2 ledger entry(s)", "missing")
 
 
 # ---------------------------------------------------------------------------- the egress log
