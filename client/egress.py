@@ -26,7 +26,8 @@ protected it.
 The guard also answers for the evaluation metrics, which leave without DP:
 an evaluate message for a split outside the site's
 ``eval-splits`` (never ``train``), or for a round outside the run's
-``1..num-server-rounds``, is refused before any site code runs; each
+``1..num-server-rounds``, is refused before any site code runs (so is any
+message whose ``server-round`` is not a whole number); each
 (run, round, split) is evaluated once, and a repeat gets the stored answer
 (``<state-dir>/evaluations/``) byte for byte, without running the model again.
 Training replies carry no statistic of the training data but the DP-protected
