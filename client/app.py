@@ -64,7 +64,8 @@ logger = logging.getLogger(__name__)
 
 def _settings(context: Context, fixed: Mapping[str, Any]) -> tuple[FederationConfig, SiteSettings]:
     fed = FederationConfig.from_run_config({**context.run_config, **fixed})
-    return fed, SiteSettings.from_node_config(context.node_config, fed)
+    site = SiteSettings.from_node_config(context.node_config, fed)
+    return site.federation(fed), site  # the site's own noise for its Fisher, label counts and moments
 
 
 def _prepare(

@@ -19,15 +19,23 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedshift.client.dp import check_allowance
+from fedshift.client.dp import check_allowance, check_round
 from fedshift.client.egress import MECHANISM_DP_FISHER, refusal, round_of
 from fedshift.client.ewc import FISHER_PUBLIC, EWCTerm, fisher_mechanism, site_fisher
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.client.site import SiteSettings, load_site_data
 from fedshift.common.config import FederationConfig
-from fedshift.common.errors import BudgetExhaustedError, ConfigError
+from fedshift.common.errors import BudgetExhaustedError, ConfigError, RoundRefusedError
 from fedshift.common.model import FedshiftModel
-from fedshift.common.protocol import ANCHOR_KEY, FISHER_KEY, METRICS_KEY, PRIVACY_KEY, SITE_KEY, WEIGHT_KEY
+from fedshift.common.protocol import (
+    ANCHOR_KEY,
+    FISHER_KEY,
+    METRICS_KEY,
+    PRIVACY_KEY,
+    SITE_KEY,
+    STATUS_ROUND_REFUSED,
+    WEIGHT_KEY,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +87,6 @@ def fisher_reply(msg: Message, fed: FederationConfig, site: SiteSettings, model:
     charged to the ledger before the data is read; a release that was already
     charged, or that the budget cannot hold, is refused with the reason.
     """
-    train = load_site_data(site).split("train")
     server_round = round_of(msg)
     run_id = str(msg.metadata.run_id)
     seed = zlib.crc32(f"{fed.seed}:fisher:{server_round}:{site.name}".encode())
@@ -91,6 +98,17 @@ def fisher_reply(msg: Message, fed: FederationConfig, site: SiteSettings, model:
         ledger = PrivacyLedger.at(site.state_dir, accountant=privacy.accountant)
         if ledger.find(run_id, server_round, MECHANISM_DP_FISHER) is not None:
             return refusal(msg, site.name, "refused", "this Fisher was already released once in this run")
+        try:  # the end of the run only (round num-server-rounds + 1), once: before any charge or data read
+            check_round(
+                ledger,
+                run_id=run_id,
+                server_round=server_round,
+                num_rounds=fed.num_rounds,
+                mechanism=MECHANISM_DP_FISHER,
+            )
+        except RoundRefusedError as exc:
+            logger.warning("%s: no consolidation Fisher: %s", site.name, exc)
+            return refusal(msg, site.name, STATUS_ROUND_REFUSED, str(exc))
         sigma, q, steps = fisher_mechanism(fed.ewc)
         try:  # the lifetime budget and the per-run cap (dp-epsilon-per-run)
             check_allowance(privacy, ledger, run_id=run_id, planned=[(sigma, q, steps)], what="the Fisher")
@@ -106,6 +124,7 @@ def fisher_reply(msg: Message, fed: FederationConfig, site: SiteSettings, model:
             delta=privacy.delta,
         )
         record = {"epsilon": entry.epsilon, "delta": privacy.delta, "noise-multiplier": sigma}
+    train = load_site_data(site).split("train")
     fisher, label, _release = site_fisher(
         fed.ewc, model, train.images, private=private, seed=seed, secure_rng=site.privacy.secure_rng
     )

@@ -40,6 +40,12 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from fedshift.client.egress import (
+    MECHANISM_DP,
+    MECHANISM_DP_FISHER,
+    MECHANISM_DP_LABEL_COUNTS,
+    MECHANISM_DP_MOMENTS,
+)
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.common.adapters import ChannelAffine
 from fedshift.common.config import PrivacyConfig, TrainConfig
@@ -250,7 +256,7 @@ def sample_rate(num_examples: int, batch_size: int) -> float:
     return min(1.0, batch_size / max(num_examples, 1))
 
 
-MECHANISM_DP_SGD = "dp-sgd"  # the ledger's name for a DP-SGD round
+MECHANISM_DP_SGD = MECHANISM_DP  # the ledger's name for a DP-SGD round
 
 # beyond this, an update is mostly noise: a site whose remaining budget needs more sits out
 MAX_USEFUL_SIGMA = 10.0
@@ -266,25 +272,49 @@ class RoundPlan:
     delta: float
 
 
-def check_round(ledger: PrivacyLedger, *, run_id: str, server_round: int, num_rounds: int) -> None:
-    """Refuse a DP-SGD round that is not the next one of this run (:class:`RoundRefusedError`).
+# the rounds each mechanism's releases may carry, given the run's num-server-rounds n: training rounds,
+# the statistics stage before round 1 (round 0; label counts only there) and its refreshes before each
+# later round, and the end-of-run Fisher for consolidation (round n + 1, as the server sends it)
+RELEASE_ROUNDS: dict[str, tuple[str, Callable[[int], tuple[int, int]]]] = {
+    MECHANISM_DP_SGD: ("training round", lambda n: (1, n)),
+    MECHANISM_DP_LABEL_COUNTS: ("label-count release", lambda n: (0, 0)),
+    MECHANISM_DP_MOMENTS: ("moment release", lambda n: (0, n)),
+    MECHANISM_DP_FISHER: ("consolidation Fisher release", lambda n: (n + 1, n + 1)),
+}
 
-    A training round must lie in ``1..num_rounds`` (the run's ``num-server-rounds``) and
-    come after every round this site already trained in the run: a repeated or earlier
-    round would be charged twice, a round beyond the run would make the noise planning
-    spend the run's whole allowance at once. Checked before anything is charged or read.
+
+def check_round(
+    ledger: PrivacyLedger,
+    *,
+    run_id: str,
+    server_round: int,
+    num_rounds: int,
+    mechanism: str = MECHANISM_DP_SGD,
+) -> None:
+    """Refuse a release of ``mechanism`` that is not the next one of this run (:class:`RoundRefusedError`).
+
+    The round must lie in the mechanism's window (:data:`RELEASE_ROUNDS`, from the run's
+    ``num-server-rounds``) and come after every release of the mechanism this site already
+    made in the run: a repeated or earlier round would be charged twice, a round beyond the
+    run would make the noise planning spend the run's whole allowance at once. Call it
+    before anything is charged or read. (The Fisher charged with each DP-SGD round is
+    covered by that round's check; ``dp-fisher`` here is the end-of-run release.)
     """
-    if not 1 <= server_round <= num_rounds:
+    kind, window = RELEASE_ROUNDS[mechanism]
+    first, last = window(num_rounds)
+    if not first <= server_round <= last:
+        where = f"at round {first}" if first == last else f"in {first}..{last}"
         raise RoundRefusedError(
-            f"Expected a training round in 1..{num_rounds} (num-server-rounds of run {run_id}), but the "
-            f"server asked for round {server_round}; this site does not train it (nothing charged)"
+            f"Expected a {kind} {where} (num-server-rounds of run {run_id}: {num_rounds}), but the server "
+            f"asked for round {server_round}; this site does not run it (nothing charged)"
         )
-    trained = [e.round for e in ledger.run_entries(run_id) if e.mechanism == MECHANISM_DP_SGD]
-    if trained and server_round <= max(trained):
+    done = [e.round for e in ledger.run_entries(run_id) if e.mechanism == mechanism]
+    if done and server_round <= max(done):
+        did = "trained" if mechanism == MECHANISM_DP_SGD else f"made a {kind}"
         raise RoundRefusedError(
-            f"Expected round {server_round} of run {run_id} to come after round {max(trained)}, the last "
-            "this site already trained in this run, but it does not; training it would charge the budget "
-            "twice for one run's progress: this site does not train it (nothing charged)"
+            f"Expected round {server_round} of run {run_id} to come after round {max(done)}, the last "
+            f"this site already {did} in this run, but it does not; running it would charge the budget "
+            "twice for one run's progress: this site does not run it (nothing charged)"
         )
 
 
@@ -347,8 +377,9 @@ def plan_round(
 ) -> RoundPlan:
     """The DP-SGD round this site may run now, or an error saying why not.
 
-    :class:`RoundRefusedError` for a round out of order or beyond ``num_rounds``
-    (:func:`check_round`); :class:`BudgetExhaustedError` when the round does not fit.
+    The caller has refused a round out of order or beyond ``num_rounds`` first
+    (:func:`check_round`, before it read the data); :class:`BudgetExhaustedError` when the
+    round does not fit.
     The noise multiplier is the site's own ``dp-noise-multiplier``, or else the one this
     run already uses (it stays fixed within a run), or else the smallest that fits every
     planned round of this run into what is left of the site's lifetime budget *and* of
@@ -359,7 +390,6 @@ def plan_round(
     (e.g. the end-of-phase Fisher for consolidation): the budget keeps room for them.
     """
     check_budget(privacy.epsilon, privacy.delta, num_examples)
-    check_round(ledger, run_id=run_id, server_round=server_round, num_rounds=num_rounds)
     q = sample_rate(num_examples, train.batch_size)
     steps = train.local_epochs * steps_per_epoch(num_examples, train.batch_size)
     sigma = privacy.noise_multiplier

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from fedshift.client.integrity import bind_key
-from fedshift.common.config import FederationConfig, PrivacyConfig
+from fedshift.common.config import RELEASE_PRIVACY_KEYS, FederationConfig, PrivacyConfig
 from fedshift.common.data import Dataset, load_npz
 from fedshift.common.errors import ConfigError, PrivacyError
 from fedshift.common.io import atomic_write_bytes
@@ -30,7 +30,10 @@ LOCAL_STATE_FILE = "site_local.safetensors"
 SITE_CONFIG_FILE = "site.toml"  # simulation: a site's own settings, the keys of a deployment node config
 
 # node-config keys a site may set for itself (besides where its data and state live)
-SITE_KEYS = frozenset({"device", "egress-metrics", "eval-splits", *PrivacyConfig.KEYS})
+SITE_KEYS = frozenset({"device", "egress-metrics", "eval-splits", *PrivacyConfig.KEYS, *RELEASE_PRIVACY_KEYS})
+
+# the run-config keys a deployed site ignores: its privacy is its own (:func:`deployed_privacy`)
+SCREENED_KEYS = frozenset({*PrivacyConfig.KEYS, *RELEASE_PRIVACY_KEYS})
 
 # splits a site evaluates for the server (``eval-splits``): metrics of them leave without DP, so never train
 EVAL_SPLITS = ("val", "test")
@@ -85,6 +88,12 @@ class SiteSettings:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # DP-SGD and the site's budget
     egress_metrics: frozenset[str] | None = None  # metric keys allowed to leave; None = the defaults
     eval_splits: frozenset[str] = frozenset(EVAL_SPLITS)  # splits the server may have evaluated
+    # the site's own privacy of its other DP releases (RELEASE_PRIVACY_KEYS), over the run config's
+    releases: tuple[tuple[str, Any], ...] = ()
+
+    def federation(self, fed: FederationConfig) -> FederationConfig:
+        """``fed`` with this site's own release privacy (Fisher, label counts, moments) applied."""
+        return fed.with_release_privacy(dict(self.releases))
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], fed: FederationConfig) -> SiteSettings:
@@ -111,13 +120,15 @@ class SiteSettings:
             name = str(node_config.get("site-name", data_path.stem))
             if "integrity-key" in node_config:  # the ledger's and egress log's key, outside state_dir
                 bind_key(state_dir, Path(str(node_config["integrity-key"])))
-            privacy = deployed_privacy(node_config, fed.privacy, name)
-            return cls(name, data_path, state_dir, device, privacy, egress, splits)
+            privacy, releases = deployed_privacy(node_config, fed, name)
+            return cls(name, data_path, state_dir, device, privacy, egress, splits, releases)
         if "partition-id" in node_config and fed.sites_root:
             name = f"site-{int(node_config['partition-id'])}"
             site_dir = Path(fed.sites_root) / name
             privacy = fed.privacy.with_values(node_config)
-            return cls(name, site_dir / SITE_DATA_FILE, site_dir, device, privacy, egress, splits)
+            own = tuple((k, node_config[k]) for k in RELEASE_PRIVACY_KEYS if k in node_config)  # site.toml
+            fed.with_release_privacy(dict(own))  # checked here: bad values are refused at once
+            return cls(name, site_dir / SITE_DATA_FILE, site_dir, device, privacy, egress, splits, own)
         raise ConfigError(
             "Expected the node config to set 'data-path' (deployment) or the run config to set "
             "'sites-root' (simulation), but neither is set; pass "
@@ -129,28 +140,46 @@ class SiteSettings:
 DEPLOYMENT_PRIVACY = {"dp": True, "dp-secure-rng": True, "dp-epsilon": float("nan")}
 
 
-def deployed_privacy(node_config: Mapping[str, Any], run_privacy: PrivacyConfig, site: str) -> PrivacyConfig:
-    """A deployed site's privacy settings: its node config over :data:`DEPLOYMENT_PRIVACY`, nothing else.
+def deployed_privacy(
+    node_config: Mapping[str, Any], run: FederationConfig, site: str
+) -> tuple[PrivacyConfig, tuple[tuple[str, Any], ...]]:
+    """A deployed site's privacy settings: its node config over fedshift's defaults, nothing else.
 
-    The run config is the coordinator's: its ``dp-*`` values (``run_privacy``) are ignored
-    here, with a warning naming the ones that differ from fedshift's defaults, so the
-    coordinator cannot lower the noise, raise the clip norm or switch the accountant. The
-    seeded noise generator is refused: its seed (run seed, round, site name) is known to the
-    coordinator, which could regenerate the noise and subtract it.
+    Returns its DP-SGD settings (over :data:`DEPLOYMENT_PRIVACY`) and the privacy of its
+    other DP releases (:data:`RELEASE_PRIVACY_KEYS`: the Fisher's, the label counts' and
+    the moments' noise multipliers and clip norms). The run config is the coordinator's:
+    its values of these keys (in ``run``) are ignored here, with a warning naming the ones
+    that differ from fedshift's defaults, so the coordinator cannot lower any noise, raise
+    a clip norm or switch the accountant. The seeded noise generator is refused: its seed
+    (run seed, round, site name) is known to the coordinator, which could regenerate the
+    noise and subtract it. The daemon's start check (``fedshift client``) calls this too.
     """
     privacy = PrivacyConfig().with_values({**DEPLOYMENT_PRIVACY, **node_config})
     if not privacy.secure_rng:
         raise PrivacyError(
-            "Expected dp-secure-rng to be true at a deployed site (a node config with data-path), but got "
-            f"{node_config.get('dp-secure-rng')!r}: a seeded noise generator's seed is known to the "
-            "coordinator, which could recompute the noise and remove it; delete dp-secure-rng from the "
-            "site's config (seeded noise is for simulations only)"
+            "Expected dp-secure-rng to be true at a deployed site (a node config with data-path: noise from "
+            f"the OS CSPRNG), but got {node_config.get('dp-secure-rng')!r}: a seeded noise generator's seed "
+            "is known to the coordinator, which could recompute the noise and remove it; delete the "
+            "dp-secure-rng line from the site's config (seeded noise is for simulations only)"
         )
-    defaults = PrivacyConfig().to_run_config()
-    ignored = tuple(sorted((k, v) for k, v in run_privacy.to_run_config().items() if v != defaults[k]))
+    defaults = FederationConfig().to_run_config()
+    releases = tuple((k, _number_or_text(node_config.get(k, defaults[k]))) for k in RELEASE_PRIVACY_KEYS)
+    run.with_release_privacy(dict(releases))  # the site's values checked at once, whatever the run
+    screened = {k: v for k, v in run.to_run_config().items() if k in SCREENED_KEYS}
+    ignored = tuple(sorted((k, v) for k, v in screened.items() if v != defaults[k]))
     if ignored:
         _warn_ignored(site, ignored)
-    return privacy
+    return privacy, releases
+
+
+def _number_or_text(value: Any) -> Any:
+    """A node-config number given as text (``--node-config "align-clip='8'"``) as a float; else as is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value  # refused by the config check, with the key named
+    return value
 
 
 @functools.lru_cache(maxsize=32)

@@ -33,17 +33,17 @@ from fedshift.client.alignment import (
     site_objective,
 )
 from fedshift.client.correction import count_mechanism, private_label_counts
-from fedshift.client.dp import RandomSource, SecureSource, SeededSource, check_allowance
+from fedshift.client.dp import RandomSource, SecureSource, SeededSource, check_allowance, check_round
 from fedshift.client.egress import MECHANISM_DP_LABEL_COUNTS, MECHANISM_DP_MOMENTS, refusal, round_of
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.client.site import SiteSettings, load_site_data
 from fedshift.client.training import Objective, resolve_device
 from fedshift.common.config import FederationConfig
-from fedshift.common.errors import BudgetExhaustedError, ConfigError
+from fedshift.common.errors import BudgetExhaustedError, ConfigError, RoundRefusedError
 from fedshift.common.io import atomic_write_json
 from fedshift.common.model import FedshiftModel
 from fedshift.common.privacy import Mechanism
-from fedshift.common.protocol import CONFIG_KEY, METRICS_KEY, SITE_KEY, WEIGHT_KEY
+from fedshift.common.protocol import CONFIG_KEY, METRICS_KEY, SITE_KEY, STATUS_ROUND_REFUSED, WEIGHT_KEY
 from fedshift.common.shift_statistics import (
     GLOBAL_KEY,
     STAGE_GLOBAL,
@@ -113,6 +113,14 @@ def _release(
         )
         logger.error("%s: %s", site.name, reason)
         return refusal(msg, site.name, "statistics-lost", reason)
+    try:  # round 0 or a refresh before a round of this run, each after the last: before any charge
+        for name, _cost in mechanisms:
+            check_round(
+                ledger, run_id=run_id, server_round=server_round, num_rounds=fed.num_rounds, mechanism=name
+            )
+    except RoundRefusedError as exc:
+        logger.warning("%s: no statistics: %s", site.name, exc)
+        return refusal(msg, site.name, STATUS_ROUND_REFUSED, str(exc))
     if privacy.enabled:
         try:  # the lifetime budget and the per-run cap (dp-epsilon-per-run)
             check_allowance(

@@ -318,6 +318,18 @@ def check_maximum(key: str, value: float) -> None:
         )
 
 
+# Run-config keys that set the privacy of a site's DP releases besides DP-SGD: the EWC Fisher, the label
+# counts and the feature moments (noise multipliers and the clip norms that are their sensitivities).
+# Like the dp-* keys (PrivacyConfig.KEYS), a deployed site takes them only from its own node config.
+RELEASE_PRIVACY_KEYS = (
+    "ewc-fisher-clip",
+    "ewc-fisher-noise-multiplier",
+    "ls-count-noise-multiplier",
+    "align-clip",
+    "align-noise-multiplier",
+)
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """One federation: rounds, model, local training and where things live."""
@@ -381,6 +393,13 @@ class FederationConfig:
             **self.ewc.to_run_config(),
             **self.shift.to_run_config(),
         }
+
+    def with_release_privacy(self, values: Mapping[str, Any]) -> FederationConfig:
+        """A copy with the :data:`RELEASE_PRIVACY_KEYS` present in ``values`` applied (and checked)."""
+        own = {k: values[k] for k in RELEASE_PRIVACY_KEYS if k in values}
+        if not own:
+            return self
+        return replace(self, ewc=self.ewc.with_values(own), shift=self.shift.with_values(own))
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:

@@ -116,6 +116,16 @@ def check_site(settings: ClientSettings) -> SiteCheck:
             check_budget(privacy.epsilon, privacy.delta, n_train)
         except FedshiftError as exc:
             raise ConfigError(f"[site] in {path}: {exc}") from None
+        if privacy.noise_multiplier == 0 and privacy.run_cap is None:
+            logger.warning(
+                "%s: neither dp-noise-multiplier nor dp-epsilon-per-run is set in %s: the noise is sized "
+                "from the run's num-server-rounds, which the coordinator chooses, so one run (e.g. of a "
+                "single round) may spend the whole remaining budget dp-epsilon=%g; set dp-epsilon-per-run "
+                "(e.g. dp-epsilon-per-run = 2.0) to cap what one run may spend",
+                site.name,
+                path,
+                privacy.epsilon,
+            )
     else:
         logger.warning(
             "%s: dp = false in %s: this site sends adapters WITHOUT differential privacy", site.name, path

@@ -77,6 +77,11 @@ NUMBER_EXAMPLES = {
     "dp-delta": 1e-5,
     "dp-clip-norm": 1.0,
     "dp-noise-multiplier": 1.1,
+    "ewc-fisher-clip": 1.0,
+    "ewc-fisher-noise-multiplier": 5.0,
+    "ls-count-noise-multiplier": 2.0,
+    "align-clip": 8.0,
+    "align-noise-multiplier": 3.0,
 }
 
 
@@ -365,9 +370,5 @@ def _check_privacy_values(site: Mapping[str, Any], path: Path) -> None:
                 f"Expected [site] {key} in {path} to be true or false, but got {site[key]!r}; "
                 f"write {key} = true (no quotes)"
             )
-    if site.get("dp-secure-rng") is False:
-        raise ConfigError(
-            f"Expected [site] dp-secure-rng in {path} to be true (a deployed site draws its noise from the "
-            "OS CSPRNG), but got false: the seeded generator's seed is known to the coordinator, which "
-            "could recompute the noise and remove it; delete the dp-secure-rng line"
-        )
+    # dp-secure-rng = false is refused by the ClientApp's own rule (deployed_privacy), which
+    # check_site runs at the daemon's start

@@ -18,7 +18,7 @@ from opacus.accountants import RDPAccountant
 from scipy import stats
 from torch import nn
 
-from fedshift.client.dp import PrivateTraining, SecureSource, SeededSource, plan_round
+from fedshift.client.dp import PrivateTraining, SecureSource, SeededSource, check_round, plan_round
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.common.config import PrivacyConfig, TrainConfig
 from fedshift.common.data import to_tensor
@@ -186,8 +186,8 @@ def test_plan_round_spends_the_budget_over_the_run_then_refuses(tmp_path: Path) 
     reference.history = [(sigmas[0], 0.1, 10)] * 4
     assert ledger.epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), abs=1e-6)
     assert ledger.epsilon(1e-5) > 3.0 - 0.05  # the planned run uses (almost) all of it
-    with pytest.raises(RoundRefusedError, match="already trained"):
-        plan_round(privacy, ledger, num_examples=500, train=train, run_id="7", server_round=4, num_rounds=4)
+    with pytest.raises(RoundRefusedError, match="already trained"):  # checked before the data is read
+        check_round(ledger, run_id="7", server_round=4, num_rounds=4)
     with pytest.raises(BudgetExhaustedError, match="epsilon"):  # a new run finds nothing left
         plan_round(privacy, ledger, num_examples=500, train=train, run_id="8", server_round=1, num_rounds=2)
     fixed = PrivacyConfig(enabled=True, epsilon=50.0, noise_multiplier=1.3)

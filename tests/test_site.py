@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedshift.client.site import SiteSettings, load_local_state, save_local_state
-from fedshift.common.config import FederationConfig, PrivacyConfig
+from fedshift.common.config import RELEASE_PRIVACY_KEYS, FederationConfig, PrivacyConfig
 from fedshift.common.errors import ConfigError, PrivacyError
 from fedshift.common.model import ModelConfig, build_model
 
@@ -23,7 +23,12 @@ def test_deployment_node_config(tmp_path: Path) -> None:
     }
     site = SiteSettings.from_node_config(node, FederationConfig(device="auto"))
     production = PrivacyConfig(enabled=True, epsilon=6.0, secure_rng=True)
-    assert site == SiteSettings("charite", tmp_path / "h1.npz", tmp_path / "state", "cpu", production)
+    # the noise of its other DP releases is fedshift's default, whatever the run config says
+    defaults = FederationConfig().to_run_config()
+    releases = tuple((k, defaults[k]) for k in RELEASE_PRIVACY_KEYS)
+    assert site == SiteSettings(
+        "charite", tmp_path / "h1.npz", tmp_path / "state", "cpu", production, releases=releases
+    )
 
 
 def test_deployment_is_private_by_default(tmp_path: Path) -> None:

@@ -41,7 +41,18 @@ from fedshift.common.errors import BudgetExhaustedError, ConfigError, FedshiftEr
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.common.privacy import epsilon
 from fedshift.common.proctree import descendants
-from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, STATUS_KEY, STATUS_ROUND_REFUSED
+from fedshift.common.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    FISHER_KEY,
+    PRIVACY_KEY,
+    STATUS_KEY,
+    STATUS_ROUND_REFUSED,
+)
+from fedshift.common.shift_statistics import STAGE_KEY, STAGE_RELEASE, STATISTICS_KEY
+from fedshift.deploy.client import check_site
+from fedshift.deploy.settings import ClientSettings
+from fedshift.server.consolidation import FISHER_MESSAGE
 from fedshift.tests.deploy_support import FEDSHIFT, toml, write_site_data
 from fedshift.tests.helpers import one_line_error, site_run_config, write_site
 
@@ -278,6 +289,137 @@ def test_rounds_out_of_order_or_beyond_the_run_are_refused_without_a_charge(tmp_
     (site_dir / "data.npz").rename(site_dir / "elsewhere.npz")  # reading the data would now fail
     for server_round in refused:
         check(server_round)
+
+
+# the coordinator's attempt at the noise of the releases besides DP-SGD: all far below fedshift's defaults
+LOW_RELEASE_NOISE = {
+    "ls-count-noise-multiplier": 0.01,
+    "align-noise-multiplier": 0.01,
+    "align-clip": 100.0,
+    "ewc-fisher-noise-multiplier": 0.01,
+    "ewc-fisher-clip": 100.0,
+}
+RELEASE_RUN = {"ls-correction": True, "align-weight": 1.0, "align-dim": 8, "ewc-consolidate": True}
+
+
+def _statistics_message(server_round: int) -> Message:
+    config = ConfigRecord({STAGE_KEY: STAGE_RELEASE, "server-round": server_round})
+    arrays = ArrayRecord(build_model(MODEL).shared_state_dict())
+    return Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), dst_node_id=0, message_type="query")
+
+
+def _fisher_message(server_round: int) -> Message:
+    arrays = ArrayRecord(build_model(MODEL).shared_state_dict())
+    content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({"server-round": server_round})})
+    return Message(content, dst_node_id=0, message_type=FISHER_MESSAGE)
+
+
+def test_the_run_configs_release_noise_does_not_reach_a_deployed_site(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ls-count-noise-multiplier, align-noise-multiplier, ewc-fisher-noise-multiplier (and the clip
+    norms) of 0.01 / 100 in the run config: a deployed site charges and draws its label counts, moments
+    and end-of-run Fisher with its own values (fedshift's defaults, or its node config's), and logs
+    what it ignored; a simulated site keeps taking them from the run config.
+
+    Before, a deployed site took them from the run config: the ledger showed noise 0.01, i.e. nearly
+    exact label counts and Fisher, charged to the site's budget.
+    """
+    site_dir = write_site(tmp_path)
+    run_config = site_run_config(tmp_path, num_rounds=2, **RELEASE_RUN, **LOW_RELEASE_NOISE)
+    node = _deployed_node(site_dir, **{"ls-count-noise-multiplier": 4.0})  # the site's own choice
+    app = make_client_app()
+    with caplog.at_level(logging.WARNING, logger="fedshift.client.site"):
+        released = _call_deployed(app, _statistics_message(0), node, run_config)
+        fisher = _call_deployed(app, _fisher_message(3), node, run_config)
+    assert STATISTICS_KEY in released.content.config_records, released.content.config_records
+    assert FISHER_KEY in fisher.content.array_records, fisher.content.config_records
+    noise = {e.mechanism: e.noise_multiplier for e in PrivacyLedger.at(site_dir).entries}
+    assert noise == {"dp-label-counts": 4.0, "dp-moments": 3.0, "dp-fisher": 5.0}
+    assert fisher.content.config_records[PRIVACY_KEY]["noise-multiplier"] == 5.0
+    ignored = [r.getMessage() for r in caplog.records if "ignoring the run config" in r.getMessage()]
+    assert len(ignored) == 1
+    for key, value in LOW_RELEASE_NOISE.items():
+        assert f"{key}={value!r}" in ignored[0]
+    # simulation: the run config's values, as before (a site.toml may set its own)
+    sim = SiteSettings.from_node_config({"partition-id": 0}, FederationConfig.from_run_config(run_config))
+    fed = sim.federation(FederationConfig.from_run_config(run_config))
+    assert (fed.shift.count_noise, fed.shift.align_noise, fed.ewc.fisher_noise_multiplier) == (
+        0.01,
+        0.01,
+        0.01,
+    )
+    (site_dir / "site.toml").write_text("align-noise-multiplier = 6.0\n")
+    sim = SiteSettings.from_node_config({"partition-id": 0}, FederationConfig.from_run_config(run_config))
+    assert sim.federation(fed).shift.align_noise == 6.0
+    # a deployed site's own value is checked like the run config's
+    with pytest.raises(PrivacyError, match="ls-count-noise-multiplier"):
+        SiteSettings.from_node_config({**node, "ls-count-noise-multiplier": 0}, fed)
+
+
+def test_statistics_and_fisher_releases_outside_the_run_are_refused_without_a_charge(tmp_path: Path) -> None:
+    """The statistics stage at round 7 of a 2-round run, a refresh at an earlier round than the last, and
+    the end-of-run Fisher at any round but num-server-rounds + 1: refused, nothing charged, no data read.
+
+    Before, each new round number was charged: release rounds 7, 1 after 2, and a Fisher at round 1
+    each spent the site's budget on a fresh draw.
+    """
+    site_dir = write_site(tmp_path)
+    run_config = site_run_config(tmp_path, num_rounds=2, **RELEASE_RUN)
+    node = _deployed_node(site_dir)
+    app = make_client_app()
+    for server_round in (0, 2):  # the stage before round 1 and the refresh before round 2
+        reply = _call_deployed(app, _statistics_message(server_round), node, run_config)
+        assert STATISTICS_KEY in reply.content.config_records, reply.content.config_records
+    charged = _ledger_bytes(site_dir)
+    assert [(e.round, e.mechanism) for e in PrivacyLedger.at(site_dir).entries] == [
+        (0, "dp-label-counts"),
+        (0, "dp-moments"),
+        (2, "dp-moments"),
+    ]
+
+    def refused(msg: Message, needle: str) -> None:
+        reply = _call_deployed(app, msg, node, run_config)
+        assert reply.has_content(), reply.error
+        status = reply.content.config_records[STATUS_KEY]
+        assert status["status"] == STATUS_ROUND_REFUSED, status
+        assert needle in str(status["reason"]) and "nothing charged" in str(status["reason"])
+        assert STATISTICS_KEY not in reply.content.config_records and not reply.content.array_records
+        assert _ledger_bytes(site_dir) == charged
+
+    refused(_statistics_message(7), "Expected a moment release in 0..2")
+    refused(_fisher_message(1), "Expected a consolidation Fisher release at round 3")
+    refused(_fisher_message(7), "at round 3")
+    (site_dir / "data.npz").rename(site_dir / "elsewhere.npz")  # reading the data would now fail
+    refused(_statistics_message(1), "to come after round 2")
+    refused(_fisher_message(2), "at round 3")
+
+
+def test_a_site_without_a_fixed_noise_or_per_run_cap_is_warned_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No dp-noise-multiplier and no dp-epsilon-per-run: a one-round run could spend the whole budget,
+    so ``fedshift client`` warns at start and names dp-epsilon-per-run (not required). Before: silent."""
+    with caplog.at_level(logging.WARNING, logger="fedshift.deploy.client"):
+        check_site(ClientSettings.load(_site_toml(tmp_path / "open")))
+        warned = [r.getMessage() for r in caplog.records if "dp-epsilon-per-run" in r.getMessage()]
+        assert len(warned) == 1 and "num-server-rounds" in warned[0]
+        caplog.clear()
+        check_site(ClientSettings.load(_site_toml(tmp_path / "capped", **{"dp-epsilon-per-run": 2.0})))
+        check_site(ClientSettings.load(_site_toml(tmp_path / "fixed", **{"dp-noise-multiplier": 1.1})))
+    assert not [r for r in caplog.records if "dp-epsilon-per-run" in r.getMessage()]
+
+
+def test_the_daemon_refuses_seeded_noise_with_the_client_apps_own_rule(tmp_path: Path) -> None:
+    """One check of dp-secure-rng = false: the daemon's start check raises the ClientApp's words.
+    Before, the daemon had its own text ("Expected [site] dp-secure-rng in ... to be true")."""
+    path = _site_toml(tmp_path, **{"dp-secure-rng": False})
+    node = _deployed_node(tmp_path, **{"dp-secure-rng": False})
+    with pytest.raises(PrivacyError) as own:
+        SiteSettings.from_node_config(node, FederationConfig())
+    with pytest.raises(ConfigError) as daemon:
+        check_site(ClientSettings.load(path))
+    assert str(own.value) in str(daemon.value) and str(path) in str(daemon.value)
 
 
 def test_the_per_run_cap_bounds_each_run_and_the_lifetime_budget_all_of_them(tmp_path: Path) -> None:
