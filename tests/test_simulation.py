@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +25,25 @@ pytestmark = pytest.mark.slow
 TINY = ["--synthetic-n", "160", "--rounds", "2", "--local-epochs", "1", "--image-size", "32"]
 
 
+RAY_TAG = "FEDSHIFT_TEST_RAY_OWNER"  # Ray's processes inherit it: ours are told apart from other jobs' Rays
+
+
+@pytest.fixture(autouse=True)
+def _tag_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(RAY_TAG, str(os.getpid()))
+
+
 def _ray_processes() -> list[str]:
+    """Ray processes still alive that this test process started (found by the tag in their environment)."""
+    tag = f"{RAY_TAG}={os.getpid()}".encode()
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+            ours = tag in (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if "raylet" in cmd or "gcs_server" in cmd or "ray::" in cmd:
+        if ours and ("raylet" in cmd or "gcs_server" in cmd or "ray::" in cmd):
             found.append(cmd[:80])
     return found
 
