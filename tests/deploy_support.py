@@ -80,6 +80,19 @@ def toml(tables: dict[str, dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def write_site_toml(
+    root: Path, *, ca_cert: Path, private_key: Path, superlink: str, **site: Any
+) -> Path:
+    """``root/site.toml`` for hospital-a, its data at ``root/a.npz``; ``site`` sets [site] keys."""
+    write_site_data(root / "a.npz", seed=0)
+    values = {"site-name": "hospital-a", "data-path": "a.npz", "state-dir": "state", "dp-epsilon": 8.0}
+    values.update(site)
+    connection = {"superlink": superlink, "ca-cert": str(ca_cert), "private-key": str(private_key)}
+    path = root / "site.toml"
+    path.write_text(toml({"connection": connection, "site": values}))
+    return path
+
+
 class Federation:
     """A coordinator and hospitals in one folder (``root``), as the runbook sets them up."""
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 
 from fedshift.common.cli import main
 from fedshift.deploy.server import resume_point
-from fedshift.tests.deploy_support import toml, write_site_data
+from fedshift.tests.deploy_support import toml, write_site_toml
 from fedshift.tests.helpers import one_line_error
 
 
@@ -62,22 +62,13 @@ def test_certs_never_overwrite_without_force(certs: Path, capsys: pytest.Capture
 
 
 def _site_toml(root: Path, certs: Path, **site: object) -> Path:
-    write_site_data(root / "a.npz", seed=0)
-    values = {
-        "site-name": "hospital-a",
-        "data-path": "a.npz",
-        "state-dir": "state",
-        "dp-epsilon": 8.0,
+    return write_site_toml(
+        root,
+        ca_cert=certs / "ca.crt",
+        private_key=certs / "nodes" / "hospital-a.key",
+        superlink="fl.example.org:9092",
         **site,
-    }
-    connection = {
-        "superlink": "fl.example.org:9092",
-        "ca-cert": str(certs / "ca.crt"),
-        "private-key": str(certs / "nodes" / "hospital-a.key"),
-    }
-    path = root / "site.toml"
-    path.write_text(toml({"connection": connection, "site": values}))
-    return path
+    )
 
 
 def test_a_good_site_config_passes_the_check(

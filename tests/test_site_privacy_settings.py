@@ -53,7 +53,7 @@ from fedshift.common.shift_statistics import STAGE_KEY, STAGE_RELEASE, STATISTIC
 from fedshift.deploy.client import check_site
 from fedshift.deploy.settings import ClientSettings
 from fedshift.server.consolidation import FISHER_MESSAGE
-from fedshift.tests.deploy_support import FEDSHIFT, toml, write_site_data
+from fedshift.tests.deploy_support import FEDSHIFT, write_site_toml
 from fedshift.tests.helpers import one_line_error, site_run_config, write_site
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -137,19 +137,8 @@ def _write_certs(root: Path) -> tuple[Path, Path]:
 
 def _site_toml(root: Path, **site: Any) -> Path:
     ca, key = _write_certs(root / "certs")
-    write_site_data(root / "a.npz", seed=0)
-    values = {
-        "site-name": "hospital-a",
-        "data-path": "a.npz",
-        "state-dir": "state",
-        "dp-epsilon": 8.0,
-        **site,
-    }
     # loopback, and a port nothing listens on: a daemon that started anyway would only retry
-    connection = {"superlink": "127.0.0.1:9", "ca-cert": str(ca), "private-key": str(key)}
-    path = root / "site.toml"
-    path.write_text(toml({"connection": connection, "site": values}))
-    return path
+    return write_site_toml(root, ca_cert=ca, private_key=key, superlink="127.0.0.1:9", **site)
 
 
 def test_a_deployed_site_with_seeded_noise_refuses_to_start(tmp_path: Path) -> None:
