@@ -249,6 +249,12 @@ def append_egress_log(state_dir: Path, entry: Mapping[str, Any]) -> None:
     integrity.append_chained_line(state_dir / EGRESS_LOG_FILE, integrity.EGRESS_STREAM, entry, "line")
 
 
+def chain_legacy_egress_log(state_dir: Path) -> None:
+    """Chain a log written before fedshift chained it, now (the daemon's start) rather than at its next
+    line: from then on a deleted or rolled-back log is refused."""
+    integrity.chain_legacy_lines(state_dir / EGRESS_LOG_FILE, integrity.EGRESS_STREAM, "line")
+
+
 def read_egress_log(state_dir: Path) -> list[dict[str, Any]]:
     """The log's entries as appended (without their MACs), after verifying the chain and the anchor."""
     records, _ = integrity.read_chained_lines(state_dir / EGRESS_LOG_FILE, integrity.EGRESS_STREAM, "line")

@@ -473,6 +473,14 @@ def append_chained_line(path: Path, stream: str, record: Mapping[str, Any], what
         integrity.advance(stream, count + 1, mac)
 
 
+def chain_legacy_lines(path: Path, stream: str, what: str = "line") -> None:
+    """Chain an unchained JSONL file from before now, not at its next append (the daemon's start), so
+    that deleting it from then on is seen; a chained file's tail is checked, a missing one is fine."""
+    if path.is_file():
+        with exclusive_lock(path.with_name(path.name + LOCK_SUFFIX)):
+            _checked_tail(for_state_dir(path.parent), path, stream, what)
+
+
 def _checked_tail(integrity: SiteIntegrity, path: Path, stream: str, what: str) -> tuple[int, str]:
     """(complete lines, last MAC) of a chained JSONL file whose tail agrees with the anchor; an
     unchained file from before is chained here, once (the caller holds the file's lock)."""

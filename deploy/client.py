@@ -40,6 +40,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
+from fedshift.client.egress import chain_legacy_egress_log
 from fedshift.client.integrity import for_state_dir
 from fedshift.client.ledger import chain_legacy_ledger, open_ledger, verify_site
 from fedshift.client.site import SiteSettings
@@ -136,6 +137,7 @@ def check_site(settings: ClientSettings) -> SiteCheck:
         logger.info("%s: %s", site.name, verify_site(site.state_dir))  # the ledger's and egress log's chains
         for_state_dir(site.state_dir).install()  # the site's first start: make its integrity key
         chain_legacy_ledger(site.state_dir)  # a version-1 ledger: chained and anchored now, not at a charge
+        chain_legacy_egress_log(site.state_dir)  # and an unchained egress log, not at its next line
     except FedshiftError as exc:
         raise ConfigError(f"[site] state-dir in {path}: {exc}") from None
     if ledger is not None and privacy.enabled and ledger.accountant != privacy.accountant:

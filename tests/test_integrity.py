@@ -285,6 +285,8 @@ def test_the_daemons_start_chains_a_version_1_ledger_at_once(
     state = root / "state"
     state.mkdir()
     (state / LEDGER_FILE).write_text(json.dumps(v1))
+    old_log = [{"run": "1", "round": r, "bytes": 8} for r in range(2)]  # an egress log from before too
+    (state / EGRESS_LOG_FILE).write_text("".join(json.dumps(e) + "\n" for e in old_log))
     with caplog.at_level(logging.WARNING):
         check = check_site(ClientSettings.load(root / "site.toml"))
     assert check.spent == pytest.approx(ledger.epsilon(DELTA))
@@ -294,6 +296,11 @@ def test_the_daemons_start_chains_a_version_1_ledger_at_once(
     assert PrivacyLedger.at(state).entries == ledger.entries
     check_site(ClientSettings.load(root / "site.toml"))  # a second start: nothing left to chain
     assert integrity.for_state_dir(state).snapshot().anchor(integrity.LEDGER_STREAM).count == 2
+    assert integrity.for_state_dir(state).snapshot().anchor(integrity.EGRESS_STREAM).count == 2
+    assert read_egress_log(state) == old_log
+    (state / EGRESS_LOG_FILE).unlink()  # before, a deleted unchained log went unnoticed until its next line
+    with pytest.raises(LedgerError, match="missing"):
+        read_egress_log(state)
 
     # an edited version-1 copy with its sha256 recomputed: a rollback now, not accepted
     v1["entries"] = v1["entries"][:1]
