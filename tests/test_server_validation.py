@@ -23,16 +23,15 @@ from flwr.serverapp.strategy import FedAvg
 from fedshift.common.checkpoint import load_checkpoint
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import ConfigError
-from fedshift.common.model import ModelConfig
 from fedshift.server.app import final_evaluation
 from fedshift.server.consolidation import fisher_problem
 from fedshift.server.enrollment import SiteNames, load_enrollment
 from fedshift.server.strategy import AdapterFedAvg
-from fedshift.server.validation import expected_specs, weight_problem
+from fedshift.server.validation import weight_problem
+from fedshift.tests.test_strategy import SHAPES, make_strategy
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
-SHAPES = {"lora.down": (4, 6), "lora.up": (6, 4), "head.bias": (2,)}
 TRAIN_METRICS = {"train-loss": 0.5, "samples-per-second": 100.0}
 EVAL_METRICS = {"auc": 0.8, "accuracy": 0.7}
 
@@ -66,17 +65,6 @@ def _reply(
     if arrays is not None:
         content["arrays"] = arrays if isinstance(arrays, ArrayRecord) else _record(arrays)
     return Message(content, reply_to=ins)
-
-
-def _strategy(tmp_path: Path, **kwargs: Any) -> AdapterFedAvg:
-    initial = ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
-    return AdapterFedAvg(
-        expected=expected_specs(initial),
-        checkpoint_dir=tmp_path / "ckpt",
-        model_config=ModelConfig(),
-        num_rounds=3,
-        **kwargs,
-    )
 
 
 def _assert_average(agg: ArrayRecord | None, arrays: list[dict[str, np.ndarray]], weights: list[int]) -> None:
@@ -116,7 +104,7 @@ def test_data_that_differs_from_its_declaration_is_left_out(
 ) -> None:
     # before: only the declared shape/dtype were checked; the (1, 6) data was broadcast into the
     # average, float64 data averaged in, and undecodable bytes raised out of reply_problem
-    strategy = _strategy(tmp_path)
+    strategy = make_strategy(tmp_path)
     a, b, c = _arrays(1), _arrays(2), _arrays(3)
     data = {
         "shape": _npy(np.full((1, 6), 1e3, np.float32)),
@@ -142,7 +130,7 @@ def test_data_that_differs_from_its_declaration_is_left_out(
 @pytest.mark.parametrize("weight", [float("inf"), 1e300, 2.5, 1_000_001, float("nan"), -5, 0])
 def test_an_unusable_weight_is_left_out(tmp_path: Path, weight: float) -> None:
     # before: inf made the average NaN, 1e300 made it that one site's arrays, 2.5 and 1_000_001 counted
-    strategy = _strategy(tmp_path)
+    strategy = make_strategy(tmp_path)
     a, b = _arrays(1), _arrays(2)
     agg, _ = strategy.aggregate_train(1, [_reply(1, a, 20), _reply(3, _arrays(3), weight), _reply(2, b, 60)])
     _assert_average(agg, [a, b], [20, 60])
@@ -154,7 +142,7 @@ def test_an_unusable_weight_is_left_out(tmp_path: Path, weight: float) -> None:
 def test_the_weight_cap_comes_from_the_run_config(tmp_path: Path) -> None:
     cfg = FederationConfig.from_run_config({"max-num-examples": 100})
     assert cfg.max_num_examples == 100
-    strategy = _strategy(tmp_path, max_num_examples=cfg.max_num_examples)
+    strategy = make_strategy(tmp_path, max_num_examples=cfg.max_num_examples)
     a, b = _arrays(1), _arrays(2)
     agg, _ = strategy.aggregate_train(1, [_reply(1, a, 100), _reply(2, b, 101), _reply(3, b, 100.0)])
     _assert_average(agg, [a, b], [100, 100])  # 100.0 is a whole number: kept
@@ -177,7 +165,7 @@ def test_a_site_that_narrows_its_metrics_still_has_its_arrays_averaged_in(
 ) -> None:
     # before: its reply's key set differed from the others' and it was left out every round (its
     # DP update thrown away); in a 2-site tie the narrowed set even pushed out the honest site
-    strategy = _strategy(tmp_path)
+    strategy = make_strategy(tmp_path)
     a, b, c = _arrays(1), _arrays(2), _arrays(3)
     for rnd, honest in ((1, [_reply(1, a, 20), _reply(2, b, 60)]), (2, [_reply(1, a, 20)])):
         narrowed = _reply(5, c, 40, metrics=metrics)
@@ -203,7 +191,7 @@ def test_a_site_that_narrows_its_metrics_still_has_its_arrays_averaged_in(
 def test_an_extra_metric_key_is_left_out_of_the_aggregate_only(tmp_path: Path) -> None:
     # before: the reply with the extra key was dropped (its arrays lost); before that, Flower's
     # FedAvg raised InconsistentMessageReplies, which ended the run
-    strategy = _strategy(tmp_path)
+    strategy = make_strategy(tmp_path)
     a, b, c = _arrays(1), _arrays(2), _arrays(5)
     extra = _reply(5, c, 40, metrics={**TRAIN_METRICS, "leak": 41.0})
     agg, agg_metrics = strategy.aggregate_train(1, [extra, _reply(1, a, 20), _reply(2, b, 60)])
@@ -229,7 +217,7 @@ def test_an_extra_metric_key_is_left_out_of_the_aggregate_only(tmp_path: Path) -
 
 def test_a_second_node_cannot_take_a_bound_name_without_enrollment(tmp_path: Path) -> None:
     # before: node 3's reply named site-1 overwrote site-1's row in the history and was averaged in
-    strategy = _strategy(tmp_path)
+    strategy = make_strategy(tmp_path)
     a, b, c = _arrays(1), _arrays(2), _arrays(3)
     strategy.aggregate_train(1, [_reply(1, a, 20, "site-1"), _reply(2, b, 60, "site-2")])
     agg, _ = strategy.aggregate_train(
@@ -255,7 +243,7 @@ def _enrollment(tmp_path: Path, sites: dict[str, Any]) -> Path:
 def test_enrolled_names_win_over_what_a_reply_says(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = _enrollment(tmp_path, {"hospital-a": "11", "hospital-b": "12"})
     cfg = FederationConfig.from_run_config({"enrollment": str(path)})
-    strategy = _strategy(tmp_path, names=SiteNames.from_file(cfg.enrollment))
+    strategy = make_strategy(tmp_path, names=SiteNames.from_file(cfg.enrollment))
     a, b, c = _arrays(1), _arrays(2), _arrays(3)
     with caplog.at_level(logging.WARNING):
         agg, _ = strategy.aggregate_train(
@@ -300,7 +288,7 @@ def test_an_unusable_enrollment_file_is_refused(tmp_path: Path, content: str | N
 def test_a_nan_aggregate_writes_no_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    strategy = _strategy(tmp_path)
+    strategy = make_strategy(tmp_path)
     a, b = _arrays(1), _arrays(2)
     first, _ = strategy.aggregate_train(1, [_reply(1, a, 20), _reply(2, b, 60)])
     assert first is not None
@@ -359,7 +347,7 @@ def test_a_misbehaving_site_never_ends_the_run(tmp_path: Path) -> None:
                 name, metrics["leak"] = "site-1", 1.0
         return _reply(node, None if evaluating else arrays, n, name, metrics, msg.metadata.message_type)
 
-    strategy = _strategy(tmp_path, min_nodes=3)
+    strategy = make_strategy(tmp_path, min_nodes=3)
     grid = _ScriptedGrid([1, 2, 3], answer)
     result = strategy.start(
         grid=grid,  # type: ignore[arg-type]
@@ -412,7 +400,7 @@ def rejected_reasons(strategy: AdapterFedAvg) -> str:
 def test_a_metric_that_is_not_one_number_is_left_out(tmp_path: Path, auc: Any, needle: str) -> None:
     # before: reply_problem checked only the keys and the weight; the list reached Flower's
     # aggregate_metricrecords, which raised and ended the run
-    strategy = _strategy(tmp_path)
+    strategy = make_strategy(tmp_path)
     ev = MessageType.EVALUATE
     replies = [
         _reply(1, None, 10, message_type=ev, metrics={"auc": 0.9}),
@@ -434,7 +422,7 @@ def test_a_metric_that_is_not_one_number_is_left_out(tmp_path: Path, auc: Any, n
 
 def test_an_undefined_metric_keeps_the_reply(tmp_path: Path) -> None:
     # an honest site's AUC on a one-class split is NaN: its adapters still count
-    strategy = _strategy(tmp_path)
+    strategy = make_strategy(tmp_path)
     a, b = _arrays(1), _arrays(2)
     nan = _reply(2, b, 60, metrics={**TRAIN_METRICS, "auc": float("nan")})
     agg, _ = strategy.aggregate_train(1, [_reply(1, a, 20, metrics={**TRAIN_METRICS, "auc": 0.5}), nan])
@@ -445,7 +433,7 @@ def test_an_undefined_metric_keeps_the_reply(tmp_path: Path) -> None:
 def test_lists_of_different_lengths_never_end_the_run(tmp_path: Path) -> None:
     # before: the keys matched, so Flower's aggregate_metricrecords zipped the lists (strict) and raised
     # ValueError, which ended the run
-    strategy = _strategy(tmp_path)
+    strategy = make_strategy(tmp_path)
     ev = MessageType.EVALUATE
     curves = {1: [0.9, 0.8], 2: [0.5, 0.4], 3: [0.5]}
     replies = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,18 +37,20 @@ def _reply(node: int, arrays: dict[str, np.ndarray], n: int, name: str | None = 
     return Message(content, reply_to=ins)
 
 
-def _strategy(tmp_path: Path) -> AdapterFedAvg:
+def make_strategy(tmp_path: Path, **kwargs: Any) -> AdapterFedAvg:
+    """An AdapterFedAvg over SHAPES, checkpointing in ``tmp_path/ckpt``; ``kwargs`` go to it."""
     initial = ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
     return AdapterFedAvg(
         expected=expected_specs(initial),
         checkpoint_dir=tmp_path / "ckpt",
         model_config=ModelConfig(),
         num_rounds=3,
+        **kwargs,
     )
 
 
 def test_aggregate_equals_weighted_np_average(tmp_path: Path) -> None:
-    strategy = _strategy(tmp_path)
+    strategy = make_strategy(tmp_path)
     arrays = [_arrays(s) for s in range(3)]
     weights = [10, 30, 60]
     replies = [_reply(i + 1, a, n) for i, (a, n) in enumerate(zip(arrays, weights, strict=True))]
@@ -85,7 +88,7 @@ def _bad_replies(good: dict[str, np.ndarray]) -> dict[str, Message]:
 
 @pytest.mark.parametrize("kind", ["nan", "missing key", "wrong shape", "wrong dtype", "inf", "error"])
 def test_bad_reply_is_left_out(tmp_path: Path, kind: str) -> None:
-    strategy = _strategy(tmp_path)
+    strategy = make_strategy(tmp_path)
     a, b = _arrays(1), _arrays(2)
     bad = _bad_replies(a)[kind]
     agg, metrics = strategy.aggregate_train(2, [_reply(1, a, 20), bad, _reply(2, b, 60)])
@@ -99,7 +102,7 @@ def test_bad_reply_is_left_out(tmp_path: Path, kind: str) -> None:
 
 
 def test_all_bad_replies_give_no_aggregate(tmp_path: Path) -> None:
-    strategy = _strategy(tmp_path)
+    strategy = make_strategy(tmp_path)
     bad = _bad_replies(_arrays(0))
     agg, _ = strategy.aggregate_train(1, [bad["nan"], bad["wrong shape"]])
     assert agg is None
@@ -107,7 +110,7 @@ def test_all_bad_replies_give_no_aggregate(tmp_path: Path) -> None:
 
 
 def test_budget_refusal_is_left_out_and_remembered(tmp_path: Path) -> None:
-    strategy = _strategy(tmp_path)
+    strategy = make_strategy(tmp_path)
     ins = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=3, message_type=MessageType.TRAIN)
     refusal = Message(
         RecordDict(
