@@ -227,13 +227,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
             )
             privacy = ConfigRecord({"mechanism": "none", **({"ewc-fisher": source} if term else {})})
         save_local_state(site.state_dir, model.local_state_dict())
-        val = evaluate(model, load_site_data(site).split("val"), device)
-        logger.info(
-            "%s round %d: loss %.4f, val AUC %.3f, %.0f samples/s on %s%s",
+        logger.info(  # the validation metrics come from the evaluate stage (once per round and split)
+            "%s round %d: loss %.4f, %.0f samples/s on %s%s",
             site.name,
             server_round,
             stats.loss,
-            val["auc"],
             stats.samples_per_second,
             device,
             f", epsilon {float(cast(float, privacy['epsilon'])):.3f}" if "epsilon" in privacy else "",
