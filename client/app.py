@@ -54,6 +54,7 @@ from fedshift.common.protocol import (
     METRICS_KEY,
     PRIVACY_KEY,
     SITE_KEY,
+    STATUS_BUDGET_EXHAUSTED,
     STATUS_ROUND_REFUSED,
     WEIGHT_KEY,
 )
@@ -202,7 +203,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
                 return refusal(msg, site.name, STATUS_ROUND_REFUSED, str(exc))
             except BudgetExhaustedError as exc:
                 logger.warning("%s round %d: not training: %s", site.name, server_round, exc)
-                return refusal(msg, site.name, "budget-exhausted", str(exc))
+                return refusal(msg, site.name, STATUS_BUDGET_EXHAUSTED, str(exc))
         else:
             logger.warning(
                 "%s round %d: training WITHOUT differential privacy (dp=false); the egress log "

@@ -33,6 +33,7 @@ from fedshift.common.protocol import (
     METRICS_KEY,
     PRIVACY_KEY,
     SITE_KEY,
+    STATUS_BUDGET_EXHAUSTED,
     STATUS_ROUND_REFUSED,
     WEIGHT_KEY,
 )
@@ -115,7 +116,7 @@ def fisher_reply(msg: Message, fed: FederationConfig, site: SiteSettings, model:
         except BudgetExhaustedError as exc:
             reason = str(exc)
             logger.warning("%s: no consolidation Fisher: %s", site.name, reason)
-            return refusal(msg, site.name, "budget-exhausted", reason)
+            return refusal(msg, site.name, STATUS_BUDGET_EXHAUSTED, reason)
         entry = ledger.charge_mechanism(
             run_id=run_id,
             round=server_round,

@@ -61,11 +61,17 @@ from fedshift.common.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
     FISHER_KEY,
+    MECHANISM_DP_FISHER,
+    MECHANISM_DP_LABEL_COUNTS,
+    MECHANISM_DP_MOMENTS,
+    MECHANISM_DP_SGD,
+    MECHANISM_NONE,
     METRICS_KEY,
     PRIVACY_KEY,
     SITE_ERROR,
     SITE_KEY,
     SPLIT_KEY,
+    STATUS_BLOCKED,
     STATUS_KEY,
     STATUS_ROUND_REFUSED,
     STATUS_SPLIT_NOT_ALLOWED,
@@ -128,24 +134,21 @@ BOOKKEEPING_KEYS = {
     STATUS_KEY: frozenset({"status", "reason"}),
 }
 
-MECHANISM_DP = "dp-sgd"
-MECHANISM_DP_FISHER = "dp-fisher"  # the ledger's name for a DP release of the EWC Fisher
-# issue 5: statistics released by the Gaussian mechanism in the statistics stage, charged per release
-MECHANISM_DP_LABEL_COUNTS = "dp-label-counts"  # the site's training label counts
-MECHANISM_DP_MOMENTS = "dp-moments"  # first and second moments of the site's projected features
+MECHANISM_DP = MECHANISM_DP_SGD
+# statistics released by the Gaussian mechanism in the statistics stage, charged per release
 DP_STATISTICS = {
     "label-counts": MECHANISM_DP_LABEL_COUNTS,
     "moment-sum": MECHANISM_DP_MOMENTS,
     "moment-outer": MECHANISM_DP_MOMENTS,
     "moment-square": MECHANISM_DP_MOMENTS,
 }
-MECHANISM_NONE = "none (dp=false at this site)"
+UNPROTECTED = "none (dp=false at this site)"
 # a Fisher a site sends for consolidation: its privacy record's mechanism -> what protected it
 FISHER_RELEASES = {
     MECHANISM_DP_FISHER: MECHANISM_DP_FISHER,  # checked against the ledger, like the DP statistics
     "public": "public data (synthetic images)",
     "unit": "no data (F = 1)",
-    "none": MECHANISM_NONE,
+    MECHANISM_NONE: UNPROTECTED,
 }
 METRIC = "aggregate-metric (allowed by site config)"
 BOOKKEEPING = "protocol bookkeeping"
@@ -207,7 +210,7 @@ def inspect_reply(content: RecordDict, policy: EgressPolicy) -> tuple[list[dict[
     for name, record in content.array_records.items():
         if name == FISHER_KEY:  # the end-of-phase Fisher (EWC consolidation)
             release = FISHER_RELEASES.get(declared)
-            if release is not None and not (release == MECHANISM_NONE and policy.dp_required):
+            if release is not None and not (release == UNPROTECTED and policy.dp_required):
                 items.extend(_array_items(record, name, release))
             else:
                 blocked.append(f"{name} (a Fisher released by {declared!r} while this site requires DP)")
@@ -217,8 +220,8 @@ def inspect_reply(content: RecordDict, policy: EgressPolicy) -> tuple[list[dict[
             continue
         if declared == MECHANISM_DP:
             items.extend(_array_items(record, name, MECHANISM_DP))
-        elif declared == "none" and not policy.dp_required:
-            items.extend(_array_items(record, name, MECHANISM_NONE))
+        elif declared == MECHANISM_NONE and not policy.dp_required:
+            items.extend(_array_items(record, name, UNPROTECTED))
         else:
             blocked.append(f"{name} (adapters without DP-SGD while this site requires it)")
     for name, metrics in content.metric_records.items():
@@ -426,7 +429,8 @@ def egress_guard(resolve: SiteResolver) -> Callable[[Message, Context, Handler],
         blocked += uncharged_statistics(items, state_dir, msg)
         if blocked:
             logger.error("%s: egress guard blocked %s; sending a refusal instead", site, blocked)
-            reply = refusal(msg, site, "blocked", f"egress guard blocked {len(blocked)} item(s): {blocked}")
+            reason = f"egress guard blocked {len(blocked)} item(s): {blocked}"
+            reply = refusal(msg, site, STATUS_BLOCKED, reason)
             items, _ = inspect_reply(reply.content, policy)
         return reply, items, blocked, {"withheld": withheld} if withheld else {}
 

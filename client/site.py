@@ -53,7 +53,7 @@ def parse_eval_splits(value: Any) -> frozenset[str]:
     if not splits <= set(EVAL_SPLITS):
         raise ConfigError(
             f"Expected eval-splits to be a comma-separated subset of {', '.join(EVAL_SPLITS)}, but got "
-            f"{value!r}; e.g. eval-splits = \"val,test\""
+            f'{value!r}; e.g. eval-splits = "val,test"'
         )
     return splits
 

@@ -43,7 +43,14 @@ from fedshift.common.errors import BudgetExhaustedError, ConfigError, RoundRefus
 from fedshift.common.io import atomic_write_json
 from fedshift.common.model import FedshiftModel
 from fedshift.common.privacy import Mechanism
-from fedshift.common.protocol import CONFIG_KEY, METRICS_KEY, SITE_KEY, STATUS_ROUND_REFUSED, WEIGHT_KEY
+from fedshift.common.protocol import (
+    CONFIG_KEY,
+    METRICS_KEY,
+    SITE_KEY,
+    STATUS_BUDGET_EXHAUSTED,
+    STATUS_ROUND_REFUSED,
+    WEIGHT_KEY,
+)
 from fedshift.common.shift_statistics import (
     GLOBAL_KEY,
     STAGE_GLOBAL,
@@ -129,7 +136,7 @@ def _release(
         except BudgetExhaustedError as exc:
             reason = str(exc)
             logger.warning("%s: %s", site.name, reason)
-            return refusal(msg, site.name, "budget-exhausted", reason)
+            return refusal(msg, site.name, STATUS_BUDGET_EXHAUSTED, reason)
     # charged before the data is touched: a crash over-reports, never under-reports
     for name, cost in mechanisms:
         ledger.charge_mechanism(

@@ -344,6 +344,8 @@ class FederationConfig:
     init_checkpoint: str = ""  # start from this checkpoint directory's adapters (e.g. an earlier phase)
     enrollment: str = ""  # server: enrolled.json (node id of each site); "" = a name binds to its first node
     max_num_examples: int = 1_000_000  # server: the largest FedAvg weight (num-examples) a reply may carry
+    enrolled_wait: float = 600.0  # server: seconds the first round waits for every enrolled site to be online
+    reply_timeout: float = 3600.0  # server: seconds one message stage waits for the sites' replies
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     # simulation: every site's privacy settings; deployment: ignored by the sites (their node config decides)
@@ -356,6 +358,17 @@ class FederationConfig:
             raise ConfigError(f"Expected num-server-rounds >= 1, but got {self.num_rounds}")
         if self.min_nodes < 1:
             raise ConfigError(f"Expected min-nodes >= 1, but got {self.min_nodes}")
+        if not 0 <= self.enrolled_wait < float("inf"):
+            raise ConfigError(
+                "Expected enrolled-wait to be a finite number of seconds >= 0, but got "
+                f"{self.enrolled_wait}; "
+                "set 0 to start as soon as min-nodes sites are online"
+            )
+        if not 0 < self.reply_timeout < float("inf"):
+            raise ConfigError(
+                f"Expected reply-timeout to be a finite number of seconds > 0, but got {self.reply_timeout}; "
+                "the default is 3600"
+            )
         if self.max_num_examples < 1:
             raise ConfigError(
                 f"Expected max-num-examples >= 1, but got {self.max_num_examples}; set it above the "
@@ -376,6 +389,8 @@ class FederationConfig:
             "init-checkpoint": self.init_checkpoint,
             "enrollment": self.enrollment,
             "max-num-examples": self.max_num_examples,
+            "enrolled-wait": self.enrolled_wait,
+            "reply-timeout": self.reply_timeout,
             "backbone": m.backbone,
             "backbone-weights": m.weights,
             "num-classes": m.num_classes,
@@ -440,6 +455,8 @@ class FederationConfig:
             init_checkpoint=get("init-checkpoint"),
             enrollment=get("enrollment"),
             max_num_examples=get("max-num-examples"),
+            enrolled_wait=get("enrolled-wait"),
+            reply_timeout=get("reply-timeout"),
             model=ModelConfig(
                 backbone=get("backbone"),
                 weights=get("backbone-weights"),

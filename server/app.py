@@ -24,7 +24,7 @@ from fedshift.common.io import atomic_write_json
 from fedshift.common.model import build_model, size_report
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 from fedshift.server.consolidation import anchor_records, consolidate, initial_arrays
-from fedshift.server.enrollment import SiteNames
+from fedshift.server.enrollment import SiteNames, wait_for_enrolled
 from fedshift.server.statistics import initial_statistics, statistics_strategy, statistics_summary
 from fedshift.server.strategy import AdapterFedAvg, RunHistory
 from fedshift.server.validation import expected_specs, reply_problem
@@ -126,6 +126,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         names=SiteNames.from_file(cfg.enrollment),  # node id -> site; the names in replies are only claims
         max_num_examples=cfg.max_num_examples,
     )
+    wait_for_enrolled(grid.get_node_ids, strategy.names, cfg.enrolled_wait)
     statistics = initial_statistics(strategy, grid, initial, cfg)  # issue 5: DP label counts, moments
     arrays = initial
     if done < cfg.num_rounds:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from flwr.app import Message
@@ -111,3 +112,39 @@ class SiteNames:
         if claim is not None and claim != name and (node, claim) not in self._warned:
             self._warned.add((node, claim))
             logger.warning("Node %d (%s) claims to be %r; it is kept as %s", node, name, claim, name)
+
+
+def wait_for_enrolled(
+    online: Callable[[], Iterable[int]],
+    names: SiteNames,
+    seconds: float,
+    *,
+    poll: float = 2.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[str]:
+    """Wait up to ``seconds`` for every enrolled site to be online; the enrolled sites still missing.
+
+    Flower starts a round as soon as ``min-nodes`` sites are online, so a site that
+    connects a moment later would miss the first round (and only join in its
+    evaluation). Before the first message the coordinator therefore waits for the
+    whole enrollment (run config ``enrolled-wait``), then goes on with whoever is
+    there; ``min-nodes`` stays the floor. Without an enrollment (simulation) it returns at once.
+    """
+    if not names.enrolled:
+        return []
+    deadline = clock() + seconds
+    while True:
+        missing = sorted(names.enrolled[n] for n in set(names.enrolled) - set(online()))
+        if not missing or clock() >= deadline:
+            break
+        logger.info("Waiting for enrolled sites to come online: %s", ", ".join(missing))
+        sleep(min(poll, max(0.0, deadline - clock())))
+    if missing:
+        logger.warning(
+            "Starting without %s: not online after %.0f s (run config enrolled-wait); "
+            "they join when they connect",
+            ", ".join(missing),
+            seconds,
+        )
+    return missing

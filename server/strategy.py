@@ -18,7 +18,15 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedshift.common.checkpoint import save_checkpoint
 from fedshift.common.model import ModelConfig
-from fedshift.common.protocol import ARRAYS_KEY, METRICS_KEY, PRIVACY_KEY, STATUS_KEY, WEIGHT_KEY
+from fedshift.common.protocol import (
+    ARRAYS_KEY,
+    MECHANISM_DP_SGD,
+    METRICS_KEY,
+    PRIVACY_KEY,
+    STATUS_BUDGET_EXHAUSTED,
+    STATUS_KEY,
+    WEIGHT_KEY,
+)
 from fedshift.server.enrollment import SiteNames
 from fedshift.server.validation import (
     MAX_NUM_EXAMPLES,
@@ -202,7 +210,7 @@ class AdapterFedAvg(FedAvg):
                 "reason": reason,
             }
         )
-        if kind == "budget-exhausted":
+        if kind == STATUS_BUDGET_EXHAUSTED:
             self.exhausted[node] = name
 
     def _reject(self, server_round: int, stage: str, msg: Message, name: str, problem: str) -> None:
@@ -224,7 +232,7 @@ class AdapterFedAvg(FedAvg):
             site_metrics["bytes-sent"] = float(msg.content.array_records[ARRAYS_KEY].count_bytes())
             per_site[name] = site_metrics
             privacy[name] = _privacy_of(msg)
-            if privacy[name].get("mechanism") != "dp-sgd" and name not in self._warned_no_dp:
+            if privacy[name].get("mechanism") != MECHANISM_DP_SGD and name not in self._warned_no_dp:
                 self._warned_no_dp.add(name)
                 logger.warning("%s sends adapters WITHOUT differential privacy (%s)", name, privacy[name])
         self.history.train[server_round] = per_site

@@ -45,8 +45,8 @@ from fedshift.client.egress import (
     BOOKKEEPING,
     DP_STATISTICS,
     MECHANISM_DP,
-    MECHANISM_NONE,
     METRIC,
+    UNPROTECTED,
     read_egress_log,
 )
 from fedshift.client.ledger import open_ledger
@@ -104,7 +104,7 @@ VARIANT_NAMES = {
     "c+tta": "(c) + test-time norm statistics",
 }
 TABLE_VARIANTS = ("a", "b", "c", "d", "c+loss", "oracle")  # c+loss only with align-weight > 0
-ALLOWED_MECHANISMS = frozenset({MECHANISM_DP, MECHANISM_NONE, METRIC, BOOKKEEPING, *DP_STATISTICS.values()})
+ALLOWED_MECHANISMS = frozenset({MECHANISM_DP, UNPROTECTED, METRIC, BOOKKEEPING, *DP_STATISTICS.values()})
 
 
 @dataclass(frozen=True)

@@ -88,8 +88,22 @@ def test_a_killed_hospital_is_dropped_and_the_others_finish(
 ) -> None:
     fed = make_federation(rounds=2, min_nodes=2)
     server = fed.start_server()
-    clients = {site: fed.start_client(site) for site in SITES}
     lost = "hospital-c"
+    clients = {site: fed.start_client(site) for site in SITES if site != lost}
+    # min-nodes sites are online and the run is going: Flower alone would start round 1 without the
+    # third site; the coordinator waits for every enrolled site first (run config enrolled-wait)
+    flwr = Flwr(fed.root / "coordinator" / "flwr")
+    wait_for(
+        "two sites online and the run going",
+        lambda: (
+            "running" in fed.log(server.name)
+            and sum(n["status"] == "online" for n in flwr.nodes()) == len(clients)
+        ),
+        300,
+        server,
+        *clients.values(),
+    )
+    clients[lost] = fed.start_client(lost)
     wait_for(
         f"{lost} to finish round 1",
         lambda: any(e["stage"] == "evaluate" for e in fed.egress(lost)),

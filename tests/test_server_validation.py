@@ -25,7 +25,7 @@ from fedshift.common.config import FederationConfig
 from fedshift.common.errors import ConfigError
 from fedshift.server.app import final_evaluation
 from fedshift.server.consolidation import fisher_problem
-from fedshift.server.enrollment import SiteNames, load_enrollment
+from fedshift.server.enrollment import SiteNames, load_enrollment, wait_for_enrolled
 from fedshift.server.strategy import AdapterFedAvg
 from fedshift.server.validation import weight_problem
 from fedshift.tests.test_strategy import SHAPES, make_strategy
@@ -280,6 +280,45 @@ def test_an_unusable_enrollment_file_is_refused(tmp_path: Path, content: str | N
         load_enrollment(path)
     assert needle in str(err.value)
     assert load_enrollment(_enrollment(tmp_path, {"a": "5", "b": 6})) == {5: "a", 6: "b"}
+
+
+class _Clock:
+    """A fake clock for the waiting logic: ``sleep`` advances it, and nodes come online at set times."""
+
+    def __init__(self, arrivals: dict[int, float]) -> None:
+        self.now, self.arrivals = 0.0, arrivals
+
+    def online(self) -> list[int]:
+        return [node for node, at in self.arrivals.items() if at <= self.now]
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.mark.parametrize(
+    ("arrivals", "wait", "missing", "waited"),
+    [
+        ({5: 0.0, 6: 0.0, 7: 9.0}, 600.0, [], 10.0),  # the late site is waited for (polled every 2 s)
+        ({5: 0.0, 6: 0.0, 7: 900.0}, 60.0, ["c"], 60.0),  # ... but not past enrolled-wait
+        ({5: 0.0, 6: 0.0, 7: 900.0}, 0.0, ["c"], 0.0),  # 0: start as soon as Flower's min-nodes allows
+    ],
+)
+def test_the_first_round_waits_for_every_enrolled_site(
+    arrivals: dict[int, float], wait: float, missing: list[str], waited: float
+) -> None:
+    clock = _Clock(arrivals)
+    names = SiteNames({5: "a", 6: "b", 7: "c"})
+    got = wait_for_enrolled(clock.online, names, wait, clock=lambda: clock.now, sleep=clock.sleep)
+    assert (got, clock.now) == (missing, waited)
+    alone = wait_for_enrolled(clock.online, SiteNames(), 600.0, clock=lambda: clock.now, sleep=clock.sleep)
+    assert alone == []
+    assert clock.now == waited  # no enrollment (a simulation): no wait at all
+
+
+@pytest.mark.parametrize("wait", [-1.0, float("inf"), float("nan")])
+def test_an_unusable_enrolled_wait_is_refused(wait: float) -> None:
+    with pytest.raises(ConfigError, match=f"enrolled-wait .* but got {wait}"):
+        FederationConfig.from_run_config({"enrolled-wait": wait})
 
 
 # the aggregate itself ------------------------------------------------------------------------------
