@@ -80,9 +80,7 @@ def toml(tables: dict[str, dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def write_site_toml(
-    root: Path, *, ca_cert: Path, private_key: Path, superlink: str, **site: Any
-) -> Path:
+def write_site_toml(root: Path, *, ca_cert: Path, private_key: Path, superlink: str, **site: Any) -> Path:
     """``root/site.toml`` for hospital-a, its data at ``root/a.npz``; ``site`` sets [site] keys."""
     write_site_data(root / "a.npz", seed=0)
     values = {"site-name": "hospital-a", "data-path": "a.npz", "state-dir": "state", "dp-epsilon": 8.0}
