@@ -18,25 +18,48 @@ from typing import Any
 import torch
 
 from fedshift.client.integrity import bind_key
-from fedshift.common.config import RELEASE_PRIVACY_KEYS, FederationConfig, PrivacyConfig
+from fedshift.common.config import RELEASE_PRIVACY_KEYS, FederationConfig, PrivacyConfig, parse_run_config
 from fedshift.common.data import Dataset, load_npz
 from fedshift.common.errors import ConfigError, PrivacyError
 from fedshift.common.io import atomic_write_bytes
+from fedshift.common.settings import Setting, check_known
 
 logger = logging.getLogger(__name__)
 
 SITE_DATA_FILE = "data.npz"
 LOCAL_STATE_FILE = "site_local.safetensors"
 SITE_CONFIG_FILE = "site.toml"  # simulation: a site's own settings, the keys of a deployment node config
-
-# node-config keys a site may set for itself (besides where its data and state live)
-SITE_KEYS = frozenset({"device", "egress-metrics", "eval-splits", *PrivacyConfig.KEYS, *RELEASE_PRIVACY_KEYS})
-
-# the run-config keys a deployed site ignores: its privacy is its own (:func:`deployed_privacy`)
-SCREENED_KEYS = frozenset({*PrivacyConfig.KEYS, *RELEASE_PRIVACY_KEYS})
+NODE_CONFIG = "node-config"  # the source errors name
 
 # splits a site evaluates for the server (``eval-splits``): metrics of them leave without DP, so never train
 EVAL_SPLITS = ("val", "test")
+
+# the node-config keys of a site's own facts (its privacy keys are PrivacyConfig's and RELEASE_PRIVACY_KEYS)
+NODE_SETTINGS: dict[str, Setting] = {
+    s.key: s
+    for s in (
+        Setting("data-path", str, "", "deployment: the site's MedMNIST-layout .npz (train/val/test splits)"),
+        Setting(
+            "state-dir", str, "", "site-local state (input adapter, ledger, egress log); default: beside data"
+        ),
+        Setting("site-name", str, "", "display name in reports; default: the data file's name"),
+        Setting("integrity-key", str, "", "HMAC key of the ledger and egress log, outside state-dir"),
+        Setting("device", str, "auto", "auto, cpu or cuda:N; default: the run config's device"),
+        Setting(
+            "egress-metrics", str, "", "comma-separated metric keys allowed to leave; default: fedshift's"
+        ),
+        Setting("eval-splits", str, ",".join(EVAL_SPLITS), "comma-separated splits the server may evaluate"),
+    )
+}
+NODE_LOCATION_KEYS = ("data-path", "state-dir", "site-name", "integrity-key")  # where the site's files live
+
+# node-config keys a site may set for itself (besides where its data and state live)
+SITE_KEYS = frozenset(
+    {*(k for k in NODE_SETTINGS if k not in NODE_LOCATION_KEYS), *PrivacyConfig.KEYS, *RELEASE_PRIVACY_KEYS}
+)
+
+# the run-config keys a deployed site ignores: its privacy is its own (:func:`deployed_privacy`)
+SCREENED_KEYS = frozenset({*PrivacyConfig.KEYS, *RELEASE_PRIVACY_KEYS})
 
 
 def parse_eval_splits(value: Any) -> frozenset[str]:
@@ -68,12 +91,7 @@ def read_site_config(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"Expected {path} to be valid TOML, but reading it failed: {exc}; fix the file"
         ) from None
-    unknown = sorted(set(values) - SITE_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"Expected the keys of {path} among {sorted(SITE_KEYS)}, but got unknown {unknown}; "
-            "check the spelling (keys are kebab-case)"
-        )
+    check_known(values, SITE_KEYS, str(path))
     return values
 
 
@@ -125,15 +143,68 @@ class SiteSettings:
         if "partition-id" in node_config and fed.sites_root:
             name = f"site-{int(node_config['partition-id'])}"
             site_dir = Path(fed.sites_root) / name
-            privacy = fed.privacy.with_values(node_config)
+            privacy = fed.privacy.with_values(node_config, NODE_CONFIG)
             own = tuple((k, node_config[k]) for k in RELEASE_PRIVACY_KEYS if k in node_config)  # site.toml
-            fed.with_release_privacy(dict(own))  # checked here: bad values are refused at once
+            fed.with_release_privacy(dict(own), NODE_CONFIG)  # checked here: bad values are refused at once
             return cls(name, site_dir / SITE_DATA_FILE, site_dir, device, privacy, egress, splits, own)
         raise ConfigError(
             "Expected the node config to set 'data-path' (deployment) or the run config to set "
             "'sites-root' (simulation), but neither is set; pass "
             "--node-config \"data-path='/path/site.npz'\""
         )
+
+
+def resolve_settings(
+    run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> tuple[FederationConfig, SiteSettings]:
+    """One message's settings: the run config parsed, the site's settings, the site's release privacy applied.
+
+    Parsed once per distinct (run config, node config, simulated site.toml version) in a process, so
+    the ClientApp's egress guard and its handler share one parse. Equal to parsing them afresh.
+    """
+    try:
+        key = (_hashable(run_config), _hashable(node_config), _site_toml_version(run_config, node_config))
+        fed, site = _resolved(*key)
+    except TypeError:  # an unhashable value (a list in a node config): parse it without the cache
+        fed, site = _resolve(run_config, node_config)
+    if "integrity-key" in node_config and "data-path" in node_config:
+        bind_key(
+            site.state_dir, Path(str(node_config["integrity-key"]))
+        )  # this process's binding, every time
+    return fed, site
+
+
+def _hashable(values: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(values.items()))
+
+
+def _site_toml_version(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> int:
+    """The mtime of the simulated site's own site.toml (-1 when there is none), so an edit is seen."""
+    root = run_config.get("sites-root")
+    if (
+        "data-path" in node_config
+        or "partition-id" not in node_config
+        or not isinstance(root, str)
+        or not root
+    ):
+        return -1
+    path = Path(root) / f"site-{int(node_config['partition-id'])}" / SITE_CONFIG_FILE
+    return path.stat().st_mtime_ns if path.is_file() else -1
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved(
+    run_items: tuple[tuple[str, Any], ...], node_items: tuple[tuple[str, Any], ...], version: int
+) -> tuple[FederationConfig, SiteSettings]:
+    return _resolve(dict(run_items), dict(node_items))
+
+
+def _resolve(
+    run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> tuple[FederationConfig, SiteSettings]:
+    fed = parse_run_config(run_config)
+    site = SiteSettings.from_node_config(node_config, fed)
+    return site.federation(fed), site  # the site's own noise for its Fisher, label counts and moments
 
 
 # a deployed site's privacy defaults: DP on, noise and sampling from the OS CSPRNG, no budget (set it)
@@ -154,7 +225,7 @@ def deployed_privacy(
     (run seed, round, site name) is known to the coordinator, which could regenerate the
     noise and subtract it. The daemon's start check (``fedshift client``) calls this too.
     """
-    privacy = PrivacyConfig().with_values({**DEPLOYMENT_PRIVACY, **node_config})
+    privacy = PrivacyConfig().with_values({**DEPLOYMENT_PRIVACY, **node_config}, NODE_CONFIG)
     if not privacy.secure_rng:
         raise PrivacyError(
             "Expected dp-secure-rng to be true at a deployed site (a node config with data-path: noise from "
@@ -163,23 +234,15 @@ def deployed_privacy(
             "dp-secure-rng line from the site's config (seeded noise is for simulations only)"
         )
     defaults = FederationConfig().to_run_config()
-    releases = tuple((k, _number_or_text(node_config.get(k, defaults[k]))) for k in RELEASE_PRIVACY_KEYS)
-    run.with_release_privacy(dict(releases))  # the site's values checked at once, whatever the run
+    releases = tuple((k, node_config.get(k, defaults[k])) for k in RELEASE_PRIVACY_KEYS)
+    run.with_release_privacy(
+        dict(releases), NODE_CONFIG
+    )  # the site's values checked at once, whatever the run
     screened = {k: v for k, v in run.to_run_config().items() if k in SCREENED_KEYS}
     ignored = tuple(sorted((k, v) for k, v in screened.items() if v != defaults[k]))
     if ignored:
         _warn_ignored(site, ignored)
     return privacy, releases
-
-
-def _number_or_text(value: Any) -> Any:
-    """A node-config number given as text (``--node-config "align-clip='8'"``) as a float; else as is."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value  # refused by the config check, with the key named
-    return value
 
 
 @functools.lru_cache(maxsize=32)

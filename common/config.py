@@ -171,10 +171,10 @@ class FederationConfig:
         """The kebab-case run config that :meth:`from_run_config` reads back."""
         return settings.to_run_config(self)
 
-    def with_release_privacy(self, values: Mapping[str, Any]) -> FederationConfig:
+    def with_release_privacy(self, values: Mapping[str, Any], source: str = "run-config") -> FederationConfig:
         """A copy with the :data:`RELEASE_PRIVACY_KEYS` present in ``values`` applied (and checked)."""
         own = {k: values[k] for k in RELEASE_PRIVACY_KEYS if k in values}
-        return settings.with_values(self, own) if own else self  # type: ignore[no-any-return]
+        return settings.with_values(self, own, source) if own else self  # type: ignore[no-any-return]
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:

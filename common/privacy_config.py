@@ -37,7 +37,7 @@ class PrivacyConfig:
         help="lifetime privacy budget epsilon at this site; required with dp (0 in a run config = not set)",
         finite=False,
         unset=0.0,
-        fix="e.g. dp-epsilon = 8.0 (a number, no quotes)",
+        sample="8.0",
         error=PrivacyError,
     )
     delta: float = setting(
@@ -71,6 +71,7 @@ class PrivacyConfig:
         finite=False,
         unset=0.0,
         fix=_PER_RUN_FIX,
+        sample="2.0",
         error=PrivacyError,
     )
 

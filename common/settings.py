@@ -44,6 +44,7 @@ class Setting:
     what: str = ""  # overrides the generated "to be ..." text
     fix: str = ""  # overrides the generated fix
     error: type[FedshiftError] = ConfigError
+    sample: str = ""  # an example value for error messages, where the default is none (nan)
     cap: bool = False  # the maximum bounds the work, memory or time a round costs a site
     unset: Any = None  # the run-config value that stands for the default (a run config has no nan/inf)
 
@@ -71,6 +72,8 @@ class Setting:
         return noun + _range(self.above, self.minimum, self.maximum)
 
     def example(self) -> str:
+        if self.sample:
+            return self.sample
         if self.choices is not None:
             return repr(self.names()[0])
         if self.kind is bool:

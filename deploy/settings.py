@@ -37,7 +37,6 @@ Relative paths are relative to the config file's folder. Every mistake is a
 from __future__ import annotations
 
 import ipaddress
-import math
 import numbers
 import tomllib
 from collections.abc import Mapping
@@ -45,9 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedshift.client.site import SITE_KEYS
+from fedshift.client.site import NODE_LOCATION_KEYS, SITE_KEYS
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import ConfigError, FedshiftError
+from fedshift.common.settings import check_value, fail, setting_of
 from fedshift.deploy.certs import check_site_name
 
 DEFAULT_PORT = 9092
@@ -69,19 +69,6 @@ CONNECTION_KEYS = {
     "runtime-port": "local port of the SuperNode's Runtime API (distinct per SuperNode on one machine)",
     "log-file": "the daemon's log file (default <state-dir>/logs/fedshift-client.log)",
     "enrollment-timeout": "seconds a refused key is retried before the daemon exits with code 3",
-}
-NODE_LOCATION_KEYS = ("data-path", "state-dir", "site-name", "integrity-key")
-NUMBER_EXAMPLES = {
-    "dp-epsilon": 8.0,
-    "dp-epsilon-per-run": 2.0,
-    "dp-delta": 1e-5,
-    "dp-clip-norm": 1.0,
-    "dp-noise-multiplier": 1.1,
-    "ewc-fisher-clip": 1.0,
-    "ewc-fisher-noise-multiplier": 5.0,
-    "ls-count-noise-multiplier": 2.0,
-    "align-clip": 8.0,
-    "align-noise-multiplier": 3.0,
 }
 
 
@@ -354,21 +341,17 @@ class ClientSettings:
 
 
 def _check_privacy_values(site: Mapping[str, Any], path: Path) -> None:
-    """Types of the dp-* keys, before the privacy code reads them (TOML has real numbers and booleans)."""
-    for key in NUMBER_EXAMPLES:
-        if key not in site:
+    """The [site] privacy keys checked against their run-config declarations (TOML has real numbers)."""
+    for key in sorted(SITE_KEYS & set(site)):
+        if key in ("device", "egress-metrics", "eval-splits"):
             continue
-        value = site[key]
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-            raise ConfigError(
-                f"Expected [site] {key} in {path} to be a number, but got {value!r}; "
-                f"write it without quotes, e.g. {key} = {NUMBER_EXAMPLES[key]}"
-            )
-    for key in ("dp", "dp-secure-rng"):
-        if key in site and not isinstance(site[key], bool):
-            raise ConfigError(
-                f"Expected [site] {key} in {path} to be true or false, but got {site[key]!r}; "
-                f"write {key} = true (no quotes)"
-            )
+        declared, value, source = setting_of(FederationConfig, key), site[key], f"{path} [site]"
+        try:
+            check_value(declared, value, source)
+        except FedshiftError:
+            quoted = isinstance(value, str) and declared.kind is not str
+            raw = "true" if declared.kind is bool else declared.example()
+            fix = f"write it without quotes, e.g. {key} = {raw}" if quoted else ""
+            raise ConfigError(str(fail(declared, value, source, fix))) from None
     # dp-secure-rng = false is refused by the ClientApp's own rule (deployed_privacy), which
     # check_site runs at the daemon's start
