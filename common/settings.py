@@ -225,12 +225,14 @@ def to_run_config(obj: Any) -> dict[str, Any]:
 
 
 def check_known(values: Iterable[str], known: Collection[str], source: str = "run-config") -> None:
-    """Refuse the first key of ``values`` that is not in ``known``, naming it and the known keys."""
+    """Refuse the first key of ``values`` not in ``known``, naming it (and its value) and the known keys."""
     unknown = sorted(set(values) - set(known))
     if unknown:
+        key = unknown[0]
+        given = f"{key!r} = {values[key]!r}" if isinstance(values, Mapping) else repr(key)
         raise ConfigError(
-            f"Expected {source} {unknown[0]!r} to be a known key (one of {', '.join(sorted(known))}), "
-            f"but got unknown {unknown}; check the spelling (keys are kebab-case)"
+            f"Expected {source} {key!r} to be a known key (one of {', '.join(sorted(known))}), but got "
+            f"unknown key {given}; check the spelling (keys are kebab-case)"
         )
 
 
