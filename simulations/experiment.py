@@ -1,4 +1,12 @@
-"""``fedshift simulate``: shifted sites from one dataset, a Flower simulation, a baseline, a report."""
+"""The one experiment runner of ``simulate`` and ``shift-study``: shifted sites, a Flower run, a report.
+
+:func:`build_sites` turns one dataset into shifted hospital sites and :func:`federate`
+writes them to disk and federates them on Flower's simulation engine; every experiment
+(the plain simulation, the fine-tuning comparison, the continual scenario, the shift
+study) goes through these two. :func:`run_experiment` is ``fedshift simulate``'s
+default experiment: the federation, its no-DP reference, a local-only baseline and
+the report.
+"""
 
 from __future__ import annotations
 
@@ -99,14 +107,17 @@ def build_sites(
 
 def federate(
     fed: FederationConfig,
-    sites: list[SimulatedSite],
+    sites: Sequence[SimulatedSite],
     root: Path,
     site_epsilons: tuple[float, ...] | None = None,
+    *,
+    every_site: bool = False,
 ) -> tuple[dict[str, Any], float]:
-    """Write the sites under ``root/sites``, run the Flower simulation, return the server's results.
+    """Write the sites under ``root/sites``, run the Flower simulation; the server's results, seconds.
 
     ``site_epsilons`` gives each site its own budget, in its ``site.toml`` (as a
-    hospital would set it in its own configuration).
+    hospital would set it in its own configuration). Rounds wait for at most
+    ``fed.min_nodes`` sites, or for every site with ``every_site``.
     """
     if site_epsilons is not None and len(site_epsilons) != len(sites):
         raise ConfigError(f"Expected one budget per site ({len(sites)}), but got {len(site_epsilons)}")
@@ -120,7 +131,7 @@ def federate(
         fed,
         run_dir=str(root / "server"),
         sites_root=str(root / "sites"),
-        min_nodes=min(fed.min_nodes, len(sites)),
+        min_nodes=len(sites) if every_site else min(fed.min_nodes, len(sites)),
     )
     t0 = time.time()
     run_flower_simulation(fed, len(sites))
@@ -141,6 +152,19 @@ def ledger_epsilons(sites_root: Path, delta: float) -> dict[str, float]:
     return out
 
 
+@dataclass
+class _Runs:
+    """What one ``simulate`` experiment measured: the federation, its no-DP reference, the baseline."""
+
+    server: dict[str, Any]
+    seconds: float
+    reference: dict[str, Any] | None = None
+    reference_seconds: float = 0.0
+    local: dict[str, dict[str, float]] | None = None
+    flags: dict[str, dict[str, float | bool]] | None = None
+    baseline_seconds: float = 0.0
+
+
 def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
     """Run everything; writes config, results JSON, checkpoint and plot into ``spec.out_dir``.
 
@@ -152,7 +176,6 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
     sites, data_label = build_sites(spec)
     logger.info("Simulated sites:\n%s", format_site_table(sites))
     fed = spec.federation
-    privacy = fed.privacy
     atomic_write_json(
         out / "config.json",
         as_jsonable(
@@ -165,56 +188,80 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
             }
         ),
     )
+    runs = _federations(spec, sites)
+    _baseline(spec, sites, runs)
+    report = _report(spec, sites, data_label, runs, started)
+    atomic_write_json(out / "results.json", as_jsonable(report))
+    plot_auc_per_round(
+        runs.server["history"]["evaluate"],
+        out / "auc_per_round.png",
+        title=f"Per-site AUC per round — {data_label}",
+        final_test=runs.server["final_test"],
+        local=runs.local,
+    )
+    _add_text(report, spec, data_label, runs)
+    return report
+
+
+def _federations(spec: ExperimentSpec, sites: list[SimulatedSite]) -> _Runs:
+    fed, privacy = spec.federation, spec.federation.privacy
     budgets = spec.site_epsilons if privacy.enabled else None
-    server, federated_seconds = federate(fed, sites, out, budgets)
-    reference: dict[str, Any] | None = None
-    reference_seconds = 0.0
+    runs = _Runs(*federate(fed, sites, spec.out_dir, budgets))
     if privacy.enabled and spec.dp_reference:
-        logger.info("Same configuration without DP, for reference (%s)", out / "no-dp")
+        logger.info("Same configuration without DP, for reference (%s)", spec.out_dir / "no-dp")
         no_dp = replace(fed, privacy=replace(privacy, enabled=False))
-        reference, reference_seconds = federate(no_dp, sites, out / "no-dp")
-    local: dict[str, dict[str, float]] | None = None
-    flags: dict[str, dict[str, float | bool]] | None = None
+        runs.reference, runs.reference_seconds = federate(no_dp, sites, spec.out_dir / "no-dp")
+    return runs
+
+
+def _baseline(spec: ExperimentSpec, sites: list[SimulatedSite], runs: _Runs) -> None:
+    """Every site trained alone, and the sites where federation did worse (negative transfer)."""
     t0 = time.time()
     if spec.baseline:
-        baseline = {s.spec.name: local_only(fed, s.spec.name, s.data) for s in sites}
-        local = {name: result["test"] for name, result in baseline.items()}
-        last = max(server["history"]["evaluate"], key=int, default=None)
-        federated_val = server["history"]["evaluate"][last] if last is not None else {}
+        baseline = {s.spec.name: local_only(spec.federation, s.spec.name, s.data) for s in sites}
+        runs.local = {name: result["test"] for name, result in baseline.items()}
+        history = runs.server["history"]["evaluate"]
+        last = max(history, key=int, default=None)
+        federated_val = history[last] if last is not None else {}
         local_val = {name: result["val"] for name, result in baseline.items() if "val" in result}
-        flags = negative_transfer(federated_val, local_val)
-    baseline_seconds = time.time() - t0
+        runs.flags = negative_transfer(federated_val, local_val)
+    runs.baseline_seconds = time.time() - t0
+
+
+def _privacy_report(
+    spec: ExperimentSpec, sites: list[SimulatedSite], server: dict[str, Any]
+) -> dict[str, Any]:
+    privacy = spec.federation.privacy
+    budgets = spec.site_epsilons if privacy.enabled else None
+    return {
+        "dp": privacy.enabled,
+        "epsilon_budget": privacy.epsilon if privacy.enabled else None,
+        "site_epsilon_budgets": (
+            dict(zip([s.spec.name for s in sites], budgets, strict=True)) if budgets else None
+        ),
+        "delta": privacy.delta,
+        "accountant": privacy.accountant,
+        "epsilon_per_round": _epsilons(server["history"]),
+        "ledger_epsilon": ledger_epsilons(spec.out_dir / "sites", privacy.delta) if privacy.enabled else {},
+        "refused": server["history"].get("refused", []),
+    }
+
+
+def _report(
+    spec: ExperimentSpec, sites: list[SimulatedSite], data_label: str, runs: _Runs, started: float
+) -> dict[str, Any]:
+    server, reference, local = runs.server, runs.reference, runs.local
     sent = bytes_per_round(server["history"]["train"])
     size = server["size"]
-    groups = {
-        "dp" if privacy.enabled else "fed": server["final_test"],
-        "no-dp": reference["final_test"] if reference else None,
-        "local": local,
-    }
-    epsilons = {
-        site: {str(r): e for r, e in per_round.items()}
-        for site, per_round in _epsilon_per_round(server["history"]).items()
-    }
-    report = {
+    return {
         "data": data_label,
         "synthetic": sites[0].data.synthetic,
         "sites": [site_summary(s) for s in sites],
-        "privacy": {
-            "dp": privacy.enabled,
-            "epsilon_budget": privacy.epsilon if privacy.enabled else None,
-            "site_epsilon_budgets": (
-                dict(zip([s.spec.name for s in sites], budgets, strict=True)) if budgets else None
-            ),
-            "delta": privacy.delta,
-            "accountant": privacy.accountant,
-            "epsilon_per_round": epsilons,
-            "ledger_epsilon": ledger_epsilons(out / "sites", privacy.delta) if privacy.enabled else {},
-            "refused": server["history"].get("refused", []),
-        },
+        "privacy": _privacy_report(spec, sites, server),
         "federated_test": server["final_test"],
         "federated_no_dp_test": reference["final_test"] if reference else None,
         "local_only_test": local,
-        "negative_transfer": flags,
+        "negative_transfer": runs.flags,
         "mean_test_auc": {
             "federated": mean_metric(server["final_test"], "auc"),
             "federated_no_dp": mean_metric(reference["final_test"], "auc") if reference else None,
@@ -225,42 +272,45 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
         "max_bytes_fraction_of_backbone": max(sent.values(), default=0) / size["backbone_bytes"],
         "history": server["history"],
         "seconds": {
-            "federated": federated_seconds,
-            "federated_no_dp": reference_seconds,
-            "local_only": baseline_seconds,
+            "federated": runs.seconds,
+            "federated_no_dp": runs.reference_seconds,
+            "local_only": runs.baseline_seconds,
             "total": time.time() - started,
         },
     }
-    atomic_write_json(out / "results.json", as_jsonable(report))
-    plot_auc_per_round(
-        server["history"]["evaluate"],
-        out / "auc_per_round.png",
-        title=f"Per-site AUC per round — {data_label}",
-        final_test=server["final_test"],
-        local=local,
-    )
+
+
+def _add_text(report: dict[str, Any], spec: ExperimentSpec, data_label: str, runs: _Runs) -> None:
+    """The printed tables and lines of the report (not written to ``results.json``)."""
+    fed, privacy = spec.federation, spec.federation.privacy
+    groups = {
+        "dp" if privacy.enabled else "fed": runs.server["final_test"],
+        "no-dp": runs.reference["final_test"] if runs.reference else None,
+        "local": runs.local,
+    }
     label = data_label
     if privacy.enabled:
         label += (
             f"; dp = federated with DP-SGD (epsilon <= {_budgets(spec, privacy.epsilon)} per site), "
             "no-dp = the same without DP"
         )
-    report["table"] = site_table(groups, sent, label)
+    report["table"] = site_table(groups, report["bytes_per_round"], label)
     if fed.ewc.enabled:
-        report["ewc_line"] = ewc_line(server["history"].get("privacy", {}), fed.ewc.lam, fed.ewc.anchor)
-    if flags is not None:
-        report["negative_transfer_line"] = negative_transfer_line(flags)
+        report["ewc_line"] = ewc_line(runs.server["history"].get("privacy", {}), fed.ewc.lam, fed.ewc.anchor)
+    if runs.flags is not None:
+        report["negative_transfer_line"] = negative_transfer_line(runs.flags)
     if privacy.enabled:
+        epsilons = report["privacy"]["epsilon_per_round"]
         report["epsilon_table"] = epsilon_table(epsilons, privacy.delta, _budgets(spec, privacy.epsilon))
-    return report
 
 
-def _epsilon_per_round(history: dict[str, Any]) -> dict[str, dict[int, float]]:
-    out: dict[str, dict[int, float]] = {}
+def _epsilons(history: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``site -> round -> epsilon`` the sites reported after each round."""
+    out: dict[str, dict[str, float]] = {}
     for rnd, per_site in history.get("privacy", {}).items():
         for site, record in per_site.items():
             if record.get("epsilon") is not None:
-                out.setdefault(site, {})[int(rnd)] = float(record["epsilon"])
+                out.setdefault(site, {})[str(int(rnd))] = float(record["epsilon"])
     return out
 
 

@@ -33,13 +33,13 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedshift.client.alignment import feature_matrix, subspace_alignment
+from fedshift.client.alignment import feature_matrix
 from fedshift.client.correction import CORRECTION_FILE
 from fedshift.client.egress import (
     BOOKKEEPING,
@@ -50,21 +50,18 @@ from fedshift.client.egress import (
     read_egress_log,
 )
 from fedshift.client.ledger import open_ledger
-from fedshift.client.site import SITE_DATA_FILE, load_local_state
+from fedshift.client.site import load_local_state
 from fedshift.client.training import resolve_device
 from fedshift.common.checkpoint import load_checkpoint
 from fedshift.common.config import FederationConfig
-from fedshift.common.data import load_dataset, save_npz
 from fedshift.common.errors import ConfigError
 from fedshift.common.io import as_jsonable, atomic_write_json
 from fedshift.common.model import build_model
-from fedshift.server.app import RESULTS_FILE
-from fedshift.simulations.engine import run_flower_simulation
+from fedshift.simulations.analysis import subspace_alignment
+from fedshift.simulations.experiment import ExperimentSpec, build_sites, federate
 from fedshift.simulations.shift import (
     SimulatedSite,
     format_site_table,
-    plan_sites,
-    simulate_sites,
     site_summary,
 )
 
@@ -108,57 +105,18 @@ ALLOWED_MECHANISMS = frozenset({MECHANISM_DP, UNPROTECTED, METRIC, BOOKKEEPING, 
 
 
 @dataclass(frozen=True)
-class StudySpec:
-    """One shift study."""
+class StudySpec(ExperimentSpec):
+    """One shift study: an experiment with one site per prevalence (``sites`` follows them)."""
 
-    out_dir: Path  # run directory (created)
-    data: str  # MedMNIST-layout .npz (e.g. ../shared/data/pneumoniamnist.npz)
-    prevalences: tuple[float, ...] = (0.05, 0.1, 0.5, 0.9, 0.95)  # one site each
-    max_per_site: int = 600  # images per site (fewer if the pool runs out) before the 60/20/20 split
+    data: str | None = None  # MedMNIST-layout .npz (e.g. ../shared/data/pneumoniamnist.npz)
+    prevalences: tuple[float, ...] | None = (0.05, 0.1, 0.5, 0.9, 0.95)  # one site each
+    max_per_site: int | None = 600  # images per site (fewer if the pool runs out) before the 60/20/20 split
     far: float = 0.3  # a site is "far" when |its prevalence - the global prior| >= this
-    federation: FederationConfig = field(default_factory=FederationConfig)  # shift settings included
 
     def __post_init__(self) -> None:
-        if len(self.prevalences) < 2:
-            raise ConfigError(f"Expected at least 2 prevalences, but got {list(self.prevalences)}")
-
-
-def build_sites(spec: StudySpec) -> list[SimulatedSite]:
-    fed = spec.federation
-    dataset = load_dataset(spec.data, seed=fed.seed, image_size=fed.model.image_size)
-    pool = dataset.pooled()
-    plans = plan_sites(
-        len(spec.prevalences),
-        prevalences=spec.prevalences,
-        pool_counts=list(pool.class_counts(dataset.num_classes)),
-        max_per_site=spec.max_per_site,
-        seed=fed.seed,
-    )
-    return simulate_sites(
-        pool,
-        plans,
-        class_names=dataset.class_names,
-        source=dataset.source,
-        synthetic=dataset.synthetic,
-        seed=fed.seed,
-    )
-
-
-def federate(fed: FederationConfig, sites: Sequence[SimulatedSite], root: Path) -> dict[str, Any]:
-    """Write the sites under ``root/sites``, run the Flower simulation, return the server's results."""
-    for site in sites:
-        site_dir = root / "sites" / site.spec.name
-        site_dir.mkdir(parents=True, exist_ok=True)
-        save_npz(site_dir / SITE_DATA_FILE, site.data)
-    fed = replace(fed, run_dir=str(root / "server"), sites_root=str(root / "sites"), min_nodes=len(sites))
-    started = time.time()
-    run_flower_simulation(fed, len(sites))
-    path = Path(fed.run_dir) / RESULTS_FILE
-    if not path.is_file():
-        raise RuntimeError(f"The Flower simulation ended without writing {path}")
-    results: dict[str, Any] = json.loads(path.read_text())
-    results["wall_seconds"] = time.time() - started
-    return results
+        if self.prevalences is None or len(self.prevalences) < 2:
+            raise ConfigError(f"Expected at least 2 prevalences, but got {list(self.prevalences or ())}")
+        object.__setattr__(self, "sites", len(self.prevalences))
 
 
 def variant_metrics(
@@ -241,15 +199,12 @@ def _site_priors(root: Path, sites: Sequence[SimulatedSite]) -> dict[str, dict[s
     return out
 
 
-def run_study(spec: StudySpec) -> dict[str, Any]:
-    """Both federations, the per-site table, the claims, JSON and plot in ``spec.out_dir``."""
-    started = time.time()
-    out = spec.out_dir
-    sites = build_sites(spec)
-    logger.info("Simulated sites:\n%s", format_site_table(sites))
-    fed = spec.federation
-    # (a) is the shared model: no site-local norm affines (they would learn each site's prior and
-    # scanner locally); (c) adds FedBN-style local norms; (c+loss) also the feature-alignment loss
+def study_configs(fed: FederationConfig) -> dict[str, FederationConfig]:
+    """The study's runs: (a) plain, (c) aligned and, with an alignment weight, (c+loss).
+
+    (a) is the shared model: no site-local norm affines (they would learn each site's prior and
+    scanner locally); (c) adds FedBN-style local norms; (c+loss) also the feature-alignment loss.
+    """
     no_loss = replace(fed.shift, align_weight=0.0)
     configs = {
         "plain": replace(fed, model=replace(fed.model, local_norm=False), shift=no_loss),
@@ -257,21 +212,69 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
     }
     if fed.shift.align:
         configs["aligned+loss"] = replace(fed, model=replace(fed.model, local_norm=True))
+    return configs
+
+
+def run_study(spec: StudySpec) -> dict[str, Any]:
+    """Both federations, the per-site table, the claims, JSON and plot in ``spec.out_dir``."""
+    started = time.time()
+    out = spec.out_dir
+    sites, _ = build_sites(spec)
+    logger.info("Simulated sites:\n%s", format_site_table(sites))
+    configs = study_configs(spec.federation)
     fed = configs.get("aligned+loss", configs["aligned"])
-    runs = {name: federate(cfg, sites, out / name) for name, cfg in configs.items()}
+    budgets = spec.site_epsilons if fed.privacy.enabled else None
+    runs: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    for name, cfg in configs.items():
+        runs[name], seconds[name] = federate(cfg, sites, out / name, budgets, every_site=True)
+    names = [s.spec.name for s in sites]
+    prevalence = {s.spec.name: float(site_summary(s)["prevalence"] or 0.0) for s in sites}  # type: ignore[arg-type]
+    measures = _measures(spec, runs, names, prevalence)
+    report = {
+        "data": spec.data,
+        "sites": [site_summary(s) for s in sites],
+        "global_train_prior": measures["global_train_prior"],
+        "run_config": fed.to_run_config(),
+        "variants": VARIANT_NAMES,
+        "per_site": measures["per_site"],
+        "mean": measures["mean"],
+        "far_sites_mean_accuracy": measures["far_sites_mean_accuracy"],
+        "site_priors": {run: _site_priors(out / run, sites) for run in runs},
+        "alignment_score": {run: alignment_scores(out / run, sites) for run in runs},
+        "claims": measures["claims"],
+        "egress": {run: egress_audit(out / run) for run in runs},
+        "ledger_epsilon": {run: _ledger_epsilons(out / run, names, fed.privacy.delta) for run in runs},
+        "seconds": {**seconds, "total": time.time() - started},
+    }
+    report["table"] = format_table(report, names, prevalence)
+    atomic_write_json(out / "shift_study.json", as_jsonable(report))
+    plot_study(report, names, prevalence, out / "shift_study.png")
+    return report
+
+
+def _ledger_epsilons(root: Path, names: Sequence[str], delta: float) -> dict[str, float]:
+    ledgers = {n: open_ledger(root / "sites" / n) for n in names}
+    return {n: ledger.epsilon(delta) for n, ledger in ledgers.items() if ledger is not None}
+
+
+def _measures(
+    spec: StudySpec,
+    runs: Mapping[str, Mapping[str, Any]],
+    names: Sequence[str],
+    prevalence: Mapping[str, float],
+) -> dict[str, Any]:
+    """Per variant and site the five metrics, their means over sites, the far sites and the claims."""
     per_variant = {
         v: variant_metrics(runs[run]["final_test"], prefix)
         for v, (run, prefix) in VARIANTS.items()
         if run in runs
     }
-    names = [s.spec.name for s in sites]
-    prevalence = {s.spec.name: float(site_summary(s)["prevalence"] or 0.0) for s in sites}  # type: ignore[arg-type]
     prior = runs["plain"].get("statistics") or {}
     global_prior = float(prior["train_prior"][1]) if prior.get("train_prior") else math.nan
     far = [n for n in names if abs(prevalence[n] - global_prior) >= spec.far]
     means = {v: {m: _mean([per_variant[v][n][m] for n in names]) for m in METRICS} for v in per_variant}
     far_acc = {v: _mean([per_variant[v][n]["accuracy"] for n in far]) for v in per_variant}
-    scores = {run: alignment_scores(out / run, sites) for run in runs}
     claims = {
         "mean_log_loss": {"a": means["a"]["log-loss"], "b": means["b"]["log-loss"]},
         "label_shift_lowers_mean_log_loss": means["b"]["log-loss"] < means["a"]["log-loss"],
@@ -286,33 +289,13 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
         "alignment_keeps_mean_auc": means["c"]["auc"] >= means["a"]["auc"],
         "tta_mean_auc": {v: means[v]["auc"] for v in ("a", "a+tta", "c", "c+tta")},
     }
-    report = {
-        "data": spec.data,
-        "sites": [site_summary(s) for s in sites],
+    return {
         "global_train_prior": global_prior,
-        "run_config": fed.to_run_config(),
-        "variants": VARIANT_NAMES,
         "per_site": per_variant,
         "mean": means,
         "far_sites_mean_accuracy": far_acc,
-        "site_priors": {run: _site_priors(out / run, sites) for run in runs},
-        "alignment_score": scores,
         "claims": claims,
-        "egress": {run: egress_audit(out / run) for run in runs},
-        "ledger_epsilon": {
-            run: {
-                n: led.epsilon(fed.privacy.delta)
-                for n in names
-                if (led := open_ledger(out / run / "sites" / n)) is not None
-            }
-            for run in runs
-        },
-        "seconds": {**{run: r["wall_seconds"] for run, r in runs.items()}, "total": time.time() - started},
     }
-    report["table"] = format_table(report, names, prevalence)
-    atomic_write_json(out / "shift_study.json", as_jsonable(report))
-    plot_study(report, names, prevalence, out / "shift_study.png")
-    return report
 
 
 def summarize_seeds(reports: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``fedshift simulate --strategy a,b`` and ``--continual`` end to end on Flower's simulation engine.
+"""``fedshift simulate --finetune a,b`` and ``--continual`` end to end on Flower's simulation engine.
 
 References: trainable-parameter counts and bytes from a freshly built model, and
 the phase-A sites' AUC re-computed by ``fedshift evaluate`` (another code path)
@@ -15,12 +15,12 @@ from flwr.app import ArrayRecord
 
 from fedshift.common.cli import main
 from fedshift.common.model import ModelConfig, build_model
-from fedshift.simulations.strategies import strategy_row, strategy_table
+from fedshift.simulations.finetune_compare import finetune_row, finetune_table
 
 SMALL = ["--sites", "2", "--rounds", "1", "--synthetic-n", "300", "--image-size", "32", "--no-baseline"]
 
 
-def test_strategy_row_reads_auc_bytes_and_throughput_from_the_server_results() -> None:
+def test_finetune_row_reads_auc_bytes_and_throughput_from_the_server_results() -> None:
     server = {
         "final_test": {"site-0": {"auc": 0.8, "accuracy": 0.7}, "site-1": {"auc": 0.6, "accuracy": 0.5}},
         "size": {"shared_params": 100},
@@ -34,19 +34,19 @@ def test_strategy_row_reads_auc_bytes_and_throughput_from_the_server_results() -
             }
         },
     }
-    row = strategy_row("adapters", server, trainable=123, seconds=5.0)
+    row = finetune_row("adapters", server, trainable=123, seconds=5.0)
     assert row["mean_test_auc"] == pytest.approx(0.7)
     assert row["mean_test_accuracy"] == pytest.approx(0.6)
     assert row["bytes_per_round"] == 400
     assert row["samples_per_second"] == pytest.approx(20.0)  # median of 10 and 30
-    table = strategy_table([row], "x")
+    table = finetune_table([row], "x")
     assert "0.700" in table and "123" in table and "400" in table
 
 
 @pytest.mark.slow
-def test_strategy_comparison_runs_every_strategy_on_the_same_sites(tmp_path: Path, capsys) -> None:
+def test_finetune_comparison_runs_every_choice_on_the_same_sites(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    assert main(["simulate", *SMALL, "--strategy", "linear-probe,norm-only", "--out", str(out)]) == 0
+    assert main(["simulate", *SMALL, "--finetune", "linear-probe,norm-only", "--out", str(out)]) == 0
     report = json.loads((out / "strategies.json").read_text())
     rows = {r["strategy"]: r for r in report["strategies"]}
     assert set(rows) == {"linear-probe", "norm-only"}
@@ -106,12 +106,12 @@ def test_continual_scenario_measures_forgetting_against_an_independent_evaluatio
     assert "forgetting" in capsys.readouterr().out
 
 
-def test_strategy_benchmark_writes_consistent_rows(tmp_path: Path, capsys) -> None:
-    from fedshift.simulations.benchmarks.strategies import main as bench
+def test_finetune_benchmark_writes_consistent_rows(tmp_path: Path, capsys) -> None:
+    from fedshift.simulations.benchmarks.finetune import main as bench
 
     out = tmp_path / "bench.json"
     args = ["--device", "cpu", "--steps", "2", "--batch-size", "4", "--image-size", "32"]
-    assert bench([*args, "--strategies", "linear-probe,adapters", "--out", str(out)]) == 0
+    assert bench([*args, "--finetunes", "linear-probe,adapters", "--out", str(out)]) == 0
     rows = {r["strategy"]: r for r in json.loads(out.read_text())["rows"]}
     for name, row in rows.items():
         model = build_model(ModelConfig(image_size=32, finetune=name))

@@ -1,8 +1,8 @@
-"""What each fine-tuning strategy costs: trainable parameters, bytes sent, training speed with and without DP.
+"""What each fine-tuning choice costs: trainable parameters, bytes sent, training speed with and without DP.
 
-    python -m fedshift.simulations.benchmarks.strategies [--data X.npz] [--device cuda] [--out s.json]
+    python -m fedshift.simulations.benchmarks.finetune [--data X.npz] [--device cuda] [--out s.json]
 
-Every strategy trains the same images on the same device with the same
+Every fine-tuning choice trains the same images on the same device with the same
 ``train_local`` the ClientApp uses, once without DP and once with DP-SGD (Poisson
 batches of the same expected size, per-sample clipping and noise), for the same
 number of steps; the table shows samples/s of both and their ratio side by side,
@@ -43,11 +43,11 @@ def _peak_mb(device: torch.device) -> float:
 
 
 def measure(
-    strategy: str, images: ImageSet, device: torch.device, args: argparse.Namespace
+    finetune: str, images: ImageSet, device: torch.device, args: argparse.Namespace
 ) -> dict[str, Any]:
-    config = ModelConfig(image_size=args.image_size, finetune=strategy)
+    config = ModelConfig(image_size=args.image_size, finetune=finetune)
     train = TrainConfig(batch_size=args.batch_size, learning_rate=1e-3)
-    row: dict[str, Any] = {"strategy": strategy}
+    row: dict[str, Any] = {"strategy": finetune}  # the row key of earlier results
     for mode in ("no-dp", "dp"):
         model = build_model(config)
         if device.type == "cuda":
@@ -66,14 +66,14 @@ def measure(
         row[f"{mode}_peak_mb"] = _peak_mb(device)
         row["trainable_params"] = sum(p.numel() for p in model.trainable_parameters())
         row["shared_bytes"] = 4 * sum(v.numel() for v in model.shared_state_dict().values())
-        logger.info("%s %s: %.0f samples/s", strategy, mode, stats.samples_per_second)
+        logger.info("%s %s: %.0f samples/s", finetune, mode, stats.samples_per_second)
     row["dp_over_no_dp"] = row["dp_samples_per_second"] / row["no-dp_samples_per_second"]
     return row
 
 
 def table(rows: list[dict[str, Any]], device: str) -> str:
     head = [
-        "strategy",
+        "finetune",
         "trainable",
         "sent/round",
         "no-DP samples/s",
@@ -95,7 +95,7 @@ def table(rows: list[dict[str, Any]], device: str) -> str:
             ]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    text = [f"Fine-tuning strategies on {device}"]
+    text = [f"Fine-tuning choices on {device}"]
     text += ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
     return "\n".join(text)
 
@@ -106,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data", help="MedMNIST-style .npz (default: SYNTHETIC chest X-rays)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
+    parser.add_argument(
+        "--finetunes",
+        "--strategies",
+        dest="finetunes",
+        default=",".join(STRATEGIES),
+        help="fine-tuning choices, comma-separated (--strategies is an alias)",
+    )
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10, help="training steps per measurement")
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = resolve_device(args.device)
     images = _images(args.data, args.steps * args.batch_size)
-    rows = [measure(s.strip(), images, device, args) for s in args.strategies.split(",") if s.strip()]
+    rows = [measure(s.strip(), images, device, args) for s in args.finetunes.split(",") if s.strip()]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(table(rows, f"{device} ({name}), {args.image_size} px, batch {args.batch_size}"))
     if args.out:

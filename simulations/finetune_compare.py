@@ -1,9 +1,10 @@
-"""``fedshift simulate --strategy a,b,c``: fine-tuning strategies compared on the same sites in one run.
+"""``fedshift simulate --finetune a,b,c``: fine-tuning choices compared on the same sites in one run.
 
-Every strategy federates the same simulated sites (same splits, scanner profiles,
-seeds, rounds and learning rate) into its own run directory; the table puts side by
-side what a user weighs: test AUC, trainable parameters, bytes each site sends per
-round, and training throughput.
+Every fine-tuning choice federates the same simulated sites (same splits, scanner
+profiles, seeds, rounds and learning rate) into its own run directory; the table puts
+side by side what a user weighs: test AUC, trainable parameters, bytes each site sends
+per round, and training throughput. (The JSON file and its row keys keep their names,
+``strategies.json`` and ``strategy``, so earlier results stay readable.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fedshift.simulations.shift import format_site_table, site_summary
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES_FILE = "strategies.json"
+FINETUNE_FILE = "strategies.json"  # the file name of earlier runs
 
 
 def _throughput(train_history: Mapping[str, Mapping[str, Mapping[str, float]]]) -> float:
@@ -39,12 +40,12 @@ def _throughput(train_history: Mapping[str, Mapping[str, Mapping[str, float]]]) 
     return statistics.median(values) if values else math.nan
 
 
-def strategy_row(strategy: str, server: Mapping[str, Any], trainable: int, seconds: float) -> dict[str, Any]:
-    """What the table shows for one strategy, from the server's results of its run."""
+def finetune_row(finetune: str, server: Mapping[str, Any], trainable: int, seconds: float) -> dict[str, Any]:
+    """What the table shows for one fine-tuning choice, from the server's results of its run."""
     history = server["history"]
     sent = bytes_per_round(history["train"])
     return {
-        "strategy": strategy,
+        "strategy": finetune,
         "mean_test_auc": mean_metric(server["final_test"], "auc"),
         "mean_test_accuracy": mean_metric(server["final_test"], "accuracy"),
         "test_auc": {site: m.get("auc") for site, m in sorted(server["final_test"].items())},
@@ -56,8 +57,8 @@ def strategy_row(strategy: str, server: Mapping[str, Any], trainable: int, secon
     }
 
 
-def strategy_table(rows: Sequence[Mapping[str, Any]], label: str) -> str:
-    head = ["strategy", "mean AUC", "mean acc", "trainable params", "sent/round (bytes)", "samples/s", "time"]
+def finetune_table(rows: Sequence[Mapping[str, Any]], label: str) -> str:
+    head = ["finetune", "mean AUC", "mean acc", "trainable params", "sent/round (bytes)", "samples/s", "time"]
     lines = [head]
     for row in rows:
         lines.append(
@@ -72,31 +73,31 @@ def strategy_table(rows: Sequence[Mapping[str, Any]], label: str) -> str:
             ]
         )
     return render_table(
-        f"Fine-tuning strategies on {label} (test metrics, mean over sites)", lines, mean_row=False
+        f"Fine-tuning choices on {label} (test metrics, mean over sites)", lines, mean_row=False
     )
 
 
-def compare_strategies(spec: ExperimentSpec, strategies: Sequence[str]) -> dict[str, Any]:
-    """Federate the same sites once per strategy; returns the rows, a table, and writes JSON."""
-    for name in strategies:
+def compare_finetunes(spec: ExperimentSpec, finetunes: Sequence[str]) -> dict[str, Any]:
+    """Federate the same sites once per fine-tuning choice; returns the rows, a table, and writes JSON."""
+    for name in finetunes:
         check_strategy(name)
     started = time.time()
     sites, label = build_sites(spec)
     logger.info("Simulated sites:\n%s", format_site_table(sites))
     fed = spec.federation
     rows: list[dict[str, Any]] = []
-    for name in strategies:
+    for name in finetunes:
         config = replace(fed, model=replace(fed.model, finetune=name))
         if name == "full" and config.privacy.enabled:
             logger.warning(
-                "Strategy 'full' with DP: per-sample gradients through every depthwise convolution "
+                "Fine-tuning 'full' with DP: per-sample gradients through every depthwise convolution "
                 "make DP-SGD tens of times slower than with adapters"
             )
         model = build_model(config.model)
         trainable = sum(p.numel() for p in model.trainable_parameters())
-        logger.info("Strategy %s: %s trainable parameters", name, f"{trainable:,}")
+        logger.info("Fine-tuning %s: %s trainable parameters", name, f"{trainable:,}")
         server, seconds = federate(config, sites, spec.out_dir / name, spec.site_epsilons)
-        rows.append(strategy_row(name, server, trainable, seconds))
+        rows.append(finetune_row(name, server, trainable, seconds))
     report = {
         "data": label,
         "synthetic": sites[0].data.synthetic,
@@ -105,6 +106,6 @@ def compare_strategies(spec: ExperimentSpec, strategies: Sequence[str]) -> dict[
         "strategies": rows,
         "seconds": time.time() - started,
     }
-    atomic_write_json(spec.out_dir / STRATEGIES_FILE, as_jsonable(report))
-    report["table"] = strategy_table(rows, label)
+    atomic_write_json(spec.out_dir / FINETUNE_FILE, as_jsonable(report))
+    report["table"] = finetune_table(rows, label)
     return report

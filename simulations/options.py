@@ -1,0 +1,234 @@
+"""The command-line options of an experiment, shared by ``fedshift simulate`` and ``fedshift shift-study``.
+
+One option set: the sites (data, label shift, sizes) and every run-config key an
+experiment may set, registered from the config declarations (help, type, range and
+choices are the declaration's; :data:`FLAGS` gives some keys the short flags the
+README uses). ``shift-study`` is a preset over the same options (other defaults).
+:func:`experiment_spec` turns the parsed options into the runner's
+:class:`~fedshift.simulations.experiment.ExperimentSpec`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fedshift.common import settings
+from fedshift.common.config import FederationConfig, add_arguments, run_config_from_arguments
+from fedshift.common.errors import ConfigError
+from fedshift.simulations.experiment import ExperimentSpec
+
+Spec = TypeVar("Spec", bound=ExperimentSpec)
+
+# run-config key -> its flags, where the short flag differs from --<key> (the long form stays an alias)
+FLAGS: dict[str, list[str]] = {
+    "num-server-rounds": ["--rounds", "--num-server-rounds"],
+    "learning-rate": ["--lr", "--learning-rate"],
+    "backbone-weights": ["--weights", "--backbone-weights"],
+    "dp-delta": ["--delta", "--dp-delta"],
+    "dp-clip-norm": ["--clip-norm", "--dp-clip-norm"],
+    "dp-noise-multiplier": ["--noise-multiplier", "--dp-noise-multiplier"],
+    "dp-accountant": ["--accountant", "--dp-accountant"],
+    "dp-secure-rng": ["--secure-rng", "--dp-secure-rng"],
+    "ls-prior-method": ["--prior-method", "--ls-prior-method"],
+    "ls-prior-pseudocount": ["--prior-pseudocount", "--ls-prior-pseudocount"],
+    "ls-calibration": ["--calibration", "--ls-calibration"],
+    "ls-bootstrap": ["--bootstrap", "--ls-bootstrap"],
+    "ls-min-samples": ["--min-samples", "--ls-min-samples"],
+    "ls-count-noise-multiplier": ["--count-noise", "--ls-count-noise-multiplier"],
+    "align-noise-multiplier": ["--align-noise", "--align-noise-multiplier"],
+}
+
+# the run-config keys an experiment takes from flags, by option group
+GROUPS: dict[str, tuple[str, ...]] = {
+    "federation": ("num-server-rounds", "local-epochs", "batch-size", "learning-rate", "seed", "device"),
+    "model": (
+        "backbone",
+        "backbone-weights",
+        "image-size",
+        "adapter-rank",
+        "adapter-stages",
+        "lr-decay",
+        "unfreeze-every",
+        "local-norm",
+    ),
+    "differential privacy": (
+        "dp-delta",
+        "dp-clip-norm",
+        "dp-noise-multiplier",
+        "dp-accountant",
+        "dp-secure-rng",
+        "dp-epsilon-per-run",
+    ),
+    "EWC": (
+        "ewc-fisher-source",
+        "ewc-fisher-samples",
+        "ewc-fisher-clip",
+        "ewc-fisher-noise-multiplier",
+        "ewc-fisher-labels",
+    ),
+    "label shift and alignment": (
+        "ls-correction",
+        "ls-prior-method",
+        "ls-prior-pseudocount",
+        "ls-calibration",
+        "ls-bootstrap",
+        "ls-min-samples",
+        "ls-max-interval-width",
+        "ls-threshold",
+        "ls-logit-adjust",
+        "ls-count-noise-multiplier",
+        "align-weight",
+        "align-loss",
+        "align-dim",
+        "align-clip",
+        "align-noise-multiplier",
+        "align-refresh",
+        "align-tta",
+    ),
+}
+
+GROUP_HELP = {
+    "differential privacy": (
+        "differential privacy (DP-SGD at every site; on when --epsilon is given)",
+        "Each site's ledger lives in <out>/sites/site-k/.",
+    ),
+    "EWC": ("EWC (a Fisher-weighted pull towards each round's global adapters)", None),
+    "label shift and alignment": (
+        "label-shift correction and domain alignment",
+        "Post-hoc prior correction at each site (DP label counts), and feature alignment in training.",
+    ),
+}
+
+
+def floats(text: str) -> tuple[float, ...]:
+    """``--x 0.1,0.5,0.9``: comma-separated numbers."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0.1,0.5,0.9, but got {text!r}"
+        ) from None
+
+
+def ints(text: str) -> tuple[int, ...]:
+    """``--x 0,1,2``: comma-separated integers (at least one)."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, but got {text!r}")
+    return values
+
+
+def names(text: str) -> tuple[str, ...]:
+    """``--x a,b``: comma-separated names (at least one)."""
+    listed = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not listed:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated names such as adapters,full, but got {text!r}"
+        )
+    return listed
+
+
+def _declared(key: str) -> settings.Setting:
+    return next(s for s in settings.all_settings(FederationConfig) if s.key == key)
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Every option of an experiment: the sites, then the run-config keys by group, and ``--out``."""
+    d = parser.add_argument_group("data and sites")
+    d.add_argument("--data", help="MedMNIST-style .npz or an image folder (default: SYNTHETIC)")
+    d.add_argument("--sites", type=int, default=4, help="number of simulated hospitals")
+    d.add_argument("--prevalences", type=floats, help="per-site share of class 1, e.g. 0.1,0.5,0.9")
+    d.add_argument("--dirichlet-alpha", type=float, help="draw prevalences from Dirichlet(alpha)")
+    d.add_argument("--quantity-skew", type=float, default=0.0, help="0 = equal sizes")
+    d.add_argument("--max-per-site", type=int, help="cap on images per site")
+    d.add_argument("--synthetic-n", type=int, default=2000, help="images to generate without --data")
+    for group, keys in GROUPS.items():
+        title, description = GROUP_HELP.get(group, (group, None))
+        g = parser.add_argument_group(title, description)
+        add_arguments(g, keys=keys, flags=FLAGS)
+        if group == "model":
+            finetune = _declared("finetune")
+            g.add_argument(
+                "--finetune",
+                "--strategy",
+                dest="finetune",
+                type=names,
+                default=(finetune.default,),
+                help=f"{finetune.help}: {', '.join(finetune.names())}; several, comma-separated, compare "
+                "them on the same sites in one run (--strategy is an alias); run-config finetune",
+            )
+        elif group == "differential privacy":
+            g.add_argument(
+                "--epsilon",
+                type=floats,
+                help="privacy budget of every site, e.g. 8, or one per site, e.g. 8,4,8,2 (turns DP-SGD "
+                "on); run-config dp-epsilon",
+            )
+        elif group == "EWC":
+            g.add_argument(
+                "--ewc-lambda",
+                type=floats,
+                default=(0.0,),
+                help=f"{_declared('ewc-lambda').help} (with --continual: one or more, e.g. 1,10,100, "
+                "default 10); run-config ewc-lambda",
+            )
+    parser.add_argument("--out", type=Path, help=f"run directory (default: runs/{command}-<time>)")
+
+
+def federation(args: argparse.Namespace, preset: Mapping[str, Any], num_sites: int) -> FederationConfig:
+    """The run config of the options: ``preset`` (a command's defaults), then what the user set."""
+    if args.epsilon is not None and len(args.epsilon) not in (1, num_sites):
+        raise ConfigError(
+            f"Expected --epsilon to be one budget or one per site ({num_sites}), but got "
+            f"{len(args.epsilon)} values; pass e.g. --epsilon 8"
+        )
+    if len(args.ewc_lambda) > 1 and not getattr(args, "continual", False):
+        raise ConfigError(
+            f"Expected one --ewc-lambda without --continual, but got {len(args.ewc_lambda)} values; pass "
+            "one, e.g. --ewc-lambda 10 (several are compared only in the continual scenario)"
+        )
+    values = {**preset, **run_config_from_arguments(args)}
+    values["finetune"] = args.finetune[0]
+    values["ewc-lambda"] = args.ewc_lambda[0]
+    if args.epsilon is not None:
+        values.update({"dp": True, "dp-epsilon": max(args.epsilon)})
+    fed: FederationConfig = settings.with_values(FederationConfig(), values)
+    return replace(fed, model=replace(fed.model, seed=fed.seed))
+
+
+def experiment_spec(
+    args: argparse.Namespace, fed: FederationConfig, out: Path, cls: type[Spec], **more: Any
+) -> Spec:
+    """The runner's :class:`ExperimentSpec` (``cls``, or a preset's subclass) of the options."""
+    several = args.epsilon is not None and len(args.epsilon) > 1
+    return cls(
+        out_dir=out,
+        data=args.data,
+        sites=args.sites,
+        prevalences=args.prevalences,
+        dirichlet_alpha=args.dirichlet_alpha,
+        quantity_skew=args.quantity_skew,
+        max_per_site=args.max_per_site,
+        synthetic_n=args.synthetic_n,
+        site_epsilons=tuple(args.epsilon) if several else None,
+        federation=fed,
+        **more,
+    )
+
+
+def run_directory(args: argparse.Namespace, command: str) -> Path:
+    """``--out``, or ``runs/<command>-<time>``; refused when it already holds files."""
+    out: Path = args.out or Path("runs") / time.strftime(f"{command}-%Y%m%d-%H%M%S")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(
+            f"Expected --out to be a new or empty directory, but {str(out)!r} has files; choose another --out"
+        )
+    return out
