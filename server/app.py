@@ -1,8 +1,9 @@
-"""The fedshift ServerApp: FedAvg over adapters, then a final per-site test evaluation.
+"""The fedshift ServerApp: one federation, from its starting adapters to ``results.json``.
 
-``app`` is what Flower's tooling loads (``pyproject.toml``: ``[tool.flwr.app.components]``);
-``make_server_app(overrides)`` builds the same app with run-config values fixed in
-code, which ``fedshift simulate`` uses.
+:func:`run_federation` reads top-down: the starting point, the strategy, the
+statistics stage, Flower's round loop, the Fisher consolidation and the final
+test evaluation. ``app`` is what Flower's tooling loads (``pyproject.toml``);
+``make_server_app(overrides)`` fixes run-config values in code (``fedshift simulate``).
 """
 
 from __future__ import annotations
@@ -14,60 +15,91 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedshift.common.checkpoint import Checkpoint, load_checkpoint
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import CheckpointError
 from fedshift.common.io import atomic_write_json
 from fedshift.common.model import build_model, size_report
-from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+from fedshift.common.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    SERVER_ROUND_KEY,
+    SPLIT_KEY,
+    SPLIT_TEST,
+    SPLIT_VAL,
+)
+from fedshift.server.ask import ask_sites
 from fedshift.server.consolidation import anchor_records, consolidate, initial_arrays
 from fedshift.server.enrollment import SiteNames, wait_for_enrolled
-from fedshift.server.statistics import initial_statistics, statistics_strategy, statistics_summary
-from fedshift.server.strategy import AdapterFedAvg, RunHistory
+from fedshift.server.statistics import collect_statistics, statistics_summary, with_refresh
+from fedshift.server.strategy import AdapterFedAvg, RunHistory, metrics_of
 from fedshift.server.validation import expected_specs, reply_problem
 
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
+CHECKPOINT_DIR = "checkpoint"  # in the run directory: the latest round's adapters (and consolidation)
 
 
-def final_evaluation(
-    grid: Grid, arrays: ArrayRecord, strategy: AdapterFedAvg, split: str, timeout: float
-) -> dict[str, dict[str, float]]:
-    """Ask every connected site to evaluate ``arrays`` on its ``split``; metrics per site.
+def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
+    """Run ``cfg.num_rounds`` rounds and write ``results.json`` into ``cfg.run_dir``.
 
-    Replies are screened like a round's (:meth:`AdapterFedAvg._accept`'s checks:
-    enrolled sender, a usable weight, finite numbers as metrics), but not
-    recorded in the round history. Nothing is averaged, so each site's own keys stay.
+    With ``resume-from`` set, the federation continues from that checkpoint: its
+    adapters are the starting point, its history is kept, and rounds go on from
+    its round + 1 (a round that was interrupted runs again in full; the sites
+    charge it under the new run id, as the data is used again).
     """
-    config = ConfigRecord({"split": split, "server-round": strategy.num_rounds})
-    messages = [
-        Message(
-            RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}),
-            dst_node_id=node,
-            message_type=MessageType.EVALUATE,
-        )
-        for node in grid.get_node_ids()
-    ]
-    checked: list[tuple[str, Message]] = []
-    for msg in grid.send_and_receive(messages, timeout=timeout):
-        name, problem = strategy.names.resolve(msg)
-        if problem is None:
-            problem = reply_problem(
-                msg, strategy.expected, with_arrays=False, max_weight=strategy.max_num_examples
-            )
-        if problem:
-            logger.warning("Final %s evaluation: no result from %s: %s", split, name, problem)
-            continue
-        checked.append((name, msg))
-    out: dict[str, dict[str, float]] = {}
-    for name, msg in checked:
-        record = msg.content.metric_records[METRICS_KEY]
-        out[name] = {k: float(v) for k, v in record.items() if not isinstance(v, list)}
-    return out
+    started = time.time()
+    run_dir = Path(cfg.run_dir)
+    model = build_model(cfg.model)
+    shared = model.shared_state_dict()
+    initial, done, history = starting_point(cfg, shared)
+    strategy = make_strategy(cfg, initial, shared, done, history)
+    wait_for_enrolled(grid.get_node_ids, strategy.names, cfg.enrolled_wait)
+    statistics = collect_statistics(grid, initial, cfg, str(grid.run.run_id), names=strategy.names)
+    arrays = run_rounds(grid, with_refresh(strategy, cfg, statistics), initial, cfg, done)
+    consolidated = (
+        consolidate(grid, arrays, cfg, run_dir / CHECKPOINT_DIR, strategy.names)
+        if cfg.ewc.consolidate
+        else None
+    )
+    final = final_evaluation(grid, arrays, strategy, SPLIT_TEST, cfg.reply_timeout)
+    results = {
+        "config": cfg.to_run_config(),
+        "size": size_report(model),
+        "history": strategy.history.to_dict(),
+        "resumed_from_round": done,
+        "consolidated": consolidated,
+        "final_test": final,
+        "statistics": statistics_summary(statistics),
+        "seconds": time.time() - started,
+    }
+    atomic_write_json(run_dir / RESULTS_FILE, results)
+    logger.info("Federation finished; results in %s", run_dir / RESULTS_FILE)
+    return results
+
+
+def starting_point(
+    cfg: FederationConfig, shared: Mapping[str, torch.Tensor]
+) -> tuple[ArrayRecord, int, RunHistory | None]:
+    """The adapters the first round starts from, the rounds already done and their history.
+
+    With ``resume-from``: the checkpoint's adapters, round and history; with
+    ``init-checkpoint``: an earlier phase's adapters; else the model's own.
+    """
+    if cfg.resume_from:
+        checkpoint = load_resume_point(cfg, shared)
+        done = checkpoint.round
+        history = RunHistory.from_dict(checkpoint.extra.get("history", {}), up_to_round=done)
+        logger.info("Resuming from %s: %d of %d rounds done", cfg.resume_from, done, cfg.num_rounds)
+        return ArrayRecord({k: torch.from_numpy(checkpoint.arrays[k].copy()) for k in shared}), done, history
+    if cfg.init_checkpoint:
+        return initial_arrays(cfg, shared), 0, None
+    return ArrayRecord(dict(shared)), 0, None
 
 
 def load_resume_point(cfg: FederationConfig, shared: Mapping[str, Any]) -> Checkpoint:
@@ -92,31 +124,17 @@ def load_resume_point(cfg: FederationConfig, shared: Mapping[str, Any]) -> Check
     return checkpoint
 
 
-def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
-    """Run ``cfg.num_rounds`` rounds and write ``results.json`` into ``cfg.run_dir``.
-
-    With ``resume-from`` set, the federation continues from that checkpoint: its
-    adapters are the starting point, its history is kept, and rounds go on from
-    its round + 1 (a round that was interrupted runs again in full; the sites
-    charge it under the new run id, as the data is used again).
-    """
-    started = time.time()
-    run_dir = Path(cfg.run_dir)
-    model = build_model(cfg.model)
-    shared = model.shared_state_dict()
-    initial = ArrayRecord(shared)
-    done, history = 0, None
-    if cfg.resume_from:
-        checkpoint = load_resume_point(cfg, shared)
-        done = checkpoint.round
-        history = RunHistory.from_dict(checkpoint.extra.get("history", {}), up_to_round=done)
-        initial = ArrayRecord({k: torch.from_numpy(checkpoint.arrays[k].copy()) for k in shared})
-        logger.info("Resuming from %s: %d of %d rounds done", cfg.resume_from, done, cfg.num_rounds)
-    elif cfg.init_checkpoint:  # a new phase, starting from an earlier one's adapters
-        initial = initial_arrays(cfg, shared)
-    strategy = statistics_strategy(cfg)(  # issue 5: AdapterFedAvg, refreshing DP moments if configured
+def make_strategy(
+    cfg: FederationConfig,
+    initial: ArrayRecord,
+    shared: Mapping[str, torch.Tensor],
+    done: int,
+    history: RunHistory | None,
+) -> AdapterFedAvg:
+    """The run's FedAvg: rounds numbered on from ``done``, sites named by the enrollment."""
+    return AdapterFedAvg(
         expected=expected_specs(initial),
-        checkpoint_dir=run_dir / "checkpoint",
+        checkpoint_dir=Path(cfg.run_dir) / CHECKPOINT_DIR,
         model_config=cfg.model,
         num_rounds=cfg.num_rounds,
         min_nodes=cfg.min_nodes,
@@ -126,37 +144,46 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         names=SiteNames.from_file(cfg.enrollment),  # node id -> site; the names in replies are only claims
         max_num_examples=cfg.max_num_examples,
     )
-    wait_for_enrolled(grid.get_node_ids, strategy.names, cfg.enrolled_wait)
-    statistics = initial_statistics(strategy, grid, initial, cfg)  # issue 5: DP label counts, moments
-    arrays = initial
-    if done < cfg.num_rounds:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=initial,
-            num_rounds=cfg.num_rounds - done,
-            evaluate_config=ConfigRecord({"split": "val"}),
-        )
-        if len(result.arrays) > 0:  # empty when no round produced an aggregate
-            arrays = result.arrays
-    consolidated = (
-        consolidate(grid, arrays, cfg, run_dir / "checkpoint", strategy.names)
-        if cfg.ewc.consolidate
-        else None
+
+
+def run_rounds(
+    grid: Grid, strategy: Strategy, initial: ArrayRecord, cfg: FederationConfig, done: int
+) -> ArrayRecord:
+    """Flower's round loop for the rounds left; the last aggregate (``initial`` when there is none)."""
+    if done >= cfg.num_rounds:
+        return initial
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=cfg.num_rounds - done,
+        timeout=cfg.reply_timeout,
+        evaluate_config=ConfigRecord({SPLIT_KEY: SPLIT_VAL}),
     )
-    final = final_evaluation(grid, arrays, strategy, "test", timeout=3600)
-    results = {
-        "config": cfg.to_run_config(),
-        "size": size_report(model),
-        "history": strategy.history.to_dict(),
-        "resumed_from_round": done,
-        "consolidated": consolidated,
-        "final_test": final,
-        "statistics": statistics_summary(statistics),
-        "seconds": time.time() - started,
-    }
-    atomic_write_json(run_dir / RESULTS_FILE, results)
-    logger.info("Federation finished; results in %s", run_dir / RESULTS_FILE)
-    return results
+    return result.arrays if len(result.arrays) > 0 else initial  # empty when no round aggregated
+
+
+def final_evaluation(
+    grid: Grid, arrays: ArrayRecord, strategy: AdapterFedAvg, split: str, timeout: float
+) -> dict[str, dict[str, float]]:
+    """Ask every connected site to evaluate ``arrays`` on its ``split``; metrics per site.
+
+    Replies are screened like a round's (enrolled sender, a usable weight, finite
+    numbers as metrics), but not recorded in the round history. Nothing is
+    averaged, so each site's own keys stay.
+    """
+    config = ConfigRecord({SPLIT_KEY: split, SERVER_ROUND_KEY: strategy.num_rounds})
+    replies = ask_sites(
+        grid,
+        RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}),
+        MessageType.EVALUATE,
+        names=strategy.names,
+        timeout=timeout,
+        check=lambda msg: reply_problem(
+            msg, strategy.expected, with_arrays=False, max_weight=strategy.max_num_examples
+        ),
+        left_out=f"Final {split} evaluation: no result from",
+    )
+    return {name: metrics_of(msg) for name, msg in replies}
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

@@ -37,16 +37,21 @@ from fedshift.common.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
     FISHER_KEY,
+    FISHER_QUERY,
+    FISHER_SOURCE_FIELD,
     METRICS_KEY,
     PRIVACY_KEY,
+    SERVER_ROUND_KEY,
+    UNDECLARED,
     WEIGHT_KEY,
 )
+from fedshift.server.ask import ask_sites
 from fedshift.server.enrollment import SiteNames
 from fedshift.server.validation import MAX_NUM_EXAMPLES, decode, weight_problem
 
 logger = logging.getLogger(__name__)
 
-FISHER_MESSAGE = f"{MessageType.QUERY}.fisher"
+FISHER_MESSAGE = f"{MessageType.QUERY}.{FISHER_QUERY}"
 CONSOLIDATED_FILE = "consolidated.safetensors"
 CONSOLIDATED_MANIFEST = "consolidated.json"
 
@@ -88,49 +93,48 @@ def gather_fishers(
     max_weight: int = MAX_NUM_EXAMPLES,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Every site's Fisher at ``arrays``, averaged with the sites' example counts as weights."""
-    names = names if names is not None else SiteNames()
     expected = {k: tuple(v.shape) for k, v in arrays.items()}
-    config = ConfigRecord({"server-round": server_round})
-    messages = [
-        Message(
-            RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}),
-            dst_node_id=node,
-            message_type=FISHER_MESSAGE,
-        )
-        for node in grid.get_node_ids()
-    ]
+    config = ConfigRecord({SERVER_ROUND_KEY: server_round})
+    replies = ask_sites(
+        grid,
+        RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}),
+        FISHER_MESSAGE,
+        names=names if names is not None else SiteNames(),
+        timeout=timeout,
+        check=lambda msg: fisher_problem(msg, expected, max_weight),
+        left_out="Consolidation: no Fisher from",
+    )
     total: dict[str, np.ndarray] = {k: np.zeros(s, dtype=np.float64) for k, s in expected.items()}
     weight_sum = 0.0
     sources: dict[str, str] = {}
-    for msg in grid.send_and_receive(messages, timeout=timeout):
-        name, problem = names.resolve(msg)
-        if problem is None and name in sources:
-            problem = "a second reply from the same site"
-        if problem is None:
-            problem = fisher_problem(msg, expected, max_weight)
-        if problem:
-            logger.warning("Consolidation: no Fisher from %s: %s", name, problem)
-            continue
+    for name, msg in replies:
         weight = float(msg.content.metric_records[METRICS_KEY][WEIGHT_KEY])  # type: ignore[arg-type]
         released = msg.content.array_records[FISHER_KEY]
         for key in total:
             total[key] += weight * released[key].numpy().astype(np.float64)
         weight_sum += weight
         privacy = msg.content.config_records.get(PRIVACY_KEY)
-        sources[name] = str(privacy.get("ewc-fisher", "undeclared")) if privacy else "undeclared"
+        sources[name] = str(privacy.get(FISHER_SOURCE_FIELD, UNDECLARED)) if privacy else UNDECLARED
     if weight_sum == 0:
         raise CheckpointError(
             "Expected at least one site's Fisher to consolidate, but none arrived; check the sites' logs "
             "(a site whose privacy budget is spent cannot release one)"
         )
-    # normalised to mean 1 over all entries (post-processing: no privacy cost), so that ewc-lambda
-    # reads as the strength of an L2 pull on a typical parameter, whatever the loss's scale
+    fisher, mean = _mean_one(total, weight_sum)
+    info = {"sites": sorted(sources), "sources": sources, "examples": weight_sum, "fisher_mean": mean}
+    return fisher, info
+
+
+def _mean_one(total: Mapping[str, np.ndarray], weight_sum: float) -> tuple[dict[str, np.ndarray], float]:
+    """The weighted average ``total / weight_sum``, scaled to mean 1 over all entries, and its mean.
+
+    Post-processing (no privacy cost): ``ewc-lambda`` then reads as the strength of
+    an L2 pull on a typical parameter, whatever the loss's scale.
+    """
     count = sum(v.size for v in total.values())
     mean = sum(float(v.sum()) for v in total.values()) / (weight_sum * max(count, 1))
     scale = weight_sum * (mean if mean > 0 else 1.0)
-    fisher = {k: (v / scale).astype(np.float32) for k, v in total.items()}
-    info = {"sites": sorted(sources), "sources": sources, "examples": weight_sum, "fisher_mean": mean}
-    return fisher, info
+    return {k: (v / scale).astype(np.float32) for k, v in total.items()}, mean
 
 
 def save_consolidated(
@@ -217,7 +221,7 @@ def consolidate(
 ) -> dict[str, Any]:
     """The end-of-phase step: gather the sites' Fishers at ``arrays`` and save them with the anchor."""
     fisher, info = gather_fishers(
-        grid, arrays, cfg.num_rounds + 1, timeout=3600, names=names, max_weight=cfg.max_num_examples
+        grid, arrays, cfg.num_rounds + 1, cfg.reply_timeout, names=names, max_weight=cfg.max_num_examples
     )
     anchor = {k: v.numpy() for k, v in arrays.items()}
     save_consolidated(directory, anchor, fisher, info)

@@ -20,7 +20,7 @@ from pathlib import Path
 from flwr.app import Message
 
 from fedshift.common.errors import ConfigError
-from fedshift.common.protocol import SITE_KEY
+from fedshift.common.protocol import SITE_KEY, SITE_NAME_FIELD
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def claimed_name(msg: Message) -> str | None:
     if msg.has_error():
         return None
     record = msg.content.config_records.get(SITE_KEY)
-    name = record.get("name") if record is not None else None
+    name = record.get(SITE_NAME_FIELD) if record is not None else None
     return str(name) if isinstance(name, str) and name else None
 
 

@@ -3,8 +3,8 @@
 Runs before the first round when the run corrects label shift, adjusts logits
 or aligns features (:attr:`fedshift.common.shift_config.ShiftConfig.needs_statistics`),
 and, with ``align-refresh``, again before every later round for the feature
-moments only (:class:`StatisticsFedAvg`): features move as the adapters train,
-and a target from round 0 would pull them back.
+moments only (:class:`StatisticsRefresh`, a strategy wrapper): features move as
+the adapters train, and a target from round 0 would pull them back.
 Every reply is a post-processing of Gaussian mechanisms the sites charged; the
 server only adds them (:func:`fedshift.common.shift_statistics.aggregate_prior`,
 :func:`~fedshift.common.shift_statistics.aggregate_moments`). A site that sends
@@ -13,18 +13,31 @@ nothing usable is logged and left out, like a failing node in a round.
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from fedshift.common.config import FederationConfig
-from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, STATUS_KEY, WEIGHT_KEY
+from fedshift.common.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    LABEL_COUNTS_KEY,
+    METRICS_KEY,
+    MOMENT_OUTER_KEY,
+    MOMENT_SQUARE_KEY,
+    MOMENT_SUM_KEY,
+    REASON_FIELD,
+    SERVER_ROUND_KEY,
+    STATUS_FIELD,
+    STATUS_KEY,
+    WEIGHT_KEY,
+)
 from fedshift.common.shift_statistics import (
     GLOBAL_KEY,
     STAGE_GLOBAL,
@@ -38,18 +51,24 @@ from fedshift.common.shift_statistics import (
     aggregate_within_variance,
     moment_noise_floor,
 )
+from fedshift.server.ask import ask_sites, send_to_all
 from fedshift.server.enrollment import SiteNames
 from fedshift.server.strategy import AdapterFedAvg
 from fedshift.server.validation import weight_problem
 
 logger = logging.getLogger(__name__)
 
+CORAL = "coral"  # the align-loss that aligns marginal moments (a second-moment matrix per site)
 
-def _query(grid: Grid, content: RecordDict, timeout: float) -> list[Message]:
-    messages = [
-        Message(content, dst_node_id=node, message_type=MessageType.QUERY) for node in grid.get_node_ids()
-    ]
-    return list(grid.send_and_receive(messages, timeout=timeout))
+
+def expected_release(cfg: FederationConfig, server_round: int) -> dict[str, int]:
+    """The keys (and their lengths) of a site's release in ``server_round``'s statistics stage."""
+    shift, c, k = cfg.shift, cfg.model.num_classes, cfg.shift.align_dim
+    wanted = {LABEL_COUNTS_KEY: c} if shift.needs_counts and server_round == 0 else {}
+    if shift.align:
+        wanted[MOMENT_SUM_KEY] = c * k
+        wanted |= {MOMENT_OUTER_KEY: k * k} if shift.align_loss == CORAL else {MOMENT_SQUARE_KEY: c}
+    return wanted
 
 
 def _release_problem(msg: Message, cfg: FederationConfig, server_round: int) -> str | None:
@@ -58,7 +77,7 @@ def _release_problem(msg: Message, cfg: FederationConfig, server_round: int) -> 
     content = msg.content
     if STATUS_KEY in content.config_records:
         status = content.config_records[STATUS_KEY]
-        return ": ".join(str(status.get(k)) for k in ("status", "reason"))
+        return ": ".join(str(status.get(k)) for k in (STATUS_FIELD, REASON_FIELD))
     if STATISTICS_KEY not in content.config_records or METRICS_KEY not in content.metric_records:
         return f"expected records {STATISTICS_KEY!r} and {METRICS_KEY!r}"
     record = content.config_records[STATISTICS_KEY]
@@ -74,32 +93,32 @@ def _release_problem(msg: Message, cfg: FederationConfig, server_round: int) -> 
     return None
 
 
-def expected_release(cfg: FederationConfig, server_round: int) -> dict[str, int]:
-    """The keys (and their lengths) of a site's release in ``server_round``'s statistics stage."""
-    shift, c, k = cfg.shift, cfg.model.num_classes, cfg.shift.align_dim
-    wanted = {"label-counts": c} if shift.needs_counts and server_round == 0 else {}
-    if shift.align:
-        wanted["moment-sum"] = c * k
-        wanted |= {"moment-outer": k * k} if shift.align_loss == "coral" else {"moment-square": c}
-    return wanted
+@dataclass
+class _Releases:
+    """The checked releases of one statistics stage, as arrays."""
 
+    sites: list[str] = field(default_factory=list)
+    counts: list[np.ndarray] = field(default_factory=list)
+    sums: list[np.ndarray] = field(default_factory=list)
+    seconds: list[np.ndarray] = field(default_factory=list)
+    sizes: list[float] = field(default_factory=list)
 
-def _broadcast(
-    grid: Grid, stats: GlobalStatistics, server_round: int, timeout: float, names: SiteNames
-) -> None:
-    broadcast = RecordDict(
-        {
-            CONFIG_KEY: ConfigRecord({STAGE_KEY: STAGE_GLOBAL, "server-round": server_round}),
-            GLOBAL_KEY: ConfigRecord(stats.to_record()),
-        }
-    )
-    for msg in _query(grid, broadcast, timeout):
-        if msg.has_error():
-            logger.warning(
-                "Statistics stage: %s did not take the global statistics: %s",
-                names.name_of(msg.metadata.src_node_id),
-                msg.error.reason,
-            )
+    @classmethod
+    def of(cls, replies: Iterable[tuple[str, Message]], cfg: FederationConfig) -> _Releases:
+        shift, out = cfg.shift, cls()
+        for name, msg in replies:
+            record = msg.content.config_records[STATISTICS_KEY]
+            out.sites.append(name)
+            if LABEL_COUNTS_KEY in record:
+                out.counts.append(np.asarray(record[LABEL_COUNTS_KEY], dtype=np.float64))
+            if shift.align:
+                sums = np.asarray(record[MOMENT_SUM_KEY], dtype=np.float64)
+                out.sums.append(sums.reshape(-1, shift.align_dim))
+                weight = msg.content.metric_records[METRICS_KEY][WEIGHT_KEY]
+                out.sizes.append(float(weight))  # type: ignore[arg-type]
+                key = MOMENT_OUTER_KEY if shift.align_loss == CORAL else MOMENT_SQUARE_KEY
+                out.seconds.append(np.asarray(record[key], dtype=np.float64))
+        return out
 
 
 def collect_statistics(
@@ -107,7 +126,6 @@ def collect_statistics(
     arrays: ArrayRecord,
     cfg: FederationConfig,
     run_id: str,
-    timeout: float = 3600,
     *,
     server_round: int = 0,
     previous: GlobalStatistics | None = None,
@@ -117,78 +135,73 @@ def collect_statistics(
 
     ``server_round`` 0 is the stage before the first round; a later round
     refreshes the feature moments only and keeps ``previous``'s label counts.
-    Returns ``None`` when the run needs no statistics or no site sent any.
+    Returns ``None`` when the run needs no statistics (``previous`` when no site sent any).
     ``names`` tells the sites apart (the strategy's; a new claim-binding one if not given).
     """
-    names = names if names is not None else SiteNames()
-    shift = cfg.shift
-    if not shift.needs_statistics:
+    if not cfg.shift.needs_statistics:
         return None
-    config = ConfigRecord({STAGE_KEY: STAGE_RELEASE, "server-round": server_round})
-    replies = _query(grid, RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), timeout)
-    counts: list[np.ndarray] = []
-    sums: list[np.ndarray] = []
-    seconds: list[np.ndarray] = []
-    sizes: list[float] = []
-    contributors: list[str] = []
-    k = shift.align_dim
-    for msg in replies:
-        name, problem = names.resolve(msg)
-        if problem is None and name in contributors:
-            problem = "a second reply from the same site"
-        if problem is None:
-            problem = _release_problem(msg, cfg, server_round)
-        if problem is not None:
-            logger.warning("Statistics stage (round %d): left out %s: %s", server_round, name, problem)
-            continue
-        record = msg.content.config_records[STATISTICS_KEY]
-        contributors.append(name)
-        if "label-counts" in record:
-            counts.append(np.asarray(record["label-counts"], dtype=np.float64))
-        if shift.align:
-            sums.append(np.asarray(record["moment-sum"], dtype=np.float64).reshape(-1, k))
-            sizes.append(float(msg.content.metric_records[METRICS_KEY][WEIGHT_KEY]))  # type: ignore[arg-type]
-            key = "moment-outer" if shift.align_loss == "coral" else "moment-square"
-            seconds.append(np.asarray(record[key], dtype=np.float64))
-    if not contributors:
+    names = names if names is not None else SiteNames()
+    config = ConfigRecord({STAGE_KEY: STAGE_RELEASE, SERVER_ROUND_KEY: server_round})
+    replies = ask_sites(
+        grid,
+        RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}),
+        MessageType.QUERY,
+        names=names,
+        timeout=cfg.reply_timeout,
+        check=lambda msg: _release_problem(msg, cfg, server_round),
+        left_out=f"Statistics stage (round {server_round}): left out",
+    )
+    releases = _Releases.of(replies, cfg)
+    if not releases.sites:
         logger.warning("Statistics stage (round %d): no site sent statistics", server_round)
         return previous
+    stats = _aggregate(releases, cfg, run_id, server_round, previous)
+    logger.info(
+        "Statistics stage (round %d): %d site(s) %s; global training prior %s",
+        server_round,
+        len(releases.sites),
+        sorted(releases.sites),
+        np.round(stats.train_prior, 4).tolist() if stats.train_prior is not None else "not released",
+    )
+    _broadcast(grid, stats, server_round, cfg.reply_timeout, names)
+    return stats
+
+
+def _aggregate(
+    releases: _Releases,
+    cfg: FederationConfig,
+    run_id: str,
+    server_round: int,
+    previous: GlobalStatistics | None,
+) -> GlobalStatistics:
+    """The global statistics of ``releases``; what they do not hold is ``previous``'s."""
+    counts = releases.counts
     class_counts = np.sum(counts, axis=0) if counts else (previous.class_counts if previous else None)
     stats = GlobalStatistics(
         run=run_id,
-        sites=len(contributors),
+        sites=len(releases.sites),
         round=server_round,
         train_prior=aggregate_prior(counts) if counts else (previous.train_prior if previous else None),
         class_counts=class_counts,
     )
-    if shift.align and class_counts is not None:
+    if cfg.shift.align and class_counts is not None:
         within = previous.within_var if previous is not None else None
-        stats = _with_moments(stats, cfg, sums, seconds, sizes, class_counts, within)
-    logger.info(
-        "Statistics stage (round %d): %d site(s) %s; global training prior %s",
-        server_round,
-        len(contributors),
-        sorted(contributors),
-        np.round(stats.train_prior, 4).tolist() if stats.train_prior is not None else "not released",
-    )
-    _broadcast(grid, stats, server_round, timeout, names)
+        stats = _with_moments(stats, cfg, releases, class_counts, within)
     return stats
 
 
 def _with_moments(
     stats: GlobalStatistics,
     cfg: FederationConfig,
-    sums: list[np.ndarray],
-    seconds: list[np.ndarray],
-    sizes: list[float],
+    releases: _Releases,
     class_counts: np.ndarray,
     previous_within: float | None = None,
 ) -> GlobalStatistics:
     """The global class means and within-class variance (prototype) or marginal moments (CORAL)."""
     shift = cfg.shift
-    k = shift.align_dim
+    k, sums, seconds, sizes = shift.align_dim, releases.sums, releases.seconds, releases.sizes
     class_means = aggregate_class_means(sums, class_counts)
-    if shift.align_loss == "coral":
+    if shift.align_loss == CORAL:
         outers = [o.reshape(k, k) for o in seconds]
         mean, cov = aggregate_moments([s.sum(axis=0) for s in sums], outers, sizes)
         floor = moment_noise_floor(shift.align_noise, shift.align_clip, k, len(sums), sum(sizes))
@@ -206,13 +219,38 @@ def _with_moments(
     return replace(stats, class_means=class_means, within_var=within)
 
 
-class StatisticsFedAvg(AdapterFedAvg):
-    """:class:`AdapterFedAvg` that refreshes the global feature moments before every round after the first."""
+def _broadcast(
+    grid: Grid, stats: GlobalStatistics, server_round: int, timeout: float, names: SiteNames
+) -> None:
+    """Send the global statistics to every site; a site that does not take them is logged."""
+    broadcast = RecordDict(
+        {
+            CONFIG_KEY: ConfigRecord({STAGE_KEY: STAGE_GLOBAL, SERVER_ROUND_KEY: server_round}),
+            GLOBAL_KEY: ConfigRecord(stats.to_record()),
+        }
+    )
+    for msg in send_to_all(grid, broadcast, MessageType.QUERY, timeout):
+        if msg.has_error():
+            logger.warning(
+                "Statistics stage: %s did not take the global statistics: %s",
+                names.name_of(msg.metadata.src_node_id),
+                msg.error.reason,
+            )
 
-    def __init__(self, *, federation: FederationConfig, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.federation = federation
-        self.statistics: GlobalStatistics | None = None
+
+class StatisticsRefresh(Strategy):
+    """Wraps an :class:`AdapterFedAvg`; refreshes the global feature moments before every round but the first.
+
+    Everything else is the wrapped strategy's; ``statistics`` starts as the
+    stage before round 1 left them and holds the latest.
+    """
+
+    def __init__(
+        self, strategy: AdapterFedAvg, cfg: FederationConfig, statistics: GlobalStatistics | None
+    ) -> None:
+        self.strategy = strategy
+        self.federation = cfg
+        self.statistics = statistics
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -223,28 +261,37 @@ class StatisticsFedAvg(AdapterFedAvg):
                 arrays,
                 self.federation,
                 str(grid.run.run_id),
-                server_round=server_round + self.round_offset,  # the federation's round, also on resume
+                server_round=server_round + self.strategy.round_offset,  # the federation's round
                 previous=self.statistics,
-                names=self.names,
+                names=self.strategy.names,
             )
-        return super().configure_train(server_round, arrays, config, grid)
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        logger.info("Refreshing the global feature moments before every round after the first")
+        self.strategy.summary()
 
 
-def statistics_strategy(cfg: FederationConfig) -> Callable[..., AdapterFedAvg]:
-    """The strategy class for ``cfg``: :class:`StatisticsFedAvg` when it refreshes moments every round."""
+def with_refresh(
+    strategy: AdapterFedAvg, cfg: FederationConfig, statistics: GlobalStatistics | None
+) -> Strategy:
+    """``strategy``, wrapped in :class:`StatisticsRefresh` when ``cfg`` refreshes the moments every round."""
     if cfg.shift.align and cfg.shift.align_refresh:
-        return functools.partial(StatisticsFedAvg, federation=cfg)
-    return AdapterFedAvg
-
-
-def initial_statistics(
-    strategy: AdapterFedAvg, grid: Grid, arrays: ArrayRecord, cfg: FederationConfig
-) -> GlobalStatistics | None:
-    """The statistics stage before round 1; a refreshing strategy keeps its result for the later rounds."""
-    stats = collect_statistics(grid, arrays, cfg, str(grid.run.run_id), names=strategy.names)
-    if isinstance(strategy, StatisticsFedAvg):
-        strategy.statistics = stats
-    return stats
+        return StatisticsRefresh(strategy, cfg, statistics)
+    return strategy
 
 
 def statistics_summary(stats: GlobalStatistics | None) -> dict[str, Any] | None:

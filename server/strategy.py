@@ -1,6 +1,6 @@
 """FedAvg over the shared adapters, with reply validation, checkpoints and a history.
 
-Only ``aggregate_*`` are overridden: the round loop stays Flower's.
+Only ``configure_*`` and ``aggregate_*`` are overridden: the round loop stays Flower's.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -21,10 +21,15 @@ from fedshift.common.model import ModelConfig
 from fedshift.common.protocol import (
     ARRAYS_KEY,
     MECHANISM_DP_SGD,
+    MECHANISM_FIELD,
     METRICS_KEY,
     PRIVACY_KEY,
+    REASON_FIELD,
     STATUS_BUDGET_EXHAUSTED,
+    STATUS_FIELD,
     STATUS_KEY,
+    STATUS_REFUSED,
+    UNDECLARED,
     WEIGHT_KEY,
 )
 from fedshift.server.enrollment import SiteNames
@@ -37,6 +42,8 @@ from fedshift.server.validation import (
 )
 
 logger = logging.getLogger(__name__)
+
+TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE  # a history entry's stage: the message type
 
 
 @dataclass
@@ -79,15 +86,16 @@ def _status_of(msg: Message) -> tuple[str, str] | None:
     if msg.has_error() or STATUS_KEY not in msg.content.config_records:
         return None
     record = msg.content.config_records[STATUS_KEY]
-    return str(record.get("status", "refused")), str(record.get("reason", ""))
+    return str(record.get(STATUS_FIELD, STATUS_REFUSED)), str(record.get(REASON_FIELD, ""))
 
 
 def _privacy_of(msg: Message) -> dict[str, Any]:
     record = msg.content.config_records.get(PRIVACY_KEY)
-    return {k: v for k, v in record.items()} if record is not None else {"mechanism": "undeclared"}
+    return {k: v for k, v in record.items()} if record is not None else {MECHANISM_FIELD: UNDECLARED}
 
 
-def _metrics_of(msg: Message) -> dict[str, float]:
+def metrics_of(msg: Message) -> dict[str, float]:
+    """A checked reply's metrics as floats (lists, which a check refuses, left out)."""
     record = msg.content.metric_records[METRICS_KEY]
     return {k: float(v) for k, v in record.items() if not isinstance(v, list)}
 
@@ -171,7 +179,7 @@ class AdapterFedAvg(FedAvg):
                 continue
             if problem is None:
                 problem = reply_problem(
-                    msg, self.expected, with_arrays=stage == "train", max_weight=self.max_num_examples
+                    msg, self.expected, with_arrays=stage == TRAIN, max_weight=self.max_num_examples
                 )
             if problem is None:
                 checked.append((name, msg))
@@ -185,7 +193,7 @@ class AdapterFedAvg(FedAvg):
         A metric that not every accepted reply carries is left out of the
         aggregate (and logged), so Flower never sees differing key sets.
         """
-        copies, left_out = aggregation_view(good, with_arrays=stage == "train")
+        copies, left_out = aggregation_view(good, with_arrays=stage == TRAIN)
         if left_out:
             logger.warning(
                 "Round %d %s: metrics not in every reply, left out of the aggregate metrics: %s",
@@ -206,8 +214,8 @@ class AdapterFedAvg(FedAvg):
                 "stage": stage,
                 "node": node,
                 "site": name,
-                "status": kind,
-                "reason": reason,
+                STATUS_FIELD: kind,
+                REASON_FIELD: reason,
             }
         )
         if kind == STATUS_BUDGET_EXHAUSTED:
@@ -217,27 +225,27 @@ class AdapterFedAvg(FedAvg):
         node = msg.metadata.src_node_id
         logger.warning("Round %d %s: left out the reply of %s: %s", server_round, stage, name, problem)
         self.history.rejected.append(
-            {"round": server_round, "stage": stage, "node": node, "site": name, "reason": problem}
+            {"round": server_round, "stage": stage, "node": node, "site": name, REASON_FIELD: problem}
         )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        good = self._accept(server_round, replies, "train")
+        good = self._accept(server_round, replies, TRAIN)
         per_site = {}
         privacy = {}
         for name, msg in good:
-            site_metrics = _metrics_of(msg)
+            site_metrics = metrics_of(msg)
             site_metrics["bytes-sent"] = float(msg.content.array_records[ARRAYS_KEY].count_bytes())
             per_site[name] = site_metrics
             privacy[name] = _privacy_of(msg)
-            if privacy[name].get("mechanism") != MECHANISM_DP_SGD and name not in self._warned_no_dp:
+            if privacy[name].get(MECHANISM_FIELD) != MECHANISM_DP_SGD and name not in self._warned_no_dp:
                 self._warned_no_dp.add(name)
                 logger.warning("%s sends adapters WITHOUT differential privacy (%s)", name, privacy[name])
         self.history.train[server_round] = per_site
         self.history.privacy[server_round] = privacy
-        arrays, metrics = super().aggregate_train(server_round, self._for_flower(server_round, "train", good))
+        arrays, metrics = super().aggregate_train(server_round, self._for_flower(server_round, TRAIN, good))
         if arrays is None:
             return None, metrics
         problem = arrays_problem(arrays, self.expected)  # checked before anything is written
@@ -264,9 +272,9 @@ class AdapterFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
-        good = self._accept(server_round, replies, "evaluate")
-        per_site = {name: _metrics_of(m) for name, m in good}
+        good = self._accept(server_round, replies, EVALUATE)
+        per_site = {name: metrics_of(m) for name, m in good}
         self.history.evaluate[server_round] = per_site
         aucs = " | ".join(f"{name} {m.get('auc', math.nan):.3f}" for name, m in sorted(per_site.items()))
         logger.info("Round %d/%d validation AUC: %s", server_round, self.num_rounds, aucs)
-        return super().aggregate_evaluate(server_round, self._for_flower(server_round, "evaluate", good))
+        return super().aggregate_evaluate(server_round, self._for_flower(server_round, EVALUATE, good))

@@ -324,7 +324,8 @@ class _Grid:
 
 
 def test_server_statistics_stage_with_two_sites_and_a_refresh(tmp_path: Path) -> None:
-    from fedshift.server.statistics import StatisticsFedAvg, initial_statistics, statistics_strategy
+    from fedshift.server.statistics import StatisticsRefresh, collect_statistics, with_refresh
+    from fedshift.server.strategy import AdapterFedAvg
     from fedshift.server.validation import expected_specs
 
     site_dirs = [_site(tmp_path)]
@@ -335,15 +336,16 @@ def test_server_statistics_stage_with_two_sites_and_a_refresh(tmp_path: Path) ->
     fed = FederationConfig.from_run_config(_run_config(tmp_path))
     grid = _Grid(tmp_path, _run_config(tmp_path), nodes=2)
     arrays = _arrays()
-    strategy = statistics_strategy(fed)(
+    inner = AdapterFedAvg(
         expected=expected_specs(arrays),
         checkpoint_dir=tmp_path / "ckpt",
         model_config=MODEL,
         num_rounds=2,
     )
-    assert isinstance(strategy, StatisticsFedAvg)
-    stats = initial_statistics(strategy, grid, arrays, fed)  # type: ignore[arg-type]
-    assert stats is not None and stats.sites == 2 and strategy.statistics is stats
+    stats = collect_statistics(grid, arrays, fed, "1", names=inner.names)  # type: ignore[arg-type]
+    assert stats is not None and stats.sites == 2
+    strategy = with_refresh(inner, fed, stats)
+    assert isinstance(strategy, StatisticsRefresh) and strategy.statistics is stats
     labels = np.load(site_dirs[0] / "data.npz")["train_labels"].ravel()
     assert stats.train_prior is not None and stats.train_prior[1] == pytest.approx(labels.mean(), abs=0.05)
     assert stats.class_means is not None and stats.class_means.shape == (2, 8)
