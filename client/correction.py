@@ -7,7 +7,7 @@ counts, :func:`private_label_counts`). At evaluation the site
 1. scores its labelled validation split and the unlabeled images (in simulation:
    the evaluated split with its labels hidden; in deployment: deployment data);
 2. calibrates on the validation split with each sample weighted by
-   ``p_s(y) / p_val(y)`` (:func:`fedshift.common.label_shift.prior_weights`), so
+   ``p_s(y) / p_val(y)`` (:func:`fedshift.common.calibration.prior_weights`), so
    the calibrated probabilities are posteriors under ``p_s`` and the calibration
    does not absorb the site's own prior, which is what step 3 estimates;
 3. estimates its prior ``p_t`` from the unlabeled calibrated probabilities (EM or
@@ -37,22 +37,17 @@ import numpy as np
 import torch
 
 from fedshift.client.dp import RandomSource
+from fedshift.common.calibration import Calibration, fit_calibration, prior_weights
 from fedshift.common.data import ImageSet, to_tensor
 from fedshift.common.errors import DataError, PrivacyError
 from fedshift.common.io import as_jsonable, atomic_write_json
-from fedshift.common.label_shift import (
-    Calibration,
-    PriorEstimate,
-    best_threshold,
-    correct_posteriors,
-    estimate_prior,
-    fit_calibration,
-    prior_weights,
-)
+from fedshift.common.label_shift import correct_posteriors
 from fedshift.common.metrics import classification_metrics
 from fedshift.common.model import FedshiftModel
+from fedshift.common.prior_estimation import PriorEstimate, estimate_prior
 from fedshift.common.privacy import Mechanism
 from fedshift.common.shift_config import ShiftConfig
+from fedshift.common.thresholds import best_threshold
 
 logger = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from fedshift.client.correction import (
     private_label_counts,
 )
 from fedshift.client.dp import SeededSource
+from fedshift.common.calibration import fit_bcts, prior_weights
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import ConfigError, DataError, PrivacyError
-from fedshift.common.label_shift import fit_bcts, prior_weights
 from fedshift.common.privacy import epsilon
 from fedshift.common.shift_config import ShiftConfig
 from fedshift.common.shift_statistics import (
@@ -190,7 +190,7 @@ def test_unweighted_calibration_would_absorb_the_prior() -> None:
     # the bias difference of the unweighted fit carries log(0.9/0.1) more than the weighted one
     shift = (unweighted.bias[1] - unweighted.bias[0]) - (weighted.bias[1] - weighted.bias[0])
     assert shift == pytest.approx(math.log(9.0), abs=0.35)
-    from fedshift.common.label_shift import em_prior
+    from fedshift.common.prior_estimation import em_prior
 
     double = em_prior(unweighted.apply(_model_logits(xt, source)), source).prior[1]
     assert double > 0.97  # the prior counted twice
@@ -286,7 +286,7 @@ def test_shift_config_round_trips_and_refuses_bad_values() -> None:
 def test_calibration_shrinkage_keeps_a_separable_split_from_saturating() -> None:
     """On a small separable val split plain BCTS sends T to its bound (probabilities of exactly 0 and 1,
     ties, infinite log loss on the next mistake); the shrunk fit stays finite and barely moves a large one."""
-    from fedshift.common.label_shift import MIN_TEMPERATURE
+    from fedshift.common.calibration import MIN_TEMPERATURE
 
     logits = np.array([[0.0, -1.0], [0.0, -2.0], [0.0, -0.5], [0.0, 1.0], [0.0, 2.0], [0.0, -1.5]])
     labels = np.array([0, 0, 0, 1, 1, 0])  # separable at 0

@@ -12,25 +12,26 @@ from scipy.stats import multivariate_normal, norm
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, log_loss
 
-from fedshift.common.errors import ConfigError, DataError
-from fedshift.common.label_shift import (
+from fedshift.common.calibration import (
     Calibration,
-    bbse_from_data,
-    bbse_prior,
-    best_threshold,
-    bootstrap_interval,
-    confusion_joint,
-    correct_posteriors,
-    em_prior,
-    estimate_prior,
     fit_bcts,
     fit_calibration,
     fit_temperature,
     fit_vector_scaling,
-    logit_adjustment,
     nll,
+)
+from fedshift.common.errors import ConfigError, DataError
+from fedshift.common.label_shift import correct_posteriors, logit_adjustment
+from fedshift.common.prior_estimation import (
+    bbse_from_data,
+    bbse_prior,
+    bootstrap_interval,
+    confusion_joint,
+    em_prior,
+    estimate_prior,
     prediction_marginal,
 )
+from fedshift.common.thresholds import best_threshold
 
 # 1-D two-class Gaussians N(-1, 1) and N(+1, 1); 2-D three-class Gaussians N(mean_k, I)
 MEANS_1D = np.array([[-1.0], [1.0]])
@@ -369,7 +370,7 @@ def _gaussian_target(n: int, seed: int = 16) -> tuple[np.ndarray, np.ndarray]:
 
 def test_too_few_samples_falls_back(caplog: pytest.LogCaptureFixture) -> None:
     probs, ps = _gaussian_target(20)
-    with caplog.at_level(logging.WARNING, logger="fedshift.common.label_shift"):
+    with caplog.at_level(logging.WARNING, logger="fedshift.common.prior_estimation"):
         est = estimate_prior(probs, ps, min_samples=50)
     assert est.fallback and not est.converged
     np.testing.assert_array_equal(est.prior, ps)
