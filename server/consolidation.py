@@ -1,17 +1,10 @@
 """Continual learning across phases: a consolidated anchor and Fisher, and runs that start from them.
 
-At the end of a phase (run config ``ewc-consolidate``), the server sends the final
-global adapters to every site and asks for its diagonal Fisher there (message type
-``query.fisher``). Each site answers with a Fisher estimated under DP and charged to
-its ledger, or on public images, or (at a site with ``dp=false``) locally; the server
-averages them, weighted by the sites' example counts (FedCurv-style), scales the
-average to mean 1 (so that ``ewc-lambda`` reads as an L2 strength on a typical
-parameter), and saves anchor and Fisher beside the phase's checkpoint.
-
-A later phase names that checkpoint in ``init-checkpoint``: it starts from its
-adapters, and with ``ewc-anchor = "consolidated"`` every training message also
-carries the anchor and the consolidated Fisher, so that the new sites are pulled
-towards what the earlier sites needed.
+At the end of a phase (``ewc-consolidate``) the server asks every site for its diagonal
+Fisher at the final adapters (``query.fisher``), averages them weighted by the sites'
+example counts, scales the average to mean 1 and saves it with the anchor beside the
+checkpoint. A later phase starts from it (``init-checkpoint``), and with
+``ewc-anchor = "consolidated"`` every training message carries anchor and Fisher.
 """
 
 from __future__ import annotations

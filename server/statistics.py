@@ -1,14 +1,9 @@
 """The server's side of the statistics stage: collect the sites' DP releases, add them, send the sums back.
 
-Runs before the first round when the run corrects label shift, adjusts logits
-or aligns features (:attr:`fedshift.common.shift_config.ShiftConfig.needs_statistics`),
-and, with ``align-refresh``, again before every later round for the feature
-moments only (:class:`StatisticsRefresh`, a strategy wrapper): features move as
-the adapters train, and a target from round 0 would pull them back.
-Every reply is a post-processing of Gaussian mechanisms the sites charged; the
-server only adds them (:func:`fedshift.common.shift_statistics.aggregate_prior`,
-:func:`~fedshift.common.shift_statistics.aggregate_moments`). A site that sends
-nothing usable is logged and left out, like a failing node in a round.
+The stage runs before round 1 when the run corrects label shift, adjusts logits or
+aligns features, and with ``align-refresh`` again before every later round for the
+feature moments only (:class:`StatisticsRefresh`, a strategy wrapper). The replies are
+post-processings of Gaussian mechanisms the sites charged; the server only adds them.
 """
 
 from __future__ import annotations
@@ -289,7 +284,7 @@ def with_refresh(
     strategy: AdapterFedAvg, cfg: FederationConfig, statistics: GlobalStatistics | None
 ) -> Strategy:
     """``strategy``, wrapped in :class:`StatisticsRefresh` when ``cfg`` refreshes the moments every round."""
-    if cfg.shift.align and cfg.shift.align_refresh:
+    if cfg.shift.refreshes:
         return StatisticsRefresh(strategy, cfg, statistics)
     return strategy
 

@@ -1,20 +1,9 @@
 """Validation of client replies before anything is averaged.
 
-A reply is accepted only if it carries exactly the expected adapter tensors
-(keys, shapes, dtypes), all finite, and a whole, positive, capped example
-count. Shapes and dtypes are those of the *decoded* data: an ``Array``'s
-``shape``/``dtype`` fields are the sender's declaration, and only the bytes are
-what gets averaged. A reply that fails is reported with a reason and left out;
-it is never averaged in.
-
-Every metric value must be one finite number: ``MetricRecord`` also allows lists,
-on which Flower's metric averaging raises (a list next to a number, or lists of
-different lengths). Flower's FedAvg also needs every reply of a round to carry
-the same metric keys (else it raises ``InconsistentMessageReplies`` and the run
-ends), yet a site may rightly send fewer (its ``egress-metrics`` withhold some):
-no reply is left out over its keys. :func:`aggregation_view` gives Flower copies
-of the accepted replies whose metrics are restricted to the keys all of them
-share, so every reply's arrays are averaged and Flower's check always passes.
+A reply is used only if it carries exactly the expected adapter tensors (keys and
+the shapes and dtypes of the *decoded* data, all finite), a whole, positive, capped
+example count, and one finite number per metric; else it is left out with a reason.
+:func:`aggregation_view` hands Flower the metric keys all accepted replies share.
 """
 
 from __future__ import annotations
