@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import zlib
 
@@ -19,23 +20,33 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedshift.client.dp import check_allowance, check_round
-from fedshift.client.egress import MECHANISM_DP_FISHER, refusal, round_of
+from fedshift.client.dp import Release, check_round, reserve
 from fedshift.client.ewc import FISHER_PUBLIC, EWCTerm, fisher_mechanism, site_fisher
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.client.site import SiteSettings, load_site_data
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import BudgetExhaustedError, ConfigError, RoundRefusedError
 from fedshift.common.model import FedshiftModel
+from fedshift.common.privacy import Mechanism
 from fedshift.common.protocol import (
     ANCHOR_KEY,
     FISHER_KEY,
+    FISHER_SOURCE_FIELD,
+    MECHANISM_DP_FISHER,
+    MECHANISM_FIELD,
+    MECHANISM_NONE,
+    MECHANISM_PUBLIC,
+    MECHANISM_UNIT,
     METRICS_KEY,
     PRIVACY_KEY,
     SITE_KEY,
-    STATUS_BUDGET_EXHAUSTED,
-    STATUS_ROUND_REFUSED,
+    STATUS_REFUSED,
     WEIGHT_KEY,
+    PrivacyReport,
+    refusal,
+    refusal_for,
+    round_of,
+    site_record,
 )
 
 logger = logging.getLogger(__name__)
@@ -45,9 +56,23 @@ CONSOLIDATED = "consolidated (sent by the server)"
 # what protected a Fisher a site sends (the privacy record's "mechanism")
 FISHER_RELEASES = {
     "dp": MECHANISM_DP_FISHER,
-    "public": "public",
-    "none": "unit",
+    "public": MECHANISM_PUBLIC,
+    "none": MECHANISM_UNIT,
 }
+
+
+def round_releases(fed: FederationConfig, *, private: bool) -> list[Release]:
+    """What EWC adds to a training round's releases: the DP Fisher estimated on the site's images."""
+    return (
+        [Release(MECHANISM_DP_FISHER, fisher_mechanism(fed.ewc))]
+        if private and fed.ewc.spends_privacy
+        else []
+    )
+
+
+def final_releases(fed: FederationConfig, *, private: bool) -> list[Mechanism]:
+    """What EWC releases once after the run's last round (the Fisher for consolidation), under DP."""
+    return [fisher_mechanism(fed.ewc)] if private and fed.ewc.consolidation_spends_privacy else []
 
 
 def ewc_term(
@@ -89,58 +114,67 @@ def fisher_reply(msg: Message, fed: FederationConfig, site: SiteSettings, model:
     charged, or that the budget cannot hold, is refused with the reason.
     """
     server_round = round_of(msg)
-    run_id = str(msg.metadata.run_id)
     seed = zlib.crc32(f"{fed.seed}:fisher:{server_round}:{site.name}".encode())
     source = fed.ewc.fisher_source
     private = site.privacy.enabled
-    record: dict[str, bool | float | int | str] = {}
+    accounting = PrivacyReport(MECHANISM_NONE)
     if private and source == "dp":
-        privacy = site.privacy
-        ledger = PrivacyLedger.at(site.state_dir, accountant=privacy.accountant)
-        if ledger.find(run_id, server_round, MECHANISM_DP_FISHER) is not None:
-            return refusal(msg, site.name, "refused", "this Fisher was already released once in this run")
-        try:  # the end of the run only (round num-server-rounds + 1), once: before any charge or data read
-            check_round(
-                ledger,
-                run_id=run_id,
-                server_round=server_round,
-                num_rounds=fed.num_rounds,
-                mechanism=MECHANISM_DP_FISHER,
-            )
-        except RoundRefusedError as exc:
-            logger.warning("%s: no consolidation Fisher: %s", site.name, exc)
-            return refusal(msg, site.name, STATUS_ROUND_REFUSED, str(exc))
-        sigma, q, steps = fisher_mechanism(fed.ewc)
-        try:  # the lifetime budget and the per-run cap (dp-epsilon-per-run)
-            check_allowance(privacy, ledger, run_id=run_id, planned=[(sigma, q, steps)], what="the Fisher")
-        except BudgetExhaustedError as exc:
-            reason = str(exc)
-            logger.warning("%s: no consolidation Fisher: %s", site.name, reason)
-            return refusal(msg, site.name, STATUS_BUDGET_EXHAUSTED, reason)
-        entry = ledger.charge_mechanism(
-            run_id=run_id,
-            round=server_round,
-            mechanism=MECHANISM_DP_FISHER,
-            cost=(sigma, q, steps),
-            delta=privacy.delta,
-        )
-        record = {"epsilon": entry.epsilon, "delta": privacy.delta, "noise-multiplier": sigma}
+        reserved = _reserve_fisher(msg, fed, site)
+        if isinstance(reserved, Message):
+            return reserved
+        accounting = reserved
     train = load_site_data(site).split("train")
     fisher, label, _release = site_fisher(
         fed.ewc, model, train.images, private=private, seed=seed, secure_rng=site.privacy.secure_rng
     )
-    mechanism = FISHER_RELEASES[source] if (private or source != "dp") else "none"
+    mechanism = FISHER_RELEASES[source] if (private or source != "dp") else MECHANISM_NONE
     used = len(train) if label in ("none", FISHER_PUBLIC) else min(len(train), fed.ewc.fisher_samples)
     logger.info("%s: Fisher for consolidation (%s) at round %d", site.name, label, server_round)
     values = {k: v.detach().cpu().to(torch.float32) for k, v in fisher.items()}
     if not all(bool(torch.isfinite(v).all()) for v in values.values()):
-        return refusal(msg, site.name, "refused", "the Fisher estimate is not finite")
+        return refusal(msg, site.name, STATUS_REFUSED, "the Fisher estimate is not finite")
+    report = dataclasses.replace(accounting, mechanism=mechanism, ewc_fisher=label)
+    # the Fisher reply's field order: what protected it and where it came from, then the accounting
+    record = {MECHANISM_FIELD: mechanism, FISHER_SOURCE_FIELD: label, **report.to_record()}
     content = RecordDict(
         {
             FISHER_KEY: ArrayRecord(values),
             METRICS_KEY: MetricRecord({WEIGHT_KEY: max(1, used)}),
-            SITE_KEY: ConfigRecord({"name": site.name}),
-            PRIVACY_KEY: ConfigRecord({"mechanism": mechanism, "ewc-fisher": label, **record}),
+            SITE_KEY: site_record(site.name),
+            PRIVACY_KEY: ConfigRecord(record),
         }
     )
     return Message(content, reply_to=msg)
+
+
+def _reserve_fisher(msg: Message, fed: FederationConfig, site: SiteSettings) -> PrivacyReport | Message:
+    """Charge the end-of-run DP Fisher (its accounting), or the refusal: a repeat, out of order, or
+    over the budget."""
+    server_round, run_id = round_of(msg), str(msg.metadata.run_id)
+    privacy = site.privacy
+    ledger = PrivacyLedger.at(site.state_dir, accountant=privacy.accountant)
+    if ledger.find(run_id, server_round, MECHANISM_DP_FISHER) is not None:
+        return refusal(msg, site.name, STATUS_REFUSED, "this Fisher was already released once in this run")
+    cost = fisher_mechanism(fed.ewc)
+    try:  # the end of the run only (round num-server-rounds + 1), once: before any charge or data read
+        check_round(
+            ledger,
+            run_id=run_id,
+            server_round=server_round,
+            num_rounds=fed.num_rounds,
+            mechanism=MECHANISM_DP_FISHER,
+        )
+        [entry] = reserve(
+            privacy,
+            ledger,
+            run_id=run_id,
+            server_round=server_round,
+            charges=[Release(MECHANISM_DP_FISHER, cost)],
+            what="the Fisher",
+        )
+    except (RoundRefusedError, BudgetExhaustedError) as exc:
+        logger.warning("%s: no consolidation Fisher: %s", site.name, exc)
+        return refusal_for(msg, site.name, exc)
+    return PrivacyReport(
+        MECHANISM_DP_FISHER, epsilon=entry.epsilon, delta=privacy.delta, noise_multiplier=cost[0]
+    )

@@ -40,17 +40,17 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from fedshift.client.egress import (
-    MECHANISM_DP,
-    MECHANISM_DP_FISHER,
-    MECHANISM_DP_LABEL_COUNTS,
-    MECHANISM_DP_MOMENTS,
-)
-from fedshift.client.ledger import PrivacyLedger
+from fedshift.client.ledger import LedgerEntry, PrivacyLedger
 from fedshift.common.adapters import ChannelAffine
 from fedshift.common.config import PrivacyConfig, TrainConfig
 from fedshift.common.errors import BudgetExhaustedError, PrivacyError, RoundRefusedError
 from fedshift.common.privacy import Mechanism, check_budget, epsilon, noise_for_budget
+from fedshift.common.protocol import (
+    MECHANISM_DP_FISHER,
+    MECHANISM_DP_LABEL_COUNTS,
+    MECHANISM_DP_MOMENTS,
+    MECHANISM_DP_SGD,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +202,11 @@ class PrivateTraining:
             raise PrivacyError(f"Expected at least one DP-SGD step, but got {self.steps}")
 
     @property
+    def cost(self) -> Mechanism:
+        """The round as the ledger charges it: ``(noise multiplier, sample rate, steps)``."""
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+    @property
     def source(self) -> RandomSource:
         if self._source is None:
             self._source = SecureSource() if self.secure_rng else SeededSource(self.seed)
@@ -256,20 +261,16 @@ def sample_rate(num_examples: int, batch_size: int) -> float:
     return min(1.0, batch_size / max(num_examples, 1))
 
 
-MECHANISM_DP_SGD = MECHANISM_DP  # the ledger's name for a DP-SGD round
-
 # beyond this, an update is mostly noise: a site whose remaining budget needs more sits out
 MAX_USEFUL_SIGMA = 10.0
 
 
 @dataclass(frozen=True)
-class RoundPlan:
-    """A DP-SGD round the site's budget allows, before it is charged."""
+class Release:
+    """One DP release a stage makes: the ledger's name of its mechanism and its cost."""
 
-    training: PrivateTraining
-    epsilon_before: float  # spent before this round (all runs)
-    epsilon_after: float  # after this round, if charged
-    delta: float
+    mechanism: str  # a MECHANISM_* name
+    cost: Mechanism  # (noise multiplier, sample rate, steps)
 
 
 # the rounds each mechanism's releases may carry, given the run's num-server-rounds n: training rounds,
@@ -362,6 +363,37 @@ def check_allowance(
     return after
 
 
+def reserve(
+    privacy: PrivacyConfig,
+    ledger: PrivacyLedger,
+    *,
+    run_id: str,
+    server_round: int,
+    charges: Sequence[Release],
+    planned: Sequence[Mechanism] | None = None,
+    final: Sequence[Mechanism] = (),
+    what: str,
+) -> list[LedgerEntry]:
+    """Check a stage's releases against the budget, then charge them all; the entries written.
+
+    The one step between a stage's plan and its first data access: with DP on, ``planned``
+    (default: the ``charges``' costs; a training round also counts the releases charged
+    elsewhere that its noise was planned for) and ``final`` (what the run keeps room for)
+    must fit (:func:`check_allowance`, :class:`BudgetExhaustedError` with the numbers, nothing
+    charged); then every charge is written, in order, before any data is read: a crash
+    over-reports, never under-reports. A site with DP off charges its DP statistics all the same.
+    """
+    if privacy.enabled:
+        costs = [c.cost for c in charges] if planned is None else planned
+        check_allowance(privacy, ledger, run_id=run_id, planned=costs, reserve=final, what=what)
+    return [
+        ledger.charge_mechanism(
+            run_id=run_id, round=server_round, mechanism=c.mechanism, cost=c.cost, delta=privacy.delta
+        )
+        for c in charges
+    ]
+
+
 def plan_round(
     privacy: PrivacyConfig,
     ledger: PrivacyLedger,
@@ -374,20 +406,19 @@ def plan_round(
     seed: int = 0,
     extra: Sequence[Mechanism] = (),
     final: Sequence[Mechanism] = (),
-) -> RoundPlan:
-    """The DP-SGD round this site may run now, or an error saying why not.
+) -> PrivateTraining:
+    """The DP-SGD round this site would run now: its noise multiplier, sampling rate and steps.
 
     The caller has refused a round out of order or beyond ``num_rounds`` first
-    (:func:`check_round`, before it read the data); :class:`BudgetExhaustedError` when the
-    round does not fit.
-    The noise multiplier is the site's own ``dp-noise-multiplier``, or else the one this
-    run already uses (it stays fixed within a run), or else the smallest that fits every
-    planned round of this run into what is left of the site's lifetime budget *and* of
-    its per-run cap (``dp-epsilon-per-run``); when that would exceed
-    :data:`MAX_USEFUL_SIGMA`, the site sits out. ``extra`` are the other mechanisms
-    charged with every round (e.g. a DP Fisher release); they count in the planning and
-    in the budget check. ``final`` are mechanisms charged once after the last round
-    (e.g. the end-of-phase Fisher for consolidation): the budget keeps room for them.
+    (:func:`check_round`, before it read the data) and checks the budget with
+    :func:`reserve`. The noise multiplier is the site's own ``dp-noise-multiplier``, or else
+    the one this run already uses (it stays fixed within a run), or else the smallest that
+    fits every planned round of this run into what is left of the site's lifetime budget
+    *and* of its per-run cap (``dp-epsilon-per-run``); when that would exceed
+    :data:`MAX_USEFUL_SIGMA`, :class:`BudgetExhaustedError`: the site sits out. ``extra`` are
+    the other mechanisms released with every round (a DP Fisher, the refreshed moments) and
+    ``final`` those released once after the last round (the end-of-phase Fisher): the
+    planning keeps room for them.
     """
     check_budget(privacy.epsilon, privacy.delta, num_examples)
     q = sample_rate(num_examples, train.batch_size)
@@ -398,34 +429,10 @@ def plan_round(
         if earlier:
             sigma = earlier[0].noise_multiplier
         else:
-            remaining = num_rounds - server_round + 1
-            later = [*(list(extra) * remaining), *final]
-            budgets = [(privacy.epsilon, ledger.history(), "dp-epsilon")]
-            if privacy.run_cap is not None:
-                budgets.append((privacy.run_cap, _run_history(ledger, run_id), "dp-epsilon-per-run"))
-            sigma = max(
-                noise_for_budget(
-                    budget,
-                    privacy.delta,
-                    q,
-                    steps * remaining,
-                    history=[*history, *later],
-                    accountant=privacy.accountant,
-                    max_sigma=MAX_USEFUL_SIGMA,
-                    budget_name=name,
-                ).noise_multiplier
-                for budget, history, name in budgets
+            sigma = _planned_sigma(
+                privacy, ledger, run_id, q, steps, num_rounds - server_round + 1, extra, final
             )
-    before = ledger.epsilon(privacy.delta)
-    after = check_allowance(
-        privacy,
-        ledger,
-        run_id=run_id,
-        planned=[*extra, (sigma, q, steps)],
-        reserve=final,
-        what=f"round {server_round}",
-    )
-    training = PrivateTraining(
+    return PrivateTraining(
         noise_multiplier=sigma,
         clip_norm=privacy.clip_norm,
         sample_rate=q,
@@ -433,4 +440,33 @@ def plan_round(
         secure_rng=privacy.secure_rng,
         seed=seed,
     )
-    return RoundPlan(training, before, after, privacy.delta)
+
+
+def _planned_sigma(
+    privacy: PrivacyConfig,
+    ledger: PrivacyLedger,
+    run_id: str,
+    q: float,
+    steps: int,
+    remaining: int,
+    extra: Sequence[Mechanism],
+    final: Sequence[Mechanism],
+) -> float:
+    """The smallest noise multiplier that fits the run's ``remaining`` rounds into both budgets."""
+    later = [*(list(extra) * remaining), *final]
+    budgets = [(privacy.epsilon, ledger.history(), "dp-epsilon")]
+    if privacy.run_cap is not None:
+        budgets.append((privacy.run_cap, _run_history(ledger, run_id), "dp-epsilon-per-run"))
+    return max(
+        noise_for_budget(
+            budget,
+            privacy.delta,
+            q,
+            steps * remaining,
+            history=[*history, *later],
+            accountant=privacy.accountant,
+            max_sigma=MAX_USEFUL_SIGMA,
+            budget_name=name,
+        ).noise_multiplier
+        for budget, history, name in budgets
+    )

@@ -41,14 +41,13 @@ exception's text.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
@@ -60,21 +59,35 @@ from fedshift.common.io import atomic_write_bytes
 from fedshift.common.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    DEFAULT_METRICS,
     FISHER_KEY,
+    LABEL_COUNTS_KEY,
     MECHANISM_DP_FISHER,
     MECHANISM_DP_LABEL_COUNTS,
     MECHANISM_DP_MOMENTS,
     MECHANISM_DP_SGD,
+    MECHANISM_FIELD,
     MECHANISM_NONE,
+    MECHANISM_PUBLIC,
+    MECHANISM_UNIT,
     METRICS_KEY,
+    MOMENT_OUTER_KEY,
+    MOMENT_SQUARE_KEY,
+    MOMENT_SUM_KEY,
+    PRIVACY_FIELDS,
     PRIVACY_KEY,
+    REASON_FIELD,
     SITE_ERROR,
     SITE_KEY,
-    SPLIT_KEY,
+    SITE_NAME_FIELD,
     STATUS_BLOCKED,
+    STATUS_FIELD,
     STATUS_KEY,
     STATUS_ROUND_REFUSED,
     STATUS_SPLIT_NOT_ALLOWED,
+    refusal,
+    round_of,
+    split_of,
 )
 from fedshift.common.shift_statistics import STATISTICS_KEY
 
@@ -83,71 +96,27 @@ logger = logging.getLogger(__name__)
 EGRESS_LOG_FILE = "egress-log.jsonl"
 EVALUATIONS_DIR = "evaluations"  # in the state directory: the answer sent to each (run, round, split)
 
-DEFAULT_METRICS = frozenset(
-    {
-        # every reply: the FedAvg weight (the size of the split used; public under DP-SGD's accounting)
-        "num-examples",
-        # training: throughput, not a statistic of the data (no training loss: it leaves no site)
-        "samples-per-second",
-        # evaluation (of the splits in eval-splits, once per run, round and split; WITHOUT DP)
-        "auc",
-        "accuracy",
-        "balanced-accuracy",
-        "log-loss",
-        "ece",
-        "n",
-    }
-)
-
-# label-shift correction and domain alignment (issue 5): the same aggregate evaluation metrics of
-# the corrected / adapted predictions (cal = calibrated, ls = prior-corrected, oracle = corrected
-# with the split's true prior, tta = test-time-adapted norms), and whether the correction fell back
-_VARIANT_METRICS = ("auc", "accuracy", "balanced-accuracy", "log-loss", "ece")
-SHIFT_METRICS = frozenset(
-    {
-        *(f"{v}-{m}" for v in ("cal", "ls", "oracle", "tta", "tta-ls") for m in _VARIANT_METRICS),
-        "thr-accuracy",
-        "thr-balanced-accuracy",
-        "ls-fallback",
-    }
-)
-DEFAULT_METRICS = DEFAULT_METRICS | SHIFT_METRICS
-
 # config records the protocol needs, and the only keys they may carry
 BOOKKEEPING_KEYS = {
-    SITE_KEY: frozenset({"name"}),
-    PRIVACY_KEY: frozenset(
-        {
-            "mechanism",
-            "epsilon",
-            "delta",
-            "budget-epsilon",
-            "noise-multiplier",
-            "clip-norm",
-            "sample-rate",
-            "steps",
-            "accountant",
-            "secure-rng",
-            "ewc-fisher",
-        }
-    ),
-    STATUS_KEY: frozenset({"status", "reason"}),
+    SITE_KEY: frozenset({SITE_NAME_FIELD}),
+    PRIVACY_KEY: PRIVACY_FIELDS,
+    STATUS_KEY: frozenset({STATUS_FIELD, REASON_FIELD}),
 }
 
 MECHANISM_DP = MECHANISM_DP_SGD
 # statistics released by the Gaussian mechanism in the statistics stage, charged per release
 DP_STATISTICS = {
-    "label-counts": MECHANISM_DP_LABEL_COUNTS,
-    "moment-sum": MECHANISM_DP_MOMENTS,
-    "moment-outer": MECHANISM_DP_MOMENTS,
-    "moment-square": MECHANISM_DP_MOMENTS,
+    LABEL_COUNTS_KEY: MECHANISM_DP_LABEL_COUNTS,
+    MOMENT_SUM_KEY: MECHANISM_DP_MOMENTS,
+    MOMENT_OUTER_KEY: MECHANISM_DP_MOMENTS,
+    MOMENT_SQUARE_KEY: MECHANISM_DP_MOMENTS,
 }
 UNPROTECTED = "none (dp=false at this site)"
 # a Fisher a site sends for consolidation: its privacy record's mechanism -> what protected it
 FISHER_RELEASES = {
     MECHANISM_DP_FISHER: MECHANISM_DP_FISHER,  # checked against the ledger, like the DP statistics
-    "public": "public data (synthetic images)",
-    "unit": "no data (F = 1)",
+    MECHANISM_PUBLIC: "public data (synthetic images)",
+    MECHANISM_UNIT: "no data (F = 1)",
     MECHANISM_NONE: UNPROTECTED,
 }
 METRIC = "aggregate-metric (allowed by site config)"
@@ -206,7 +175,7 @@ def inspect_reply(content: RecordDict, policy: EgressPolicy) -> tuple[list[dict[
     items: list[dict[str, Any]] = []
     blocked: list[str] = []
     privacy = content.config_records.get(PRIVACY_KEY)
-    declared = str(privacy.get("mechanism", "")) if privacy is not None else ""
+    declared = str(privacy.get(MECHANISM_FIELD, "")) if privacy is not None else ""
     for name, record in content.array_records.items():
         if name == FISHER_KEY:  # the end-of-phase Fisher (EWC consolidation)
             release = FISHER_RELEASES.get(declared)
@@ -264,32 +233,6 @@ def read_egress_log(state_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def round_of(msg: Message) -> int:
-    """The message's ``server-round`` (0 when it names none); :class:`RoundRefusedError` when it is not a
-    whole number (a string, a bool, NaN, inf, 2.5): the guard refuses such a message before site code runs."""
-    config = msg.content.config_records.get(CONFIG_KEY)
-    value = config.get("server-round", 0) if config is not None else 0
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    raise RoundRefusedError(
-        f"Expected server-round to be a whole number (1, 2, ...), but got {repr(value)[:40]}; "
-        "the server must send the round it runs"
-    )
-
-
-def refusal(msg: Message, site: str, status: str, reason: str) -> Message:
-    """A reply that says why this site sends nothing this time."""
-    content = RecordDict(
-        {
-            SITE_KEY: ConfigRecord({"name": site}),
-            STATUS_KEY: ConfigRecord({"status": status, "reason": reason}),
-        }
-    )
-    return Message(content, reply_to=msg)
-
-
 def uncharged_statistics(items: list[dict[str, Any]], state_dir: Path, msg: Message) -> list[str]:
     """The DP statistics among ``items`` whose release the site's ledger has no charge for in the run
     and round of ``msg`` (blocked)."""
@@ -339,12 +282,6 @@ def is_evaluate(msg: Message) -> bool:
     return str(msg.metadata.message_type).split(".")[0] == MessageType.EVALUATE
 
 
-def split_of(msg: Message) -> str:
-    """The split an evaluate message asks for (``val`` when it names none)."""
-    config = msg.content.config_records.get(CONFIG_KEY)
-    return str(config.get(SPLIT_KEY, "val")) if config is not None else "val"
-
-
 def site_error(msg: Message) -> Message:
     """The reply to a message the site's code failed on: a Flower error with fixed words, no site text."""
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=SITE_ERROR), reply_to=msg)
@@ -385,54 +322,56 @@ def _evaluation_refusal(msg: Message, site: str, policy: EgressPolicy) -> Messag
     return None
 
 
+def _answer(
+    msg: Message, context: Context, call_next: Handler, site: str, state_dir: Path, policy: EgressPolicy
+) -> tuple[Message, dict[str, Any]]:
+    """The reply as it leaves, and what the log adds about how it was made."""
+    try:
+        run_id, server_round = str(msg.metadata.run_id), round_of(msg)
+    except RoundRefusedError as exc:  # the server's mistake: refused before any site code runs
+        logger.warning("%s: refused a %s message: %s", site, msg.metadata.message_type, exc)
+        return refusal(msg, site, STATUS_ROUND_REFUSED, str(exc)), {}
+    if not is_evaluate(msg):
+        return call_next(msg, context), {}
+    refused = _evaluation_refusal(msg, site, policy)
+    if refused is not None:
+        return refused, {}
+    split = split_of(msg)
+    stored = stored_answer(state_dir, run_id, server_round, split)
+    if stored is not None:
+        logger.info(
+            "%s: run %s round %d %s was evaluated before: sending the same answer again",
+            site,
+            run_id,
+            server_round,
+            split,
+        )
+        return Message(stored, reply_to=msg), {"repeat": True}
+    return call_next(msg, context), {"repeat": False}
+
+
+def _checked(
+    msg: Message, reply: Message, site: str, state_dir: Path, policy: EgressPolicy
+) -> tuple[Message, list[dict[str, Any]], list[str], dict[str, Any]]:
+    """What of ``reply`` may leave: the reply, its items, what was blocked, what the log adds."""
+    if reply.has_error():
+        if reply.error.reason != SITE_ERROR:  # an error reply made inside: its text stays here
+            logger.error("%s: an error reply (%s) replaced by a generic error", site, reply.error.reason)
+            reply = site_error(msg)
+        return reply, [], [], {"error": SITE_ERROR}
+    withheld = withhold_metrics(reply.content, policy)
+    items, blocked = inspect_reply(reply.content, policy)
+    blocked += uncharged_statistics(items, state_dir, msg)
+    if blocked:
+        logger.error("%s: egress guard blocked %s; sending a refusal instead", site, blocked)
+        reason = f"egress guard blocked {len(blocked)} item(s): {blocked}"
+        reply = refusal(msg, site, STATUS_BLOCKED, reason)
+        items, _ = inspect_reply(reply.content, policy)
+    return reply, items, blocked, {"withheld": withheld} if withheld else {}
+
+
 def egress_guard(resolve: SiteResolver) -> Callable[[Message, Context, Handler], Message]:
     """The client mod; ``resolve`` gives the site's name, state directory and policy from the context."""
-
-    def answer(
-        msg: Message, context: Context, call_next: Handler, site: str, state_dir: Path, policy: EgressPolicy
-    ) -> tuple[Message, dict[str, Any]]:
-        """The reply as it leaves, and what the log adds about how it was made."""
-        try:
-            run_id, server_round = str(msg.metadata.run_id), round_of(msg)
-        except RoundRefusedError as exc:  # the server's mistake: refused before any site code runs
-            logger.warning("%s: refused a %s message: %s", site, msg.metadata.message_type, exc)
-            return refusal(msg, site, STATUS_ROUND_REFUSED, str(exc)), {}
-        if not is_evaluate(msg):
-            return call_next(msg, context), {}
-        refused = _evaluation_refusal(msg, site, policy)
-        if refused is not None:
-            return refused, {}
-        split = split_of(msg)
-        stored = stored_answer(state_dir, run_id, server_round, split)
-        if stored is not None:
-            logger.info(
-                "%s: run %s round %d %s was evaluated before: sending the same answer again",
-                site,
-                run_id,
-                server_round,
-                split,
-            )
-            return Message(stored, reply_to=msg), {"repeat": True}
-        return call_next(msg, context), {"repeat": False}
-
-    def checked(
-        msg: Message, reply: Message, site: str, state_dir: Path, policy: EgressPolicy
-    ) -> tuple[Message, list[dict[str, Any]], list[str], dict[str, Any]]:
-        """What of ``reply`` may leave: the reply, its items, what was blocked, what the log adds."""
-        if reply.has_error():
-            if reply.error.reason != SITE_ERROR:  # an error reply made inside: its text stays here
-                logger.error("%s: an error reply (%s) replaced by a generic error", site, reply.error.reason)
-                reply = site_error(msg)
-            return reply, [], [], {"error": SITE_ERROR}
-        withheld = withhold_metrics(reply.content, policy)
-        items, blocked = inspect_reply(reply.content, policy)
-        blocked += uncharged_statistics(items, state_dir, msg)
-        if blocked:
-            logger.error("%s: egress guard blocked %s; sending a refusal instead", site, blocked)
-            reason = f"egress guard blocked {len(blocked)} item(s): {blocked}"
-            reply = refusal(msg, site, STATUS_BLOCKED, reason)
-            items, _ = inspect_reply(reply.content, policy)
-        return reply, items, blocked, {"withheld": withheld} if withheld else {}
 
     def mod(msg: Message, context: Context, call_next: Handler) -> Message:
         try:
@@ -446,8 +385,8 @@ def egress_guard(resolve: SiteResolver) -> Callable[[Message, Context, Handler],
         request = describe_request(msg)
         where = f"{site}: {request['type']} of run {request['run']} round {request['round']} failed"
         try:
-            reply, extra = answer(msg, context, call_next, site, state_dir, policy)
-            reply, items, blocked, checks = checked(msg, reply, site, state_dir, policy)
+            reply, extra = _answer(msg, context, call_next, site, state_dir, policy)
+            reply, items, blocked, checks = _checked(msg, reply, site, state_dir, policy)
             extra = {**extra, **checks}
         except FedshiftError as exc:  # a clear one-line reason (config, ledger, data): no traceback
             logger.error("%s, the server gets a generic error: %s", where, exc)

@@ -33,8 +33,7 @@ from fedshift.client.alignment import (
     site_objective,
 )
 from fedshift.client.correction import count_mechanism, private_label_counts
-from fedshift.client.dp import RandomSource, SecureSource, SeededSource, check_allowance, check_round
-from fedshift.client.egress import MECHANISM_DP_LABEL_COUNTS, MECHANISM_DP_MOMENTS, refusal, round_of
+from fedshift.client.dp import RandomSource, Release, SecureSource, SeededSource, check_round, reserve
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.client.site import SiteSettings, load_site_data
 from fedshift.client.training import Objective, resolve_device
@@ -45,11 +44,20 @@ from fedshift.common.model import FedshiftModel
 from fedshift.common.privacy import Mechanism
 from fedshift.common.protocol import (
     CONFIG_KEY,
+    LABEL_COUNTS_KEY,
+    MECHANISM_DP_LABEL_COUNTS,
+    MECHANISM_DP_MOMENTS,
     METRICS_KEY,
+    MOMENT_OUTER_KEY,
+    MOMENT_SQUARE_KEY,
+    MOMENT_SUM_KEY,
     SITE_KEY,
-    STATUS_BUDGET_EXHAUSTED,
-    STATUS_ROUND_REFUSED,
+    STATUS_STATISTICS_LOST,
     WEIGHT_KEY,
+    refusal,
+    refusal_for,
+    round_of,
+    site_record,
 )
 from fedshift.common.shift_statistics import (
     GLOBAL_KEY,
@@ -65,6 +73,7 @@ from fedshift.common.shift_statistics import (
 logger = logging.getLogger(__name__)
 
 RELEASE_FILE = "dp-statistics.json"  # this site's own releases of the current run (already charged)
+RELEASE_SIZE = "n"  # in a release kept in RELEASE_FILE: the training split's size (sent as the weight)
 STATISTICS_ROUND = 0  # the ledger's round of the first statistics stage (training rounds start at 1)
 
 
@@ -74,13 +83,13 @@ def _source(fed: FederationConfig, site: SiteSettings, what: str) -> RandomSourc
     return SeededSource(zlib.crc32(f"{fed.seed}:{what}:{site.name}".encode()))
 
 
-def release_mechanisms(fed: FederationConfig, server_round: int = 0) -> list[tuple[str, Mechanism]]:
-    """What the statistics stage of ``server_round`` releases, in the ledger's form (label counts once)."""
-    out: list[tuple[str, Mechanism]] = []
+def release_mechanisms(fed: FederationConfig, server_round: int = 0) -> list[Release]:
+    """What the statistics stage of ``server_round`` releases (label counts once, before round 1)."""
+    out: list[Release] = []
     if fed.shift.needs_counts and server_round == 0:
-        out.append((MECHANISM_DP_LABEL_COUNTS, count_mechanism(fed.shift.count_noise)))
+        out.append(Release(MECHANISM_DP_LABEL_COUNTS, count_mechanism(fed.shift.count_noise)))
     if fed.shift.align and (server_round == 0 or fed.shift.refreshes):
-        out.append((MECHANISM_DP_MOMENTS, moment_mechanism(fed.shift.align_noise)))
+        out.append(Release(MECHANISM_DP_MOMENTS, moment_mechanism(fed.shift.align_noise)))
     return out
 
 
@@ -112,52 +121,49 @@ def _release(
     run_id = str(msg.metadata.run_id)
     privacy = site.privacy
     ledger = PrivacyLedger.at(site.state_dir, accountant=privacy.accountant)
-    mechanisms = release_mechanisms(fed, server_round)
-    if any(ledger.find(run_id, server_round, name) for name, _ in mechanisms):
+    planned = release_mechanisms(fed, server_round)
+    if any(ledger.find(run_id, server_round, r.mechanism) for r in planned):
         reason = (
             f"statistics of run {run_id} round {server_round} were charged but their release is not in "
             f"{RELEASE_FILE}; a fresh draw would be an uncharged second release: this site sends none"
         )
         logger.error("%s: %s", site.name, reason)
-        return refusal(msg, site.name, "statistics-lost", reason)
+        return refusal(msg, site.name, STATUS_STATISTICS_LOST, reason)
     try:  # round 0 or a refresh before a round of this run, each after the last: before any charge
-        for name, _cost in mechanisms:
+        for release in planned:
             check_round(
-                ledger, run_id=run_id, server_round=server_round, num_rounds=fed.num_rounds, mechanism=name
+                ledger,
+                run_id=run_id,
+                server_round=server_round,
+                num_rounds=fed.num_rounds,
+                mechanism=release.mechanism,
             )
+        # the lifetime budget and the per-run cap (dp-epsilon-per-run), then the charges
+        reserve(
+            privacy, ledger, run_id=run_id, server_round=server_round, charges=planned, what="the statistics"
+        )
     except RoundRefusedError as exc:
         logger.warning("%s: no statistics: %s", site.name, exc)
-        return refusal(msg, site.name, STATUS_ROUND_REFUSED, str(exc))
-    if privacy.enabled:
-        try:  # the lifetime budget and the per-run cap (dp-epsilon-per-run)
-            check_allowance(
-                privacy, ledger, run_id=run_id, planned=[m for _, m in mechanisms], what="the statistics"
-            )
-        except BudgetExhaustedError as exc:
-            reason = str(exc)
-            logger.warning("%s: %s", site.name, reason)
-            return refusal(msg, site.name, STATUS_BUDGET_EXHAUSTED, reason)
-    # charged before the data is touched: a crash over-reports, never under-reports
-    for name, cost in mechanisms:
-        ledger.charge_mechanism(
-            run_id=run_id, round=server_round, mechanism=name, cost=cost, delta=privacy.delta
-        )
+        return refusal_for(msg, site.name, exc)
+    except BudgetExhaustedError as exc:
+        logger.warning("%s: %s", site.name, exc)
+        return refusal_for(msg, site.name, exc)
     train = load_site_data(site).split("train")
-    out: dict[str, Any] = {"n": len(train)}
-    names = {name for name, _ in mechanisms}
+    out: dict[str, Any] = {RELEASE_SIZE: len(train)}
+    names = {r.mechanism for r in planned}
     if MECHANISM_DP_LABEL_COUNTS in names:
         counts = private_label_counts(
             train.labels, fed.model.num_classes, fed.shift.count_noise, _source(fed, site, "counts")
         )
-        out["label-counts"] = counts.counts.tolist()
+        out[LABEL_COUNTS_KEY] = counts.counts.tolist()
     if MECHANISM_DP_MOMENTS in names:
         source = _source(fed, site, f"moments:{server_round}")
         moments = site_moments(fed, site, model, train.images, train.labels, source)
-        out["moment-sum"] = moments.class_sums.ravel().tolist()
+        out[MOMENT_SUM_KEY] = moments.class_sums.ravel().tolist()
         if moments.outer is not None:
-            out["moment-outer"] = moments.outer.ravel().tolist()
+            out[MOMENT_OUTER_KEY] = moments.outer.ravel().tolist()
         if moments.class_squares is not None:
-            out["moment-square"] = moments.class_squares.tolist()
+            out[MOMENT_SQUARE_KEY] = moments.class_squares.tolist()
     releases = _load_releases(site.state_dir, run_id)
     releases[str(server_round)] = out
     atomic_write_json(site.state_dir / RELEASE_FILE, {"run": run_id, "rounds": releases})
@@ -204,7 +210,7 @@ def handle_statistics(
             stats.round,
             stats.sites,
         )
-        return Message(RecordDict({SITE_KEY: ConfigRecord({"name": site.name})}), reply_to=msg)
+        return Message(RecordDict({SITE_KEY: site_record(site.name)}), reply_to=msg)
     if stage != STAGE_RELEASE:
         raise ConfigError(
             f"Expected a query stage {STAGE_RELEASE!r} or {STAGE_GLOBAL!r}, but got {stage!r}; the server "
@@ -235,12 +241,12 @@ def handle_statistics(
             run_id,
             server_round,
         )
-    record = ConfigRecord({k: v for k, v in released.items() if k != "n"})
+    record = ConfigRecord({k: v for k, v in released.items() if k != RELEASE_SIZE})
     content = RecordDict(
         {
             STATISTICS_KEY: record,
-            METRICS_KEY: MetricRecord({WEIGHT_KEY: int(released["n"])}),
-            SITE_KEY: ConfigRecord({"name": site.name}),
+            METRICS_KEY: MetricRecord({WEIGHT_KEY: int(released[RELEASE_SIZE])}),
+            SITE_KEY: site_record(site.name),
         }
     )
     return Message(content, reply_to=msg)
@@ -283,13 +289,13 @@ def training_objective(
     if fed.shift.align and fed.shift.align_loss == "coral" and private and stats is not None:
         # CORAL's linearisation point under DP: this site's own latest release (post-processing, free)
         own = own_release(site.state_dir, run_id, stats.round)
-        if own is not None and "moment-outer" in own:
+        if own is not None and MOMENT_OUTER_KEY in own:
             k = fed.shift.align_dim
-            n = max(int(own["n"]), 1)
-            sums = np.asarray(own["moment-sum"], dtype=np.float64).reshape(-1, k)
+            n = max(int(own[RELEASE_SIZE]), 1)
+            sums = np.asarray(own[MOMENT_SUM_KEY], dtype=np.float64).reshape(-1, k)
             point = (
                 sums.sum(axis=0) / n,
-                np.asarray(own["moment-outer"], dtype=np.float64).reshape(k, k) / n,
+                np.asarray(own[MOMENT_OUTER_KEY], dtype=np.float64).reshape(k, k) / n,
             )
     model.train(True)
     return site_objective(fed.shift, stats, projection_matrix=proj, point=point, site=site.name)

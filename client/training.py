@@ -33,20 +33,26 @@ class TrainStats:
     samples_per_second: float  # throughput (samples processed / seconds)
 
 
-def resolve_device(setting: str = "auto") -> torch.device:
-    """``auto`` -> the first GPU when there is one, else CPU; or ``cpu`` / ``cuda:N``.
+def configure_threads() -> int:
+    """Let torch use every core this process may run on, at most ``FEDSHIFT_NUM_THREADS``; the count.
 
-    On the CPU, torch uses every core this process may run on (Ray workers
-    otherwise start with a single intra-op thread), or at most ``FEDSHIFT_NUM_THREADS``.
+    Ray workers otherwise start with a single intra-op thread; on a CPU shared with other
+    jobs, oversubscribed threads spin. Each entry point that computes on the CPU calls it once.
     """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cap = int(os.environ.get("FEDSHIFT_NUM_THREADS", cores or 1))
+    threads = max(1, min(cores or 1, cap))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def resolve_device(setting: str = "auto") -> torch.device:
+    """``auto`` -> the first GPU when there is one, else CPU; or ``cpu`` / ``cuda:N``. No side effects:
+    the CPU's thread count is :func:`configure_threads`."""
     setting = (setting or "auto").strip().lower()
     if setting == "auto":
         setting = "cuda:0" if torch.cuda.is_available() else "cpu"
     if setting == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        # FEDSHIFT_NUM_THREADS caps it: on a CPU shared with other jobs, oversubscribed threads spin
-        cap = int(os.environ.get("FEDSHIFT_NUM_THREADS", cores or 1))
-        torch.set_num_threads(max(1, min(cores or 1, cap)))
         return torch.device("cpu")
     if setting.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -139,17 +145,7 @@ def train_local(
     model.train(True)
     x_all = to_tensor(data.images, model.config.image_size)
     y_all = torch.as_tensor(data.labels, dtype=torch.long)
-    optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-        param_groups(model, config), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    forward: nn.Module = model
-    if private is None:
-        batches = _shuffled(n, config.batch_size, config.local_epochs, torch.Generator().manual_seed(seed))
-    else:
-        forward, optimizer = private.attach(model, optimizer, n)
-        batches = private.batches(n, device)
-        if gradient_term is not None:  # runs after clipping, noise and scaling
-            private.after_noise(lambda: _add_gradients(gradient_term))
+    forward, optimizer, batches = _loop(model, n, config, device, seed, private, gradient_term)
     captured: list[torch.Tensor] = []
     hook = model.head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     steps, processed, loss_sum = 0, 0, 0.0
@@ -177,13 +173,31 @@ def train_local(
             private.detach()
     seconds = time.perf_counter() - start
     model.train(False)
-    return TrainStats(
-        loss=loss_sum / processed if processed else float("nan"),
-        num_examples=n,
-        steps=steps,
-        seconds=seconds,
-        samples_per_second=processed / seconds if seconds > 0 else float("inf"),
+    loss_mean = loss_sum / processed if processed else float("nan")
+    throughput = processed / seconds if seconds > 0 else float("inf")
+    return TrainStats(loss_mean, n, steps, seconds, throughput)
+
+
+def _loop(
+    model: FedshiftModel,
+    n: int,
+    config: TrainConfig,
+    device: torch.device,
+    seed: int,
+    private: PrivateTraining | None,
+    gradient_term: GradientTerm | None,
+) -> tuple[nn.Module, torch.optim.Optimizer, Iterator[torch.Tensor]]:
+    """The module to call, the optimizer and the batches: shuffled passes, or DP-SGD's Poisson batches."""
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+        param_groups(model, config), lr=config.learning_rate, weight_decay=config.weight_decay
     )
+    if private is None:
+        batches = _shuffled(n, config.batch_size, config.local_epochs, torch.Generator().manual_seed(seed))
+        return model, optimizer, batches
+    forward, optimizer = private.attach(model, optimizer, n)
+    if gradient_term is not None:  # runs after clipping, noise and scaling
+        private.after_noise(lambda: _add_gradients(gradient_term))
+    return forward, optimizer, private.batches(n, device)
 
 
 @torch.no_grad()

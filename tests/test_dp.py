@@ -18,7 +18,15 @@ from opacus.accountants import RDPAccountant
 from scipy import stats
 from torch import nn
 
-from fedshift.client.dp import PrivateTraining, SecureSource, SeededSource, check_round, plan_round
+from fedshift.client.dp import (
+    PrivateTraining,
+    Release,
+    SecureSource,
+    SeededSource,
+    check_round,
+    plan_round,
+    reserve,
+)
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.common.config import PrivacyConfig, TrainConfig
 from fedshift.common.data import to_tensor
@@ -164,22 +172,22 @@ def test_plan_round_spends_the_budget_over_the_run_then_refuses(tmp_path: Path) 
     train = TrainConfig(batch_size=50)
     sigmas = []
     for rnd in range(1, 5):
-        plan = plan_round(
+        dp = plan_round(
             privacy, ledger, num_examples=500, train=train, run_id="7", server_round=rnd, num_rounds=4
         )
-        dp = plan.training
         assert (dp.sample_rate, dp.steps) == (0.1, 10)
-        assert plan.epsilon_after <= 3.0
-        entry = ledger.charge(
+        planned_after = epsilon([*ledger.history(), dp.cost], 1e-5)
+        assert planned_after <= 3.0
+        [entry] = reserve(
+            privacy,
+            ledger,
             run_id="7",
-            round=rnd,
-            mechanism="dp-sgd",
-            noise_multiplier=dp.noise_multiplier,
-            sample_rate=dp.sample_rate,
-            steps=dp.steps,
-            delta=1e-5,
+            server_round=rnd,
+            charges=[Release("dp-sgd", dp.cost)],
+            what=f"round {rnd}",
         )
-        assert entry.epsilon == pytest.approx(plan.epsilon_after, abs=1e-9)
+        assert (entry.round, entry.mechanism, entry.noise_multiplier) == (rnd, "dp-sgd", dp.noise_multiplier)
+        assert entry.epsilon == pytest.approx(planned_after, abs=1e-9)
         sigmas.append(dp.noise_multiplier)
     assert len(set(sigmas)) == 1  # fixed within a run
     reference = RDPAccountant()
@@ -191,5 +199,36 @@ def test_plan_round_spends_the_budget_over_the_run_then_refuses(tmp_path: Path) 
     with pytest.raises(BudgetExhaustedError, match="epsilon"):  # a new run finds nothing left
         plan_round(privacy, ledger, num_examples=500, train=train, run_id="8", server_round=1, num_rounds=2)
     fixed = PrivacyConfig(enabled=True, epsilon=50.0, noise_multiplier=1.3)
-    plan = plan_round(fixed, ledger, num_examples=500, train=train, run_id="9", server_round=1, num_rounds=2)
-    assert plan.training.noise_multiplier == 1.3
+    dp = plan_round(fixed, ledger, num_examples=500, train=train, run_id="9", server_round=1, num_rounds=2)
+    assert dp.noise_multiplier == 1.3
+
+
+def test_reserve_checks_the_whole_plan_then_charges_it_in_order(tmp_path: Path) -> None:
+    """The one reserve step of training, the statistics stage and the Fisher release: every charge of
+    a plan, or none of them with the numbers in the refusal."""
+    privacy = PrivacyConfig(enabled=True, epsilon=3.0, delta=1e-5)
+    ledger = PrivacyLedger.at(tmp_path)
+    plan = [Release("dp-label-counts", (2.0, 1.0, 1)), Release("dp-moments", (3.0, 1.0, 1))]
+    entries = reserve(privacy, ledger, run_id="1", server_round=0, charges=plan, what="the statistics")
+    assert [(e.round, e.mechanism, e.steps) for e in entries] == [
+        (0, "dp-label-counts", 1),
+        (0, "dp-moments", 1),
+    ]
+    assert entries[-1].epsilon == pytest.approx(epsilon([(2.0, 1.0, 1), (3.0, 1.0, 1)], 1e-5), abs=1e-9)
+    before = ledger.epsilon(1e-5)
+    big = [Release("dp-sgd", (0.8, 0.1, 100)), Release("dp-fisher", (5.0, 1.0, 1))]
+    with pytest.raises(BudgetExhaustedError, match=f"from {before:.4g} to ") as refused:
+        reserve(privacy, ledger, run_id="1", server_round=1, charges=big, what="round 1")
+    assert "round 1" in str(refused.value) and "epsilon=3" in str(refused.value)
+    assert len(PrivacyLedger.at(tmp_path).entries) == 2  # nothing of the refused plan was written
+    # what a round counts but others charge (the refreshed moments) refuses it too; the end-of-run
+    # release it keeps room for as well
+    small = [Release("dp-sgd", (5.0, 0.1, 10))]
+    with pytest.raises(BudgetExhaustedError, match="end-of-run release"):
+        reserve(privacy, ledger, run_id="1", server_round=1, charges=small, final=[(0.5, 1.0, 50)], what="r")
+    [entry] = reserve(privacy, ledger, run_id="1", server_round=1, charges=small, what="round 1")
+    assert entry.epsilon == pytest.approx(epsilon([*ledger.history()], 1e-5), abs=1e-9)
+    # a site with DP off still charges the DP statistics it releases, without a budget to check
+    off = PrivacyConfig(enabled=False, epsilon=0.01, delta=1e-5)
+    [stat] = reserve(off, ledger, run_id="1", server_round=2, charges=[plan[1]], what="the statistics")
+    assert stat.mechanism == "dp-moments" and len(ledger.entries) == 4

@@ -19,16 +19,13 @@ from scipy import stats
 from torch import Tensor, nn
 
 from fedshift.client.dp import SeededSource
-from fedshift.client.ewc import (
+from fedshift.client.ewc import consolidate, ewc_gradient, ewc_penalty, unit_fisher
+from fedshift.client.fisher import (
     FisherRelease,
     clip_per_sample,
-    consolidate,
-    ewc_gradient,
-    ewc_penalty,
     fisher_diagonal,
     per_sample_fisher,
     private_fisher_diagonal,
-    unit_fisher,
 )
 from fedshift.common.config import EWCConfig
 from fedshift.common.errors import ConfigError, DataError, PrivacyError

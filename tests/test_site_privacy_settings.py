@@ -32,7 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from opacus.accountants import RDPAccountant
 
 from fedshift.client.app import make_client_app
-from fedshift.client.dp import check_allowance, plan_round
+from fedshift.client.dp import Release, check_allowance, plan_round, reserve
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.client.site import SiteSettings
 from fedshift.common.cli import main
@@ -225,7 +225,7 @@ def test_the_run_configs_privacy_values_do_not_reach_a_deployed_site(
         run_id="1",
         server_round=1,
         num_rounds=3,
-    ).training
+    )
     ledger = PrivacyLedger.at(site_dir)
     assert ledger.accountant == "rdp"
     [entry] = ledger.entries
@@ -421,7 +421,7 @@ def test_the_per_run_cap_bounds_each_run_and_the_lifetime_budget_all_of_them(tmp
     def run(run_id: str, rounds: int) -> float:
         sigma = 0.0
         for rnd in range(1, rounds + 1):
-            plan = plan_round(
+            dp = plan_round(
                 privacy,
                 ledger,
                 num_examples=500,
@@ -430,17 +430,9 @@ def test_the_per_run_cap_bounds_each_run_and_the_lifetime_budget_all_of_them(tmp
                 server_round=rnd,
                 num_rounds=rounds,
             )
-            dp = plan.training
             sigma = dp.noise_multiplier
-            ledger.charge(
-                run_id=run_id,
-                round=rnd,
-                mechanism="dp-sgd",
-                noise_multiplier=sigma,
-                sample_rate=dp.sample_rate,
-                steps=dp.steps,
-                delta=1e-5,
-            )
+            charge = [Release("dp-sgd", dp.cost)]
+            reserve(privacy, ledger, run_id=run_id, server_round=rnd, charges=charge, what=f"round {rnd}")
         return sigma
 
     def opacus(history: list[tuple[float, float, int]]) -> float:
@@ -472,22 +464,20 @@ def test_the_per_run_cap_bounds_each_run_and_the_lifetime_budget_all_of_them(tmp
     other = PrivacyLedger.at(tmp_path / "fixed")
     fits = max(k for k in range(1, 40) if opacus([(2.0, 0.1, 10)] * k) <= 2.0)
     for rnd in range(1, fits + 1):
-        plan_round(fixed, other, num_examples=500, train=train, run_id="c", server_round=rnd, num_rounds=40)
-        other.charge(
-            run_id="c",
-            round=rnd,
-            mechanism="dp-sgd",
-            noise_multiplier=2.0,
-            sample_rate=0.1,
-            steps=10,
-            delta=1e-5,
+        dp = plan_round(
+            fixed, other, num_examples=500, train=train, run_id="c", server_round=rnd, num_rounds=40
         )
-    with pytest.raises(BudgetExhaustedError, match="dp-epsilon-per-run=2"):
-        plan_round(
-            fixed, other, num_examples=500, train=train, run_id="c", server_round=fits + 1, num_rounds=40
+        assert dp.cost == (2.0, 0.1, 10)
+        reserve(
+            fixed, other, run_id="c", server_round=rnd, charges=[Release("dp-sgd", dp.cost)], what="a round"
         )
+    with pytest.raises(BudgetExhaustedError, match="dp-epsilon-per-run=2"):  # and nothing is charged
+        reserve(
+            fixed, other, run_id="c", server_round=fits + 1, charges=[Release("dp-sgd", dp.cost)], what="r"
+        )
+    assert len(other.entries) == fits
     # a new run gets its own cap; other releases (statistics, Fisher) are held to the same caps
-    plan_round(fixed, other, num_examples=500, train=train, run_id="d", server_round=1, num_rounds=40)
+    check_allowance(fixed, other, run_id="d", planned=[dp.cost], what="round 1")
     with pytest.raises(BudgetExhaustedError, match="per-run cap"):
         check_allowance(fixed, other, run_id="c", planned=[(5.0, 1.0, 1)], what="the statistics")
     after = check_allowance(fixed, other, run_id="d", planned=[(5.0, 1.0, 1)], what="the statistics")
