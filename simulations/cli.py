@@ -68,12 +68,14 @@ def run(args: argparse.Namespace) -> int:
 def _check_model(fed: Any, finetunes: tuple[str, ...]) -> None:
     """Fail on a bad backbone or device before any data is simulated or Ray is started.
 
-    Inside Ray these would only surface as failed replies from every site.
+    Inside Ray these would only surface as failed replies from every site. On the CPU
+    it also sets this process's thread count (the local-only baseline trains here).
     """
-    from fedshift.client.training import resolve_device
+    from fedshift.client.training import configure_threads, resolve_device
     from fedshift.common.model import build_model
 
-    resolve_device(fed.device)
+    if resolve_device(fed.device).type == "cpu":
+        configure_threads()
     for finetune in finetunes:
         build_model(replace(fed.model, finetune=finetune))
 

@@ -104,6 +104,30 @@ def continual_table(summary: Mapping[str, Any], label: str) -> str:
     return render_table(f"Continual federation on {label} (mean test AUC)", rows, mean_row=False)
 
 
+def _phase_b(
+    spec: ExperimentSpec,
+    config: FederationConfig,
+    sites_a: Sequence[SimulatedSite],
+    sites_b: Sequence[SimulatedSite],
+    root: Path,
+    before: Mapping[str, Mapping[str, float]],
+) -> dict[str, Any]:
+    """One phase-B run from phase A's adapters, and what it did to the phase-A sites."""
+    server_b, seconds_b = federate(config, sites_b, root, spec.site_epsilons)
+    phase_a = spec.out_dir / "phase-a"
+    after = evaluate_sites(root / "server" / "checkpoint", sites_a, phase_a / "sites", config.device)
+    return {
+        "phase_a_after": after,
+        "phase_a_auc_after": _mean_auc(after),
+        "forgetting": _mean_auc(before) - _mean_auc(after),
+        "phase_b_test": server_b["final_test"],
+        "phase_b_auc": _mean_auc(server_b["final_test"]),
+        "ewc_lambda": config.ewc.lam,
+        "seconds": seconds_b,
+        "run_dir": str(root),
+    }
+
+
 def run_continual(
     spec: ExperimentSpec,
     *,
@@ -134,21 +158,10 @@ def run_continual(
             init_checkpoint=str(checkpoint_a),
             ewc=replace(fed.ewc, lam=lam, anchor="consolidated"),
         )
-    runs: dict[str, dict[str, Any]] = {}
-    for k, (name, config) in enumerate(variants.items()):
-        root = out / f"phase-b-{k}"
-        server_b, seconds_b = federate(config, sites_b, root, spec.site_epsilons)
-        after = evaluate_sites(root / "server" / "checkpoint", sites_a, out / "phase-a" / "sites", fed.device)
-        runs[name] = {
-            "phase_a_after": after,
-            "phase_a_auc_after": _mean_auc(after),
-            "forgetting": _mean_auc(before) - _mean_auc(after),
-            "phase_b_test": server_b["final_test"],
-            "phase_b_auc": _mean_auc(server_b["final_test"]),
-            "ewc_lambda": config.ewc.lam,
-            "seconds": seconds_b,
-            "run_dir": str(root),
-        }
+    runs = {
+        name: _phase_b(spec, config, sites_a, sites_b, out / f"phase-b-{k}", before)
+        for k, (name, config) in enumerate(variants.items())
+    }
     summary = {
         "data": label,
         "phase_a_sites": [site_summary(s) for s in sites_a],

@@ -68,6 +68,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedshift.client.training import configure_threads
     from fedshift.common.io import as_jsonable, atomic_write_json
     from fedshift.simulations.options import experiment_spec, federation, run_directory
     from fedshift.simulations.shift_study import StudySpec, format_seed_summary, run_study, summarize_seeds
@@ -86,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         args.sites = len(args.prevalences or ())
     base = federation(args, PRESET, args.sites)
     out = run_directory(args, "shift-study")
+    configure_threads()  # the alignment scores' features are computed here, on the CPU
     seeds = args.seeds or (base.seed,)
     reports = {}
     for seed in seeds:

@@ -27,7 +27,7 @@ from fedshift.client.dp import sample_rate
 from fedshift.common.adapters import InputAdapter
 from fedshift.common.backbones import backbone_norm, create_backbone
 from fedshift.common.privacy import epsilon
-from fedshift.simulations.benchmarks.dp_throughput import (
+from fedshift.simulations.benchmarks.stock_opacus import (
     GrayToRGB,
     GroupNormAct,
     build_stock_model,

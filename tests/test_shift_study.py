@@ -1,4 +1,4 @@
-"""``fedshift shift-study``: the claims of issue 5 on real PneumoniaMNIST, and its command line.
+"""``fedshift shift-study``: the study's claims on real PneumoniaMNIST, and its command line.
 
 The slow test runs a small study (two real Flower simulations on Ray, the real
 ClientApp with its statistics stage, real images) and checks the numbers: the

@@ -200,11 +200,11 @@ def test_dp_simulation_budget_ledger_and_egress(tmp_path: Path) -> None:
         for entry in trained:
             arrays = [i for i in entry["items"] if i["record"] == "arrays"]
             assert {i["mechanism"] for i in arrays} == {"dp-sgd"} and entry["blocked"] == []
-        # issue 18: val each round and test at the end, each (round, split) evaluated once, split logged
+        # val each round and test at the end, each (round, split) evaluated once, split logged
         log = read_egress_log(tmp_path / "sites" / name)
         evaluated = [(e["round"], e["split"], e["repeat"]) for e in log if e["stage"] == "evaluate"]
         assert evaluated == [(1, "val", False), (2, "val", False), (2, "test", False)]
-    # issue 18: no statistic of the training data without DP (no training loss) reached the server
+    # no statistic of the training data without DP (no training loss) reached the server
     kept = {k for per_site in history["train"].values() for m in per_site.values() for k in m}
     assert kept == {"num-examples", "samples-per-second", "bytes-sent"}
     assert _ray_processes() == []

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedshift.client.training import evaluate, predict_proba, resolve_device, train_local
+from fedshift.client.training import configure_threads, evaluate, predict_proba, resolve_device, train_local
 from fedshift.common.config import TrainConfig
 from fedshift.common.data import make_synthetic_cxr
 from fedshift.common.model import ModelConfig, build_model
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_threads()  # the CPU is measured first
     devices = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
     rows = [measure(d, args.image_size, args.n_train, args.epochs) for d in devices]
     print(f"{'device':<8} {'name':<28} {'px':>4} {'train/s':>9} {'infer/s':>9} {'test AUC':>9}")
