@@ -276,7 +276,6 @@ class StatisticsRefresh(Strategy):
         return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
-        logger.info("Refreshing the global feature moments before every round after the first")
         self.strategy.summary()
 
 
