@@ -26,7 +26,7 @@ from fedshift.common.ewc_config import (
     check_lambda,
     is_number,
 )
-from fedshift.common.finetune import STRATEGIES
+from fedshift.common.finetune import FINETUNE_CHOICES
 from fedshift.common.model import ModelConfig
 from fedshift.common.privacy_config import PrivacyConfig
 from fedshift.common.settings import SECTION, Setting, all_settings, check_fields, setting
@@ -99,7 +99,7 @@ settings.declare(
             str,
             ModelConfig.finetune,
             "fine-tuning: which parts of the backbone train",
-            choices=STRATEGIES,
+            choices=FINETUNE_CHOICES,
         ),
     },
 )

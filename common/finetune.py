@@ -1,6 +1,6 @@
-"""Fine-tuning strategies: which parts of the pretrained backbone train, and how deep each part sits.
+"""Fine-tuning choices ("finetune"): which parts of the pretrained backbone train, and how deep each sits.
 
-A strategy decides three things, all from module types and positions (never from
+A fine-tuning choice decides three things, all from module types and positions (never from
 name matching, so any timm backbone with stages works):
 
 * which backbone modules become trainable (LoRA factors, whole stages, norm affines);
@@ -20,24 +20,30 @@ from torch import nn
 from fedshift.common.adapters import backbone_stages
 from fedshift.common.errors import ConfigError
 
-# strategy -> what trains
-STRATEGIES: dict[str, str] = {
+# finetune -> what trains (the registry the run-config key and the CLI take their choices from)
+FINETUNE_CHOICES: dict[str, str] = {
     "adapters": "LoRA on the pointwise layers of the last k stages, and the head (default)",
     "linear-probe": "the head only; the whole backbone and the input adapter stay frozen",
     "partial": "every weight of the last k stages and the layers after them, and the head",
     "norm-only": "the affine parameters of every norm layer (shared), and the head",
     "full": "every backbone weight, and the head (slow under DP: used with DP only when asked)",
 }
-DEFAULT_STRATEGY = "adapters"
+DEFAULT_FINETUNE = "adapters"
 
 
-def check_strategy(name: str) -> str:
-    if name not in STRATEGIES:
-        listed = ", ".join(STRATEGIES)
+def check_finetune(name: str) -> str:
+    if name not in FINETUNE_CHOICES:
+        listed = ", ".join(FINETUNE_CHOICES)
         raise ConfigError(
-            f"Expected finetune to be one of {listed}, but got {name!r}; e.g. --strategy adapters"
+            f"Expected finetune to be one of {listed}, but got {name!r}; e.g. --finetune adapters"
         )
     return name
+
+
+# the earlier names, until every importer uses the ones above
+STRATEGIES = FINETUNE_CHOICES
+DEFAULT_STRATEGY = DEFAULT_FINETUNE
+check_strategy = check_finetune
 
 
 @dataclass(frozen=True)

@@ -219,5 +219,5 @@ def test_ewc_with_a_public_fisher_costs_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value", ["abc", -1.0])
 def test_bad_ewc_lambda_is_refused(tmp_path: Path, value: object) -> None:
-    with pytest.raises(ConfigError, match="Expected ewc-lambda to be a number >= 0"):
+    with pytest.raises(ConfigError, match="Expected run-config 'ewc-lambda' to be a finite number >= 0"):
         FederationConfig.from_run_config({"ewc-lambda": value})

@@ -31,7 +31,7 @@ from fedshift.common.config import EWCConfig
 from fedshift.common.errors import ConfigError, DataError, PrivacyError
 from fedshift.common.privacy import epsilon
 
-LAMBDA_MESSAGE = "Expected ewc-lambda to be a number >= 0, but got"
+LAMBDA_MESSAGE = "Expected run-config 'ewc-lambda' to be a finite number >= 0, but got"
 
 
 @pytest.fixture(autouse=True)
@@ -347,9 +347,9 @@ def test_config_refuses_a_lambda_that_is_not_a_number_at_least_zero(bad: object)
 
 
 def test_config_choices_and_keys() -> None:
-    with pytest.raises(ConfigError, match=r"ewc-fisher-source to be one of 'dp' .*'public' .*'none'"):
+    with pytest.raises(ConfigError, match=r"'ewc-fisher-source' to be one of 'dp' .*'public' .*'none'"):
         EWCConfig(fisher_source="private")
-    with pytest.raises(ConfigError, match=r"ewc-anchor to be one of 'global' .*'consolidated'"):
+    with pytest.raises(ConfigError, match=r"'ewc-anchor' to be one of 'global' .*'consolidated'"):
         EWCConfig(anchor="previous")
     with pytest.raises(ConfigError, match="ewc-fisher-samples"):
         EWCConfig(fisher_samples=0)
