@@ -33,14 +33,12 @@ import hmac
 import json
 import logging
 import os
-import secrets
-import stat
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedshift.client.integrity_key import FILE_MODE, create_key, read_key
 from fedshift.common.errors import LedgerError
 from fedshift.common.io import atomic_write_bytes
 
@@ -49,11 +47,9 @@ logger = logging.getLogger(__name__)
 KEY_SUFFIX = ".integrity-key"  # default key file: <state-dir>.integrity-key
 ANCHOR_SUFFIX = ".anchor"  # the anchor beside the key: <key>.anchor
 LOCK_SUFFIX = ".lock"
-KEY_HEADER = "fedshift-integrity-key-v1:"
 ANCHOR_FORMAT = "fedshift-integrity-anchor"
 ANCHOR_VERSION = 1
 MAC_FIELD = "mac"  # the field each chained record carries
-FILE_MODE = 0o600
 LEDGER_STREAM = "privacy-ledger"  # the chains a site keeps; each has its own genesis
 EGRESS_STREAM = "egress-log"
 
@@ -129,36 +125,8 @@ class SiteIntegrity:
         """The key, read once; :class:`LedgerError` when it is missing or malformed."""
         if self._key is not None:
             return self._key
-        try:
-            text = self.key_path.read_text(encoding="ascii").strip()
-        except FileNotFoundError:
-            raise LedgerError(
-                f"Expected the site's integrity key at {self.key_path}, but it is missing; restore it "
-                "(it was made when the site was installed, outside the state directory), or set "
-                "integrity-key to where it is: without it the ledger and egress log cannot be verified"
-            ) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LedgerError(
-                f"Expected the integrity key {self.key_path} to be readable, but reading it failed "
-                f"({exc}); give the daemon's user read access (mode 600)"
-            ) from None
-        body = text.removeprefix(KEY_HEADER)
-        try:
-            key = bytes.fromhex(body)
-        except ValueError:
-            key = b""
-        if not text.startswith(KEY_HEADER) or len(key) != 32:
-            raise LedgerError(
-                f"Expected {self.key_path} to hold a fedshift integrity key ({KEY_HEADER}<64 hex digits>), "
-                "but it does not; restore the site's key file"
-            )
-        mode = stat.S_IMODE(self.key_path.stat().st_mode)
-        if mode & 0o077:
-            logger.warning(
-                "%s is readable by others (mode %o); run: chmod 600 %s", self.key_path, mode, self.key_path
-            )
-        self._key = key
-        return key
+        self._key = read_key(self.key_path)
+        return self._key
 
     def key_id(self) -> str:
         """A public fingerprint of the key (an HMAC of a constant): tells keys apart, reveals nothing."""
@@ -183,9 +151,7 @@ class SiteIntegrity:
                     f"Expected the integrity key and its anchor together, but {present} exists and "
                     f"{missing} is missing; {_RESTORE}"
                 )
-            key = secrets.token_bytes(32)
-            _create_exclusive(self.key_path, (KEY_HEADER + key.hex() + "\n").encode())
-            self._key = key
+            self._key = create_key(self.key_path)
             self._write_anchor({})
         logger.info(
             "Made the site's integrity key %s and anchor %s (keep them outside the state directory "
@@ -368,35 +334,6 @@ def exclusive_lock(lock_path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def _create_exclusive(path: Path, data: bytes) -> None:
-    """Write a new file (mode 600) in one step; refuse to replace one that exists."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise LedgerError(
-            f"Expected to make the site's integrity key at {path}, but it failed ({exc}); make that folder "
-            "writable, or set integrity-key to a writable place outside the state directory"
-        ) from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.link(tmp, path)  # fails if the key exists: a key is never replaced
-    except FileExistsError:
-        raise LedgerError(
-            f"Expected to make a new integrity key at {path}, but one exists; keep it"
-        ) from None
-    except OSError as exc:
-        raise LedgerError(
-            f"Expected to make the site's integrity key at {path}, but it failed ({exc})"
-        ) from exc
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------- chained JSON lines (egress log)

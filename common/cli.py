@@ -1,7 +1,7 @@
 """The ``fedshift`` command line: a thin dispatcher over per-package subcommands.
 
 Each subcommand lives beside the code it drives (``fedshift.simulations.cli``,
-``fedshift.client.cli``) and registers itself here by module path, so that
+``fedshift.client.evaluate``) and registers itself here by module path, so that
 ``fedshift --help`` stays fast and ``common`` imports nothing above it.
 """
 
@@ -16,10 +16,10 @@ from typing import Any
 
 from fedshift.common.errors import FedshiftError
 
-# subcommand -> module with ``register(subparsers)``; later issues add server, client, certs, ledger
+# subcommand -> module with ``register(subparsers)``
 COMMANDS = {
     "simulate": "fedshift.simulations.cli",
-    "evaluate": "fedshift.client.cli",
+    "evaluate": "fedshift.client.evaluate",
     "ledger": "fedshift.client.ledger_cli",
     "shift-study": "fedshift.simulations.shift_study_cli",
     "certs": "fedshift.deploy.cli",

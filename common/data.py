@@ -12,12 +12,13 @@ import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedshift.common.errors import ConfigError, DataError
 from fedshift.common.io import atomic_write_bytes
+from fedshift.common.synthetic_cxr import render_synthetic_cxr
 
 if TYPE_CHECKING:
     import torch
@@ -390,39 +391,6 @@ def load_image_folder(path: str | Path, image_size: int = 64) -> Dataset:
 # ------------------------------------------------------------------ synthetic CXR
 
 
-def _soft_ellipse(
-    yy: np.ndarray, xx: np.ndarray, cy: Any, cx: Any, ry: Any, rx: Any, edge: float
-) -> np.ndarray:
-    """1 inside the ellipse, 0 outside, with a smooth edge of width ``edge`` (unit coords)."""
-    r = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
-    return 1.0 / (1.0 + np.exp(np.clip((r - 1.0) / edge, -30.0, 30.0)))
-
-
-def _render_cxr(p: dict[str, np.ndarray], size: int) -> np.ndarray:
-    """Render images from per-image parameters ``p`` (each an array of shape (n, 1, 1))."""
-    axis = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
-    yy, xx = np.meshgrid(axis, axis, indexing="ij")
-    yy, xx = yy[None], xx[None]
-    edge = 0.06
-    body = _soft_ellipse(yy, xx, 0.05, p["cx"], 0.98 * p["scale"], 0.82 * p["scale"], edge)
-    img = p["bg"] + (p["body"] - p["bg"]) * body
-    lungs = np.zeros_like(img)
-    for side in (-1.0, 1.0):
-        lcx = p["cx"] + side * p["lung_dx"] * p["scale"]
-        lungs = lungs + _soft_ellipse(
-            yy, xx, p["lung_cy"], lcx, p["lung_ry"] * p["scale"], p["lung_rx"] * p["scale"], edge
-        )
-    ribs = 0.5 + 0.5 * np.sin(p["rib_freq"] * (yy + 0.25 * (xx - p["cx"]) ** 2) + p["rib_phase"])
-    img = img - lungs * (p["lung_depth"] - p["rib_amp"] * ribs)
-    spine = np.exp(-(((xx - p["cx"]) / p["spine_w"]) ** 2)) * body
-    heart = _soft_ellipse(yy, xx, 0.35, p["cx"] + 0.1, 0.3, 0.22, 0.1)
-    img = img + p["spine_amp"] * spine + 0.5 * p["spine_amp"] * heart
-    d2 = (yy - p["les_y"]) ** 2 + (xx - p["les_x"]) ** 2
-    lesion = p["les_amp"] * np.exp(-0.5 * d2 / p["les_sigma"] ** 2) * np.clip(lungs, 0.0, 1.0)
-    img = p["gain"] * (img + lesion) + p["noise"]
-    return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
-
-
 def make_synthetic_cxr(n: int, prevalence: float = 0.5, size: int = 28, seed: int = 0) -> Dataset:
     """SYNTHETIC chest-X-ray-like images; label 1 = a soft bright opacity in one lung.
 
@@ -437,46 +405,8 @@ def make_synthetic_cxr(n: int, prevalence: float = 0.5, size: int = 28, seed: in
         raise ConfigError(f"Expected prevalence to be in [0, 1], but got {prevalence!r}; pass e.g. 0.5")
     if isinstance(size, bool) or not isinstance(size, int) or size < 8:
         raise ConfigError(f"Expected size to be an integer >= 8, but got {size!r}; pass e.g. 28")
-    rng = np.random.default_rng(seed)
+    images, labels = render_synthetic_cxr(n, prevalence, size, seed)
     positives = round(n * prevalence)
-    labels = np.zeros(n, dtype=np.int64)
-    labels[:positives] = 1
-    labels = rng.permutation(labels)
-
-    def u(lo: float, hi: float) -> np.ndarray:
-        return rng.uniform(lo, hi, size=(n, 1, 1)).astype(np.float32)
-
-    p = {
-        "cx": u(-0.06, 0.06),
-        "scale": u(0.9, 1.05),
-        "bg": u(0.02, 0.1),
-        "body": u(0.5, 0.62),
-        "lung_dx": u(0.36, 0.42),
-        "lung_cy": u(-0.12, 0.0),
-        "lung_ry": u(0.5, 0.62),
-        "lung_rx": u(0.22, 0.28),
-        "lung_depth": u(0.22, 0.34),
-        "rib_amp": u(0.03, 0.07),
-        "rib_freq": u(16.0, 20.0),
-        "rib_phase": u(0.0, 2 * np.pi),
-        "spine_w": u(0.07, 0.11),
-        "spine_amp": u(0.12, 0.2),
-        "gain": u(0.85, 1.15),
-    }
-    # Lesion: inside one lung (random side), random position in the lung, size and strength.
-    side = np.where(rng.random((n, 1, 1)) < 0.5, -1.0, 1.0).astype(np.float32)
-    angle = u(0.0, 2 * np.pi)
-    radius = np.sqrt(u(0.0, 1.0)) * 0.6
-    lcx = p["cx"] + side * p["lung_dx"] * p["scale"]
-    p["les_x"] = lcx + radius * np.cos(angle) * p["lung_rx"] * p["scale"]
-    p["les_y"] = p["lung_cy"] + radius * np.sin(angle) * p["lung_ry"] * p["scale"]
-    p["les_sigma"] = u(0.1, 0.18)
-    p["les_amp"] = u(0.24, 0.4) * (labels == 1).astype(np.float32)[:, None, None]
-    p["noise"] = rng.normal(0.0, 0.025, size=(n, size, size)).astype(np.float32)
-    chunk = 1024
-    images = np.concatenate(
-        [_render_cxr({k: v[i : i + chunk] for k, v in p.items()}, size) for i in range(0, n, chunk)]
-    )
     logger.info("Generated %d SYNTHETIC chest X-rays (%d with lesion), size %d", n, positives, size)
     return Dataset(
         splits={"train": ImageSet(images=images, labels=labels)},

@@ -45,7 +45,7 @@ from fedshift.client.integrity import for_state_dir
 from fedshift.client.ledger import chain_legacy_ledger, open_ledger, verify_site
 from fedshift.client.site import SiteSettings
 from fedshift.common.config import FederationConfig
-from fedshift.common.data import load_npz
+from fedshift.common.data import Dataset, load_npz
 from fedshift.common.errors import ConfigError, FedshiftError
 from fedshift.common.privacy import check_budget
 from fedshift.deploy.flwr_cli import executable, flower_env
@@ -78,6 +78,26 @@ class SiteCheck:
 def check_site(settings: ClientSettings) -> SiteCheck:
     """Everything that can be checked before connecting; :class:`ConfigError` naming key and fix."""
     path = settings.path
+    _check_connection_files(settings, path)
+    dataset = _check_site_data(settings.data_path, path)
+    try:
+        site = SiteSettings.from_node_config(settings.node_config, FederationConfig())
+    except FedshiftError as exc:
+        raise ConfigError(f"[site] in {path}: {exc}") from None
+    n_train = len(dataset.splits["train"])
+    privacy = site.privacy
+    _check_privacy(site, n_train, path)
+    spent = _check_state_dir(site, path)
+    return SiteCheck(
+        train=n_train,
+        splits={k: len(v) for k, v in dataset.splits.items()},
+        epsilon=privacy.epsilon if privacy.enabled else math.nan,
+        spent=spent,
+    )
+
+
+def _check_connection_files(settings: ClientSettings, path: Path) -> None:
+    """The CA certificate is PEM and the node's private key is usable."""
     if settings.ca_cert is not None:
         try:
             x509.load_pem_x509_certificate(settings.ca_cert.read_bytes())
@@ -88,7 +108,10 @@ def check_site(settings: ClientSettings) -> SiteCheck:
             ) from None
     if settings.private_key is not None:
         _check_private_key(settings.private_key, path)
-    data_path = settings.data_path
+
+
+def _check_site_data(data_path: Path, path: Path) -> Dataset:
+    """The site's ``.npz``, readable and holding every required split."""
     if not os.access(data_path, os.R_OK) or not data_path.is_file():
         raise ConfigError(
             f"Expected [site] data-path in {path} to be a readable .npz file, but {data_path} "
@@ -105,13 +128,12 @@ def check_site(settings: ClientSettings) -> SiteCheck:
             f"Expected [site] data-path {data_path} to hold the splits {list(REQUIRED_SPLITS)}, but "
             f"{missing} are missing or empty; add <split>_images and <split>_labels"
         )
-    try:
-        site = SiteSettings.from_node_config(settings.node_config, FederationConfig())
-    except FedshiftError as exc:
-        raise ConfigError(f"[site] in {path}: {exc}") from None
-    n_train = len(dataset.splits["train"])
+    return dataset
+
+
+def _check_privacy(site: SiteSettings, n_train: int, path: Path) -> None:
+    """The budget fits the training split; warns when one run may spend it all, or when DP is off."""
     privacy = site.privacy
-    spent = 0.0
     if privacy.enabled:
         try:
             check_budget(privacy.epsilon, privacy.delta, n_train)
@@ -131,6 +153,12 @@ def check_site(settings: ClientSettings) -> SiteCheck:
         logger.warning(
             "%s: dp = false in %s: this site sends adapters WITHOUT differential privacy", site.name, path
         )
+
+
+def _check_state_dir(site: SiteSettings, path: Path) -> float:
+    """Prepare the state directory, verify its chains, and return the epsilon already spent."""
+    privacy = site.privacy
+    spent = 0.0
     _prepare_state_dir(site.state_dir, path)
     try:
         ledger = open_ledger(site.state_dir)
@@ -149,12 +177,7 @@ def check_site(settings: ClientSettings) -> SiteCheck:
         )
     if ledger is not None and ledger.entries:
         spent = ledger.epsilon(ledger.entries[-1].delta)
-    return SiteCheck(
-        train=n_train,
-        splits={k: len(v) for k, v in dataset.splits.items()},
-        epsilon=privacy.epsilon if privacy.enabled else math.nan,
-        spent=spent,
-    )
+    return spent
 
 
 def _check_private_key(key_path: Path, path: Path) -> None:

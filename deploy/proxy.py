@@ -84,28 +84,8 @@ class ProxyConfig:
         scheme = "https" if tls else "http"
         d = self.directory
         listen = f"listen {self.listen} ssl;" if tls else f"listen {self.listen};"
-        server_tls = (
-            [
-                f"ssl_certificate {_quoted(self.server_cert)};",
-                f"ssl_certificate_key {_quoted(self.server_key)};",
-                "ssl_protocols TLSv1.2 TLSv1.3;",
-                "# plain HTTP on the HTTPS port: close the connection, no reply (nginx would send a 400)",
-                "error_page 497 = @plaintext;",
-                "location @plaintext { return 444; }",
-            ]
-            if tls
-            else []
-        )
-        upstream_tls = (
-            [
-                "proxy_ssl_verify on;",
-                f"proxy_ssl_trusted_certificate {_quoted(self.ca_cert)};",
-                f"proxy_ssl_name {UPSTREAM_TLS_NAME};",
-                "proxy_ssl_session_reuse on;",
-            ]
-            if tls
-            else []
-        )
+        server_tls = self._server_tls()
+        upstream_tls = self._upstream_tls()
         lines = [
             "# written by fedshift server at every start (deploy/proxy.py): edits are lost",
             "daemon off;",
@@ -140,6 +120,30 @@ class ProxyConfig:
             "}",
         ]
         return "\n".join(lines) + "\n"
+
+    def _server_tls(self) -> list[str]:
+        """The public server's TLS lines (none for plain HTTP)."""
+        if self.ca_cert is None:
+            return []
+        return [
+            f"ssl_certificate {_quoted(self.server_cert)};",
+            f"ssl_certificate_key {_quoted(self.server_key)};",
+            "ssl_protocols TLSv1.2 TLSv1.3;",
+            "# plain HTTP on the HTTPS port: close the connection, no reply (nginx would send a 400)",
+            "error_page 497 = @plaintext;",
+            "location @plaintext { return 444; }",
+        ]
+
+    def _upstream_tls(self) -> list[str]:
+        """The TLS lines towards the SuperLink, verified against the CA (none for plain HTTP)."""
+        if self.ca_cert is None:
+            return []
+        return [
+            "proxy_ssl_verify on;",
+            f"proxy_ssl_trusted_certificate {_quoted(self.ca_cert)};",
+            f"proxy_ssl_name {UPSTREAM_TLS_NAME};",
+            "proxy_ssl_session_reuse on;",
+        ]
 
     def write(self) -> Path:
         """Write ``nginx.conf`` (and the folders nginx needs); its path."""
