@@ -46,6 +46,17 @@ from fedshift.common.metrics import classification_metrics
 from fedshift.common.model import FedshiftModel
 from fedshift.common.prior_estimation import PriorEstimate, estimate_prior
 from fedshift.common.privacy import Mechanism
+from fedshift.common.protocol import (
+    ADAPTED,
+    ADAPTED_CORRECTED,
+    CALIBRATED,
+    CORRECTED,
+    COUNT_KEY,
+    ORACLE,
+    SHIFT_FALLBACK_KEY,
+    THRESHOLD_ACCURACY_KEY,
+    THRESHOLD_BALANCED_ACCURACY_KEY,
+)
 from fedshift.common.shift_config import ShiftConfig
 from fedshift.common.thresholds import best_threshold
 
@@ -278,17 +289,17 @@ def correction_metrics(
     true = np.maximum(np.bincount(y, minlength=c) / max(len(y), 1), ORACLE_FLOOR)
     oracle = correct_posteriors(calibrated, correction.source_prior, true / true.sum())
     out = {
-        **_kebab(classification_metrics(y, calibrated), "cal-"),
-        **_kebab(classification_metrics(y, corrected), "ls-"),
-        **_kebab(classification_metrics(y, oracle), "oracle-"),
-        "ls-fallback": float(correction.estimate.fallback),
+        **_kebab(classification_metrics(y, calibrated), f"{CALIBRATED}-"),
+        **_kebab(classification_metrics(y, corrected), f"{CORRECTED}-"),
+        **_kebab(classification_metrics(y, oracle), f"{ORACLE}-"),
+        SHIFT_FALLBACK_KEY: float(correction.estimate.fallback),
     }
     if correction.threshold is not None:
         from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
         pred = (calibrated[:, 1] >= correction.threshold).astype(np.int64)
-        out["thr-accuracy"] = float(accuracy_score(y, pred))
-        out["thr-balanced-accuracy"] = float(balanced_accuracy_score(y, pred))
+        out[THRESHOLD_ACCURACY_KEY] = float(accuracy_score(y, pred))
+        out[THRESHOLD_BALANCED_ACCURACY_KEY] = float(balanced_accuracy_score(y, pred))
     return out
 
 
@@ -339,7 +350,7 @@ def evaluate_with_shift(
 
     logits = predict_logits(model, data.images, device)
     out = _kebab(classification_metrics(data.labels, _softmax(logits)))
-    out["n"] = float(len(data))
+    out[COUNT_KEY] = float(len(data))
     correction: SiteCorrection | None = None
     if config.correction and train_prior is None:
         logger.warning("Label shift: no global training prior for this run: evaluating without correction")
@@ -357,11 +368,11 @@ def evaluate_with_shift(
         with adapted_norm_statistics(model, data.images, device, reference=reference):
             tta_logits = predict_logits(model, data.images, device)
             tta_val = predict_logits(model, val.images, device) if correction is not None else None
-        out.update(_kebab(classification_metrics(data.labels, _softmax(tta_logits)), "tta-"))
+        out.update(_kebab(classification_metrics(data.labels, _softmax(tta_logits)), f"{ADAPTED}-"))
         if correction is not None and tta_val is not None and train_prior is not None:
             adapted = fit_site_correction(tta_val, val.labels, tta_logits, train_prior, config, seed=seed)
             corrected = adapted.estimate.correct(adapted.calibration.apply(tta_logits))
-            out.update(_kebab(classification_metrics(data.labels, corrected), "tta-ls-"))
+            out.update(_kebab(classification_metrics(data.labels, corrected), f"{ADAPTED_CORRECTED}-"))
     return out
 
 

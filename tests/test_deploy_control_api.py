@@ -1,4 +1,4 @@
-"""Issue 18, finding 2: only the coordinator's own machine can use the SuperLink's Control API.
+"""Only the coordinator's own machine can use the SuperLink's Control API.
 
 Flower 1.41 serves the Fleet, Control and Runtime APIs on one port. ``fedshift
 server`` binds the SuperLink to loopback and puts a proxy on the public address

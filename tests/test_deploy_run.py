@@ -53,7 +53,7 @@ def test_tls_federation_with_enrolled_sites_runs_two_rounds(federation: Federati
         stages = [(e["round"], e["stage"]) for e in sent]
         assert stages == [(1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate"), (2, "evaluate")]
         assert all(e["blocked"] == [] for e in sent)
-        # issue 18: every evaluation's split is logged, each (round, split) once; no training loss is sent
+        # every evaluation's split is logged, each (round, split) once; no training loss is sent
         evaluated = [(e["round"], e["split"]) for e in sent if e["stage"] == "evaluate"]
         assert evaluated == [(1, "val"), (2, "val"), (2, "test")]
         assert set(history["train"]["1"][site]) == {"num-examples", "samples-per-second", "bytes-sent"}

@@ -1,4 +1,4 @@
-"""Issue 18, finding 1: a hospital runs only its installed, approved fedshift ClientApp.
+"""A hospital runs only its installed, approved fedshift ClientApp.
 
 The unit tests check the site runner's verdict on app bundles (FABs) built by
 Flower's own ``flwr build`` code. The slow test is the attack: a coordinator

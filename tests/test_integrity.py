@@ -1,4 +1,4 @@
-"""Tamper evidence (issue 18, finding 7): the ledger and egress log are HMAC-chained under a key kept
+"""Tamper evidence: the ledger and egress log are HMAC-chained under a key kept
 outside the state directory, and anchored there, so an edit, a rollback or a deletion is detected.
 
 Every ledger here is written by real ``charge`` calls (the Opacus accountant), every egress log by

@@ -1,4 +1,4 @@
-"""Issue 18, findings 2 and 7: keys made where they belong, an encrypted CA key, enrollment of every node.
+"""Keys made where they belong, an encrypted CA key, enrollment of every node.
 
 - ``fedshift keygen`` makes a hospital's key pair at the hospital; only the ``.pub`` travels.
 - ``fedshift certs --ca-passphrase-file`` writes the CA key encrypted and needs the passphrase to sign.
