@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedshift.common.errors import ConfigError
-from fedshift.simulations.options import add_experiment_arguments, floats
+from fedshift.simulations.options import HelpFormatter, add_experiment_arguments, floats
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
         description="Split one dataset into shifted hospital sites (label shift, scanner "
         "profiles, sizes), federate them with Flower's simulation engine, train a local-only "
         "baseline, and write a report. Without --data it uses built-in SYNTHETIC chest X-rays.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_experiment_arguments(p, "simulate")
     r = p.add_argument_group("references")

@@ -140,11 +140,30 @@ def _declared(key: str) -> settings.Setting:
     return next(s for s in settings.all_settings(FederationConfig) if s.key == key)
 
 
-def add_experiment_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Every option of an experiment: the sites, then the run-config keys by group, and ``--out``."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once (a declared flag's help already names its own)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "(default: " in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_experiment_arguments(
+    parser: argparse.ArgumentParser, command: str, defaults: Mapping[str, Any] | None = None
+) -> None:
+    """Every option of an experiment: the sites, the run-config keys by group, and ``--out``.
+
+    ``defaults`` are a preset's run-config values (shown in the help, used unless the user sets them).
+    """
     d = parser.add_argument_group("data and sites")
-    d.add_argument("--data", help="MedMNIST-style .npz or an image folder (default: SYNTHETIC)")
-    d.add_argument("--sites", type=int, default=4, help="number of simulated hospitals")
+    d.add_argument("--data", help="MedMNIST-style .npz or an image folder; none: built-in SYNTHETIC images")
+    d.add_argument(
+        "--sites",
+        type=int,
+        default=4,
+        help="number of simulated hospitals; none: one per --prevalences value",
+    )
     d.add_argument("--prevalences", type=floats, help="per-site share of class 1, e.g. 0.1,0.5,0.9")
     d.add_argument("--dirichlet-alpha", type=float, help="draw prevalences from Dirichlet(alpha)")
     d.add_argument("--quantity-skew", type=float, default=0.0, help="0 = equal sizes")
@@ -153,7 +172,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, command: str) -> N
     for group, keys in GROUPS.items():
         title, description = GROUP_HELP.get(group, (group, None))
         g = parser.add_argument_group(title, description)
-        add_arguments(g, keys=keys, flags=FLAGS)
+        add_arguments(g, keys=keys, flags=FLAGS, defaults=defaults)
         if group == "model":
             finetune = _declared("finetune")
             g.add_argument(
@@ -184,7 +203,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, command: str) -> N
 
 
 def federation(args: argparse.Namespace, preset: Mapping[str, Any], num_sites: int) -> FederationConfig:
-    """The run config of the options: ``preset`` (a command's defaults), then what the user set."""
+    """The run config of the options: ``preset`` (values the command derives), then the flags' values."""
     if args.epsilon is not None and len(args.epsilon) not in (1, num_sites):
         raise ConfigError(
             f"Expected --epsilon to be one budget or one per site ({num_sites}), but got "

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedshift.common.errors import ConfigError
-from fedshift.simulations.options import add_experiment_arguments, ints
+from fedshift.simulations.options import HelpFormatter, add_experiment_arguments, ints
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +50,11 @@ def register(sub: Any) -> None:
         "federate them plain and with feature alignment (Flower simulation), and report per site "
         "accuracy, balanced accuracy, log loss, ECE and AUC for (a) plain, (b) + label-shift "
         "correction, (c) + alignment, (d) both and the oracle (true prior). (b), (d) and the oracle "
-        "are post-hoc corrections at each site: they cost no training. The options are simulate's; "
-        "the study's defaults: "
-        + ", ".join(f"{key} {value}" for key, value in PRESET.items())
-        + " (one site per --prevalences value).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "are post-hoc corrections at each site: they cost no training. The options are simulate's, "
+        "with the study's defaults; one site per --prevalences value.",
+        formatter_class=HelpFormatter,
     )
-    add_experiment_arguments(p, "shift-study")
+    add_experiment_arguments(p, "shift-study", PRESET)
     p.set_defaults(**SITES_PRESET)
     p.add_argument(
         "--seeds",
@@ -85,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.sites is None:
         args.sites = len(args.prevalences or ())
-    base = federation(args, PRESET, args.sites)
+    base = federation(args, {}, args.sites)
     out = run_directory(args, "shift-study")
     configure_threads()  # the alignment scores' features are computed here, on the CPU
     seeds = args.seeds or (base.seed,)

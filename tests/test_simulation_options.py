@@ -17,7 +17,6 @@ from fedshift.common.settings import all_settings
 from fedshift.simulations.experiment import ExperimentSpec
 from fedshift.simulations.options import FLAGS, GROUPS, experiment_spec, federation
 from fedshift.simulations.shift_study import StudySpec
-from fedshift.simulations.shift_study_cli import PRESET
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -35,7 +34,7 @@ def test_simulate_defaults_are_the_declared_defaults() -> None:
 def test_shift_study_preset_is_the_study_it_replaced() -> None:
     args = _parse("shift-study")
     args.sites = len(args.prevalences)
-    fed = federation(args, PRESET, args.sites)
+    fed = federation(args, {}, args.sites)
     # what shift-study's own option set built before
     before = FederationConfig(
         num_rounds=5,
