@@ -22,14 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from fedshift.client.site import load_local_state
 from fedshift.client.training import evaluate, resolve_device
-from fedshift.common.checkpoint import load_checkpoint
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import ConfigError
 from fedshift.common.io import as_jsonable, atomic_write_json
-from fedshift.common.model import build_model
-from fedshift.simulations.experiment import ExperimentSpec, build_sites, federate
+from fedshift.simulations.experiment import ExperimentSpec, build_sites, federate, site_models
 from fedshift.simulations.report import render_table
 from fedshift.simulations.shift import (
     DEFAULT_PROFILES,
@@ -70,16 +67,11 @@ def evaluate_sites(
     checkpoint_dir: Path, sites: Sequence[SimulatedSite], sites_root: Path, device: str
 ) -> dict[str, dict[str, float]]:
     """Test metrics of a checkpoint's adapters at each site, with the site's own local tensors."""
-    checkpoint = load_checkpoint(checkpoint_dir)
-    out = {}
-    for site in sites:
-        model = build_model(checkpoint.model)
-        model.load_shared_state_dict(checkpoint.arrays)
-        local = load_local_state(sites_root / site.spec.name)
-        if local is not None:
-            model.load_local_state_dict(local)
-        out[site.spec.name] = evaluate(model, site.data.split("test"), resolve_device(device))
-    return out
+    models = site_models(checkpoint_dir, [s.spec.name for s in sites], sites_root)
+    return {
+        site.spec.name: evaluate(model, site.data.split("test"), resolve_device(device))
+        for site, model in zip(sites, models, strict=True)
+    }
 
 
 def _mean_auc(per_site: Mapping[str, Mapping[str, float]]) -> float:

@@ -13,17 +13,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from fedshift.client.ledger import open_ledger
-from fedshift.client.site import SITE_CONFIG_FILE, SITE_DATA_FILE
+from fedshift.client.site import SITE_CONFIG_FILE, SITE_DATA_FILE, load_local_state
+from fedshift.common.checkpoint import load_checkpoint
 from fedshift.common.config import FederationConfig
 from fedshift.common.data import load_dataset, save_npz
 from fedshift.common.errors import ConfigError
 from fedshift.common.io import as_jsonable, atomic_write_json
+from fedshift.common.model import FedshiftModel, build_model
 from fedshift.server.app import RESULTS_FILE
 from fedshift.simulations.baseline import local_only
 from fedshift.simulations.engine import run_flower_simulation
@@ -140,6 +142,18 @@ def federate(
     if not results_path.is_file():
         raise RuntimeError(f"The Flower simulation ended without writing {results_path}")
     return json.loads(results_path.read_text()), seconds
+
+
+def site_models(checkpoint_dir: Path, names: Sequence[str], sites_root: Path) -> Iterator[FedshiftModel]:
+    """The model each site holds after a run: the checkpoint's shared tensors, the site's local ones."""
+    checkpoint = load_checkpoint(checkpoint_dir)
+    for name in names:
+        model = build_model(checkpoint.model)
+        model.load_shared_state_dict(checkpoint.arrays)
+        local = load_local_state(sites_root / name)
+        if local is not None:
+            model.load_local_state_dict(local)
+        yield model
 
 
 def ledger_epsilons(sites_root: Path, delta: float) -> dict[str, float]:

@@ -50,15 +50,12 @@ from fedshift.client.egress import (
     read_egress_log,
 )
 from fedshift.client.ledger import open_ledger
-from fedshift.client.site import load_local_state
 from fedshift.client.training import resolve_device
-from fedshift.common.checkpoint import load_checkpoint
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import ConfigError
 from fedshift.common.io import as_jsonable, atomic_write_json
-from fedshift.common.model import build_model
 from fedshift.simulations.analysis import subspace_alignment
-from fedshift.simulations.experiment import ExperimentSpec, build_sites, federate
+from fedshift.simulations.experiment import ExperimentSpec, build_sites, federate, site_models
 from fedshift.simulations.shift import (
     SimulatedSite,
     format_site_table,
@@ -140,17 +137,13 @@ def alignment_scores(root: Path, sites: Sequence[SimulatedSite], k: int = 5) -> 
     Features come from the run's final global adapters and each site's own local
     state (input adapter, norm affines), as the site would compute them.
     """
-    ckpt = load_checkpoint(root / "server" / "checkpoint")
     device = resolve_device("cpu")
-    features: dict[str, np.ndarray] = {}
-    for site in sites:
-        name = site.spec.name
-        model = build_model(ckpt.model)
-        model.load_shared_state_dict(ckpt.arrays)
-        local = load_local_state(root / "sites" / name)
-        if local is not None:
-            model.load_local_state_dict(local)
-        features[name] = feature_matrix(model, site.data.split("test").images, device)
+    names = [s.spec.name for s in sites]
+    models = site_models(root / "server" / "checkpoint", names, root / "sites")
+    features: dict[str, np.ndarray] = {
+        site.spec.name: feature_matrix(model, site.data.split("test").images, device)
+        for site, model in zip(sites, models, strict=True)
+    }
     out = {}
     for name, own in features.items():
         others = np.concatenate([f for n, f in features.items() if n != name])
