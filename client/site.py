@@ -178,8 +178,8 @@ def _hashable(values: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(values.items()))
 
 
-def _site_toml_version(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> int:
-    """The mtime of the simulated site's own site.toml (-1 when there is none), so an edit is seen."""
+def _site_toml_version(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> tuple[int, int]:
+    """The mtime and size of the simulated site's own site.toml ((-1, -1) when none), so an edit is seen."""
     root = run_config.get("sites-root")
     if (
         "data-path" in node_config
@@ -187,14 +187,17 @@ def _site_toml_version(run_config: Mapping[str, Any], node_config: Mapping[str, 
         or not isinstance(root, str)
         or not root
     ):
-        return -1
+        return (-1, -1)
     path = Path(root) / f"site-{int(node_config['partition-id'])}" / SITE_CONFIG_FILE
-    return path.stat().st_mtime_ns if path.is_file() else -1
+    if not path.is_file():
+        return (-1, -1)
+    stat = path.stat()
+    return (stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=64)
 def _resolved(
-    run_items: tuple[tuple[str, Any], ...], node_items: tuple[tuple[str, Any], ...], version: int
+    run_items: tuple[tuple[str, Any], ...], node_items: tuple[tuple[str, Any], ...], version: tuple[int, int]
 ) -> tuple[FederationConfig, SiteSettings]:
     return _resolve(dict(run_items), dict(node_items))
 

@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from fedshift.common.errors import ConfigError, PrivacyError
+from fedshift.common.errors import PrivacyError
 from fedshift.common.settings import (
+    Setting,
     check_fields,
     check_known,
     check_value,
@@ -44,9 +45,8 @@ def is_number(value: object) -> bool:
 
 
 def check_choice(key: str, value: object, choices: Mapping[str, str]) -> None:
-    if value not in choices:
-        listed = "; ".join(f"{name!r} ({what})" for name, what in choices.items())
-        raise ConfigError(f"Expected {key} to be one of {listed}, but got {value!r}")
+    """Refuse a ``value`` of the argument ``key`` that is not a name in the registry ``choices``."""
+    check_value(Setting(key, str, next(iter(choices)), key, choices=choices), value, source="")
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,8 @@ def fail(s: Setting, value: Any, source: str = "run-config", fix: str = "") -> F
     """The one-line error of a bad value of ``s`` (a cap's own text when ``fix`` is the cap's)."""
     what = f"at most {s.maximum:g}" if fix == _CAP_FIX else s.expected()
     hint = fix or s.fix or f"e.g. {s.key} = {s.example()}"
-    return s.error(f"Expected {source} {s.key!r} to be {what}, but got {value!r}; {hint}")
+    where = f"{source} " if source else ""
+    return s.error(f"Expected {where}{s.key!r} to be {what}, but got {value!r}; {hint}")
 
 
 def check_value(s: Setting, value: Any, source: str = "run-config") -> Any:

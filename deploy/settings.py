@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedshift.client.site import NODE_LOCATION_KEYS, SITE_KEYS
+from fedshift.client.site import NODE_LOCATION_KEYS, SCREENED_KEYS, SITE_KEYS
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import ConfigError, FedshiftError
 from fedshift.common.settings import check_value, fail, setting_of
@@ -342,9 +342,7 @@ class ClientSettings:
 
 def _check_privacy_values(site: Mapping[str, Any], path: Path) -> None:
     """The [site] privacy keys checked against their run-config declarations (TOML has real numbers)."""
-    for key in sorted(SITE_KEYS & set(site)):
-        if key in ("device", "egress-metrics", "eval-splits"):
-            continue
+    for key in sorted(SCREENED_KEYS & set(site)):
         declared, value, source = setting_of(FederationConfig, key), site[key], f"{path} [site]"
         try:
             check_value(declared, value, source)
