@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedshift.client.site import NODE_LOCATION_KEYS, SCREENED_KEYS, SITE_KEYS
+from fedshift.client.site import NODE_LOCATION_KEYS, NODE_SETTINGS, SCREENED_KEYS, SITE_KEYS
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import ConfigError, FedshiftError
 from fedshift.common.settings import check_value, fail, setting_of
@@ -126,7 +126,9 @@ def _string(table: Mapping[str, Any], key: str, name: str, path: Path, default: 
 
 
 def _hint(name: str, key: str) -> str:
-    return {**SERVER_KEYS, **CONNECTION_KEYS}.get(key, "see deploy/README.md") if name != "site" else key
+    if name == "site":
+        return NODE_SETTINGS[key].help if key in NODE_SETTINGS else key
+    return {**SERVER_KEYS, **CONNECTION_KEYS}.get(key, "see deploy/README.md")
 
 
 def _path(table: Mapping[str, Any], key: str, name: str, path: Path, default: str | None = None) -> Path:
