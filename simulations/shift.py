@@ -168,6 +168,101 @@ def _site_counts(n: int, p: float) -> tuple[int, int]:
     return n - pos, pos
 
 
+def _check_plan(
+    num_sites: int,
+    counts: Sequence[int],
+    prevalences: Sequence[float] | None,
+    dirichlet_alpha: float | None,
+    quantity_skew: float,
+    max_per_site: int | None,
+) -> None:
+    """Refuse a site plan that cannot be made, naming the value."""
+    if isinstance(num_sites, bool) or not isinstance(num_sites, int) or num_sites < 1:
+        raise ConfigError(
+            f"Expected --sites to be a positive integer, but got {num_sites!r}; pass e.g. --sites 4"
+        )
+    if len(counts) != 2:
+        raise ConfigError(
+            f"Expected a binary-labelled pool (2 classes), but got {len(counts)} classes; "
+            "the shift simulator supports binary labels only for now: map labels to 0/1"
+        )
+    if min(counts) < 0:
+        raise ConfigError(f"Expected non-negative pool_counts, but got {list(counts)}; pass class counts")
+    if prevalences is not None and dirichlet_alpha is not None:
+        raise ConfigError(
+            "Expected either explicit prevalences or a Dirichlet alpha, but got both; drop one of them"
+        )
+    if isinstance(quantity_skew, bool) or not math.isfinite(quantity_skew) or quantity_skew < 0:
+        raise ConfigError(
+            f"Expected quantity_skew to be >= 0, but got {quantity_skew!r}; use 0 for equal sizes"
+        )
+    if max_per_site is not None and (
+        isinstance(max_per_site, bool) or not isinstance(max_per_site, int) or max_per_site < 1
+    ):
+        raise ConfigError(
+            f"Expected max_per_site to be a positive integer, but got {max_per_site!r}; "
+            "pass e.g. 500 or leave it unset"
+        )
+
+
+def _prevalences(
+    num_sites: int,
+    prevalences: Sequence[float] | None,
+    dirichlet_alpha: float | None,
+    label_seq: np.random.SeedSequence,
+) -> np.ndarray:
+    """Each site's prevalence: the given ones, Beta(alpha, alpha) draws, or evenly from 0.2 to 0.8."""
+    if prevalences is not None:
+        if len(prevalences) != num_sites:
+            raise ConfigError(
+                f"Expected {num_sites} prevalences (one per site), but got {len(prevalences)} "
+                f"({list(prevalences)}); pass one prevalence per site"
+            )
+        return _check_fraction_list(prevalences, "prevalence")
+    if dirichlet_alpha is not None:
+        if not math.isfinite(dirichlet_alpha) or dirichlet_alpha <= 0:
+            raise ConfigError(
+                f"Expected the Dirichlet alpha to be > 0, but got {dirichlet_alpha!r}; "
+                "use e.g. 0.5 (strong label shift) or 10 (mild)"
+            )
+        alpha = float(dirichlet_alpha)
+        return np.random.default_rng(label_seq).beta(alpha, alpha, num_sites)
+    return np.linspace(0.2, 0.8, num_sites) if num_sites > 1 else np.array([0.5])
+
+
+def _site_sizes(
+    counts: Sequence[int], prev_arr: np.ndarray, weights: np.ndarray, max_per_site: int | None
+) -> list[int]:
+    """Sizes at the largest common scale such that no class is over-drawn, capped at ``max_per_site``."""
+    prev = [float(p) for p in prev_arr]
+    total = float(sum(counts))
+    scale = total
+    reason = ""
+    demands = (float(np.sum(weights * (1 - prev_arr))), float(np.sum(weights * prev_arr)))
+    for c, demand in enumerate(demands):
+        if demand > 0 and counts[c] / demand < scale:
+            scale, reason = counts[c] / demand, f"class {c} has only {counts[c]} images"
+    if max_per_site is not None and max_per_site / weights.max() < scale:
+        scale, reason = max_per_site / float(weights.max()), f"max_per_site={max_per_site}"
+    sizes = [math.floor(scale * w + 1e-9) for w in weights]
+    if max_per_site is not None:
+        sizes = [min(s, max_per_site) for s in sizes]
+    # Rounding of per-site positives can over-draw a class by a few images: trim the largest site.
+    for c in (0, 1):
+        while sum(_site_counts(n, p)[c] for n, p in zip(sizes, prev, strict=True)) > counts[c]:
+            k = max(range(len(sizes)), key=lambda i: _site_counts(sizes[i], prev[i])[c])
+            sizes[k] -= 1
+    if sum(sizes) < total:
+        logger.info(
+            "Scaled sites down to %d of %d pool images (%s); sizes %s",
+            sum(sizes),
+            int(total),
+            reason or "rounding",
+            sizes,
+        )
+    return sizes
+
+
 def plan_sites(
     num_sites: int,
     *,
@@ -184,83 +279,17 @@ def plan_sites(
     Sizes use as much of the pool as the label shift allows (largest common scale such that no
     class is over-drawn), capped at ``max_per_site``.
     """
-    if isinstance(num_sites, bool) or not isinstance(num_sites, int) or num_sites < 1:
-        raise ConfigError(
-            f"Expected --sites to be a positive integer, but got {num_sites!r}; pass e.g. --sites 4"
-        )
     counts = [int(c) for c in pool_counts]
-    if len(counts) != 2:
-        raise ConfigError(
-            f"Expected a binary-labelled pool (2 classes), but got {len(counts)} classes; "
-            "the shift simulator supports binary labels only for now: map labels to 0/1"
-        )
-    if min(counts) < 0:
-        raise ConfigError(f"Expected non-negative pool_counts, but got {counts}; pass class counts")
-    if prevalences is not None and dirichlet_alpha is not None:
-        raise ConfigError(
-            "Expected either explicit prevalences or a Dirichlet alpha, but got both; drop one of them"
-        )
-    if isinstance(quantity_skew, bool) or not math.isfinite(quantity_skew) or quantity_skew < 0:
-        raise ConfigError(
-            f"Expected quantity_skew to be >= 0, but got {quantity_skew!r}; use 0 for equal sizes"
-        )
-    if max_per_site is not None and (
-        isinstance(max_per_site, bool) or not isinstance(max_per_site, int) or max_per_site < 1
-    ):
-        raise ConfigError(
-            f"Expected max_per_site to be a positive integer, but got {max_per_site!r}; "
-            "pass e.g. 500 or leave it unset"
-        )
+    _check_plan(num_sites, counts, prevalences, dirichlet_alpha, quantity_skew, max_per_site)
     label_seq, size_seq = np.random.SeedSequence(seed).spawn(2)
-    if prevalences is not None:
-        if len(prevalences) != num_sites:
-            raise ConfigError(
-                f"Expected {num_sites} prevalences (one per site), but got {len(prevalences)} "
-                f"({list(prevalences)}); pass one prevalence per site"
-            )
-        prev_arr = _check_fraction_list(prevalences, "prevalence")
-    elif dirichlet_alpha is not None:
-        if not math.isfinite(dirichlet_alpha) or dirichlet_alpha <= 0:
-            raise ConfigError(
-                f"Expected the Dirichlet alpha to be > 0, but got {dirichlet_alpha!r}; "
-                "use e.g. 0.5 (strong label shift) or 10 (mild)"
-            )
-        alpha = float(dirichlet_alpha)
-        prev_arr = np.random.default_rng(label_seq).beta(alpha, alpha, num_sites)
-    else:
-        prev_arr = np.linspace(0.2, 0.8, num_sites) if num_sites > 1 else np.array([0.5])
+    prev_arr = _prevalences(num_sites, prevalences, dirichlet_alpha, label_seq)
     prev = [float(p) for p in prev_arr]
     if quantity_skew > 0:
         weights = np.random.default_rng(size_seq).lognormal(0.0, quantity_skew, num_sites)
     else:
         weights = np.ones(num_sites)
     weights = weights / weights.sum()
-
-    total = float(sum(counts))
-    scale = total
-    reason = ""
-    demands = (float(np.sum(weights * (1 - prev_arr))), float(np.sum(weights * prev_arr)))
-    for c, demand in enumerate(demands):
-        if demand > 0 and counts[c] / demand < scale:
-            scale, reason = counts[c] / demand, f"class {c} has only {counts[c]} images"
-    if max_per_site is not None and max_per_site / weights.max() < scale:
-        scale, reason = max_per_site / float(weights.max()), f"max_per_site={max_per_site}"
-    sizes = [math.floor(scale * w + 1e-9) for w in weights]
-    if max_per_site is not None:
-        sizes = [min(s, max_per_site) for s in sizes]
-    # Rounding of per-site positives can over-draw a class by a few images: trim the largest site.
-    for c in (0, 1):
-        while sum(_site_counts(n, p)[c] for n, p in zip(sizes, prev, strict=True)) > counts[c]:
-            k = max(range(num_sites), key=lambda i: _site_counts(sizes[i], prev[i])[c])
-            sizes[k] -= 1
-    if sum(sizes) < total:
-        logger.info(
-            "Scaled sites down to %d of %d pool images (%s); sizes %s",
-            sum(sizes),
-            int(total),
-            reason or "rounding",
-            sizes,
-        )
+    sizes = _site_sizes(counts, prev_arr, weights, max_per_site)
     small = [(k, n) for k, n in enumerate(sizes) if n < MIN_SITE_IMAGES]
     if small:
         k, n = small[0]
@@ -278,10 +307,7 @@ def plan_sites(
         )
     return [
         SiteSpec(
-            name=f"site-{k}",
-            prevalence=float(prev[k]),
-            n=int(sizes[k]),
-            profile=chosen[k % len(chosen)],
+            name=f"site-{k}", prevalence=float(prev[k]), n=int(sizes[k]), profile=chosen[k % len(chosen)]
         )
         for k in range(num_sites)
     ]
@@ -327,6 +353,39 @@ def _check_split_fractions(split_fractions: Sequence[float]) -> tuple[float, ...
     return fr
 
 
+def _site_splits(
+    pool: ImageSet,
+    spec: SiteSpec,
+    idx: np.ndarray,
+    got: Sequence[int],
+    fractions: Sequence[float],
+    seq: np.random.SeedSequence,
+) -> dict[str, ImageSet]:
+    """The site's images ``idx`` (negatives, then positives) through its scanner, split stratified."""
+    # Separate streams, so a site's split does not depend on whether its scanner adds noise.
+    profile_seq, split_seq = seq.spawn(2)
+    site_rng = np.random.default_rng(split_seq)
+    shifted = ImageSet(
+        images=spec.profile.apply(pool.images[idx], np.random.default_rng(profile_seq)),
+        labels=pool.labels[idx].copy(),
+    )
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    start = 0
+    for c in (0, 1):
+        local = np.arange(start, start + got[c])
+        start += got[c]
+        local = site_rng.permutation(local)
+        offset = 0
+        for s, m in zip(SPLITS, _split_counts(got[c], fractions), strict=True):
+            parts[s].append(local[offset : offset + m])
+            offset += m
+    return {
+        s: shifted.subset(site_rng.permutation(np.concatenate(parts[s])))
+        for s, f in zip(SPLITS, fractions, strict=True)
+        if f > 0
+    }
+
+
 def simulate_sites(
     pool: ImageSet,
     specs: Sequence[SiteSpec],
@@ -368,29 +427,8 @@ def simulate_sites(
             )
         per_class = [queues[c][taken[c] : taken[c] + got[c]] for c in (0, 1)]
         taken = [taken[c] + got[c] for c in (0, 1)]
-        # Separate streams, so a site's split does not depend on whether its scanner adds noise.
-        profile_seq, split_seq = np.random.SeedSequence([seed, k]).spawn(2)
-        site_rng = np.random.default_rng(split_seq)
         idx = np.concatenate(per_class)
-        shifted = ImageSet(
-            images=spec.profile.apply(pool.images[idx], np.random.default_rng(profile_seq)),
-            labels=pool.labels[idx].copy(),
-        )
-        parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-        start = 0
-        for c in (0, 1):
-            local = np.arange(start, start + got[c])
-            start += got[c]
-            local = site_rng.permutation(local)
-            offset = 0
-            for s, m in zip(SPLITS, _split_counts(got[c], fractions), strict=True):
-                parts[s].append(local[offset : offset + m])
-                offset += m
-        splits = {
-            s: shifted.subset(site_rng.permutation(np.concatenate(parts[s])))
-            for s, f in zip(SPLITS, fractions, strict=True)
-            if f > 0
-        }
+        splits = _site_splits(pool, spec, idx, got, fractions, np.random.SeedSequence([seed, k]))
         data = Dataset(splits=splits, class_names=class_names, source=source, synthetic=synthetic)
         sites.append(SimulatedSite(spec=spec, data=data))
         logger.info(
