@@ -66,36 +66,36 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
     ``mods`` are Flower client mods (``fn(msg, ctxt, call_next)``) wrapped around
     the handlers, inside the egress guard: whatever they add must pass it too.
     """
-    fixed = dict(overrides or {})
+    settings = _Settings(dict(overrides or {}))
 
     def resolve(context: Context) -> tuple[str, Path, EgressPolicy]:
-        fed, site = _settings(context, fixed)
+        fed, site = settings.parse(context)
         return site.name, site.state_dir, _policy(fed, site)
 
     app = ClientApp(mods=[egress_guard(resolve), *mods])
 
     @app.train()
     def train_(msg: Message, context: Context) -> Message:
-        return train(msg, *_prepare(msg, context, fixed))
+        return train(msg, *_prepare(msg, settings(context)))
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        return evaluate_split(msg, *_prepare(msg, context, fixed))
+        return evaluate_split(msg, *_prepare(msg, settings(context)))
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         """The statistics stage (DP label counts and feature moments; the global statistics)."""
         if ARRAYS_KEY in msg.content.array_records:  # the release stage: features of the global model
-            fed, site, model = _prepare(msg, context, fixed)
+            fed, site, model = _prepare(msg, settings(context))
             _device(site)
             return handle_statistics(msg, fed, site, model)
-        fed, site = _settings(context, fixed)
+        fed, site = settings(context)
         return handle_statistics(msg, fed, site, None)
 
     @app.query(FISHER_QUERY)
     def fisher(msg: Message, context: Context) -> Message:
         """The end-of-phase Fisher at the final global adapters (run config ewc-consolidate)."""
-        return fisher_reply(msg, *_prepare(msg, context, fixed))
+        return fisher_reply(msg, *_prepare(msg, settings(context)))
 
     return app
 
@@ -198,16 +198,35 @@ def _shift_corrected(
     )
 
 
-def _settings(context: Context, fixed: Mapping[str, Any]) -> tuple[FederationConfig, SiteSettings]:
-    fed = FederationConfig.from_run_config({**context.run_config, **fixed})
-    site = SiteSettings.from_node_config(context.node_config, fed)
-    return site.federation(fed), site  # the site's own noise for its Fisher, label counts and moments
+class _Settings:
+    """The settings of the message in flight, parsed once: by the egress guard (:meth:`parse`), then
+    handed to the handler (:meth:`__call__`), which gets the same context."""
+
+    def __init__(self, fixed: Mapping[str, Any]) -> None:
+        self.fixed = fixed  # take precedence over the run config
+        self._pending: tuple[Context, tuple[FederationConfig, SiteSettings]] | None = None
+
+    def parse(self, context: Context) -> tuple[FederationConfig, SiteSettings]:
+        self._pending = None
+        fed = FederationConfig.from_run_config({**context.run_config, **self.fixed})
+        site = SiteSettings.from_node_config(context.node_config, fed)
+        parsed = site.federation(fed), site  # the site's own noise for its Fisher, label counts and moments
+        self._pending = (context, parsed)
+        return parsed
+
+    def __call__(self, context: Context) -> tuple[FederationConfig, SiteSettings]:
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is context:
+            return pending[1]
+        parsed = self.parse(context)  # a context the guard did not see (a mod replaced it)
+        self._pending = None
+        return parsed
 
 
 def _prepare(
-    msg: Message, context: Context, fixed: Mapping[str, Any]
+    msg: Message, settings: tuple[FederationConfig, SiteSettings]
 ) -> tuple[FederationConfig, SiteSettings, FedshiftModel]:
-    fed, site = _settings(context, fixed)
+    fed, site = settings
     model = build_model(fed.model)
     model.load_shared_state_dict(msg.content.array_records[ARRAYS_KEY].to_torch_state_dict())
     local = load_local_state(site.state_dir)

@@ -221,3 +221,23 @@ def test_ewc_with_a_public_fisher_costs_nothing(tmp_path: Path) -> None:
 def test_bad_ewc_lambda_is_refused(tmp_path: Path, value: object) -> None:
     with pytest.raises(ConfigError, match="Expected run-config 'ewc-lambda' to be a finite number >= 0"):
         FederationConfig.from_run_config({"ewc-lambda": value})
+
+
+def test_the_run_config_is_parsed_once_per_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The egress guard and the handler share one parse of the message's settings."""
+    write_site(tmp_path)
+    config = _run_config(tmp_path, dp=False)
+    calls: list[int] = []
+    original = FederationConfig.from_run_config.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[FederationConfig], values: Any) -> FederationConfig:
+        calls.append(1)
+        return cast(FederationConfig, original(cls, values))
+
+    monkeypatch.setattr(FederationConfig, "from_run_config", classmethod(counted))
+    app = make_client_app()
+    reply = call_client_app(app, _train_message(1), config)
+    assert "arrays" in reply.content.array_records
+    assert len(calls) == 1
+    call_client_app(app, _train_message(2), config)
+    assert len(calls) == 2  # the next message (a new context) is parsed afresh
