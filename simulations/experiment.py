@@ -156,14 +156,15 @@ def site_models(checkpoint_dir: Path, names: Sequence[str], sites_root: Path) ->
         yield model
 
 
-def ledger_epsilons(sites_root: Path, delta: float) -> dict[str, float]:
-    """The epsilon each site's own ledger reports now (all runs), at ``delta``."""
-    out = {}
-    for site_dir in sorted(p for p in sites_root.iterdir() if p.is_dir()):
-        ledger = open_ledger(site_dir)
-        if ledger is not None:
-            out[site_dir.name] = ledger.epsilon(delta)
-    return out
+def ledger_epsilons(sites_root: Path, delta: float, names: Sequence[str] | None = None) -> dict[str, float]:
+    """The epsilon each site's own ledger reports now (all runs), at ``delta``.
+
+    ``names`` are the sites, in order (default: every site directory, sorted).
+    """
+    if names is None:
+        names = sorted(p.name for p in sites_root.iterdir() if p.is_dir())
+    ledgers = {name: open_ledger(sites_root / name) for name in names}
+    return {name: ledger.epsilon(delta) for name, ledger in ledgers.items() if ledger is not None}
 
 
 @dataclass

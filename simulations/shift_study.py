@@ -55,7 +55,13 @@ from fedshift.common.config import FederationConfig
 from fedshift.common.errors import ConfigError
 from fedshift.common.io import as_jsonable, atomic_write_json
 from fedshift.simulations.analysis import subspace_alignment
-from fedshift.simulations.experiment import ExperimentSpec, build_sites, federate, site_models
+from fedshift.simulations.experiment import (
+    ExperimentSpec,
+    build_sites,
+    federate,
+    ledger_epsilons,
+    site_models,
+)
 from fedshift.simulations.shift import (
     SimulatedSite,
     format_site_table,
@@ -237,18 +243,15 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
         "alignment_score": {run: alignment_scores(out / run, sites) for run in runs},
         "claims": measures["claims"],
         "egress": {run: egress_audit(out / run) for run in runs},
-        "ledger_epsilon": {run: _ledger_epsilons(out / run, names, fed.privacy.delta) for run in runs},
+        "ledger_epsilon": {
+            run: ledger_epsilons(out / run / "sites", fed.privacy.delta, names) for run in runs
+        },
         "seconds": {**seconds, "total": time.time() - started},
     }
     report["table"] = format_table(report, names, prevalence)
     atomic_write_json(out / "shift_study.json", as_jsonable(report))
     plot_study(report, names, prevalence, out / "shift_study.png")
     return report
-
-
-def _ledger_epsilons(root: Path, names: Sequence[str], delta: float) -> dict[str, float]:
-    ledgers = {n: open_ledger(root / "sites" / n) for n in names}
-    return {n: ledger.epsilon(delta) for n, ledger in ledgers.items() if ledger is not None}
 
 
 def _measures(
