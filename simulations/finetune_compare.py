@@ -20,6 +20,7 @@ from typing import Any
 from fedshift.common.finetune import check_strategy
 from fedshift.common.io import as_jsonable, atomic_write_json
 from fedshift.common.model import build_model
+from fedshift.common.protocol import SAMPLES_PER_SECOND_KEY
 from fedshift.simulations.experiment import ExperimentSpec, build_sites, federate
 from fedshift.simulations.report import bytes_per_round, mean_metric, render_table
 from fedshift.simulations.shift import format_site_table, site_summary
@@ -32,10 +33,10 @@ FINETUNE_FILE = "strategies.json"  # the file name of earlier runs
 def _throughput(train_history: Mapping[str, Mapping[str, Mapping[str, float]]]) -> float:
     """Median over sites and rounds of the samples/s each site reported."""
     values = [
-        float(m["samples-per-second"])
+        float(m[SAMPLES_PER_SECOND_KEY])
         for per_site in train_history.values()
         for m in per_site.values()
-        if "samples-per-second" in m
+        if SAMPLES_PER_SECOND_KEY in m
     ]
     return statistics.median(values) if values else math.nan
 

@@ -6,6 +6,8 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+from fedshift.common.protocol import FISHER_SOURCE_FIELD
+
 COLUMNS = (("auc", "AUC"), ("accuracy", "acc"), ("balanced_accuracy", "bal.acc"), ("ece", "ECE"))
 
 
@@ -155,8 +157,8 @@ def ewc_line(
     sources: dict[str, set[str]] = {}
     for per_site in privacy_history.values():
         for site, record in per_site.items():
-            if "ewc-fisher" in record:
-                sources.setdefault(str(record["ewc-fisher"]), set()).add(site)
+            if FISHER_SOURCE_FIELD in record:
+                sources.setdefault(str(record[FISHER_SOURCE_FIELD]), set()).add(site)
     listed = "; ".join(f"{source}: {', '.join(sorted(sites))}" for source, sites in sorted(sources.items()))
     listed = listed or "no site (none reported)"
     return f"EWC: lambda={lam:g} towards the {anchor} anchor; Fisher from {listed}"
