@@ -28,9 +28,20 @@ from fedshift.client.training import Objective, TrainStats, resolve_device, trai
 from fedshift.common.config import FederationConfig
 from fedshift.common.data import ImageSet
 from fedshift.common.model import FedshiftModel
+from fedshift.common.privacy import Mechanism
 from fedshift.common.protocol import MECHANISM_DP_SGD, MECHANISM_NONE, PrivacyReport, round_of
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Releases:
+    """Every privacy mechanism a training round releases, and the ledger entries written for them."""
+
+    charged: tuple[Release, ...] = ()  # DP-SGD and what comes with it, charged before any data is read
+    counted: tuple[Mechanism, ...] = ()  # planned into the noise, charged by the statistics stage
+    final: tuple[Mechanism, ...] = ()  # released once after the run's last round: the budget keeps room
+    entries: tuple[LedgerEntry, ...] = ()  # the charges written, in order
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,7 @@ class RoundPlan:
     seed: int  # of the round's Poisson sampling, noise and Fisher sample
     train: ImageSet  # the site's training split
     private: PrivateTraining | None  # the DP-SGD round; None: dp=false at this site
-    charges: tuple[LedgerEntry, ...]  # the round's releases, charged before any data was read
+    releases: Releases  # none with dp=false
     objective: Objective  # the per-sample training loss
     gradient_term: EWCTerm | None  # EWC's penalty gradient (None: EWC off)
     fisher_source: str  # where the EWC Fisher came from ("" when EWC is off)
@@ -56,7 +67,7 @@ class RoundPlan:
         privacy = site.privacy
         return PrivacyReport(
             MECHANISM_DP_SGD,
-            epsilon=self.charges[-1].epsilon,
+            epsilon=self.releases.entries[-1].epsilon,
             delta=privacy.delta,
             budget_epsilon=privacy.epsilon,
             noise_multiplier=dp.noise_multiplier,
@@ -86,12 +97,14 @@ def plan_training(msg: Message, fed: FederationConfig, site: SiteSettings, model
             server_round,
         )
     train = load_site_data(site).split("train")
-    dp, charges = (None, []) if ledger is None else _reserve(fed, site, ledger, len(train), msg, seed)
+    dp, releases = (
+        (None, Releases()) if ledger is None else _reserve(fed, site, ledger, len(train), msg, seed)
+    )
     objective = training_objective(
         fed, site, model, train.images, train.labels, run_id=run_id, private=private, seed=seed
     )
     term, source = ewc_term(fed, site, model, msg, train.images, private=private, seed=seed)
-    return RoundPlan(run_id, server_round, seed, train, dp, tuple(charges), objective, term, source)
+    return RoundPlan(run_id, server_round, seed, train, dp, releases, objective, term, source)
 
 
 def _reserve(
@@ -101,12 +114,12 @@ def _reserve(
     num_examples: int,
     msg: Message,
     seed: int,
-) -> tuple[PrivateTraining, list[LedgerEntry]]:
+) -> tuple[PrivateTraining, Releases]:
     """Plan the round's noise under the budget and charge its releases: DP-SGD, then what comes with it."""
     run_id, server_round = str(msg.metadata.run_id), round_of(msg)
     with_round = round_releases(fed, private=True)  # charged with this round (a DP Fisher)
-    # counted in the planning, charged with each round or in the statistics stage before it
-    extra = [*(r.cost for r in with_round), *round_mechanisms(fed)]
+    counted = round_mechanisms(fed)  # the refreshed moments, charged in the statistics stage
+    extra = [*(r.cost for r in with_round), *counted]  # released with every round of the run
     final = final_releases(fed, private=True)  # the end-of-run release the run keeps room for
     dp = plan_round(
         site.privacy,
@@ -120,17 +133,18 @@ def _reserve(
         extra=extra,
         final=final,
     )
-    charges = reserve(
+    charged = (Release(MECHANISM_DP_SGD, dp.cost), *with_round)
+    entries = reserve(
         site.privacy,
         ledger,
         run_id=run_id,
         server_round=server_round,
-        charges=[Release(MECHANISM_DP_SGD, dp.cost), *with_round],
+        charges=charged,
         planned=[*extra, dp.cost],
         final=final,
         what=f"round {server_round}",
     )
-    return dp, charges
+    return dp, Releases(charged, tuple(counted), tuple(final), tuple(entries))
 
 
 def run_training(
