@@ -20,7 +20,11 @@ fedshift adds three things around them:
   **not** safe against an adversary who can guess the seed.
 
 The training loop itself is :func:`fedshift.client.training.train_local`; this
-module only supplies the private batch plan and optimizer (:class:`PrivateTraining`).
+module supplies the private batch plan and optimizer (:class:`PrivateTraining`), and
+the budget of every DP release a site makes: the round-order check (:func:`check_round`),
+the noise multiplier a run's rounds fit (:func:`plan_round`) and the one reserve step that
+checks a stage's releases against the budget and charges them before any data is read
+(:func:`reserve`; training, the statistics stage and the Fisher release all use it).
 """
 
 from __future__ import annotations

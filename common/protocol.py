@@ -66,12 +66,17 @@ EVALUATION_METRICS = ("auc", "accuracy", "balanced-accuracy", "log-loss", "ece")
 # (cal = calibrated, ls = prior-corrected, oracle = corrected with the split's true prior,
 # tta = test-time-adapted norms), and whether the correction fell back
 SHIFT_VARIANTS = ("cal", "ls", "oracle", "tta", "tta-ls")
+CALIBRATED, CORRECTED, ORACLE, ADAPTED, ADAPTED_CORRECTED = SHIFT_VARIANTS  # metric-name prefixes
+THRESHOLD_ACCURACY_KEY = "thr-accuracy"  # accuracy at the site's chosen decision threshold
+THRESHOLD_BALANCED_ACCURACY_KEY = "thr-balanced-accuracy"  # balanced accuracy at that threshold
+SHIFT_FALLBACK_KEY = "ls-fallback"  # 1 when the site's prior estimate was rejected (no correction)
+COUNT_KEY = "n"  # the number of images an evaluation reply was computed on
 SHIFT_METRICS = frozenset(
     {
         *(f"{v}-{m}" for v in SHIFT_VARIANTS for m in EVALUATION_METRICS),
-        "thr-accuracy",
-        "thr-balanced-accuracy",
-        "ls-fallback",
+        THRESHOLD_ACCURACY_KEY,
+        THRESHOLD_BALANCED_ACCURACY_KEY,
+        SHIFT_FALLBACK_KEY,
     }
 )
 # every metric fedshift's replies carry: the FedAvg weight (the size of the split used; public under
