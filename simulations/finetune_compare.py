@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from fedshift.common.finetune import check_strategy
+from fedshift.common.finetune import check_finetune
 from fedshift.common.io import as_jsonable, atomic_write_json
 from fedshift.common.model import build_model
 from fedshift.common.protocol import SAMPLES_PER_SECOND_KEY
@@ -81,7 +81,7 @@ def finetune_table(rows: Sequence[Mapping[str, Any]], label: str) -> str:
 def compare_finetunes(spec: ExperimentSpec, finetunes: Sequence[str]) -> dict[str, Any]:
     """Federate the same sites once per fine-tuning choice; returns the rows, a table, and writes JSON."""
     for name in finetunes:
-        check_strategy(name)
+        check_finetune(name)
     started = time.time()
     sites, label = build_sites(spec)
     logger.info("Simulated sites:\n%s", format_site_table(sites))

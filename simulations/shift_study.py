@@ -44,16 +44,16 @@ from fedshift.client.correction import CORRECTION_FILE
 from fedshift.client.egress import (
     BOOKKEEPING,
     DP_STATISTICS,
-    MECHANISM_DP,
     METRIC,
     UNPROTECTED,
     read_egress_log,
 )
 from fedshift.client.ledger import open_ledger
-from fedshift.client.training import resolve_device
+from fedshift.client.training import configure_threads, resolve_device
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import ConfigError
 from fedshift.common.io import as_jsonable, atomic_write_json
+from fedshift.common.protocol import MECHANISM_DP_SGD
 from fedshift.simulations.analysis import subspace_alignment
 from fedshift.simulations.experiment import (
     ExperimentSpec,
@@ -104,7 +104,7 @@ VARIANT_NAMES = {
     "c+tta": "(c) + test-time norm statistics",
 }
 TABLE_VARIANTS = ("a", "b", "c", "d", "c+loss", "oracle")  # c+loss only with align-weight > 0
-ALLOWED_MECHANISMS = frozenset({MECHANISM_DP, UNPROTECTED, METRIC, BOOKKEEPING, *DP_STATISTICS.values()})
+ALLOWED_MECHANISMS = frozenset({MECHANISM_DP_SGD, UNPROTECTED, METRIC, BOOKKEEPING, *DP_STATISTICS.values()})
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,7 @@ def alignment_scores(root: Path, sites: Sequence[SimulatedSite], k: int = 5) -> 
     Features come from the run's final global adapters and each site's own local
     state (input adapter, norm affines), as the site would compute them.
     """
+    configure_threads()
     device = resolve_device("cpu")
     names = [s.spec.name for s in sites]
     models = site_models(root / "server" / "checkpoint", names, root / "sites")

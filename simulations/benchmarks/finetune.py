@@ -25,7 +25,7 @@ from fedshift.client.dp import PrivateTraining
 from fedshift.client.training import configure_threads, resolve_device, train_local
 from fedshift.common.config import TrainConfig
 from fedshift.common.data import ImageSet, load_dataset, make_synthetic_cxr
-from fedshift.common.finetune import STRATEGIES
+from fedshift.common.finetune import FINETUNE_CHOICES
 from fedshift.common.model import ModelConfig, build_model
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "--finetunes",
         "--strategies",
         dest="finetunes",
-        default=",".join(STRATEGIES),
+        default=",".join(FINETUNE_CHOICES),
         help="fine-tuning choices, comma-separated (--strategies is an alias)",
     )
     parser.add_argument("--image-size", type=int, default=64)
