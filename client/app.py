@@ -113,7 +113,7 @@ def train(msg: Message, fed: FederationConfig, site: SiteSettings, model: Fedshi
         logger.warning("%s round %d: %s: %s", site.name, server_round, doing, exc)
         return refusal_for(msg, site.name, exc)
     stats = run_training(plan, fed, site, model)
-    report = plan.report(fed, site)
+    report = plan.report(site)
     save_local_state(site.state_dir, model.local_state_dict())
     logger.info(  # the validation metrics come from the evaluate stage (once per round and split)
         "%s round %d: loss %.4f, %.0f samples/s on %s%s",

@@ -80,6 +80,7 @@ from fedshift.common.protocol import (
     SITE_ERROR,
     SITE_KEY,
     SITE_NAME_FIELD,
+    SPLIT_KEY,
     STATUS_BLOCKED,
     STATUS_FIELD,
     STATUS_KEY,
@@ -156,7 +157,7 @@ def _array_items(record: ArrayRecord, name: str, mechanism: str) -> list[dict[st
                 "shape": list(arr.shape),
                 "dtype": str(arr.dtype),
                 "bytes": int(arr.nbytes),
-                "mechanism": mechanism,
+                MECHANISM_FIELD: mechanism,
             }
         )
     return items
@@ -196,17 +197,19 @@ def inspect_reply(content: RecordDict, policy: EgressPolicy) -> tuple[list[dict[
     for name, metrics in content.metric_records.items():
         for key, metric in metrics.items():
             if name == METRICS_KEY and key in policy.allowed_metrics:
-                items.append({"record": name, "key": key, "bytes": _value_bytes(metric), "mechanism": METRIC})
+                items.append(
+                    {"record": name, "key": key, "bytes": _value_bytes(metric), MECHANISM_FIELD: METRIC}
+                )
             else:
                 blocked.append(f"{name}.{key} (metric not in the site's egress-metrics)")
     for name, config in content.config_records.items():
         for key, value in config.items():
             if name == STATISTICS_KEY and key in DP_STATISTICS:  # checked against the ledger by the guard
                 size = _value_bytes(value)
-                items.append({"record": name, "key": key, "bytes": size, "mechanism": DP_STATISTICS[key]})
+                items.append({"record": name, "key": key, "bytes": size, MECHANISM_FIELD: DP_STATISTICS[key]})
             elif key in BOOKKEEPING_KEYS.get(name, frozenset()):
                 items.append(
-                    {"record": name, "key": key, "bytes": _value_bytes(value), "mechanism": BOOKKEEPING}
+                    {"record": name, "key": key, "bytes": _value_bytes(value), MECHANISM_FIELD: BOOKKEEPING}
                 )
             else:
                 blocked.append(f"{name}.{key} (not a declared bookkeeping field)")
@@ -237,7 +240,7 @@ def uncharged_statistics(items: list[dict[str, Any]], state_dir: Path, msg: Mess
     """The DP statistics among ``items`` whose release the site's ledger has no charge for in the run
     and round of ``msg`` (blocked)."""
     dp = {*DP_STATISTICS.values(), MECHANISM_DP_FISHER}
-    released = {(i["record"], i["key"], i["mechanism"]) for i in items if i["mechanism"] in dp}
+    released = {(i["record"], i["key"], i[MECHANISM_FIELD]) for i in items if i[MECHANISM_FIELD] in dp}
     if not released:
         return []
     run_id, server_round = str(msg.metadata.run_id), round_of(msg)
@@ -271,10 +274,10 @@ def describe_request(msg: Message) -> dict[str, Any]:
         "type": str(msg.metadata.message_type),
         "run": str(msg.metadata.run_id),
         "round": server_round,
-        "config": values,
+        CONFIG_KEY: values,
     }
     if is_evaluate(msg):
-        request["split"] = split_of(msg)
+        request[SPLIT_KEY] = split_of(msg)
     return request
 
 
@@ -399,9 +402,9 @@ def egress_guard(resolve: SiteResolver) -> Callable[[Message, Context, Handler],
             "run": request["run"],
             "round": request["round"],
             "stage": request["type"],
-            **({"split": request["split"]} if "split" in request else {}),
+            **({SPLIT_KEY: request[SPLIT_KEY]} if SPLIT_KEY in request else {}),
             "request": request,
-            "site": site,
+            SITE_KEY: site,
             "items": items,
             "blocked": blocked,
             "bytes": int(sum(i["bytes"] for i in items)),
@@ -409,7 +412,7 @@ def egress_guard(resolve: SiteResolver) -> Callable[[Message, Context, Handler],
         }
         try:
             if extra.get("repeat") is False and not reply.has_error():  # evaluated now: kept before it leaves
-                store_answer(state_dir, request["run"], request["round"], request["split"], reply.content)
+                store_answer(state_dir, request["run"], request["round"], request[SPLIT_KEY], reply.content)
             append_egress_log(state_dir, entry)
         except Exception:  # nothing leaves that the log does not record
             logger.exception("%s: the egress log or the stored answer cannot be written; nothing sent", site)

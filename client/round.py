@@ -58,7 +58,7 @@ class RoundPlan:
     gradient_term: EWCTerm | None  # EWC's penalty gradient (None: EWC off)
     fisher_source: str  # where the EWC Fisher came from ("" when EWC is off)
 
-    def report(self, fed: FederationConfig, site: SiteSettings) -> PrivacyReport:
+    def report(self, site: SiteSettings) -> PrivacyReport:
         """The privacy record of the round's update: the mechanism, and under DP the site's accounting."""
         source = self.fisher_source if self.gradient_term is not None else None
         dp = self.private

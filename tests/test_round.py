@@ -50,7 +50,7 @@ def test_a_dp_round_with_ewc_plans_and_charges_every_release(tmp_path: Path) -> 
     # the noise leaves room for all 3 rounds' releases and the end-of-run Fisher, and no more
     run = [c.cost for c in releases.charged] * 3 + [*releases.final]
     assert epsilon(run, 1e-5) <= 8.0
-    report = plan.report(fed, site).to_record()
+    report = plan.report(site).to_record()
     assert report["mechanism"] == "dp-sgd" and report["ewc-fisher"] == "dp"
     assert report["epsilon"] == releases.entries[-1].epsilon
     with pytest.raises(RoundRefusedError, match="come after round 1"):  # the same round again
@@ -63,7 +63,7 @@ def test_a_round_without_dp_releases_nothing_and_opens_no_ledger(tmp_path: Path)
     fed, site, model = _setup(tmp_path, dp=False)
     plan = plan_training(_message(1), fed, site, model)
     assert plan.private is None and plan.releases == Releases() and plan.gradient_term is None
-    assert plan.report(fed, site).to_record() == {"mechanism": "none"}
+    assert plan.report(site).to_record() == {"mechanism": "none"}
     assert not (site_dir / "privacy-ledger.json").exists()
 
 
