@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from fedshift.client.integrity import bind_key
-from fedshift.common.config import RELEASE_PRIVACY_KEYS, FederationConfig, PrivacyConfig, parse_run_config
+from fedshift.common.config import RELEASE_PRIVACY_KEYS, FederationConfig, PrivacyConfig
 from fedshift.common.data import Dataset, load_npz
 from fedshift.common.errors import ConfigError, PrivacyError
 from fedshift.common.io import atomic_write_bytes
@@ -152,62 +152,6 @@ class SiteSettings:
             "'sites-root' (simulation), but neither is set; pass "
             "--node-config \"data-path='/path/site.npz'\""
         )
-
-
-def resolve_settings(
-    run_config: Mapping[str, Any], node_config: Mapping[str, Any]
-) -> tuple[FederationConfig, SiteSettings]:
-    """One message's settings: the run config parsed, the site's settings, the site's release privacy applied.
-
-    Parsed once per distinct (run config, node config, simulated site.toml version) in a process, so
-    the ClientApp's egress guard and its handler share one parse. Equal to parsing them afresh.
-    """
-    try:
-        key = (_hashable(run_config), _hashable(node_config), _site_toml_version(run_config, node_config))
-        fed, site = _resolved(*key)
-    except TypeError:  # an unhashable value (a list in a node config): parse it without the cache
-        fed, site = _resolve(run_config, node_config)
-    if "integrity-key" in node_config and "data-path" in node_config:
-        bind_key(
-            site.state_dir, Path(str(node_config["integrity-key"]))
-        )  # this process's binding, every time
-    return fed, site
-
-
-def _hashable(values: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted(values.items()))
-
-
-def _site_toml_version(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> tuple[int, int]:
-    """The mtime and size of the simulated site's own site.toml ((-1, -1) when none), so an edit is seen."""
-    root = run_config.get("sites-root")
-    if (
-        "data-path" in node_config
-        or "partition-id" not in node_config
-        or not isinstance(root, str)
-        or not root
-    ):
-        return (-1, -1)
-    path = Path(root) / f"site-{int(node_config['partition-id'])}" / SITE_CONFIG_FILE
-    if not path.is_file():
-        return (-1, -1)
-    stat = path.stat()
-    return (stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=64)
-def _resolved(
-    run_items: tuple[tuple[str, Any], ...], node_items: tuple[tuple[str, Any], ...], version: tuple[int, int]
-) -> tuple[FederationConfig, SiteSettings]:
-    return _resolve(dict(run_items), dict(node_items))
-
-
-def _resolve(
-    run_config: Mapping[str, Any], node_config: Mapping[str, Any]
-) -> tuple[FederationConfig, SiteSettings]:
-    fed = parse_run_config(run_config)
-    site = SiteSettings.from_node_config(node_config, fed)
-    return site.federation(fed), site  # the site's own noise for its Fisher, label counts and moments
 
 
 # a deployed site's privacy defaults: DP on, noise and sampling from the OS CSPRNG, no budget (set it)

@@ -10,7 +10,6 @@ re-exported here.
 from __future__ import annotations
 
 import argparse
-import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -49,7 +48,6 @@ __all__ = [
     "check_choice",
     "check_lambda",
     "is_number",
-    "parse_run_config",
     "run_config_from_arguments",
 ]
 
@@ -199,23 +197,6 @@ RELEASE_PRIVACY_KEYS = (
     "align-clip",
     "align-noise-multiplier",
 )
-
-
-def _hashable(values: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted(values.items()))
-
-
-@functools.lru_cache(maxsize=64)
-def _parse(items: tuple[tuple[str, Any], ...]) -> FederationConfig:
-    return FederationConfig.from_run_config(dict(items))
-
-
-def parse_run_config(run_config: Mapping[str, Any]) -> FederationConfig:
-    """:meth:`FederationConfig.from_run_config`, parsed once per distinct run config in a process."""
-    try:
-        return _parse(_hashable(run_config))
-    except TypeError:  # an unhashable value (a list): parse it and let the checks name it
-        return FederationConfig.from_run_config(run_config)
 
 
 def add_arguments(

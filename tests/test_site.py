@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedshift.client.site import SiteSettings, load_local_state, resolve_settings, save_local_state
+from fedshift.client.site import SiteSettings, load_local_state, save_local_state
 from fedshift.common.config import RELEASE_PRIVACY_KEYS, FederationConfig, PrivacyConfig
 from fedshift.common.errors import ConfigError, PrivacyError
 from fedshift.common.model import ModelConfig, build_model
@@ -102,21 +101,3 @@ def test_simulated_site_reads_its_own_site_toml(tmp_path: Path) -> None:
         PrivacyError, match="Expected node-config 'dp-epsilon' to be a number, but got 'lots'"
     ):
         SiteSettings.from_node_config({"partition-id": 1}, fed)
-
-
-def test_resolve_settings_parses_once_per_config_and_sees_a_site_toml_edit(tmp_path: Path) -> None:
-    """The ClientApp's one parse per message: equal to a fresh parse, cached, and a site.toml edit is seen."""
-    run = {**FederationConfig(sites_root=str(tmp_path)).to_run_config(), "dp": True, "dp-epsilon": 8.0}
-    (tmp_path / "site-2").mkdir()
-    (tmp_path / "site-2" / "site.toml").write_text("dp-epsilon = 2.5\nalign-clip = 4.0\n")
-    fed, site = resolve_settings(run, {"partition-id": 2})
-    fresh_site = SiteSettings.from_node_config({"partition-id": 2}, FederationConfig.from_run_config(run))
-    assert (fed, site) == (fresh_site.federation(FederationConfig.from_run_config(run)), fresh_site)
-    assert (site.privacy.epsilon, fed.shift.align_clip) == (2.5, 4.0)
-    again = resolve_settings(dict(run), {"partition-id": 2})
-    assert again[0] is fed and again[1] is site  # one parse for the egress guard and the handler
-    (tmp_path / "site-2" / "site.toml").write_text("dp-epsilon = 3.5\n")
-    os.utime(tmp_path / "site-2" / "site.toml", ns=(1, 1))  # surely another mtime than the first version's
-    assert resolve_settings(run, {"partition-id": 2})[1].privacy.epsilon == 3.5
-    with pytest.raises(PrivacyError, match="Expected run-config 'dp-epsilon' to be a number, but got '8'"):
-        resolve_settings({**run, "dp-epsilon": "8"}, {"partition-id": 2})
