@@ -104,7 +104,6 @@ BOOKKEEPING_KEYS = {
     STATUS_KEY: frozenset({STATUS_FIELD, REASON_FIELD}),
 }
 
-MECHANISM_DP = MECHANISM_DP_SGD
 # statistics released by the Gaussian mechanism in the statistics stage, charged per release
 DP_STATISTICS = {
     LABEL_COUNTS_KEY: MECHANISM_DP_LABEL_COUNTS,
@@ -188,8 +187,8 @@ def inspect_reply(content: RecordDict, policy: EgressPolicy) -> tuple[list[dict[
         if name != ARRAYS_KEY:
             blocked.append(f"{name} (undeclared array record)")
             continue
-        if declared == MECHANISM_DP:
-            items.extend(_array_items(record, name, MECHANISM_DP))
+        if declared == MECHANISM_DP_SGD:
+            items.extend(_array_items(record, name, MECHANISM_DP_SGD))
         elif declared == MECHANISM_NONE and not policy.dp_required:
             items.extend(_array_items(record, name, UNPROTECTED))
         else:

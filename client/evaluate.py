@@ -34,7 +34,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedshift.client.site import load_local_state
-    from fedshift.client.training import evaluate, resolve_device
+    from fedshift.client.training import configure_threads, evaluate, resolve_device
     from fedshift.common.checkpoint import load_checkpoint
     from fedshift.common.data import load_dataset
     from fedshift.common.io import as_jsonable, atomic_write_json
@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
         logger.info("Using the site-local input adapter from %s", state_dir)
     else:
         logger.info("No site-local state found; using the default input adapter")
-    metrics = evaluate(model, data, resolve_device(args.device))
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        configure_threads()
+    metrics = evaluate(model, data, device)
     print(f"{dataset.label} [{args.split}] round {checkpoint.round} checkpoint:")
     for key in ("auc", "accuracy", "balanced_accuracy", "ece", "log_loss", "n"):
         print(f"  {key:<18} {metrics[key]:.4f}" if key != "n" else f"  n {int(metrics['n']):>20}")

@@ -40,12 +40,6 @@ def check_finetune(name: str) -> str:
     return name
 
 
-# the earlier names, until every importer uses the ones above
-STRATEGIES = FINETUNE_CHOICES
-DEFAULT_STRATEGY = DEFAULT_FINETUNE
-check_strategy = check_finetune
-
-
 @dataclass(frozen=True)
 class Regions:
     """A backbone cut along its depth: stem modules, stages (shallow to deep) and tail modules."""

@@ -35,7 +35,7 @@ from fedshift.common.adapters import (
 )
 from fedshift.common.backbones import DEFAULT_BACKBONE, backbone_norm, create_backbone
 from fedshift.common.errors import ConfigError
-from fedshift.common.finetune import DEFAULT_STRATEGY, backbone_regions, check_strategy
+from fedshift.common.finetune import DEFAULT_FINETUNE, backbone_regions, check_finetune
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,10 @@ class ModelConfig:
     in_chans: int = 1  # channels of the input images (1 = grayscale)
     local_norm: bool = True  # FedBN-style: norm affine parameters of the adapted stages stay at the site
     seed: int = 0  # seeds the initial shared parameters
-    finetune: str = DEFAULT_STRATEGY  # adapters, linear-probe, partial, norm-only or full
+    finetune: str = DEFAULT_FINETUNE  # adapters, linear-probe, partial, norm-only or full
 
     def __post_init__(self) -> None:
-        check_strategy(self.finetune)
+        check_finetune(self.finetune)
         checks = {
             "num_classes": self.num_classes >= 2,
             "image_size": self.image_size >= 16,

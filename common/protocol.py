@@ -61,7 +61,9 @@ SPLIT_VAL = "val"  # the split the server asks for after every round (validation
 SPLIT_TEST = "test"  # the split of the final evaluation
 # Metric names a site's replies carry (the egress guard lets only those the site allows leave)
 SAMPLES_PER_SECOND_KEY = "samples-per-second"  # training: throughput, not a statistic of the data
-EVALUATION_METRICS = ("auc", "accuracy", "balanced-accuracy", "log-loss", "ece")
+AUC_KEY, ACCURACY_KEY, BALANCED_ACCURACY_KEY = "auc", "accuracy", "balanced-accuracy"
+LOG_LOSS_KEY, ECE_KEY = "log-loss", "ece"  # ECE: expected calibration error
+EVALUATION_METRICS = (AUC_KEY, ACCURACY_KEY, BALANCED_ACCURACY_KEY, LOG_LOSS_KEY, ECE_KEY)
 # label-shift correction and domain alignment: the same metrics of the corrected / adapted predictions
 # (cal = calibrated, ls = prior-corrected, oracle = corrected with the split's true prior,
 # tta = test-time-adapted norms), and whether the correction fell back

@@ -53,7 +53,14 @@ from fedshift.client.training import configure_threads, resolve_device
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import ConfigError
 from fedshift.common.io import as_jsonable, atomic_write_json
-from fedshift.common.protocol import MECHANISM_DP_SGD
+from fedshift.common.protocol import (
+    ACCURACY_KEY,
+    AUC_KEY,
+    BALANCED_ACCURACY_KEY,
+    ECE_KEY,
+    LOG_LOSS_KEY,
+    MECHANISM_DP_SGD,
+)
 from fedshift.simulations.analysis import subspace_alignment
 from fedshift.simulations.experiment import (
     ExperimentSpec,
@@ -70,13 +77,13 @@ from fedshift.simulations.shift import (
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("accuracy", "balanced-accuracy", "log-loss", "ece", "auc")
+METRICS = (ACCURACY_KEY, BALANCED_ACCURACY_KEY, LOG_LOSS_KEY, ECE_KEY, AUC_KEY)
 LABELS = {
-    "accuracy": "acc",
-    "balanced-accuracy": "bal.acc",
-    "log-loss": "logloss",
-    "ece": "ECE",
-    "auc": "AUC",
+    ACCURACY_KEY: "acc",
+    BALANCED_ACCURACY_KEY: "bal.acc",
+    LOG_LOSS_KEY: "logloss",
+    ECE_KEY: "ECE",
+    AUC_KEY: "AUC",
 }
 # variant -> (run, metric prefix in the site's evaluation reply)
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -271,16 +278,16 @@ def _measures(
     global_prior = float(prior["train_prior"][1]) if prior.get("train_prior") else math.nan
     far = [n for n in names if abs(prevalence[n] - global_prior) >= spec.far]
     means = {v: {m: _mean([per_variant[v][n][m] for n in names]) for m in METRICS} for v in per_variant}
-    far_acc = {v: _mean([per_variant[v][n]["accuracy"] for n in far]) for v in per_variant}
+    far_acc = {v: _mean([per_variant[v][n][ACCURACY_KEY] for n in far]) for v in per_variant}
     claims = {
-        "mean_log_loss": {"a": means["a"]["log-loss"], "b": means["b"]["log-loss"]},
-        "label_shift_lowers_mean_log_loss": means["b"]["log-loss"] < means["a"]["log-loss"],
+        "mean_log_loss": {"a": means["a"][LOG_LOSS_KEY], "b": means["b"][LOG_LOSS_KEY]},
+        "label_shift_lowers_mean_log_loss": means["b"][LOG_LOSS_KEY] < means["a"][LOG_LOSS_KEY],
         "far_sites": far,
         "far_accuracy": {
-            n: {"a": per_variant["a"][n]["accuracy"], "b": per_variant["b"][n]["accuracy"]} for n in far
+            n: {"a": per_variant["a"][n][ACCURACY_KEY], "b": per_variant["b"][n][ACCURACY_KEY]} for n in far
         },
         "label_shift_raises_far_accuracy": bool(far)
-        and all(per_variant["b"][n]["accuracy"] >= per_variant["a"][n]["accuracy"] for n in far)
+        and all(per_variant["b"][n][ACCURACY_KEY] >= per_variant["a"][n][ACCURACY_KEY] for n in far)
         and far_acc["b"] > far_acc["a"],
         "mean_auc": {v: means[v]["auc"] for v in ("a", "c", "b", "d", "c+loss") if v in means},
         "alignment_keeps_mean_auc": means["c"]["auc"] >= means["a"]["auc"],
@@ -312,10 +319,13 @@ def summarize_seeds(reports: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     se = float(auc_diff.std(ddof=1) / math.sqrt(len(seeds))) if len(seeds) > 1 else math.nan
     out: dict[str, Any] = {
         "seeds": seeds,
-        "mean_log_loss": {v: per_seed(lambda r, v=v: r["mean"][v]["log-loss"]) for v in ("a", "b", "c", "d")},
+        "mean_log_loss": {
+            v: per_seed(lambda r, v=v: r["mean"][v][LOG_LOSS_KEY]) for v in ("a", "b", "c", "d")
+        },
         "far_accuracy": {
             site: {
-                v: per_seed(lambda r, v=v, site=site: r["per_site"][v][site]["accuracy"]) for v in ("a", "b")
+                v: per_seed(lambda r, v=v, site=site: r["per_site"][v][site][ACCURACY_KEY])
+                for v in ("a", "b")
             }
             for site in far
         },
@@ -402,7 +412,7 @@ def plot_study(
     variants = [v for v in TABLE_VARIANTS if v in report["per_site"]]
     width = 0.8 / len(variants)
     x = np.arange(len(names))
-    for ax, metric in zip(axes, ("log-loss", "accuracy", "auc"), strict=True):
+    for ax, metric in zip(axes, (LOG_LOSS_KEY, ACCURACY_KEY, AUC_KEY), strict=True):
         for i, v in enumerate(variants):
             values = [report["per_site"][v][n][metric] for n in names]
             ax.bar(x + (i - (len(variants) - 1) / 2) * width, values, width, label=VARIANT_NAMES[v])

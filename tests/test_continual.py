@@ -110,7 +110,7 @@ def test_dp_budget_planning_keeps_room_for_the_end_of_run_fisher(tmp_path: Path)
     plain = _run_config(tmp_path, **{"dp": True, "dp-epsilon": 4.0})
     call_client_app(make_client_app(), train, plain)
     sigma_plain = PrivacyLedger.at(site_dir).entries[0].noise_multiplier
-    fresh = tmp_path / "fresh"  # the same data as a new site (deleting a ledger stops a site: issue 18)
+    fresh = tmp_path / "fresh"  # the same data as a new site (deleting a ledger stops a site)
     site_dir = write_site(fresh)
     plain = _run_config(fresh, **{"dp": True, "dp-epsilon": 4.0})
     reserved = {**plain, "ewc-consolidate": True, "ewc-fisher-noise-multiplier": 2.0}

@@ -275,9 +275,13 @@ def test_shift_config_round_trips_and_refuses_bad_values() -> None:
     assert FederationConfig.from_run_config(fed.to_run_config()) == fed
     with pytest.raises(ConfigError, match="Expected run-config 'ls-prior-method' to be one of"):
         FederationConfig.from_run_config({"ls-prior-method": "kmm"})
-    with pytest.raises(ConfigError, match="Expected run-config 'ls-correction' to be true or false, but got 'yes'"):
+    with pytest.raises(
+        ConfigError, match="Expected run-config 'ls-correction' to be true or false, but got 'yes'"
+    ):
         FederationConfig.from_run_config({"ls-correction": "yes"})
-    with pytest.raises(ConfigError, match="Expected run-config 'ls-bootstrap' to be an integer in \\[2, 2000\\] \\(or 0\\)"):
+    with pytest.raises(
+        ConfigError, match="Expected run-config 'ls-bootstrap' to be an integer in \\[2, 2000\\] \\(or 0\\)"
+    ):
         ShiftConfig(bootstrap=1)
     with pytest.raises(PrivacyError, match="align-noise-multiplier > 0"):
         ShiftConfig(align_weight=1.0, align_noise=0.0)

@@ -1,4 +1,4 @@
-"""Every number that leaves a site is allowed and accounted (issue 18, findings 3 and 7).
+"""Every number that leaves a site is allowed and accounted: evaluation metrics and statistics.
 
 The real ClientApp in process, with real messages, a real model and a real site
 directory: the splits a site evaluates, one answer per (run, round, split), the

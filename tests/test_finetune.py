@@ -19,7 +19,7 @@ from fedshift.common.backbones import create_backbone
 from fedshift.common.config import FederationConfig, TrainConfig
 from fedshift.common.data import ImageSet
 from fedshift.common.errors import ConfigError
-from fedshift.common.finetune import STRATEGIES, backbone_regions
+from fedshift.common.finetune import FINETUNE_CHOICES, backbone_regions
 from fedshift.common.model import FedshiftModel, ModelConfig, build_model
 
 SIZE = 32
@@ -91,7 +91,7 @@ def test_every_strategy_starts_from_the_pretrained_features() -> None:
     reference = build_model(ModelConfig(image_size=SIZE, finetune="linear-probe"))
     with torch.no_grad():
         expected = reference.forward_features(x)
-        for strategy in STRATEGIES:
+        for strategy in FINETUNE_CHOICES:
             got = build_model(ModelConfig(image_size=SIZE, finetune=strategy)).forward_features(x)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-5)
 

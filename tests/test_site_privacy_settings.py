@@ -1,4 +1,4 @@
-"""Issue 18, findings 4, 5 and the run-config limits: a deployed site owns its privacy settings.
+"""A deployed site owns its privacy settings, and the run-config limits protect its machine.
 
 * no recomputable noise: a deployed site always draws from the OS CSPRNG; ``dp-secure-rng = false``
   is refused by the daemon (one line, exit 2) and by the ClientApp;
@@ -144,7 +144,7 @@ def _site_toml(root: Path, **site: Any) -> Path:
 def test_a_deployed_site_with_seeded_noise_refuses_to_start(tmp_path: Path) -> None:
     """``fedshift client --config site.toml`` (no --check: the real start) with dp-secure-rng = false.
 
-    Before issue 18 the daemon accepted it and started its SuperNode: the seed
+    Unchecked, the daemon would accept it and start its SuperNode: the seed
     crc32(seed:round:site) is known to the coordinator, which could regenerate the noise.
     """
     path = _site_toml(tmp_path, **{"dp-secure-rng": False})
@@ -204,7 +204,7 @@ def test_the_run_configs_privacy_values_do_not_reach_a_deployed_site(
     """A coordinator's dp-noise-multiplier = 0.1 (and a larger clip norm, another accountant, a larger
     budget) leaves the site's noise, clip norm, accountant and charge exactly as its own config gives them.
 
-    Before issue 18 the deployed site took dp-noise-multiplier, dp-clip-norm and dp-accountant from the
+    Unchecked, the deployed site would take dp-noise-multiplier, dp-clip-norm and dp-accountant from the
     run config whenever its node config did not set them.
     """
     site_dir = write_site(tmp_path)
@@ -253,7 +253,7 @@ def test_the_run_configs_privacy_values_do_not_reach_a_deployed_site(
 def test_rounds_out_of_order_or_beyond_the_run_are_refused_without_a_charge(tmp_path: Path) -> None:
     """Round 7 of a 5-round run, a repeated and an earlier round: refused, nothing charged, no data read.
 
-    Before issue 18 round 7 of 5 was trained and charged, with noise planned for one remaining
+    Unchecked, round 7 of 5 would be trained and charged, with noise planned for one remaining
     round (the run's whole allowance at once).
     """
     site_dir = write_site(tmp_path)
