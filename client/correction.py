@@ -37,14 +37,22 @@ import numpy as np
 import torch
 
 from fedshift.client.dp import RandomSource
+from fedshift.client.inference import (
+    PRIOR_NONE,
+    THRESHOLD_SITE,
+    apply_correction,
+    estimate_target_prior,
+    infer,
+    predict_logits,
+)
 from fedshift.common.calibration import Calibration, fit_calibration, prior_weights
-from fedshift.common.data import ImageSet, to_tensor
+from fedshift.common.data import ImageSet
 from fedshift.common.errors import DataError, PrivacyError
 from fedshift.common.io import as_jsonable, atomic_write_json
 from fedshift.common.label_shift import correct_posteriors
 from fedshift.common.metrics import classification_metrics
 from fedshift.common.model import FedshiftModel
-from fedshift.common.prior_estimation import PriorEstimate, estimate_prior
+from fedshift.common.prior_estimation import PriorEstimate
 from fedshift.common.privacy import Mechanism
 from fedshift.common.protocol import (
     ADAPTED,
@@ -66,7 +74,6 @@ CORRECTION_FILE = "label-shift.json"  # in the site's state directory; never sen
 CALIBRATION_SHRINKAGE = (
     2.0  # prior worth ~2 samples pulling the calibration to the identity (small val splits)
 )
-EM_MAX_ITER = 10_000  # EM iterations before an estimate counts as not converged (each is O(N))
 ORACLE_FLOOR = 1e-3  # the oracle's true prior is floored at this (a split without a class has prior 0)
 
 
@@ -246,18 +253,8 @@ def fit_site_correction(
     c = val_logits.shape[1]
     unlabeled = cal.apply(unlabeled_logits) if len(unlabeled_logits) else np.zeros((0, c))
     val_probs = cal.apply(val_logits)
-    estimate = estimate_prior(
-        unlabeled,
-        source,
-        config.prior_method,
-        val_probs=val_probs,
-        val_labels=val_labels,
-        bootstrap=config.bootstrap,
-        seed=seed,
-        min_samples=config.min_samples,
-        max_interval_width=config.max_interval_width,
-        max_iter=EM_MAX_ITER,
-        pseudocount=config.prior_pseudocount,
+    estimate = estimate_target_prior(
+        unlabeled, source, config, seed=seed, val_probs=val_probs, val_labels=val_labels
     )
     threshold = None
     if config.threshold and c == 2:
@@ -284,8 +281,9 @@ def correction_metrics(
     """
     y = np.asarray(labels, dtype=np.int64)
     c = logits.shape[1]
-    calibrated = correction.calibration.apply(logits)
-    corrected = correction.estimate.correct(calibrated)
+    threshold = THRESHOLD_SITE if correction.threshold is not None else None
+    result = apply_correction(logits, correction, prior=correction.estimate, threshold=threshold)
+    calibrated, corrected = result.calibrated, result.corrected
     true = np.maximum(np.bincount(y, minlength=c) / max(len(y), 1), ORACLE_FLOOR)
     oracle = correct_posteriors(calibrated, correction.source_prior, true / true.sum())
     out = {
@@ -297,7 +295,7 @@ def correction_metrics(
     if correction.threshold is not None:
         from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-        pred = (calibrated[:, 1] >= correction.threshold).astype(np.int64)
+        pred = result.predicted
         out[THRESHOLD_ACCURACY_KEY] = float(accuracy_score(y, pred))
         out[THRESHOLD_BALANCED_ACCURACY_KEY] = float(balanced_accuracy_score(y, pred))
     return out
@@ -309,22 +307,6 @@ def save_correction(state_dir: Path, correction: SiteCorrection, split: str) -> 
 
 
 # ----------------------------------------------------------------------------- at evaluation
-
-
-@torch.no_grad()
-def predict_logits(
-    model: FedshiftModel, images: np.ndarray, device: torch.device, batch_size: int = 256
-) -> np.ndarray:
-    """The model's logits, ``(N, C)`` float64, in eval mode."""
-    model.to(device)
-    model.train(False)
-    out = [
-        model(to_tensor(images[b : b + batch_size], model.config.image_size).to(device)).float().cpu().numpy()
-        for b in range(0, len(images), batch_size)
-    ]
-    if not out:
-        return np.zeros((0, model.config.num_classes))
-    return np.concatenate(out).astype(np.float64)
 
 
 def evaluate_with_shift(
@@ -348,8 +330,9 @@ def evaluate_with_shift(
     """
     from fedshift.client.alignment import adapted_norm_statistics
 
-    logits = predict_logits(model, data.images, device)
-    out = _kebab(classification_metrics(data.labels, _softmax(logits)))
+    plain = infer(model, data.images, device, None, prior=PRIOR_NONE)
+    logits = plain.logits
+    out = _kebab(classification_metrics(data.labels, plain.raw))
     out[COUNT_KEY] = float(len(data))
     correction: SiteCorrection | None = None
     if config.correction and train_prior is None:
@@ -368,15 +351,10 @@ def evaluate_with_shift(
         with adapted_norm_statistics(model, data.images, device, reference=reference):
             tta_logits = predict_logits(model, data.images, device)
             tta_val = predict_logits(model, val.images, device) if correction is not None else None
-        out.update(_kebab(classification_metrics(data.labels, _softmax(tta_logits)), f"{ADAPTED}-"))
+        adapted_plain = apply_correction(tta_logits, None, prior=PRIOR_NONE)
+        out.update(_kebab(classification_metrics(data.labels, adapted_plain.raw), f"{ADAPTED}-"))
         if correction is not None and tta_val is not None and train_prior is not None:
             adapted = fit_site_correction(tta_val, val.labels, tta_logits, train_prior, config, seed=seed)
-            corrected = adapted.estimate.correct(adapted.calibration.apply(tta_logits))
+            corrected = apply_correction(tta_logits, adapted, prior=adapted.estimate).corrected
             out.update(_kebab(classification_metrics(data.labels, corrected), f"{ADAPTED_CORRECTED}-"))
     return out
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return np.asarray(e / e.sum(axis=1, keepdims=True))
