@@ -71,6 +71,7 @@ from fedshift.common.thresholds import best_threshold
 logger = logging.getLogger(__name__)
 
 CORRECTION_FILE = "label-shift.json"  # in the site's state directory; never sent
+ESTIMATOR_KEY = "estimator"  # in CORRECTION_FILE: the estimator's settings and seed
 CALIBRATION_SHRINKAGE = (
     2.0  # prior worth ~2 samples pulling the calibration to the identity (small val splits)
 )
@@ -301,9 +302,24 @@ def correction_metrics(
     return out
 
 
-def save_correction(state_dir: Path, correction: SiteCorrection, split: str) -> None:
-    """The site's estimate, interval, fallback reason and calibration, for its own engineers (never sent)."""
-    atomic_write_json(Path(state_dir) / CORRECTION_FILE, {"split": split, **correction.to_json()})
+def save_correction(
+    state_dir: Path, correction: SiteCorrection, split: str, config: ShiftConfig | None = None, seed: int = 0
+) -> None:
+    """The site's estimate, interval, fallback reason and calibration, for its own engineers (never sent);
+    with ``config``, also the estimator's settings and seed (``estimator``), so that a later estimate on the
+    same images (``fedshift predict --prior auto``) is the same one."""
+    data: dict[str, Any] = {"split": split, **correction.to_json()}
+    if config is not None:
+        data[ESTIMATOR_KEY] = {"config": config.to_run_config(), "seed": int(seed)}
+    atomic_write_json(Path(state_dir) / CORRECTION_FILE, data)
+
+
+def saved_estimator(data: dict[str, Any]) -> tuple[ShiftConfig, int] | None:
+    """The estimator's settings and seed that :func:`save_correction` stored in ``data``, if any."""
+    entry = data.get(ESTIMATOR_KEY)
+    if not isinstance(entry, dict):
+        return None
+    return ShiftConfig().with_values(entry["config"]), int(entry["seed"])
 
 
 # ----------------------------------------------------------------------------- at evaluation
@@ -344,7 +360,7 @@ def evaluate_with_shift(
             logger.warning("Label shift: no correction at this site: %s", correction.estimate.reason)
         out.update(correction_metrics(correction, logits, data.labels))
         if state_dir is not None:
-            save_correction(state_dir, correction, split)
+            save_correction(state_dir, correction, split, config, seed)
     if config.tta and len(data):
         # relative to the site's val images (its training distribution); plain AdaBN without them
         reference = val.images if len(val) else None

@@ -1,4 +1,4 @@
-"""``fedshift evaluate``: saved adapters (plus the site's local parts) on a dataset."""
+"""``fedshift evaluate``: a site's model bundle, or saved adapters (with the local parts), on a split."""
 
 from __future__ import annotations
 
@@ -14,12 +14,15 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "evaluate",
         help="evaluate a checkpoint on a dataset",
-        description="Load the global adapters of a checkpoint, and the site-local parts (input "
+        description="Load a site's model bundle (--model: its model and corrections, applied as "
+        "fedshift predict does) or the global adapters of a checkpoint, with the site-local parts (input "
         "adapter) when a site state directory is given or found beside the data, and print AUC, "
-        "accuracy, balanced accuracy and ECE on one split.",
+        "accuracy, balanced accuracy, log loss and ECE on one split (any file that has that split).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="site model bundle (or the site's state directory)")
+    source.add_argument("--checkpoint", type=Path, help="checkpoint directory")
     p.add_argument("--data", required=True, help=".npz or image folder")
     p.add_argument("--split", default="test", help="train, val or test")
     p.add_argument(
@@ -27,12 +30,52 @@ def register(sub: Any) -> None:
         type=Path,
         help="site state directory (default: the data file's directory, if it holds one)",
     )
+    p.add_argument(
+        "--prior", default="auto", help="with --model: auto, training, none or a JSON prior file (predict's)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
     p.set_defaults(func=run)
 
 
+def run_bundle(args: argparse.Namespace) -> int:
+    """The bundle's raw and corrected metrics on the split (its corrections applied as predict does)."""
+    from fedshift.client.bundle import load_bundle
+    from fedshift.client.predict import parse_prior, predict_bundle
+    from fedshift.client.training import configure_threads, resolve_device
+    from fedshift.common.data import load_dataset
+    from fedshift.common.io import as_jsonable, atomic_write_json
+    from fedshift.common.metrics import classification_metrics
+
+    bundle = load_bundle(args.model)
+    prior = parse_prior(args.prior, bundle.model_config.num_classes)
+    dataset = load_dataset(args.data, image_size=bundle.model_config.image_size, require=args.split)
+    data = dataset.split(args.split)
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        configure_threads()
+    result = predict_bundle(bundle, data.images, device, prior=prior)
+    rows = {"raw": result.raw, "corrected": result.corrected}
+    metrics = {k: classification_metrics(data.labels, v) for k, v in rows.items()}
+    print(
+        f"{dataset.label} [{args.split}] bundle {bundle.path} (corrections: "
+        f"{'; '.join(result.applied) or 'none'}):"
+    )
+    print(f"  {'':<18}" + "".join(f"{k:>12}" for k in rows))
+    for key in ("auc", "accuracy", "balanced_accuracy", "ece", "log_loss"):
+        print(f"  {key:<18}" + "".join(f"{metrics[k][key]:>12.4f}" for k in rows))
+    print(f"  n {len(data):>20}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    if args.json:
+        summary = {"data": dataset.label, "split": args.split, **result.summary(), **metrics}
+        atomic_write_json(args.json, as_jsonable(summary))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        return run_bundle(args)
     from fedshift.client.site import load_local_state
     from fedshift.client.training import configure_threads, evaluate, resolve_device
     from fedshift.common.checkpoint import load_checkpoint
@@ -41,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from fedshift.common.model import build_model
 
     checkpoint = load_checkpoint(args.checkpoint)
-    dataset = load_dataset(args.data, image_size=checkpoint.model.image_size)
+    dataset = load_dataset(args.data, image_size=checkpoint.model.image_size, require=args.split)
     data = dataset.split(args.split)
     model = build_model(checkpoint.model)
     model.load_shared_state_dict(checkpoint.arrays)

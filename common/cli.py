@@ -20,6 +20,8 @@ from fedshift.common.errors import FedshiftError
 COMMANDS = {
     "simulate": "fedshift.simulations.cli",
     "evaluate": "fedshift.client.evaluate",
+    "export": "fedshift.client.export",
+    "predict": "fedshift.client.predict",
     "ledger": "fedshift.client.ledger_cli",
     "shift-study": "fedshift.simulations.shift_study_cli",
     "certs": "fedshift.deploy.cli",

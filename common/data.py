@@ -230,8 +230,9 @@ def _check_two_classes(splits: dict[str, ImageSet], where: str) -> None:
         )
 
 
-def load_npz(path: str | Path) -> Dataset:
-    """Read a MedMNIST-v2-style ``.npz``: ``{split}_images`` and ``{split}_labels``."""
+def load_npz(path: str | Path, require: str = "train") -> Dataset:
+    """Read a MedMNIST-v2-style ``.npz``: ``{split}_images`` and ``{split}_labels``; it must hold the split
+    ``require`` (training needs ``train``; a test-only file serves ``require="test"``)."""
     path = Path(path)
     if path.is_dir():
         raise DataError(
@@ -265,10 +266,10 @@ def load_npz(path: str | Path) -> Dataset:
                 f"{len(images)} images and {len(labels)} labels; re-export the split"
             )
         splits[s] = ImageSet(images=images, labels=labels)
-    if "train" not in splits:
+    if require not in splits:
         raise DataError(
-            f"Expected a 'train' split in {path}, but it has only {sorted(splits)}; "
-            "add train_images and train_labels"
+            f"Expected a '{require}' split in {path}, but it has only {sorted(splits)}; "
+            f"add {require}_images and {require}_labels"
         )
     _check_two_classes(splits, str(path))
     num_classes = max(int(s.labels.max()) for s in splits.values() if len(s)) + 1
@@ -334,7 +335,7 @@ def _read_image(path: Path, image_size: int) -> np.ndarray:
         ) from exc
 
 
-def load_image_folder(path: str | Path, image_size: int = 64) -> Dataset:
+def load_image_folder(path: str | Path, image_size: int = 64, require: str = "train") -> Dataset:
     """Read ``root/<class>/*.png`` (all into "train") or ``root/<split>/<class>/*.png``.
 
     Class names are the sorted class folder names; images become grayscale
@@ -359,10 +360,10 @@ def load_image_folder(path: str | Path, image_size: int = 64) -> Dataset:
             f"({', '.join(repr(c) for c in class_names) or 'none'}); put each class's images "
             "in its own subfolder, e.g. normal/ and abnormal/"
         )
-    if split_layout and "train" not in layout:
+    if split_layout and require not in layout:
         raise DataError(
-            f"Expected a 'train' folder in {root}, but it has only {sorted(layout)}; "
-            "add root/train/<class>/ images"
+            f"Expected a '{require}' folder in {root}, but it has only {sorted(layout)}; "
+            f"add root/{require}/<class>/ images"
         )
     splits: dict[str, ImageSet] = {}
     for s in SPLITS:
@@ -386,6 +387,21 @@ def load_image_folder(path: str | Path, image_size: int = 64) -> Dataset:
     _check_two_classes(splits, str(root))
     logger.info("Loaded %s: %s, classes %s", root, {k: len(v) for k, v in splits.items()}, class_names)
     return Dataset(splits=splits, class_names=class_names, source=str(root), synthetic=False)
+
+
+def load_unlabeled_folder(path: str | Path, image_size: int = 64) -> tuple[np.ndarray, list[str]]:
+    """The images directly in ``path`` (no labels), grayscale ``image_size`` squared, and their file names."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"Expected {root} to be a folder of images, but it is not; {_FIX_DATA}")
+    files = _image_files(root)
+    if not files:
+        raise DataError(
+            f"Expected .png/.jpg/.jpeg images in {root}, but found none; check the path and file extensions"
+        )
+    images = np.stack([_read_image(f, image_size) for f in files])
+    logger.info("Loaded %d unlabeled images from %s", len(files), root)
+    return images, [f.name for f in files]
 
 
 # ------------------------------------------------------------------ synthetic CXR
@@ -420,18 +436,24 @@ def make_synthetic_cxr(n: int, prevalence: float = 0.5, size: int = 28, seed: in
 
 
 def load_dataset(
-    path: str | Path | None, *, synthetic_n: int = 2000, seed: int = 0, image_size: int = 64
+    path: str | Path | None,
+    *,
+    synthetic_n: int = 2000,
+    seed: int = 0,
+    image_size: int = 64,
+    require: str = "train",
 ) -> Dataset:
-    """``None`` -> synthetic data; a ``.npz`` file -> :func:`load_npz`; a folder -> images."""
+    """``None`` -> synthetic data; a ``.npz`` file -> :func:`load_npz`; a folder -> images; either must hold
+    the split ``require``."""
     if path is None:
         return make_synthetic_cxr(synthetic_n, 0.5, size=28, seed=seed)
     p = Path(path)
     if p.is_dir():
-        return load_image_folder(p, image_size=image_size)
+        return load_image_folder(p, image_size=image_size, require=require)
     if not p.exists():
         raise DataError(f"No such data file: {p}; {_FIX_DATA}")
     if p.suffix.lower() == ".npz":
-        return load_npz(p)
+        return load_npz(p, require=require)
     raise DataError(
         f"Expected --data to be an .npz file or an image folder, but got {p} "
         f"(suffix '{p.suffix}'); {_FIX_DATA}"

@@ -1,0 +1,211 @@
+"""``fedshift predict``: a site's bundle on new images, with its corrections; one CSV row per image."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedshift.common.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedshift.client.bundle import SiteBundle
+    from fedshift.client.inference import Inference, Prior, Threshold
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class Images:
+    """Images to predict on, their ids, their labels (``None``: unlabeled) and the class names."""
+
+    images: np.ndarray
+    ids: list[str]
+    labels: np.ndarray | None
+    class_names: tuple[str, ...]
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict on new images with a site's model bundle and its corrections",
+        description="Apply a site's model bundle (calibration, label-shift prior, threshold) to images and "
+        "write one CSV row per image: its id, the raw and corrected class probabilities, the predicted "
+        "class and the threshold used. With labels, also print the metrics.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", type=Path, required=True, help="bundle folder (or the site's state directory)")
+    p.add_argument("--images", required=True, help="image folder (labelled or not) or .npz")
+    p.add_argument("--out", type=Path, required=True, help="predictions CSV to write")
+    p.add_argument("--split", default="test", help="the .npz or split-layout folder's split")
+    p.add_argument(
+        "--prior",
+        default="auto",
+        help="auto (estimated on these images), training (no prior change), none (the model's own "
+        'probabilities) or a JSON file with {"prior": [p_0, ..., p_C-1]}',
+    )
+    p.add_argument("--tta", action="store_true", help="adapt the norm statistics to these images first")
+    p.add_argument("--threshold", help="site (the site's validation-chosen threshold) or a number in (0, 1)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    p.set_defaults(func=run)
+
+
+def read_images(path: str | Path, split: str, image_size: int, num_classes: int) -> Images:
+    """An unlabeled folder of images, a labelled folder (``<class>/`` or ``<split>/<class>/``) or an .npz."""
+    from fedshift.common.data import _default_class_names, load_dataset, load_unlabeled_folder
+
+    p = Path(path)
+    if p.is_dir() and not any(c.is_dir() and not c.name.startswith(".") for c in p.iterdir()):
+        images, names = load_unlabeled_folder(p, image_size)  # no class folders: no labels
+        return Images(images, names, None, _default_class_names(num_classes))
+    dataset = load_dataset(p, image_size=image_size, require=split)
+    data = dataset.split(split)
+    if not len(data):
+        raise DataError(f"Expected images in split '{split}' of {p}, but it has none; pass another --split")
+    ids = [f"{split}:{i}" for i in range(len(data))]
+    return Images(data.images, ids, data.labels, dataset.class_names)
+
+
+def parse_prior(value: str, num_classes: int) -> Prior:
+    """``auto``/``training``/``none``, or the prior in a JSON file."""
+    from fedshift.client.inference import PRIOR_MODES
+
+    if value in PRIOR_MODES:
+        return value
+    path = Path(value)
+    try:
+        prior = np.asarray(json.loads(path.read_text())["prior"], dtype=np.float64).ravel()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"Expected --prior among {list(PRIOR_MODES)} or a JSON file with "
+            f'{{"prior": [...]}}, but {value!r} cannot be read ({type(exc).__name__}); pass e.g. auto'
+        ) from None
+    if prior.shape != (num_classes,) or not np.all(np.isfinite(prior)) or prior.min() <= 0:
+        raise ConfigError(
+            f"Expected {num_classes} positive class priors in {path}, but got {prior.tolist()}; "
+            "store one prior per class"
+        )
+    return prior / prior.sum()
+
+
+def parse_threshold(value: str | None) -> Threshold:
+    from fedshift.client.inference import THRESHOLD_SITE
+
+    if value is None or value == THRESHOLD_SITE:
+        return value
+    try:
+        t = float(value)
+    except ValueError:
+        t = math.nan
+    if not 0.0 < t < 1.0:
+        raise ConfigError(f"Expected --threshold 'site' or a number in (0, 1), but got {value!r}; pass 0.5")
+    return t
+
+
+def predict_bundle(
+    bundle: SiteBundle,
+    images: np.ndarray,
+    device: torch.device,
+    *,
+    prior: Prior = "auto",
+    tta: bool = False,
+    threshold: Threshold = None,
+) -> Inference:
+    """The bundle's model and corrections on ``images``: its estimator's settings and seed as the site used
+    them, and its stored estimate as the fallback of ``auto``."""
+    from fedshift.client.correction import CORRECTION_FILE, saved_estimator
+    from fedshift.client.inference import infer
+    from fedshift.common.shift_config import ShiftConfig
+
+    config, seed = ShiftConfig(), 0
+    state = bundle.path / CORRECTION_FILE
+    if bundle.correction is not None and state.is_file():
+        saved = saved_estimator(json.loads(state.read_text()))
+        if saved is not None:
+            config, seed = saved
+    stored = bundle.correction.estimate if bundle.correction is not None else None
+    return infer(
+        bundle.model,
+        images,
+        device,
+        bundle.correction,
+        tta=tta,
+        prior=prior,
+        config=config,
+        threshold=threshold,
+        seed=seed,
+        stored=stored,
+    )
+
+
+def predictions_csv(data: Images, result: Inference) -> bytes:
+    """One row per image: id, raw and corrected probabilities per class, predicted class, threshold."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    names = data.class_names
+    writer.writerow(
+        ["id", *(f"raw_{n}" for n in names), *(f"corrected_{n}" for n in names), "predicted", "threshold"]
+    )
+    thr = "" if result.threshold is None else repr(result.threshold)
+    for i, ident in enumerate(data.ids):
+        raw = [repr(float(v)) for v in result.raw[i]]
+        corrected = [repr(float(v)) for v in result.corrected[i]]
+        writer.writerow([ident, *raw, *corrected, names[int(result.predicted[i])], thr])
+    return buf.getvalue().encode()
+
+
+def _print_summary(data: Images, result: Inference, out: Path) -> None:
+    summary = result.summary()
+    print(f"{len(data.ids)} images -> {out}")
+    if result.prior is not None:
+        pairs = zip(data.class_names, result.prior, strict=True)
+        print("  prior used          " + ", ".join(f"{n} {p:.4f}" for n, p in pairs))
+    est = result.estimate
+    if est is not None and est.estimate is not None:
+        low, high = est.interval if est.interval is not None else (est.estimate, est.estimate)
+        prevalence = f"{est.estimate[-1]:.4f} [{low[-1]:.4f}, {high[-1]:.4f}]"
+        print(f"  estimated prevalence {prevalence} ({est.n} images)")
+    print("  corrections         " + ("; ".join(summary["applied"]) or "none"))
+    for note in summary["notes"]:
+        print(f"  note                {note}")
+
+
+def _print_metrics(labels: np.ndarray, result: Inference) -> None:
+    from fedshift.common.metrics import METRIC_NAMES, classification_metrics
+
+    rows = {"raw": result.raw, "corrected": result.corrected}
+    print(f"  {'':<18}" + "".join(f"{k:>18}" for k in rows))
+    metrics = {k: classification_metrics(labels, v) for k, v in rows.items()}
+    for name in METRIC_NAMES:
+        print(f"  {name:<18}" + "".join(f"{metrics[k][name]:>18.6f}" for k in rows))
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedshift.client.bundle import load_bundle
+    from fedshift.client.training import configure_threads, resolve_device
+    from fedshift.common.io import atomic_write_bytes
+
+    prior_arg, threshold = args.prior, parse_threshold(args.threshold)
+    bundle = load_bundle(args.model)
+    config = bundle.model_config
+    prior = parse_prior(prior_arg, config.num_classes)
+    data = read_images(args.images, args.split, config.image_size, config.num_classes)
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        configure_threads()
+    result = predict_bundle(bundle, data.images, device, prior=prior, tta=args.tta, threshold=threshold)
+    atomic_write_bytes(args.out, predictions_csv(data, result))
+    _print_summary(data, result, args.out)
+    if data.labels is not None:
+        _print_metrics(data.labels, result)
+    return 0

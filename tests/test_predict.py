@@ -1,0 +1,173 @@
+"""``fedshift predict`` and ``fedshift evaluate --model`` on a site's bundle, against the federation's own
+evaluation (the real ClientApp handlers), and their bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from PIL import Image
+from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
+
+from fedshift.client.app import make_client_app
+from fedshift.client.bundle import load_bundle
+from fedshift.common.cli import main
+from fedshift.common.data import Dataset, load_npz, save_npz
+from fedshift.common.model import ModelConfig, build_model
+from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, FINAL_MODEL_QUERY, METRICS_KEY, NUM_SITES_KEY
+from fedshift.tests.helpers import call_client_app, one_line_error, site_run_config, write_site
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+SHIFT = {"ls-correction": True, "ls-bootstrap": 20, "ls-min-samples": 20, "ls-threshold": True}
+
+
+def _message(kind: str, arrays: ArrayRecord, **config: Any) -> Message:
+    content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(config)})
+    return Message(content, dst_node_id=0, message_type=kind)
+
+
+def _federated_site(root: Path, **values: Any) -> tuple[Path, dict[str, float]]:
+    """A site after one round of training, its final test evaluation and its bundle (the real handlers)."""
+    site_dir = write_site(root, 150, n_val=30, n_test=40)
+    config = site_run_config(root, num_rounds=1, **values)
+    app = make_client_app()
+    arrays = ArrayRecord(build_model(ModelConfig(image_size=32)).shared_state_dict())
+    trained = call_client_app(app, _message(MessageType.TRAIN, arrays, **{"server-round": 1}), config)
+    arrays = trained.content.array_records[ARRAYS_KEY]
+    test = call_client_app(
+        app, _message(MessageType.EVALUATE, arrays, split="test", **{"server-round": 1}), config
+    )
+    final = f"{MessageType.QUERY}.{FINAL_MODEL_QUERY}"
+    reply = call_client_app(app, _message(final, arrays, **{"server-round": 1, NUM_SITES_KEY: 1}), config)
+    assert not reply.has_error()
+    metrics = {k: float(v) for k, v in test.content.metric_records[METRICS_KEY].items()}  # type: ignore[arg-type]
+    return site_dir, metrics
+
+
+def _read_csv(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str], list[str]]:
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    ids = [r["id"] for r in rows]
+    raw = np.array([[float(r[k]) for k in r if k.startswith("raw_")] for r in rows])
+    corrected = np.array([[float(r[k]) for k in r if k.startswith("corrected_")] for r in rows])
+    return ids, raw, corrected, [r["predicted"] for r in rows], [r["threshold"] for r in rows]
+
+
+def _sklearn(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """The federation's metric names, computed independently from the CSV's probabilities."""
+    return {
+        "auc": float(roc_auc_score(labels, probs[:, 1])),
+        "accuracy": float(accuracy_score(labels, probs.argmax(axis=1))),
+        "log-loss": float(log_loss(labels, probs, labels=[0, 1])),
+    }
+
+
+def _predict(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["predict", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_predict_equals_the_federation_test_metrics_with_correction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site_dir, sent = _federated_site(tmp_path, **SHIFT)
+    labels = load_npz(site_dir / "data.npz").split("test").labels
+    out = tmp_path / "predictions.csv"
+    base = ["--model", str(site_dir), "--images", str(site_dir / "data.npz"), "--split", "test"]
+    code, printed, _ = _predict(capsys, *base, "--out", str(out))
+    assert code == 0 and "40 images" in printed and "calibration (bcts)" in printed
+    ids, raw, corrected, predicted, threshold = _read_csv(out)
+    assert ids == [f"test:{i}" for i in range(40)] and set(threshold) == {"0.5"}
+    assert predicted == [("normal", "lesion")[k] for k in corrected.argmax(axis=1)]
+    for key, value in _sklearn(labels, raw).items():
+        assert value == pytest.approx(sent[key], abs=1e-6)
+    for key, value in _sklearn(labels, corrected).items():  # the label-shift corrected ones
+        assert value == pytest.approx(sent[f"ls-{key}"], abs=1e-6)
+    code, printed, _ = _predict(capsys, *base, "--out", str(out), "--prior", "training")
+    _, _, calibrated, _, _ = _read_csv(out)
+    for key, value in _sklearn(labels, calibrated).items():
+        assert value == pytest.approx(sent[f"cal-{key}"], abs=1e-6)
+    bundle = load_bundle(site_dir)
+    assert bundle.correction is not None and bundle.correction.threshold is not None
+    code, printed, _ = _predict(
+        capsys, *base, "--out", str(out), "--prior", "training", "--threshold", "site"
+    )
+    *_, predicted, threshold = _read_csv(out)
+    pred = np.array([("normal", "lesion").index(p) for p in predicted])
+    assert float(accuracy_score(labels, pred)) == pytest.approx(sent["thr-accuracy"], abs=1e-6)
+    assert set(threshold) == {repr(bundle.correction.threshold)}
+    # fedshift evaluate on the bundle, on a file holding only the test split
+    test_only = tmp_path / "test_only.npz"
+    test = load_npz(site_dir / "data.npz").split("test")
+    save_npz(test_only, Dataset({"test": test}, ("normal", "lesion"), "held-out", True))
+    report = tmp_path / "evaluate.json"
+    assert main(["evaluate", "--model", str(site_dir), "--data", str(test_only), "--json", str(report)]) == 0
+    written = json.loads(report.read_text())
+    assert written["raw"]["log_loss"] == pytest.approx(sent["log-loss"], abs=1e-6)
+    assert written["corrected"]["log_loss"] == pytest.approx(sent["ls-log-loss"], abs=1e-6)
+    assert written["corrected"]["auc"] == pytest.approx(sent["ls-auc"], abs=1e-6)
+
+
+def test_predict_equals_the_federation_test_metrics_without_correction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site_dir, sent = _federated_site(tmp_path)
+    assert "ls-log-loss" not in sent and load_bundle(site_dir).correction is None
+    labels = load_npz(site_dir / "data.npz").split("test").labels
+    out = tmp_path / "p.csv"
+    code, printed, _ = _predict(
+        capsys, "--model", str(site_dir), "--images", str(site_dir / "data.npz"), "--out", str(out)
+    )
+    assert code == 0 and "no correction state at this site" in printed
+    _, raw, corrected, _, _ = _read_csv(out)
+    np.testing.assert_array_equal(raw, corrected)
+    for key, value in _sklearn(labels, raw).items():
+        assert value == pytest.approx(sent[key], abs=1e-6)
+
+
+def _write_png(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def test_bad_inputs_end_in_one_line_and_leave_no_csv(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site_dir, _ = _federated_site(tmp_path, **SHIFT)
+    out = tmp_path / "predictions.csv"
+    out.write_text("the previous predictions\n")
+    args = ["--model", str(site_dir), "--out", str(out)]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _predict(capsys, *args, "--images", str(empty))
+    one_line_error(code, err, str(empty), "found none")
+    folder = tmp_path / "new-patients"
+    for i in range(3):
+        _write_png(folder / f"p{i}.png", i)
+    (folder / "broken.png").write_bytes(b"not a png")
+    code, _, err = _predict(capsys, *args, "--images", str(folder))
+    one_line_error(code, err, str(folder / "broken.png"))
+    for bad in (["--prior", "sometimes"], ["--threshold", "1.5"]):
+        code, _, err = _predict(capsys, *args, "--images", str(folder), *bad)
+        one_line_error(code, err, bad[1])
+    assert out.read_text() == "the previous predictions\n"  # nothing half-written, nothing replaced
+    # too few images for a prior estimate: not estimated here, and the output says what was done instead
+    (folder / "broken.png").unlink()
+    code, printed, _ = _predict(capsys, *args, "--images", str(folder))
+    assert code == 0 and "only 3 unlabeled samples, fewer than min_samples=20" in printed
+    ids, raw, _, _, _ = _read_csv(out)
+    assert ids == ["p0.png", "p1.png", "p2.png"] and raw.shape == (3, 2)
+    stored = load_bundle(site_dir).correction
+    assert stored is not None
+    if stored.estimate.fallback:  # no estimate stored either: no prior correction
+        assert "no prior correction" in printed
+    else:
+        assert "the site's stored estimate instead" in printed
