@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedshift.client.bundle import final_model_reply
 from fedshift.client.continual import fisher_reply
 from fedshift.client.correction import evaluate_with_shift, source_prior_for
 from fedshift.client.egress import EgressPolicy, egress_guard
@@ -42,6 +43,7 @@ from fedshift.common.model import FedshiftModel, build_model
 from fedshift.common.protocol import (
     ARRAYS_KEY,
     DEFAULT_METRICS,
+    FINAL_MODEL_QUERY,
     FISHER_QUERY,
     LABEL_COUNTS_KEY,
     METRICS_KEY,
@@ -96,6 +98,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
     def fisher(msg: Message, context: Context) -> Message:
         """The end-of-phase Fisher at the final global adapters (run config ewc-consolidate)."""
         return fisher_reply(msg, *_prepare(msg, settings(context)))
+
+    @app.query(FINAL_MODEL_QUERY)
+    def final_model(msg: Message, context: Context) -> Message:
+        """The final global adapters: the site writes its model bundle (:mod:`fedshift.client.bundle`)."""
+        return final_model_reply(msg, *_prepare(msg, settings(context)))
 
     return app
 

@@ -229,6 +229,19 @@ def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = N
     return model
 
 
+def weights_file(name: str, weights: str | Path | None = None) -> Path:
+    """The file :func:`create_backbone` reads ``name``'s weights from (``weights``, or the bundled ones)."""
+    if weights not in ("", None):
+        return Path(str(weights))
+    spec = _REGISTRY.get(name)
+    if spec is None or spec.bundled_weights is None:
+        raise BackboneError(
+            f"Expected a local weights file for backbone {name!r}, but none was given; pass "
+            "--weights PATH.pth|PATH.safetensors (fedshift never downloads weights)"
+        )
+    return spec.bundled_weights()
+
+
 def backbone_norm(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and std the backbone was pretrained with (from its timm ``pretrained_cfg``)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}

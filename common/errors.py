@@ -42,3 +42,7 @@ class RoundRefusedError(PrivacyError):
 
 class LedgerError(PrivacyError):
     """The privacy ledger on disk is corrupt, inconsistent or cannot be written."""
+
+
+class BundleError(FedshiftError):
+    """A site model bundle is missing, incomplete, corrupt or built on other backbone weights."""

@@ -169,3 +169,6 @@ def refusal_for(msg: Message, site: str, exc: RoundRefusedError | BudgetExhauste
 
 
 PRIVACY_FIELDS = frozenset(f.name.replace("_", "-") for f in fields(PrivacyReport))  # a record's wire names
+
+FINAL_MODEL_QUERY = "final_model"  # message-type suffix of the final-model stage ("query.final_model")
+NUM_SITES_KEY = "num-sites"  # config of the final-model stage: how many sites took part in the run

@@ -1,8 +1,9 @@
 """The fedshift ServerApp: one federation, from its starting adapters to ``results.json``.
 
 :func:`run_federation` reads top-down: the starting point, the strategy, the
-statistics stage, Flower's round loop, the Fisher consolidation and the final
-test evaluation. ``app`` is what Flower's tooling loads (``pyproject.toml``);
+statistics stage, Flower's round loop, the Fisher consolidation, the final
+test evaluation and the final model sent to every site (which writes its bundle).
+``app`` is what Flower's tooling loads (``pyproject.toml``);
 ``make_server_app(overrides)`` fixes run-config values in code (``fedshift simulate``).
 """
 
@@ -27,6 +28,8 @@ from fedshift.common.model import build_model, size_report
 from fedshift.common.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    FINAL_MODEL_QUERY,
+    NUM_SITES_KEY,
     SERVER_ROUND_KEY,
     SPLIT_KEY,
     SPLIT_TEST,
@@ -68,6 +71,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         else None
     )
     final = final_evaluation(grid, arrays, strategy, SPLIT_TEST, cfg.reply_timeout)
+    bundles = deliver_final_model(grid, arrays, strategy, cfg.reply_timeout)
     results = {
         "config": cfg.to_run_config(),
         "size": size_report(model),
@@ -75,6 +79,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         "resumed_from_round": done,
         "consolidated": consolidated,
         "final_test": final,
+        "bundles": bundles,
         "statistics": statistics_summary(statistics),
         "seconds": time.time() - started,
     }
@@ -184,6 +189,26 @@ def final_evaluation(
         left_out=f"Final {split} evaluation: no result from",
     )
     return {name: metrics_of(msg) for name, msg in replies}
+
+
+def deliver_final_model(
+    grid: Grid, arrays: ArrayRecord, strategy: AdapterFedAvg, timeout: float
+) -> list[str]:
+    """Send the final global adapters to every connected site, which writes its model bundle; the sites
+    that did. A site that fails is logged here, and the federation ends as it would without it."""
+    num_sites = len(list(grid.get_node_ids()))
+    config = ConfigRecord({SERVER_ROUND_KEY: strategy.num_rounds, NUM_SITES_KEY: num_sites})
+    replies = ask_sites(
+        grid,
+        RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}),
+        f"{MessageType.QUERY}.{FINAL_MODEL_QUERY}",
+        names=strategy.names,
+        timeout=timeout,
+        check=lambda msg: f"the site reported an error: {msg.error.reason}" if msg.has_error() else None,
+        left_out="Final model: no bundle at",
+    )
+    logger.info("Final model: %d of %d sites wrote their model bundle", len(replies), num_sites)
+    return [name for name, _ in replies]
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

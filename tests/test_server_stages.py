@@ -14,13 +14,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from fedshift.common.config import FederationConfig
 from fedshift.server.app import run_federation
 from fedshift.server.ask import ask_sites
 from fedshift.server.consolidation import FISHER_MESSAGE
 from fedshift.server.enrollment import SiteNames
+
+FINAL_MODEL_MESSAGE = f"{MessageType.QUERY}.final_model"
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -98,6 +101,8 @@ def _site_answer(cfg: FederationConfig) -> Callable[[Message], list[Message]]:
         if kind == FISHER_MESSAGE:
             ones = ArrayRecord({key: Array(np.ones(a.shape, np.float32)) for key, a in arrays.items()})
             return [_reply(msg, node, {"ewc-fisher": ones, "metrics": metrics})]
+        if kind == FINAL_MODEL_MESSAGE:
+            return [_reply(msg, node, {})]  # the bundle written
         if msg.content.config_records["config"]["stage"] != "statistics":
             return [_reply(msg, node, {})]  # the global statistics, taken
         release: dict[str, Any] = {"moment-sum": [0.5] * (c * k), "moment-square": [2.0] * c}
@@ -132,6 +137,7 @@ def test_the_reply_timeout_reaches_every_stage(tmp_path: Path) -> None:
         (MessageType.EVALUATE, {"split": "val", "server-round": 2}, 120.0),
         (FISHER_MESSAGE, {"server-round": 3}, 120.0),
         (MessageType.EVALUATE, {"split": "test", "server-round": 2}, 120.0),
+        (FINAL_MODEL_MESSAGE, {"server-round": 2, "num-sites": 2}, 120.0),
     ]
     assert results["statistics"] == {"sites": 2, "train_prior": [0.75, 0.25], "align_dim": 2}
     assert results["consolidated"]["sites"] == ["site-1", "site-2"]
@@ -139,3 +145,26 @@ def test_the_reply_timeout_reaches_every_stage(tmp_path: Path) -> None:
     assert results["final_test"] == {
         n: {"num-examples": 10.0 * i, "auc": 0.5} for i, n in ((1, "site-1"), (2, "site-2"))
     }
+    assert results["bundles"] == ["site-1", "site-2"]
+
+
+def test_a_site_that_fails_the_final_model_stage_is_logged_and_the_federation_ends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = FederationConfig.from_run_config(
+        {"num-server-rounds": 1, "image-size": 32, "run-dir": str(tmp_path / "run")}
+    )
+    honest = _site_answer(cfg)
+
+    def answer(msg: Message) -> list[Message]:
+        if msg.metadata.message_type == FINAL_MODEL_MESSAGE and msg.metadata.dst_node_id == 2:
+            return [
+                Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="site-error"), reply_to=msg)
+            ]
+        return honest(msg)
+
+    with caplog.at_level(logging.WARNING, logger="fedshift.server.ask"):
+        results = run_federation(_Grid([1, 2], answer), cfg)  # type: ignore[arg-type]
+    assert results["bundles"] == ["site-1"] and set(results["final_test"]) == {"site-1", "site-2"}
+    assert "Final model: no bundle at site-2: the site reported an error: site-error" in caplog.text
+    assert (tmp_path / "run" / "results.json").is_file()
