@@ -19,7 +19,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import torch
@@ -41,8 +41,8 @@ PRIOR_MODES = (PRIOR_AUTO, PRIOR_TRAINING, PRIOR_NONE)
 THRESHOLD_SITE = "site"
 EM_MAX_ITER = 10_000  # EM iterations before an estimate counts as not converged (each is O(N))
 
-Prior = str | PriorEstimate | np.ndarray
-Threshold = str | float | None
+Prior: TypeAlias = str | PriorEstimate | np.ndarray  # a mode, an estimate made on the images, or a prior
+Threshold: TypeAlias = str | float | None  # "site", a number, or None (argmax)
 
 
 @dataclass(frozen=True, eq=False)
