@@ -69,6 +69,8 @@ def read_images(path: str | Path, split: str, image_size: int, num_classes: int)
         images, names = load_unlabeled_folder(p, image_size)  # no class folders: no labels
         return Images(images, names, None, _default_class_names(num_classes))
     dataset = load_dataset(p, image_size=image_size, require=split)
+    if p.is_dir() and split not in dataset.splits:  # root/<class>/ images: one split, whatever its name
+        split = next(iter(dataset.splits))
     data = dataset.split(split)
     if not len(data):
         raise DataError(f"Expected images in split '{split}' of {p}, but it has none; pass another --split")

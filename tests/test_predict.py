@@ -17,7 +17,7 @@ from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 from fedshift.client.app import make_client_app
 from fedshift.client.bundle import load_bundle
 from fedshift.common.cli import main
-from fedshift.common.data import Dataset, load_npz, save_npz
+from fedshift.common.data import Dataset, load_image_folder, load_npz, save_npz
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, FINAL_MODEL_QUERY, METRICS_KEY, NUM_SITES_KEY
 from fedshift.tests.helpers import call_client_app, one_line_error, site_run_config, write_site
@@ -171,3 +171,66 @@ def test_bad_inputs_end_in_one_line_and_leave_no_csv(
         assert "no prior correction" in printed
     else:
         assert "the site's stored estimate instead" in printed
+
+
+def test_evaluate_a_checkpoint_on_a_test_only_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from fedshift.client.inference import predict_logits, softmax
+    from fedshift.common.checkpoint import save_checkpoint
+    from fedshift.common.metrics import classification_metrics
+
+    config = ModelConfig(image_size=32)
+    model = build_model(config)
+    arrays = {k: v.numpy() for k, v in model.shared_state_dict().items()}
+    save_checkpoint(tmp_path / "ckpt", arrays, config, 2)
+    site_dir = write_site(tmp_path)
+    test = load_npz(site_dir / "data.npz").split("test")
+    held_out = tmp_path / "held-out" / "test_only.npz"
+    save_npz(held_out, Dataset({"test": test}, ("normal", "lesion"), "held-out", True))
+    report = tmp_path / "m.json"
+    args = ["evaluate", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(held_out)]
+    assert main([*args, "--json", str(report)]) == 0
+    logits = predict_logits(model, test.images, torch.device("cpu"))
+    expected = classification_metrics(test.labels, softmax(logits))
+    assert json.loads(report.read_text())["log_loss"] == pytest.approx(expected["log_loss"], abs=1e-6)
+    code = main([*args, "--split", "val"])
+    one_line_error(code, capsys.readouterr().err, "Expected a 'val' split", "add val_images and val_labels")
+
+
+def test_a_labelled_folder_prints_its_metrics_and_tta_adapts_the_norms(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from fedshift.client.alignment import adapted_norm_statistics
+    from fedshift.client.inference import predict_logits, softmax
+
+    site_dir, _ = _federated_site(tmp_path, **SHIFT)
+    test = load_npz(site_dir / "data.npz").split("test")
+    folder = tmp_path / "labelled"  # class folders that sort in the model's class order
+    classes = ("0-normal", "1-lesion")
+    for i, (image, label) in enumerate(zip(test.images, test.labels, strict=True)):
+        (folder / classes[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / classes[label] / f"{i:03d}.png")
+    out = tmp_path / "p.csv"
+    args = ["--model", str(site_dir), "--images", str(folder), "--out", str(out)]
+    code, printed, _ = _predict(capsys, *args, "--prior", "none")
+    assert code == 0
+    _, raw, _, _, _ = _read_csv(out)
+    labels = np.sort(test.labels)  # the folder lists class 0's images first
+    log_loss_row = next(line for line in printed.splitlines() if line.strip().startswith("log_loss"))
+    assert float(log_loss_row.split()[1]) == pytest.approx(log_loss(labels, raw, labels=[0, 1]), abs=1e-6)
+    # --tta: the model's norm statistics adapted to these images (plain AdaBN: no reference images)
+    code, printed, _ = _predict(capsys, *args, "--prior", "none", "--tta")
+    assert code == 0 and "test-time norm adaptation" in printed
+    _, adapted, _, _, _ = _read_csv(out)
+    bundle = load_bundle(site_dir)
+    images = load_image_folder(folder, image_size=32).split("train").images
+    cpu = torch.device("cpu")
+    with adapted_norm_statistics(bundle.model, images, cpu):
+        expected = softmax(predict_logits(bundle.model, images, cpu))
+    np.testing.assert_allclose(adapted, expected, atol=1e-9)
+    assert np.abs(adapted - raw).max() > 1e-4  # it changed the predictions
