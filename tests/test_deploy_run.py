@@ -6,9 +6,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.app import ArrayRecord
 
+from fedshift.client.bundle import load_bundle
 from fedshift.common.checkpoint import load_checkpoint
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.tests.deploy_support import SITES, Federation, fedshift, flower_processes_under, wait_for
@@ -48,10 +50,26 @@ def test_tls_federation_with_enrolled_sites_runs_two_rounds(federation: Federati
     # only the shared adapter tensors and allowed metrics crossed the wire
     shared = build_model(ModelConfig(image_size=32)).shared_state_dict()
     adapter_bytes = ArrayRecord(shared).count_bytes()
+    final = load_checkpoint(federation.run_dir / "checkpoint").arrays
     for site in SITES:
         sent = federation.egress(site)
         stages = [(e["round"], e["stage"]) for e in sent]
-        assert stages == [(1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate"), (2, "evaluate")]
+        assert stages == [
+            (1, "train"),
+            (1, "evaluate"),
+            (2, "train"),
+            (2, "evaluate"),
+            (2, "evaluate"),
+            (2, "query.final_model"),  # the final model reached the site: only its name went back
+        ]
+        assert {i["mechanism"] for i in sent[-1]["items"]} == {"protocol bookkeeping"}
+        # ... and it wrote its model bundle, which verifies against the installed backbone
+        bundle = load_bundle(federation.state_dir(site))
+        for key, value in bundle.model.shared_state_dict().items():
+            np.testing.assert_array_equal(value.numpy(), final[key])
+        assert bundle.card["privacy"]["epsilon"] == pytest.approx(
+            federation.ledger(site)[-1]["epsilon"], abs=1e-9
+        )
         assert all(e["blocked"] == [] for e in sent)
         # every evaluation's split is logged, each (round, split) once; no training loss is sent
         evaluated = [(e["round"], e["split"]) for e in sent if e["stage"] == "evaluate"]
@@ -78,7 +96,7 @@ def test_tls_federation_with_enrolled_sites_runs_two_rounds(federation: Federati
     assert shown.returncode == 0, shown.stderr
     assert "2 entries" in shown.stdout and "epsilon = " in shown.stdout
     # ... after verifying its chain, and the egress log's, written by the real SuperNode's ClientApp
-    assert "ledger 2 entries chained (anchor 2), egress log 5 lines chained (anchor 5)" in shown.stdout
+    assert "ledger 2 entries chained (anchor 2), egress log 6 lines chained (anchor 6)" in shown.stdout
 
     # the node config reached the ClientApp: the state went where site.toml said
     for site in SITES:
