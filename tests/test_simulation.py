@@ -81,7 +81,16 @@ def test_simulate_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     # the checkpoint is the final round's, and `fedshift evaluate` on it reproduces the
     # federated test metrics of site-0 through an independent code path
-    assert load_checkpoint(out / "server" / "checkpoint").round == 2
+    checkpoint = load_checkpoint(out / "server" / "checkpoint")
+    assert checkpoint.round == 2
+    # every simulated site holds a verified bundle of the final adapters (the final-model stage)
+    from fedshift.client.bundle import load_bundle
+
+    for name in ("site-0", "site-1"):
+        bundle = load_bundle(out / "sites" / name)
+        for key, value in bundle.model.shared_state_dict().items():
+            np.testing.assert_array_equal(value.numpy(), checkpoint.arrays[key])
+        assert (bundle.card["site"], bundle.card["rounds"], bundle.card["sites"]) == (name, 2, 2)
     metrics_json = tmp_path / "eval.json"
     code = main(
         [
