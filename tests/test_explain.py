@@ -95,3 +95,44 @@ def test_write_explanations_refuses_a_bad_k(model: FedshiftModel, tmp_path: Path
     with pytest.raises(ConfigError, match="one id per image"):
         write_explanations(model, images, tmp_path, 1, ids=["a"])
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_grad_cam_mass_falls_on_the_lesion(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SYNTHETIC lesions: mass of the last stage's map inside the 2-sigma disk around each lesion.
+
+    Measured (seed 0, 224 px, adapters, 150 training images, 4 epochs): 0.249 of the mass in a disk covering
+    0.062 of the image (4x chance), on the 26 correctly classified lesion images. Not yet "most": see the
+    next-session notes; the threshold sits below the measurement with margin.
+    """
+    from fedshift.client.training import train_local
+    from fedshift.common import synthetic_cxr
+    from fedshift.common.data import ImageSet
+    from fedshift.common.train_config import TrainConfig
+
+    size, n, seen = 224, 200, []
+    render = synthetic_cxr._render_cxr
+
+    def recording(p: dict[str, np.ndarray], side: int) -> np.ndarray:
+        seen.append({k: p[k][:, 0, 0] for k in ("les_x", "les_y", "les_sigma")})
+        return render(p, side)
+
+    monkeypatch.setattr(synthetic_cxr, "_render_cxr", recording)
+    images, labels = synthetic_cxr.render_synthetic_cxr(n, 0.5, size, seed=0)
+    lesions = {k: np.concatenate([s[k] for s in seen]) for k in seen[0]}
+    model = build_model(ModelConfig(image_size=size, seed=0))
+    train = slice(0, 150)
+    config = TrainConfig(local_epochs=4, learning_rate=3e-3)
+    train_local(model, ImageSet(images=images[train], labels=labels[train]), config, torch.device("cpu"))
+    cams, predicted = grad_cam(model, images[150:])
+    axis = (np.arange(size) + 0.5) / size * 2.0 - 1.0
+    yy, xx = np.meshgrid(axis, axis, indexing="ij")
+    fractions, areas = [], []
+    for i in np.flatnonzero((labels[150:] == 1) & (predicted == 1)):
+        j = 150 + i
+        disk = np.hypot(yy - lesions["les_y"][j], xx - lesions["les_x"][j]) <= 2 * lesions["les_sigma"][j]
+        fractions.append(cams[i][disk].sum() / cams[i].sum())
+        areas.append(disk.mean())
+    assert len(fractions) >= 15
+    assert float(np.mean(fractions)) >= 0.15
+    assert float(np.mean(fractions)) >= 2.5 * float(np.mean(areas))
