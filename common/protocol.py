@@ -84,7 +84,9 @@ SHIFT_METRICS = frozenset(
 # every metric fedshift's replies carry: the FedAvg weight (the size of the split used; public under
 # DP-SGD's accounting), the throughput (no training loss: it leaves no site), and the evaluation of the
 # splits in eval-splits (once per run, round and split; WITHOUT DP), with the number of images "n"
-DEFAULT_METRICS = frozenset({WEIGHT_KEY, SAMPLES_PER_SECOND_KEY, *EVALUATION_METRICS, "n"} | SHIFT_METRICS)
+DEFAULT_METRICS = frozenset(
+    {WEIGHT_KEY, SAMPLES_PER_SECOND_KEY, *EVALUATION_METRICS, COUNT_KEY} | SHIFT_METRICS
+)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from fedshift.common.errors import ConfigError, FedshiftError
 _SETTING = "fedshift.setting"
 _SECTION = "fedshift.section"
 _DEST = "run_config:"  # argparse dest prefix of a declared flag
-_KINDS: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str}
 _EXTERNAL: dict[type, dict[str, Setting]] = {}  # declarations of classes defined elsewhere (ModelConfig)
 
 Choices = Mapping[str, Any] | Callable[[], Collection[str]]
@@ -159,8 +158,12 @@ def fail(s: Setting, value: Any, source: str = "run-config", fix: str = "") -> F
     return s.error(f"Expected {where}{s.key!r} to be {what}, but got {value!r}; {hint}")
 
 
-def check_value(s: Setting, value: Any, source: str = "run-config") -> Any:
-    """``value`` checked against ``s`` (ints accepted for floats, integral floats for ints)."""
+def check_value(s: Setting, value: Any, source: str = "run-config", *, caps: bool = True) -> Any:
+    """``value`` checked against ``s`` (ints accepted for floats, integral floats for ints).
+
+    ``caps=False`` leaves out the caps on a site's work (``cap=True`` maxima): they bound what a run
+    config may ask of a hospital's machine, not what code builds for itself (the local-only baseline
+    trains rounds x epochs in one call, a benchmark may time a larger batch)."""
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if s.kind is float and number:
         value = float(value)
@@ -168,12 +171,12 @@ def check_value(s: Setting, value: Any, source: str = "run-config") -> Any:
         value = int(value)
     if not isinstance(value, s.kind) or (s.kind is not bool and isinstance(value, bool)):
         raise fail(s, value, source)
-    return _checked_range(s, value, source)
+    return _checked_range(s, value, source, caps)
 
 
-def _checked_range(s: Setting, value: Any, source: str) -> Any:
+def _checked_range(s: Setting, value: Any, source: str, caps: bool) -> Any:
     if s.kind in (int, float):
-        if s.maximum is not None and value > s.maximum:
+        if s.maximum is not None and value > s.maximum and (caps or not s.cap):
             raise fail(s, value, source, _CAP_FIX) if s.cap else fail(s, value, source)
         bad_low = (s.minimum is not None and not value >= s.minimum) or (
             s.above is not None and not value > s.above
@@ -191,10 +194,11 @@ _CAP_FIX = "lower it (sites refuse larger values, which could exhaust a hospital
 
 
 def check_fields(obj: Any) -> None:
-    """Check (and normalise in place) every declared field of the frozen dataclass ``obj``."""
+    """Check (and normalise in place) every declared field of the frozen dataclass ``obj``; the caps on a
+    site's work are checked where a run config is read (:func:`with_values`), not here."""
     for name, entry in declared(type(obj)):
         if isinstance(entry, Setting):
-            object.__setattr__(obj, name, check_value(entry, getattr(obj, name)))
+            object.__setattr__(obj, name, check_value(entry, getattr(obj, name), caps=False))
 
 
 def with_values(obj: Any, values: Mapping[str, Any], source: str = "run-config") -> Any:

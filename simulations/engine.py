@@ -72,4 +72,5 @@ def run_flower_simulation(cfg: FederationConfig, num_sites: int, client_mods: Se
         started = set(descendants(os.getpid())) - before
         if ray.is_initialized():
             ray.shutdown()
+        started |= set(descendants(os.getpid())) - before  # a worker Ray started while shutting down
         reap(started, RAY_EXIT_TIMEOUT, "Ray")

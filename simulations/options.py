@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -137,7 +136,7 @@ def names(text: str) -> tuple[str, ...]:
 
 
 def _declared(key: str) -> settings.Setting:
-    return next(s for s in settings.all_settings(FederationConfig) if s.key == key)
+    return settings.setting_of(FederationConfig, key)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -219,8 +218,7 @@ def federation(args: argparse.Namespace, preset: Mapping[str, Any], num_sites: i
     values["ewc-lambda"] = args.ewc_lambda[0]
     if args.epsilon is not None:
         values.update({"dp": True, "dp-epsilon": max(args.epsilon)})
-    fed: FederationConfig = settings.with_values(FederationConfig(), values)
-    return replace(fed, model=replace(fed.model, seed=fed.seed))
+    return FederationConfig.from_run_config(values)  # 0 of dp-epsilon(-per-run) reads as "not set"
 
 
 def experiment_spec(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from fedshift.common.config import (
     RUN_CONFIG_MAXIMUM,
     FederationConfig,
+    TrainConfig,
     add_arguments,
     run_config_from_arguments,
     run_config_keys,
@@ -139,3 +141,17 @@ def test_a_cli_default_is_returned_and_shown() -> None:
     assert run_config_from_arguments(parser.parse_args([])) == {"num-server-rounds": 5}
     assert run_config_from_arguments(parser.parse_args(["--rounds", "3"])) == {"num-server-rounds": 3}
     assert "(default: 5)" in parser.format_help()
+
+
+def test_the_caps_bound_a_run_config_not_what_code_builds() -> None:
+    """A site refuses local-epochs 30 from a run config; the local-only baseline builds rounds x epochs."""
+    with pytest.raises(
+        FedshiftError, match=r"Expected run-config 'local-epochs' to be .* but got 30; lower it"
+    ):
+        FederationConfig.from_run_config({"local-epochs": 30})
+    with pytest.raises(FedshiftError, match=r"'batch-size' .* but got 2048; lower it"):
+        FederationConfig.from_run_config({"batch-size": 2048})
+    built = replace(TrainConfig(), local_epochs=30, batch_size=2048)  # the baseline's and a benchmark's own
+    assert (built.local_epochs, built.batch_size) == (30, 2048)
+    with pytest.raises(FedshiftError, match="'lr-decay'"):  # a range that is not a cap still holds
+        TrainConfig(lr_decay=2.0)

@@ -15,7 +15,7 @@ from fedshift.common.config import FederationConfig
 from fedshift.common.errors import BudgetExhaustedError, RoundRefusedError
 from fedshift.common.model import FedshiftModel, ModelConfig, build_model
 from fedshift.common.privacy import epsilon
-from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY
+from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, MECHANISM_DP_SGD, PrivacyReport
 from fedshift.tests.helpers import site_run_config, write_site
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -73,3 +73,41 @@ def test_a_round_over_the_budget_is_refused_before_any_charge(tmp_path: Path) ->
     with pytest.raises(BudgetExhaustedError, match="round 1 to fit the budget epsilon=8"):
         plan_training(_message(1), fed, site, model)
     assert not (site_dir / "privacy-ledger.json").exists()
+
+
+def test_the_charges_are_written_before_the_objective_or_the_fisher_reads_the_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The features that touch the training images run only once the ledger holds the round's charges."""
+    import fedshift.client.round as round_module
+
+    site_dir = write_site(tmp_path)
+    fed, site, model = _setup(
+        tmp_path, dp=True, **{"dp-epsilon": 8.0, "ewc-lambda": 50.0, "ewc-fisher-source": "dp"}
+    )
+    seen: list[tuple[str, list[str]]] = []
+
+    def spy(name: str, real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            seen.append((name, [e.mechanism for e in PrivacyLedger.at(site_dir).entries]))
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(round_module, "training_objective", spy("objective", round_module.training_objective))
+    monkeypatch.setattr(round_module, "ewc_term", spy("ewc", round_module.ewc_term))
+    plan_training(_message(1), fed, site, model)
+    assert seen == [("objective", ["dp-sgd", "dp-fisher"]), ("ewc", ["dp-sgd", "dp-fisher"])]
+
+
+def test_the_privacy_report_reads_back_what_it_writes() -> None:
+    report = PrivacyReport(
+        MECHANISM_DP_SGD, epsilon=1.5, delta=1e-5, noise_multiplier=1.1, steps=3, ewc_fisher="dp"
+    )
+    record = report.to_record()
+    assert list(record) == ["mechanism", "epsilon", "delta", "noise-multiplier", "steps", "ewc-fisher"]
+    assert PrivacyReport.from_record(record) == report
+    with pytest.raises(ValueError, match="'mechanism' and only the fields"):
+        PrivacyReport.from_record({**record, "train-loss": 0.3})
+    with pytest.raises(ValueError, match="'mechanism' and only the fields"):
+        PrivacyReport.from_record({"epsilon": 1.0})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,14 @@ RAY_TAG = "FEDSHIFT_TEST_RAY_OWNER"  # Ray's processes inherit it: ours are told
 @pytest.fixture(autouse=True)
 def _tag_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(RAY_TAG, str(os.getpid()))
+
+
+def _no_ray_left(seconds: float = 10.0) -> bool:
+    """True once none of this test's Ray processes is alive (a SIGKILLed one may take a moment to go)."""
+    deadline = time.monotonic() + seconds
+    while _ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return _ray_processes() == []
 
 
 def _ray_processes() -> list[str]:
@@ -113,7 +122,7 @@ def test_simulate_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     assert (out / "auc_per_round.png").stat().st_size > 5_000
     assert json.loads((out / "config.json").read_text())["run_config"]["num-server-rounds"] == 2
-    assert _ray_processes() == []
+    assert _no_ray_left()
 
 
 def _poison_site_2(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
@@ -216,4 +225,4 @@ def test_dp_simulation_budget_ledger_and_egress(tmp_path: Path) -> None:
     # no statistic of the training data without DP (no training loss) reached the server
     kept = {k for per_site in history["train"].values() for m in per_site.values() for k in m}
     assert kept == {"num-examples", "samples-per-second", "bytes-sent"}
-    assert _ray_processes() == []
+    assert _no_ray_left()

@@ -103,3 +103,14 @@ def test_a_bad_value_is_refused_naming_the_key(command: str) -> None:
     args = _parse(command, "--align-weight", "-1")
     with pytest.raises(ConfigError, match=r"align-weight.*-1"):
         federation(args, {}, 4)
+
+
+def test_zero_per_run_cap_flag_reads_as_no_cap_like_the_run_config() -> None:
+    fed = federation(_parse("simulate", "--epsilon", "8", "--dp-epsilon-per-run", "0"), {}, 4)
+    assert (
+        fed.privacy.epsilon_per_run
+        == FederationConfig.from_run_config({"dp-epsilon-per-run": 0}).privacy.epsilon_per_run
+    )
+    assert fed.privacy.epsilon_per_run == float("inf")
+    capped = federation(_parse("simulate", "--epsilon", "8", "--dp-epsilon-per-run", "2.5"), {}, 4)
+    assert capped.privacy.epsilon_per_run == 2.5
