@@ -202,6 +202,7 @@ def _shift_corrected(
         seed=zlib.crc32(f"{fed.seed}:label-shift:{site.name}".encode()),
         state_dir=site.state_dir,
         split=split,
+        run=run_id,
     )
 
 

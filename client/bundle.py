@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from flwr.app import Message, RecordDict
 
-from fedshift.client.correction import CORRECTION_FILE, SiteCorrection
+from fedshift.client.correction import CORRECTION_FILE, RUN_FIELD, SiteCorrection
 from fedshift.client.egress import stored_answer
 from fedshift.client.ledger import open_ledger
-from fedshift.client.site import SiteSettings
+from fedshift.client.site import SiteSettings, load_site_data
 from fedshift.common.backbones import weights_file
 from fedshift.common.calibration import Calibration
 from fedshift.common.config import FederationConfig
@@ -62,6 +62,7 @@ CONFIG_FILE = "model-config.json"
 BACKBONE_FILE = "backbone.json"
 CARD_JSON = "card.json"
 CARD_MD = "card.md"
+NORM_FILE = "norm-statistics.safetensors"  # optional: norm statistics adapted to the site's own images
 REQUIRED_FILES = (SHARED_FILE, LOCAL_FILE, CONFIG_FILE, BACKBONE_FILE, CARD_JSON, CARD_MD)
 FORMAT = 1
 _OLD = f".{BUNDLE_DIR}.old"  # the previous bundle while the new one is renamed into place
@@ -81,6 +82,12 @@ class SiteBundle:
     card: dict[str, Any]
     backbone: dict[str, str]
     label_shift: dict[str, Any] | None = None  # the bundle's label-shift.json as the site wrote it
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The model's classes in output order, as the site's data named them (None: an older bundle)."""
+        names = self.card.get("class_names")
+        return tuple(str(n) for n in names) if names else None
 
 
 def bundle_path(state_dir: str | Path) -> Path:
@@ -131,9 +138,13 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 def bundle_files(
-    model: FedshiftModel, card: Mapping[str, Any], correction: Mapping[str, Any] | None
+    model: FedshiftModel,
+    card: Mapping[str, Any],
+    correction: Mapping[str, Any] | None,
+    norm_statistics: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, bytes]:
-    """The bundle's files (but the manifest) as bytes: tensors, config, backbone, corrections, card."""
+    """The bundle's files (but the manifest) as bytes: tensors, config, backbone, corrections, card; and
+    the norm statistics a site adapted to its own images, if it did."""
     files = {
         SHARED_FILE: _tensor_bytes(model.shared_state_dict()),
         LOCAL_FILE: _tensor_bytes(model.local_state_dict()),
@@ -144,6 +155,8 @@ def bundle_files(
     }
     if correction is not None:
         files[CORRECTION_FILE] = _json_bytes(correction)
+    if norm_statistics is not None:
+        files[NORM_FILE] = _tensor_bytes(norm_statistics)
     return files
 
 
@@ -230,6 +243,7 @@ def site_card(
     run_id: str,
     num_sites: int,
     label_shift: Mapping[str, Any],
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The model card: run, rounds, sites, the site's privacy spent, finetune, its metrics in the run."""
     validation: dict[str, float] = {}
@@ -248,6 +262,7 @@ def site_card(
         "rounds": fed.num_rounds,
         "sites": num_sites,
         "finetune": fed.model.finetune,
+        "class_names": list(class_names) if class_names is not None else None,
         "backbone": backbone_identity(fed.model),
         "privacy": _privacy_card(site),
         "validation": validation,
@@ -275,6 +290,7 @@ def card_markdown(card: Mapping[str, Any]) -> str:
         "",
         f"- Federation run {card['run_id']}: {card['rounds']} rounds, {card['sites']} sites",
         f"- Fine-tuning: {card['finetune']}",
+        f"- Classes (output order): {', '.join(card.get('class_names') or ['not recorded'])}",
         f"- Backbone: {backbone['name']} ({backbone['weights']}, sha256 {backbone['sha256'][:16]}...)",
         f"- Privacy spent at this site: {spent}",
         f"- Label-shift correction: {card['label_shift']['status']}",
@@ -291,15 +307,18 @@ def card_markdown(card: Mapping[str, Any]) -> str:
 
 
 def _label_shift_state(
-    fed: FederationConfig, site: SiteSettings
+    fed: FederationConfig, site: SiteSettings, run_id: str
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """The site's fitted correction (``label-shift.json``) and the card's note on it."""
+    """The site's correction fitted in this run (``label-shift.json``) and the card's note on it."""
     if not fed.shift.correction:
         return None, {"status": "off", "split": None}
     path = site.state_dir / CORRECTION_FILE
     if not path.is_file():
         return None, {"status": "not-fitted", "split": None}
     data = json.loads(path.read_text())
+    if str(data.get(RUN_FIELD, "")) != run_id:  # an earlier run's: not this model's calibration
+        logger.warning("%s: %s is from run %s, not this run: left out", site.name, path, data.get(RUN_FIELD))
+        return None, {"status": "not-fitted", "split": None}
     return data, {"status": "on", "split": data.get("split")}
 
 
@@ -310,8 +329,8 @@ def final_model_reply(
     config = msg.content.config_records.get(CONFIG_KEY)
     num_sites = int(config.get(NUM_SITES_KEY, 0)) if config is not None else 0  # type: ignore[arg-type]
     run_id = str(msg.metadata.run_id)
-    correction, note = _label_shift_state(fed, site)
-    card = site_card(fed, site, run_id, num_sites, note)
+    correction, note = _label_shift_state(fed, site, run_id)
+    card = site_card(fed, site, run_id, num_sites, note, load_site_data(site).class_names)
     path = write_bundle(site.state_dir, bundle_files(model, card, correction))
     logger.info("%s: round %d's final model written to %s", site.name, round_of(msg), path)
     return Message(RecordDict({SITE_KEY: site_record(site.name)}), reply_to=msg)
@@ -420,6 +439,8 @@ def load_bundle(path: str | Path) -> SiteBundle:
     try:
         model.load_shared_state_dict(dict(load((folder / SHARED_FILE).read_bytes())))
         model.load_local_state_dict(dict(load((folder / LOCAL_FILE).read_bytes())))
+        if NORM_FILE in manifest["files"]:
+            model.load_norm_statistics(dict(load((folder / NORM_FILE).read_bytes())))
     except FedshiftError:
         raise
     except Exception as exc:

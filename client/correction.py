@@ -71,6 +71,7 @@ from fedshift.common.thresholds import best_threshold
 logger = logging.getLogger(__name__)
 
 CORRECTION_FILE = "label-shift.json"  # in the site's state directory; never sent
+RUN_FIELD = "run"  # in CORRECTION_FILE: the run the correction was fitted in
 ESTIMATOR_KEY = "estimator"  # in CORRECTION_FILE: the estimator's settings and seed
 CALIBRATION_SHRINKAGE = (
     2.0  # prior worth ~2 samples pulling the calibration to the identity (small val splits)
@@ -303,15 +304,28 @@ def correction_metrics(
 
 
 def save_correction(
-    state_dir: Path, correction: SiteCorrection, split: str, config: ShiftConfig | None = None, seed: int = 0
+    state_dir: Path,
+    correction: SiteCorrection,
+    split: str,
+    config: ShiftConfig | None = None,
+    seed: int = 0,
+    run: str = "",
 ) -> None:
     """The site's estimate, interval, fallback reason and calibration, for its own engineers (never sent);
     with ``config``, also the estimator's settings and seed (``estimator``), so that a later estimate on the
-    same images (``fedshift predict --prior auto``) is the same one."""
-    data: dict[str, Any] = {"split": split, **correction.to_json()}
+    same images (``fedshift predict --prior auto``) is the same one; ``run``: the run it was fitted in."""
+    data = correction_json(correction, split, config, seed, run)
+    atomic_write_json(Path(state_dir) / CORRECTION_FILE, data)
+
+
+def correction_json(
+    correction: SiteCorrection, split: str, config: ShiftConfig | None = None, seed: int = 0, run: str = ""
+) -> dict[str, Any]:
+    """What :func:`save_correction` writes (``label-shift.json``)."""
+    data: dict[str, Any] = {RUN_FIELD: run, "split": split, **correction.to_json()}
     if config is not None:
         data[ESTIMATOR_KEY] = {"config": config.to_run_config(), "seed": int(seed)}
-    atomic_write_json(Path(state_dir) / CORRECTION_FILE, data)
+    return data
 
 
 def saved_estimator(data: dict[str, Any]) -> tuple[ShiftConfig, int] | None:
@@ -336,6 +350,7 @@ def evaluate_with_shift(
     seed: int = 0,
     state_dir: Path | None = None,
     split: str = "test",
+    run: str = "",
 ) -> dict[str, float]:
     """Plain metrics of ``data`` plus, as configured, the corrected (``cal-``/``ls-``/``oracle-``/``thr-``)
     and test-time-adapted (``tta-``, ``tta-ls-``) ones, kebab-case.
@@ -360,7 +375,7 @@ def evaluate_with_shift(
             logger.warning("Label shift: no correction at this site: %s", correction.estimate.reason)
         out.update(correction_metrics(correction, logits, data.labels))
         if state_dir is not None:
-            save_correction(state_dir, correction, split, config, seed)
+            save_correction(state_dir, correction, split, config, seed, run)
     if config.tta and len(data):
         # relative to the site's val images (its training distribution); plain AdaBN without them
         reference = val.images if len(val) else None

@@ -224,6 +224,32 @@ class FedshiftModel(nn.Module):
             for key, param in own.items():
                 param.copy_(state[key])
 
+    def _norm_buffers(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.{stat}": getattr(m, stat)
+            for name, m in self.named_modules()
+            if isinstance(getattr(m, "running_mean", None), torch.Tensor)
+            and isinstance(getattr(m, "running_var", None), torch.Tensor)
+            for stat in ("running_mean", "running_var")
+        }
+
+    def norm_statistics(self) -> dict[str, torch.Tensor]:
+        """Every norm layer's running mean and variance (what test-time norm adaptation changes)."""
+        return {k: v.detach().clone() for k, v in self._norm_buffers().items()}
+
+    def load_norm_statistics(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Set the running statistics that :meth:`norm_statistics` returned; keys and shapes must match."""
+        own = self._norm_buffers()
+        bad = sorted(set(own) ^ set(state)) or [k for k in own if own[k].shape != state[k].shape]
+        if bad:
+            raise ConfigError(
+                f"Expected the norm statistics of this model, but {bad[0]!r} does not fit; they were "
+                "saved for another model configuration"
+            )
+        with torch.no_grad():
+            for key, buffer in own.items():
+                buffer.copy_(state[key])
+
     def lora_parameters(self) -> list[nn.Parameter]:
         """The low-rank factors of every LoRA module (shared, trainable)."""
         return [

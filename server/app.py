@@ -35,6 +35,7 @@ from fedshift.common.protocol import (
     SPLIT_TEST,
     SPLIT_VAL,
 )
+from fedshift.common.shift_statistics import GLOBAL_KEY, GlobalStatistics
 from fedshift.server.ask import ask_sites
 from fedshift.server.consolidation import anchor_records, consolidate, initial_arrays
 from fedshift.server.enrollment import SiteNames, wait_for_enrolled
@@ -71,8 +72,9 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         else None
     )
     final = final_evaluation(grid, arrays, strategy, SPLIT_TEST, cfg.reply_timeout)
-    bundles = deliver_final_model(grid, arrays, strategy, cfg.reply_timeout)
+    bundles = deliver_final_model(grid, arrays, strategy, cfg.reply_timeout, statistics)
     results = {
+        "run_id": str(grid.run.run_id),
         "config": cfg.to_run_config(),
         "size": size_report(model),
         "history": strategy.history.to_dict(),
@@ -191,16 +193,38 @@ def final_evaluation(
     return {name: metrics_of(msg) for name, msg in replies}
 
 
+def final_model_content(
+    arrays: ArrayRecord, num_rounds: int, num_sites: int, statistics: GlobalStatistics | None
+) -> RecordDict:
+    """What the final-model stage sends: the final adapters, and the federation's training prior when the
+    run released one (a joining site, which has no labels, estimates its own prior from it)."""
+    content = RecordDict(
+        {
+            ARRAYS_KEY: arrays,
+            CONFIG_KEY: ConfigRecord({SERVER_ROUND_KEY: num_rounds, NUM_SITES_KEY: num_sites}),
+        }
+    )
+    if statistics is not None and statistics.train_prior is not None:
+        prior = GlobalStatistics(
+            run=statistics.run, sites=statistics.sites, train_prior=statistics.train_prior
+        )
+        content[GLOBAL_KEY] = ConfigRecord(prior.to_record())
+    return content
+
+
 def deliver_final_model(
-    grid: Grid, arrays: ArrayRecord, strategy: AdapterFedAvg, timeout: float
+    grid: Grid,
+    arrays: ArrayRecord,
+    strategy: AdapterFedAvg,
+    timeout: float,
+    statistics: GlobalStatistics | None = None,
 ) -> list[str]:
     """Send the final global adapters to every connected site, which writes its model bundle; the sites
     that did. A site that fails is logged here, and the federation ends as it would without it."""
     num_sites = len(list(grid.get_node_ids()))
-    config = ConfigRecord({SERVER_ROUND_KEY: strategy.num_rounds, NUM_SITES_KEY: num_sites})
     replies = ask_sites(
         grid,
-        RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}),
+        final_model_content(arrays, strategy.num_rounds, num_sites, statistics),
         f"{MessageType.QUERY}.{FINAL_MODEL_QUERY}",
         names=strategy.names,
         timeout=timeout,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shlex
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fedshift.client.site import SITE_DATA_FILE
 from fedshift.common.errors import ConfigError
 from fedshift.simulations.options import HelpFormatter, add_experiment_arguments, floats
 
@@ -28,6 +30,13 @@ def register(sub: Any) -> None:
     r = p.add_argument_group("references")
     r.add_argument("--no-baseline", action="store_true", help="skip the local-only baseline")
     r.add_argument("--no-dp-reference", action="store_true", help="with DP: skip the same run without DP")
+    r.add_argument(
+        "--unseen-sites",
+        type=int,
+        help="hospitals that never train: at the end each gets the final model, adapts it to its own "
+        "unlabelled images (norm statistics, prior) and is scored with and without that (default: 1 "
+        "with --data, 0 on SYNTHETIC images)",
+    )
     c = p.add_argument_group(
         "continual scenario (--continual)",
         "Half the sites federate in phase A; the other half, with another scanner and prevalence, "
@@ -54,7 +63,13 @@ def run(args: argparse.Namespace) -> int:
     out = run_directory(args, "simulate")
     _check_model(fed, args.finetune)
     spec = experiment_spec(
-        args, fed, out, ExperimentSpec, baseline=not args.no_baseline, dp_reference=not args.no_dp_reference
+        args,
+        fed,
+        out,
+        ExperimentSpec,
+        baseline=not args.no_baseline,
+        dp_reference=not args.no_dp_reference,
+        unseen_sites=args.unseen_sites,
     )
     if args.continual:
         return _continual(spec, args.phase_prevalences, args.ewc_lambda, out)
@@ -87,6 +102,8 @@ def _print_report(report: dict[str, Any], epsilon: tuple[float, ...] | None, fed
     for line in ("ewc_line", "negative_transfer_line"):
         if line in report:
             print(report[line])
+    if "unseen_table" in report:
+        print("\n" + report["unseen_table"])
     if "epsilon_table" in report:
         print("\n" + report["epsilon_table"])
         ledgers = report["privacy"]["ledger_epsilon"]
@@ -118,6 +135,21 @@ def _print_report(report: dict[str, Any], epsilon: tuple[float, ...] | None, fed
     )
     if math.isnan(fed_auc):
         logger.warning("No site reported a test AUC; see %s", out / "results.json")
+    _print_next_step(report["bundles"], out)
+
+
+def _print_next_step(bundles: dict[str, str], out: Path) -> None:
+    """Where the sites' model bundles are, and the ``fedshift predict`` command a user types next."""
+    if not bundles:
+        logger.warning("No site wrote a model bundle; see the sites' logs in %s", out / "sites")
+        return
+    site, bundle = next(iter(bundles.items()))
+    data = Path(bundle).parent / SITE_DATA_FILE
+    predictions = str(out / f"predictions-{site}.csv")
+    words = ["fedshift", "predict", "--model", bundle, "--images", str(data), "--split", "test", "--out"]
+    command = shlex.join([*words, predictions])
+    print(f"\nEvery site holds its model bundle ({len(bundles)}: {', '.join(bundles)}). Predict at {site}:")
+    print(f"  {command}")
 
 
 def _compare(spec: Any, finetunes: tuple[str, ...], out: Path) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fedshift.client.bundle import bundle_path
 from fedshift.client.ledger import open_ledger
 from fedshift.client.site import SITE_CONFIG_FILE, SITE_DATA_FILE, load_local_state
 from fedshift.common.checkpoint import load_checkpoint
@@ -47,6 +48,7 @@ from fedshift.simulations.shift import (
     simulate_sites,
     site_summary,
 )
+from fedshift.simulations.unseen import join_unseen, split_unseen, unseen_table
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class ExperimentSpec:
     baseline: bool = True  # also train every site alone
     dp_reference: bool = True  # with DP on: also run the same configuration without DP
     site_epsilons: tuple[float, ...] | None = None  # one privacy budget per site (its site.toml)
+    unseen_sites: int | None = None  # hospitals that never train and join at the end; None: 1 on real data
     federation: FederationConfig = field(default_factory=FederationConfig)
 
 
@@ -74,10 +77,12 @@ def build_sites(
     *,
     prevalences: Sequence[float] | None = None,
     profiles: Sequence[ScannerProfile] | None = None,
+    unseen: int | None = 0,
 ) -> tuple[list[SimulatedSite], str]:
     """Load the source data and turn it into shifted sites; returns the sites and a data label.
 
     ``prevalences`` and ``profiles`` override the spec's label shift and the default scanners.
+    ``unseen`` more sites (None: 1 on real data, 0 on SYNTHETIC) come last, named ``unseen-k``.
     """
     dataset = load_dataset(
         spec.data,
@@ -95,6 +100,7 @@ def build_sites(
         pool_counts=list(pool.class_counts(dataset.num_classes)),
         max_per_site=spec.max_per_site,
         seed=spec.federation.seed,
+        unseen=(0 if dataset.synthetic else 1) if unseen is None else unseen,
     )
     sites = simulate_sites(
         pool,
@@ -178,6 +184,7 @@ class _Runs:
     local: dict[str, dict[str, float]] | None = None
     flags: dict[str, dict[str, float | bool]] | None = None
     baseline_seconds: float = 0.0
+    unseen: dict[str, dict[str, Any]] = field(default_factory=dict)  # the hospitals outside the federation
 
 
 def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
@@ -188,8 +195,9 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
     """
     started = time.time()
     out = spec.out_dir
-    sites, data_label = build_sites(spec)
-    logger.info("Simulated sites:\n%s", format_site_table(sites))
+    everyone, data_label = build_sites(spec, unseen=spec.unseen_sites)
+    logger.info("Simulated sites:\n%s", format_site_table(everyone))
+    sites, unseen = split_unseen(everyone)
     fed = spec.federation
     atomic_write_json(
         out / "config.json",
@@ -197,6 +205,7 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
             {
                 "data": spec.data or "synthetic-cxr (SYNTHETIC)",
                 "sites": [site_summary(s) for s in sites],
+                "unseen_sites": [site_summary(s) for s in unseen],
                 "run_config": fed.to_run_config(),
                 "quantity_skew": spec.quantity_skew,
                 "dirichlet_alpha": spec.dirichlet_alpha,
@@ -204,6 +213,7 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
         ),
     )
     runs = _federations(spec, sites)
+    runs.unseen = join_unseen(fed, unseen, out, runs.server)
     _baseline(spec, sites, runs)
     report = _report(spec, sites, data_label, runs, started)
     atomic_write_json(out / "results.json", as_jsonable(report))
@@ -276,6 +286,11 @@ def _report(
         "federated_test": server["final_test"],
         "federated_no_dp_test": reference["final_test"] if reference else None,
         "local_only_test": local,
+        "unseen_sites": runs.unseen,
+        "bundles": {  # every site's model bundle: the trained sites' (final-model stage), the unseen ones'
+            name: str(bundle_path(spec.out_dir / "sites" / name))
+            for name in [*server.get("bundles", []), *runs.unseen]
+        },
         "negative_transfer": runs.flags,
         "mean_test_auc": {
             "federated": mean_metric(server["final_test"], "auc"),
@@ -314,6 +329,8 @@ def _add_text(report: dict[str, Any], spec: ExperimentSpec, data_label: str, run
         report["ewc_line"] = ewc_line(runs.server["history"].get("privacy", {}), fed.ewc.lam, fed.ewc.anchor)
     if runs.flags is not None:
         report["negative_transfer_line"] = negative_transfer_line(runs.flags)
+    if runs.unseen:
+        report["unseen_table"] = unseen_table(runs.unseen)
     if privacy.enabled:
         epsilons = report["privacy"]["epsilon_per_round"]
         report["epsilon_table"] = epsilon_table(epsilons, privacy.delta, _budgets(spec, privacy.epsilon))

@@ -130,6 +130,17 @@ DEFAULT_PROFILES: tuple[ScannerProfile, ...] = (
 )
 
 
+# Scanners and prevalences of the hospitals outside the federation (plan_sites' ``unseen``): no trained
+# site has these scanners, and the prevalences lie between the trained sites' default ones.
+UNSEEN_PROFILES: tuple[ScannerProfile, ...] = (
+    ScannerProfile("other-vendor", gamma=0.8, blur_sigma=0.6, noise_std=0.03),
+    ScannerProfile("portable", resolution=0.6, noise_std=0.05, offset=-0.05),
+    ScannerProfile("legacy-film", contrast=0.75, gamma=1.2, blur_sigma=1.5),
+)
+UNSEEN_PREVALENCES: tuple[float, ...] = (0.3, 0.7, 0.5)
+UNSEEN_PREFIX = "unseen-"
+
+
 @dataclass(frozen=True)
 class SiteSpec:
     """What one simulated hospital gets."""
@@ -273,29 +284,38 @@ def plan_sites(
     pool_counts: Sequence[int],
     max_per_site: int | None = None,
     seed: int = 0,
+    unseen: int = 0,
 ) -> list[SiteSpec]:
     """Choose prevalence, size and scanner of every site, feasible for the pool's class counts.
 
     Sizes use as much of the pool as the label shift allows (largest common scale such that no
-    class is over-drawn), capped at ``max_per_site``.
+    class is over-drawn), capped at ``max_per_site``. ``unseen`` more sites follow, ``unseen-0``, ...:
+    hospitals that never train, each with a scanner no trained site has (:data:`UNSEEN_PROFILES`)
+    and its own prevalence (:data:`UNSEEN_PREVALENCES`), sized like an average site.
     """
     counts = [int(c) for c in pool_counts]
     _check_plan(num_sites, counts, prevalences, dirichlet_alpha, quantity_skew, max_per_site)
+    if isinstance(unseen, bool) or not isinstance(unseen, int) or unseen < 0:
+        raise ConfigError(f"Expected --unseen-sites to be an integer >= 0, but got {unseen!r}; pass e.g. 1")
     label_seq, size_seq = np.random.SeedSequence(seed).spawn(2)
     prev_arr = _prevalences(num_sites, prevalences, dirichlet_alpha, label_seq)
-    prev = [float(p) for p in prev_arr]
     if quantity_skew > 0:
         weights = np.random.default_rng(size_seq).lognormal(0.0, quantity_skew, num_sites)
     else:
         weights = np.ones(num_sites)
+    weights = np.concatenate([weights, np.full(unseen, weights.mean())])
     weights = weights / weights.sum()
+    extra = [UNSEEN_PREVALENCES[j % len(UNSEEN_PREVALENCES)] for j in range(unseen)]
+    prev_arr = np.concatenate([prev_arr, extra])
+    prev = [float(p) for p in prev_arr]
     sizes = _site_sizes(counts, prev_arr, weights, max_per_site)
-    small = [(k, n) for k, n in enumerate(sizes) if n < MIN_SITE_IMAGES]
+    names = [f"site-{k}" for k in range(num_sites)] + [f"{UNSEEN_PREFIX}{j}" for j in range(unseen)]
+    small = [(names[k], n) for k, n in enumerate(sizes) if n < MIN_SITE_IMAGES]
     if small:
-        k, n = small[0]
+        name, n = small[0]
         raise ConfigError(
-            f"Expected every site to get at least {MIN_SITE_IMAGES} images, but site-{k} gets {n} "
-            f"(pool: {counts[0]} class-0 and {counts[1]} class-1 images for {num_sites} sites, "
+            f"Expected every site to get at least {MIN_SITE_IMAGES} images, but {name} gets {n} "
+            f"(pool: {counts[0]} class-0 and {counts[1]} class-1 images for {len(names)} sites, "
             f"prevalences {np.round(prev_arr, 2).tolist()}); use fewer --sites, a smaller quantity "
             "skew, milder label shift or a larger dataset"
         )
@@ -305,11 +325,11 @@ def plan_sites(
             "Expected profiles to be a non-empty sequence of ScannerProfile, but got "
             f"{profiles!r}; pass e.g. DEFAULT_PROFILES"
         )
+    scanners = [chosen[k % len(chosen)] for k in range(num_sites)]
+    scanners += [UNSEEN_PROFILES[j % len(UNSEEN_PROFILES)] for j in range(unseen)]
     return [
-        SiteSpec(
-            name=f"site-{k}", prevalence=float(prev[k]), n=int(sizes[k]), profile=chosen[k % len(chosen)]
-        )
-        for k in range(num_sites)
+        SiteSpec(name=names[k], prevalence=prev[k], n=int(sizes[k]), profile=scanners[k])
+        for k in range(len(names))
     ]
 
 

@@ -28,15 +28,17 @@ from fedshift.client.bundle import (
     verify_bundle,
     write_bundle,
 )
-from fedshift.client.correction import CORRECTION_FILE, predict_logits
+from fedshift.client.correction import CORRECTION_FILE, SiteCorrection, predict_logits, save_correction
 from fedshift.client.egress import BOOKKEEPING, read_egress_log, stored_answer
 from fedshift.client.ledger import LEDGER_FILE, PrivacyLedger
 from fedshift.client.site import load_local_state
 from fedshift.common.backbones import weights_file
+from fedshift.common.calibration import Calibration
 from fedshift.common.config import FederationConfig
 from fedshift.common.data import load_npz
 from fedshift.common.errors import BundleError
 from fedshift.common.model import ModelConfig, build_model
+from fedshift.common.prior_estimation import PriorEstimate
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, FINAL_MODEL_QUERY, METRICS_KEY, NUM_SITES_KEY
 from fedshift.common.shift_statistics import STAGE_KEY, STAGE_RELEASE
 from fedshift.server.app import deliver_final_model, make_strategy
@@ -112,13 +114,17 @@ def test_a_dp_run_ends_with_a_bundle_whose_tensors_card_and_corrections_are_the_
     assert card["test"] == {k: float(v) for k, v in test.content.metric_records[METRICS_KEY].items()}  # type: ignore[arg-type]
     assert (card["run_id"], card["site"], card["rounds"], card["sites"]) == ("1", "site-0", 2, 3)
     assert card["finetune"] == "adapters" and card["label_shift"] == {"status": "on", "split": "test"}
+    assert bundle.label_shift is not None and bundle.label_shift["run"] == card["run_id"] == "1"
+    assert bundle.class_names == load_npz(site_dir / "data.npz").class_names
     assert card["backbone"]["sha256"] == bundle.backbone["sha256"] and len(card["backbone"]["sha256"]) == 64
     assert json.loads((bundle.path / CARD_JSON).read_text()) == card
     assert f"epsilon {card['privacy']['epsilon']:.3f} at delta 1e-05" in (bundle.path / CARD_MD).read_text()
     # the corrections are the site's label-shift state, and the model predicts as the site's own does
     kept = json.loads((site_dir / CORRECTION_FILE).read_text())
     assert bundle.correction is not None and bundle.label_shift == kept
-    assert bundle.correction.to_json() == {k: v for k, v in kept.items() if k not in ("split", "estimator")}
+    assert bundle.correction.to_json() == {
+        k: v for k, v in kept.items() if k not in ("run", "split", "estimator")
+    }
     model = build_model(MODEL)
     model.load_shared_state_dict(arrays.to_torch_state_dict())
     model.load_local_state_dict(local)
@@ -153,6 +159,20 @@ def test_without_dp_or_correction_the_card_says_so_and_there_is_no_correction(tm
     assert bundle.card["validation"] == {} and bundle.card["test"] == {} and bundle.card["sites"] == 2
     assert "no differential privacy" in (bundle.path / CARD_MD).read_text()
     assert stored_answer(site_dir, "1", 2, "val") is None
+
+
+def test_a_correction_fitted_in_another_run_stays_out_of_the_bundle(tmp_path: Path) -> None:
+    site_dir = write_site(tmp_path)
+    prior = np.array([0.5, 0.5])
+    estimate = PriorEstimate(prior, prior, "em", 10, 1, True, fallback=True, reason="too few")
+    correction = SiteCorrection(Calibration.identity(2), "", estimate, None)
+    config = site_run_config(tmp_path, **{"ls-correction": True})
+    for run, included in (("0", False), ("1", True)):  # the final-model message is run 1's
+        save_correction(site_dir, correction, "test", run=run)
+        assert not call_client_app(make_client_app(), _final(_initial()), config).has_error()
+        bundle = load_bundle(site_dir)
+        assert (bundle.correction is not None) == included
+        assert bundle.card["label_shift"]["status"] == ("on" if included else "not-fitted")
 
 
 def _one_line(exc: pytest.ExceptionInfo[BundleError], *needles: str) -> None:
