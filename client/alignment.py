@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -422,6 +422,14 @@ def _input_statistics(
     return {k: (v[0] / counts[k], v[1] / counts[k]) for k, v in sums.items()}
 
 
+def norm_moments(model: FedshiftModel, images: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every norm layer's input mean and variance on ``images`` (``<layer>.mean``, ``<layer>.var``): the
+    reference of :func:`adapted_norm_statistics`, kept without the images."""
+    names = {id(m): n for n, m in model.named_modules()}
+    stats = _input_statistics(model, _norm_layers(model), images, device, 512, None)
+    return {f"{names[k]}.{s}": v[i].cpu() for k, v in stats.items() for i, s in enumerate(("mean", "var"))}
+
+
 @contextmanager
 def adapted_norm_statistics(
     model: FedshiftModel,
@@ -429,9 +437,11 @@ def adapted_norm_statistics(
     device: torch.device,
     batch_size: int = 512,
     *,
-    reference: np.ndarray | None = None,
+    reference: np.ndarray | Mapping[str, torch.Tensor] | None = None,
+    first: int | None = None,
 ) -> Iterator[int]:
-    """Inside: every norm layer's statistics adapted to ``images`` (labels never used); restored on exit.
+    """Inside: every norm layer's statistics (or the ``first`` ones in forward order) adapted to ``images``
+    (labels never used); restored on exit.
 
     Without ``reference``: plain AdaBN, each layer uses the mean and variance of
     the inputs it receives on ``images``. With ``reference`` (images from the
@@ -440,18 +450,28 @@ def adapted_norm_statistics(
     ``mean = m_t - (m_r - m0) * sqrt(v_t / v_r)`` and
     ``var + eps = (v0 + eps) * v_t / v_r`` (``m0``, ``v0``: its frozen
     statistics), i.e. it normalises ``(x - m_t) * sqrt(v_r / v_t) + m_r`` with
-    the frozen statistics: the input is moved onto the reference's moments.
+    the frozen statistics: the input is moved onto the reference's moments
+    (``reference`` may also be those moments, from :func:`norm_moments`).
     Reference statistics are measured with the frozen statistics in place (as in
     training); adapted ones in forward order, each layer after the earlier ones
     are adapted. Yields the number of layers adapted.
     """
-    layers = _norm_layers(model)
+    layers = _norm_layers(model)[:first]
     saved = {id(m): (m.running_mean.clone(), m.running_var.clone()) for m in layers}  # type: ignore[union-attr,operator]
-    if reference is not None and not len(reference):
+    if isinstance(reference, Mapping):  # moments measured before (norm_moments)
+        names = {id(m): n for n, m in model.named_modules()}
+        ref = {
+            id(m): (reference[f"{names[id(m)]}.mean"].to(device), reference[f"{names[id(m)]}.var"].to(device))
+            for m in layers
+        }
+    elif reference is not None and not len(reference):
         raise DataError("Expected reference images for relative norm adaptation, but got none")
-    ref = (
-        _input_statistics(model, layers, reference, device, batch_size, None) if reference is not None else {}
-    )
+    else:
+        ref = (
+            _input_statistics(model, layers, reference, device, batch_size, None)
+            if reference is not None
+            else {}
+        )
 
     def target(module: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if id(module) not in ref:

@@ -35,7 +35,7 @@ from fedshift.client.site import (
     save_local_state,
 )
 from fedshift.client.site_statistics import handle_statistics, own_release
-from fedshift.client.training import configure_threads, evaluate, resolve_device
+from fedshift.client.training import device_for, evaluate
 from fedshift.common.config import FederationConfig
 from fedshift.common.data import Dataset
 from fedshift.common.errors import BudgetExhaustedError, RoundRefusedError
@@ -255,9 +255,7 @@ def _policy(fed: FederationConfig, site: SiteSettings) -> EgressPolicy:
 
 def _device(site: SiteSettings) -> torch.device:
     """The site's device; on the CPU, torch's thread count set for it first."""
-    device = resolve_device(site.device)
-    if device.type == "cpu":
-        configure_threads()
+    device = device_for(site.device)
     return device
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from flwr.app import Message, RecordDict
 
+from fedshift.client.alignment import norm_moments
 from fedshift.client.correction import CORRECTION_FILE, RUN_FIELD, SiteCorrection
 from fedshift.client.egress import stored_answer
 from fedshift.client.ledger import open_ledger
@@ -63,6 +64,7 @@ BACKBONE_FILE = "backbone.json"
 CARD_JSON = "card.json"
 CARD_MD = "card.md"
 NORM_FILE = "norm-statistics.safetensors"  # optional: norm statistics adapted to the site's own images
+REFERENCE_FILE = "reference-moments.safetensors"  # optional: its norm layers' input moments on its val images
 REQUIRED_FILES = (SHARED_FILE, LOCAL_FILE, CONFIG_FILE, BACKBONE_FILE, CARD_JSON, CARD_MD)
 FORMAT = 1
 _OLD = f".{BUNDLE_DIR}.old"  # the previous bundle while the new one is renamed into place
@@ -82,6 +84,7 @@ class SiteBundle:
     card: dict[str, Any]
     backbone: dict[str, str]
     label_shift: dict[str, Any] | None = None  # the bundle's label-shift.json as the site wrote it
+    reference: dict[str, torch.Tensor] | None = None  # norm-layer input moments on the site's own images
 
     @property
     def class_names(self) -> tuple[str, ...] | None:
@@ -142,9 +145,11 @@ def bundle_files(
     card: Mapping[str, Any],
     correction: Mapping[str, Any] | None,
     norm_statistics: Mapping[str, torch.Tensor] | None = None,
+    reference: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, bytes]:
-    """The bundle's files (but the manifest) as bytes: tensors, config, backbone, corrections, card; and
-    the norm statistics a site adapted to its own images, if it did."""
+    """The bundle's files (but the manifest) as bytes: tensors, config, backbone, corrections, card; the
+    norm statistics a site adapted to its own images, and the reference moments of its own images
+    (test-time adaptation moves new images onto them), if it has them."""
     files = {
         SHARED_FILE: _tensor_bytes(model.shared_state_dict()),
         LOCAL_FILE: _tensor_bytes(model.local_state_dict()),
@@ -157,6 +162,8 @@ def bundle_files(
         files[CORRECTION_FILE] = _json_bytes(correction)
     if norm_statistics is not None:
         files[NORM_FILE] = _tensor_bytes(norm_statistics)
+    if reference is not None:
+        files[REFERENCE_FILE] = _tensor_bytes(reference)
     return files
 
 
@@ -330,8 +337,12 @@ def final_model_reply(
     num_sites = int(config.get(NUM_SITES_KEY, 0)) if config is not None else 0  # type: ignore[arg-type]
     run_id = str(msg.metadata.run_id)
     correction, note = _label_shift_state(fed, site, run_id)
-    card = site_card(fed, site, run_id, num_sites, note, load_site_data(site).class_names)
-    path = write_bundle(site.state_dir, bundle_files(model, card, correction))
+    data = load_site_data(site)
+    card = site_card(fed, site, run_id, num_sites, note, data.class_names)
+    reference = None
+    if SPLIT_VAL in data.splits and len(data.split(SPLIT_VAL)):  # the federation's TTA reference, kept here
+        reference = norm_moments(model, data.split(SPLIT_VAL).images, torch.device("cpu"))
+    path = write_bundle(site.state_dir, bundle_files(model, card, correction, reference=reference))
     logger.info("%s: round %d's final model written to %s", site.name, round_of(msg), path)
     return Message(RecordDict({SITE_KEY: site_record(site.name)}), reply_to=msg)
 
@@ -441,6 +452,11 @@ def load_bundle(path: str | Path) -> SiteBundle:
         model.load_local_state_dict(dict(load((folder / LOCAL_FILE).read_bytes())))
         if NORM_FILE in manifest["files"]:
             model.load_norm_statistics(dict(load((folder / NORM_FILE).read_bytes())))
+        reference = (
+            dict(load((folder / REFERENCE_FILE).read_bytes()))
+            if REFERENCE_FILE in manifest["files"]
+            else None
+        )
     except FedshiftError:
         raise
     except Exception as exc:
@@ -452,4 +468,4 @@ def load_bundle(path: str | Path) -> SiteBundle:
     label_shift = _read_json(folder, CORRECTION_FILE) if CORRECTION_FILE in manifest["files"] else None
     correction = correction_from_json(label_shift) if label_shift is not None else None
     card, backbone = _read_json(folder, CARD_JSON), _read_json(folder, BACKBONE_FILE)
-    return SiteBundle(folder, model, config, correction, card, backbone, label_shift)
+    return SiteBundle(folder, model, config, correction, card, backbone, label_shift, reference)

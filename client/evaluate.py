@@ -42,7 +42,7 @@ def run_bundle(args: argparse.Namespace) -> int:
     """The bundle's raw and corrected metrics on the split (its corrections applied as predict does)."""
     from fedshift.client.bundle import load_bundle
     from fedshift.client.predict import parse_prior, predict_bundle
-    from fedshift.client.training import configure_threads, resolve_device
+    from fedshift.client.training import device_for
     from fedshift.common.data import load_dataset
     from fedshift.common.io import as_jsonable, atomic_write_json
     from fedshift.common.metrics import classification_metrics
@@ -51,9 +51,7 @@ def run_bundle(args: argparse.Namespace) -> int:
     prior = parse_prior(args.prior, bundle.model_config.num_classes)
     dataset = load_dataset(args.data, image_size=bundle.model_config.image_size, require=args.split)
     data = dataset.split(args.split)
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        configure_threads()
+    device = device_for(args.device)
     result = predict_bundle(bundle, data.images, device, prior=prior)
     rows = {"raw": result.raw, "corrected": result.corrected}
     metrics = {k: classification_metrics(data.labels, v) for k, v in rows.items()}
@@ -77,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         return run_bundle(args)
     from fedshift.client.site import load_local_state
-    from fedshift.client.training import configure_threads, evaluate, resolve_device
+    from fedshift.client.training import device_for, evaluate
     from fedshift.common.checkpoint import load_checkpoint
     from fedshift.common.data import load_dataset
     from fedshift.common.io import as_jsonable, atomic_write_json
@@ -95,9 +93,7 @@ def run(args: argparse.Namespace) -> int:
         logger.info("Using the site-local input adapter from %s", state_dir)
     else:
         logger.info("No site-local state found; using the default input adapter")
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        configure_threads()
+    device = device_for(args.device)
     metrics = evaluate(model, data, device)
     print(f"{dataset.label} [{args.split}] round {checkpoint.round} checkpoint:")
     for key in ("auc", "accuracy", "balanced_accuracy", "ece", "log_loss", "n"):

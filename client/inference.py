@@ -16,7 +16,7 @@ class and the threshold used, with a summary of what was applied and why. The pr
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -43,6 +43,7 @@ EM_MAX_ITER = 10_000  # EM iterations before an estimate counts as not converged
 
 Prior: TypeAlias = str | PriorEstimate | np.ndarray  # a mode, an estimate made on the images, or a prior
 Threshold: TypeAlias = str | float | None  # "site", a number, or None (argmax)
+Reference: TypeAlias = np.ndarray | Mapping[str, torch.Tensor] | None  # TTA's: images, their moments, none
 
 
 @dataclass(frozen=True, eq=False)
@@ -227,7 +228,7 @@ def _decide(
 
 @contextmanager
 def _maybe_adapted(
-    model: FedshiftModel, images: np.ndarray, device: torch.device, tta: bool, reference: np.ndarray | None
+    model: FedshiftModel, images: np.ndarray, device: torch.device, tta: bool, reference: Reference
 ) -> Iterator[None]:
     from fedshift.client.alignment import adapted_norm_statistics
 
@@ -243,11 +244,12 @@ def infer(
     correction: SiteCorrection | None,
     *,
     tta: bool = False,
-    reference: np.ndarray | None = None,
+    reference: Reference = None,
     **options: Any,
 ) -> Inference:
     """:func:`apply_correction` on the model's logits for ``images``; with ``tta`` the norm statistics are
-    adapted to ``images`` first (relative to ``reference``, the site's own images, if given), then restored.
+    adapted to ``images`` first (relative to ``reference``, the site's own images or their norm moments, if
+    given), then restored.
     """
     with _maybe_adapted(model, images, device, tta and len(images) > 0, reference):
         logits = predict_logits(model, images, device)

@@ -2,11 +2,11 @@
 
 :func:`join_site` takes what the final-model stage sends (the final global adapters, and the
 federation's training prior when the run released one) and the site's own images, whose labels
-it never reads. It adapts every norm layer's statistics to those images (AdaBN), estimates the
-site's prior on them with the run's estimator (from the federation's training prior), and writes
-the site's bundle like a trained site's, the adapted statistics in it. Such a site has no labels,
-so it has no calibration map and no threshold; it has never trained, so it spent no privacy.
-Nothing leaves the site.
+it never reads. It adapts the stem's norm statistics to those images (AdaBN on
+:data:`ADAPTED_LAYERS`), estimates the site's prior on them with the run's estimator (from the
+federation's training prior), and writes the site's bundle like a trained site's, the adapted
+statistics in it. Such a site has no labels, so it has no calibration map and no threshold; it
+has never trained, so it spent no privacy. Nothing leaves the site.
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ logger = logging.getLogger(__name__)
 
 JOINED_SPLIT = "unlabelled"  # the label-shift state's split: the site's own unlabelled images
 NO_LABELS = "no labels at this site: not calibrated"
+# Norm layers a joining site adapts, in forward order: the stem's only. It normalises the first
+# convolution of the image, so it absorbs a scanner's global intensity and contrast (what a trained
+# site's own input adapter learns). Deeper layers' frozen statistics are what the federation trained
+# under; without the training sites' moments (which never leave them), re-estimating those moves the
+# features off the head: on PneumoniaMNIST all 49 layers took an unseen site's AUC from 0.91 to 0.57.
+ADAPTED_LAYERS = 1
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ def join_site(
             f"Expected unlabelled images at joining site {site.name}, but got none; give it its own images"
         )
     model = final_model(content, fed)
-    with adapted_norm_statistics(model, images, device) as layers:
+    with adapted_norm_statistics(model, images, device, first=ADAPTED_LAYERS) as layers:
         adapted = model.norm_statistics()
         logits = predict_logits(model, images, device)
     model.load_norm_statistics(adapted)

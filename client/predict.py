@@ -57,25 +57,69 @@ def register(sub: Any) -> None:
     p.add_argument("--tta", action="store_true", help="adapt the norm statistics to these images first")
     p.add_argument("--threshold", help="site (the site's validation-chosen threshold) or a number in (0, 1)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    p.add_argument(
+        "--explain",
+        type=Path,
+        metavar="DIR",
+        help="also write Grad-CAM overlays (PNG) of the predicted class into this folder (replaced whole)",
+    )
+    p.add_argument(
+        "--explain-k", type=int, default=8, metavar="K", help="how many images --explain covers (the first K)"
+    )
     p.set_defaults(func=run)
 
 
-def read_images(path: str | Path, split: str, image_size: int, num_classes: int) -> Images:
-    """An unlabeled folder of images, a labelled folder (``<class>/`` or ``<split>/<class>/``) or an .npz."""
-    from fedshift.common.data import _default_class_names, load_dataset, load_unlabeled_folder
+def read_images(
+    path: str | Path,
+    split: str,
+    image_size: int,
+    num_classes: int,
+    class_names: tuple[str, ...] | None = None,
+) -> Images:
+    """An unlabeled folder of images, a labelled folder (``<class>/`` or ``<split>/<class>/``) or an .npz.
+
+    Folder images are named by their paths relative to ``path``; their class folders
+    are the model's ``class_names`` by name, or (``None``) its classes in sorted order.
+    """
+    from fedshift.common import data as loaders
 
     p = Path(path)
     if p.is_dir() and not any(c.is_dir() and not c.name.startswith(".") for c in p.iterdir()):
-        images, names = load_unlabeled_folder(p, image_size)  # no class folders: no labels
-        return Images(images, names, None, _default_class_names(num_classes))
-    dataset = load_dataset(p, image_size=image_size, require=split)
+        images, files = loaders.load_unlabeled_folder(p, image_size)  # no class folders: no labels
+        return Images(images, files, None, class_names or loaders._default_class_names(num_classes))
+    dataset = loaders.load_dataset(p, image_size=image_size, require=split)
     if p.is_dir() and split not in dataset.splits:  # root/<class>/ images: one split, whatever its name
         split = next(iter(dataset.splits))
     data = dataset.split(split)
     if not len(data):
         raise DataError(f"Expected images in split '{split}' of {p}, but it has none; pass another --split")
-    ids = [f"{split}:{i}" for i in range(len(data))]
-    return Images(data.images, ids, data.labels, dataset.class_names)
+    if not p.is_dir():
+        ids = [f"{split}:{i}" for i in range(len(data))]
+        return Images(data.images, ids, data.labels, dataset.class_names)
+    ids = [f.relative_to(p).as_posix() for f in loaders.image_folder_files(p, require=split)[split]]
+    labels = _model_labels(data.labels, dataset.class_names, class_names, num_classes, p)
+    return Images(data.images, ids, labels, class_names or dataset.class_names)
+
+
+def _model_labels(
+    labels: np.ndarray, folders: tuple[str, ...], names: tuple[str, ...] | None, num_classes: int, root: Path
+) -> np.ndarray:
+    """Class-folder indices as the model's class indices: by name, or in sorted order without names."""
+    if names is None:
+        if len(folders) != num_classes:
+            raise DataError(
+                f"Expected {num_classes} class folders in {root} (the bundle names no classes: they map "
+                f"to the model's in sorted order), but found {len(folders)} ({', '.join(folders)}); "
+                "keep one folder per class"
+            )
+        return labels
+    unknown = [f for f in folders if f not in names]
+    if unknown:
+        raise DataError(
+            f"Expected class folders named after the model's classes ({', '.join(names)}), but {root} has "
+            f"{unknown[0]!r}; rename or remove that folder"
+        )
+    return np.array([names.index(f) for f in folders], dtype=np.int64)[labels]
 
 
 def parse_prior(value: str, num_classes: int) -> Prior:
@@ -142,6 +186,7 @@ def predict_bundle(
         device,
         bundle.correction,
         tta=tta,
+        reference=bundle.reference,  # the site's own moments: new images are moved onto them
         prior=prior,
         config=config,
         threshold=threshold,
@@ -192,22 +237,48 @@ def _print_metrics(labels: np.ndarray, result: Inference) -> None:
         print(f"  {name:<18}" + "".join(f"{metrics[k][name]:>18.6f}" for k in rows))
 
 
+def explain(bundle: SiteBundle, data: Images, result: Inference, out: Path, k: int, tta: bool) -> int:
+    """Grad-CAM overlays of the first ``k`` images' predicted classes (the CSV's), under the same norm
+    statistics as the prediction; how many were written."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from fedshift.client.alignment import adapted_norm_statistics
+    from fedshift.client.explain import write_explanations
+
+    cpu = torch.device("cpu")
+    with adapted_norm_statistics(bundle.model, data.images, cpu) if tta else nullcontext():
+        paths = write_explanations(bundle.model, data.images, out, k, ids=data.ids, classes=result.predicted)
+    return len(paths)
+
+
 def run(args: argparse.Namespace) -> int:
     from fedshift.client.bundle import load_bundle
+    from fedshift.client.explain import check_destination, check_k
     from fedshift.client.training import configure_threads, resolve_device
     from fedshift.common.io import atomic_write_bytes
 
     prior_arg, threshold = args.prior, parse_threshold(args.threshold)
+    if args.explain is not None:
+        check_k(args.explain_k)
+        check_destination(args.explain)
     bundle = load_bundle(args.model)
     config = bundle.model_config
     prior = parse_prior(prior_arg, config.num_classes)
-    data = read_images(args.images, args.split, config.image_size, config.num_classes)
+    data = read_images(args.images, args.split, config.image_size, config.num_classes, bundle.class_names)
     device = resolve_device(args.device)
     if device.type == "cpu":
         configure_threads()
     result = predict_bundle(bundle, data.images, device, prior=prior, tta=args.tta, threshold=threshold)
-    atomic_write_bytes(args.out, predictions_csv(data, result))
+    table = predictions_csv(data, result)
+    written = 0
+    if args.explain is not None:
+        written = explain(bundle, data, result, args.explain, args.explain_k, args.tta)
+    atomic_write_bytes(args.out, table)
     _print_summary(data, result, args.out)
+    if args.explain is not None:
+        print(f"  explanations        {written} Grad-CAM overlays -> {args.explain}")
     if data.labels is not None:
         _print_metrics(data.labels, result)
     return 0

@@ -46,6 +46,15 @@ def configure_threads() -> int:
     return threads
 
 
+def device_for(setting: str = "auto") -> torch.device:
+    """:func:`resolve_device`, and on the CPU torch's thread count set for it (:func:`configure_threads`):
+    what an entry point that computes calls once."""
+    device = resolve_device(setting)
+    if device.type == "cpu":
+        configure_threads()
+    return device
+
+
 def resolve_device(setting: str = "auto") -> torch.device:
     """``auto`` -> the first GPU when there is one, else CPU; or ``cpu`` / ``cuda:N``. No side effects:
     the CPU's thread count is :func:`configure_threads`."""

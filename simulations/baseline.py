@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from fedshift.client.training import configure_threads, evaluate, resolve_device, train_local
+from fedshift.client.training import device_for, evaluate, train_local
 from fedshift.common.config import FederationConfig
 from fedshift.common.data import Dataset
 from fedshift.common.model import build_model
@@ -20,9 +20,7 @@ def local_only(cfg: FederationConfig, site: str, data: Dataset) -> dict[str, dic
     """
     model = build_model(cfg.model)
     train_cfg = replace(cfg.train, local_epochs=cfg.train.local_epochs * cfg.num_rounds)
-    device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        configure_threads()
+    device = device_for(cfg.device)
     stats = train_local(model, data.split("train"), train_cfg, device, seed=cfg.seed)
     result = {
         split: evaluate(model, data.split(split), device) for split in ("test", "val") if split in data.splits

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fedshift.client.training import configure_threads, evaluate, resolve_device
+from fedshift.client.training import device_for, evaluate
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import ConfigError
 from fedshift.common.io import as_jsonable, atomic_write_json
@@ -67,9 +67,7 @@ def evaluate_sites(
     checkpoint_dir: Path, sites: Sequence[SimulatedSite], sites_root: Path, device: str
 ) -> dict[str, dict[str, float]]:
     """Test metrics of a checkpoint's adapters at each site, with the site's own local tensors."""
-    resolved = resolve_device(device)
-    if resolved.type == "cpu":
-        configure_threads()
+    resolved = device_for(device)
     models = site_models(checkpoint_dir, [s.spec.name for s in sites], sites_root)
     return {
         site.spec.name: evaluate(model, site.data.split("test"), resolved)

@@ -27,7 +27,7 @@ from fedshift.client.inference import PRIOR_NONE, infer
 from fedshift.client.joining import final_model, join_site
 from fedshift.client.predict import predict_bundle
 from fedshift.client.site import SITE_DATA_FILE, SiteSettings
-from fedshift.client.training import configure_threads, resolve_device
+from fedshift.client.training import device_for
 from fedshift.common.checkpoint import load_checkpoint
 from fedshift.common.config import FederationConfig
 from fedshift.common.data import save_npz
@@ -74,9 +74,7 @@ def join_unseen(
     arrays = ArrayRecord({k: torch.from_numpy(v.copy()) for k, v in checkpoint.arrays.items()})
     trained = len(server.get("bundles", []))
     content = final_model_content(arrays, fed.num_rounds, trained, _statistics(server))
-    device = resolve_device(fed.device)
-    if device.type == "cpu":
-        configure_threads()
+    device = device_for(fed.device)
     out: dict[str, dict[str, Any]] = {}
     for site in sites:
         name = site.spec.name

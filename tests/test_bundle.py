@@ -16,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedshift.client import bundle as bundle_module
+from fedshift.client.alignment import adapted_norm_statistics
 from fedshift.client.app import make_client_app
 from fedshift.client.bundle import (
     BUNDLE_DIR,
@@ -30,7 +31,9 @@ from fedshift.client.bundle import (
 )
 from fedshift.client.correction import CORRECTION_FILE, SiteCorrection, predict_logits, save_correction
 from fedshift.client.egress import BOOKKEEPING, read_egress_log, stored_answer
+from fedshift.client.inference import PRIOR_NONE
 from fedshift.client.ledger import LEDGER_FILE, PrivacyLedger
+from fedshift.client.predict import predict_bundle
 from fedshift.client.site import load_local_state
 from fedshift.common.backbones import weights_file
 from fedshift.common.calibration import Calibration
@@ -135,6 +138,14 @@ def test_a_dp_run_ends_with_a_bundle_whose_tensors_card_and_corrections_are_the_
     )
     calibrated = bundle.correction.calibration.apply(predict_logits(model, images, cpu))
     assert np.allclose(calibrated.sum(axis=1), 1.0)
+    # test-time adaptation from the bundle is the federation's: relative to the site's val images, whose
+    # norm moments the bundle keeps (not the images)
+    val_images = load_npz(site_dir / "data.npz").split("val").images
+    with adapted_norm_statistics(model, images, cpu, reference=val_images):
+        expected = predict_logits(model, images, cpu)
+    adapted = predict_bundle(bundle, images, cpu, prior=PRIOR_NONE, tta=True)
+    np.testing.assert_allclose(adapted.logits, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(adapted.logits, predict_logits(model, images, cpu), atol=1e-3)
     # the manifest lists every file with its sha256
     manifest = verify_bundle(bundle.path)
     assert sorted(manifest["files"]) == sorted(

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedshift.client.bundle import CORRECTION_FILE, NORM_FILE, load_bundle, verify_bundle
 from fedshift.client.inference import PRIOR_NONE, estimate_target_prior, predict_logits, softmax
-from fedshift.client.joining import JOINED_SPLIT, final_model, join_site, training_prior
+from fedshift.client.joining import ADAPTED_LAYERS, JOINED_SPLIT, final_model, join_site, training_prior
 from fedshift.client.predict import predict_bundle
 from fedshift.client.site import SiteSettings
 from fedshift.common.config import FederationConfig, PrivacyConfig
@@ -84,7 +84,7 @@ def test_a_joining_site_adapts_to_its_own_images_and_estimates_its_prior(tmp_pat
     fresh = build_model(FED.model)
     for key, value in fresh.local_state_dict().items():
         assert torch.equal(bundle.model.local_state_dict()[key], value)
-    # AdaBN, checked independently on the first norm layer: its statistics are the mean and biased
+    # AdaBN, checked independently on the stem's norm layer: its statistics are the mean and biased
     # variance of its input over the site's own images
     received = final_model(content, FED)
     name, first = next((n, m) for n, m in received.named_modules() if hasattr(m, "running_mean"))
@@ -110,7 +110,12 @@ def test_a_joining_site_adapts_to_its_own_images_and_estimates_its_prior(tmp_pat
     # the card: a site that never trained spent no privacy
     card = bundle.card
     assert card["joined"] == {"unlabelled_images": 120, "norm_layers_adapted": joined.layers}
-    assert joined.layers == sum(1 for k in stats if k.endswith("running_mean"))
+    assert joined.layers == ADAPTED_LAYERS == 1  # the stem's only: every deeper layer keeps its statistics
+    frozen = received.norm_statistics()
+    assert [k for k in stats if not torch.equal(stats[k], frozen[k])] == [
+        f"{name}.running_mean",
+        f"{name}.running_var",
+    ]
     assert card["privacy"]["epsilon"] == 0.0 and card["validation"] == {} and card["test"] == {}
     assert bundle.class_names == ("normal", "lesion") and (card["rounds"], card["sites"]) == (3, 3)
     # predicting with the bundle: no prior change = the adapted model's softmax

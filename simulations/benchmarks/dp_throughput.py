@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from fedshift.client.dp import PrivateTraining, sample_rate
-from fedshift.client.training import configure_threads, evaluate, resolve_device, train_local
+from fedshift.client.training import device_for, evaluate, train_local
 from fedshift.common.config import TrainConfig
 from fedshift.common.data import ImageSet, to_tensor
 from fedshift.common.errors import ConfigError, FedshiftError
@@ -194,9 +194,7 @@ def _utility(settings: BenchSettings, device: torch.device, inputs: _Inputs, m: 
 def run_benchmark(settings: BenchSettings) -> tuple[list[Row], dict[str, Any]]:
     """Measure the three modes: the table's rows and the JSON report (rows included)."""
     started, load_start = time.perf_counter(), load_average()
-    device = resolve_device(settings.device)
-    if device.type == "cpu":
-        configure_threads()
+    device = device_for(settings.device)
     dataset, test_name, inputs = _inputs(settings, device)
     measured = Measured()
     _throughput(settings, device, inputs, measured)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fedshift.client.dp import PrivateTraining
-from fedshift.client.training import configure_threads, resolve_device, train_local
+from fedshift.client.training import device_for, train_local
 from fedshift.common.config import TrainConfig
 from fedshift.common.data import ImageSet, load_dataset, make_synthetic_cxr
 from fedshift.common.finetune import FINETUNE_CHOICES
@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        configure_threads()
+    device = device_for(args.device)
     images = _images(args.data, args.steps * args.batch_size)
     rows = [measure(s.strip(), images, device, args) for s in args.finetunes.split(",") if s.strip()]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
