@@ -39,6 +39,13 @@ logger = logging.getLogger(__name__)
 PRIOR_AUTO, PRIOR_TRAINING, PRIOR_NONE = "auto", "training", "none"
 PRIOR_MODES = (PRIOR_AUTO, PRIOR_TRAINING, PRIOR_NONE)
 THRESHOLD_SITE = "site"
+# Norm layers adapted without a reference (the training distribution's moments), in forward order: the
+# stem's only. It normalises the image's first convolution, so it absorbs a scanner's global intensity
+# and contrast (what a trained site's own input adapter learns); deeper layers' frozen statistics are
+# what the federation trained under, and re-estimating them moves the features off the head. On
+# PneumoniaMNIST sites that never trained (9 scanners x 2 prevalences), the stem alone took the mean
+# log loss from 0.567 to 0.394 and AUC from 0.925 to 0.938; all 49 layers took AUC to 0.604.
+STEM_LAYERS = 1
 EM_MAX_ITER = 10_000  # EM iterations before an estimate counts as not converged (each is O(N))
 
 Prior: TypeAlias = str | PriorEstimate | np.ndarray  # a mode, an estimate made on the images, or a prior
@@ -232,7 +239,12 @@ def _maybe_adapted(
 ) -> Iterator[None]:
     from fedshift.client.alignment import adapted_norm_statistics
 
-    ctx = adapted_norm_statistics(model, images, device, reference=reference) if tta else nullcontext()
+    first = None if reference is not None else STEM_LAYERS
+    ctx = (
+        adapted_norm_statistics(model, images, device, reference=reference, first=first)
+        if tta
+        else nullcontext()
+    )
     with ctx:
         yield
 
@@ -249,7 +261,7 @@ def infer(
 ) -> Inference:
     """:func:`apply_correction` on the model's logits for ``images``; with ``tta`` the norm statistics are
     adapted to ``images`` first (relative to ``reference``, the site's own images or their norm moments, if
-    given), then restored.
+    given; else the stem's only, :data:`STEM_LAYERS`), then restored.
     """
     with _maybe_adapted(model, images, device, tta and len(images) > 0, reference):
         logits = predict_logits(model, images, device)

@@ -11,8 +11,8 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from fedshift.client.bundle import CORRECTION_FILE, NORM_FILE, load_bundle, verify_bundle
-from fedshift.client.inference import PRIOR_NONE, estimate_target_prior, predict_logits, softmax
-from fedshift.client.joining import ADAPTED_LAYERS, JOINED_SPLIT, final_model, join_site, training_prior
+from fedshift.client.inference import PRIOR_NONE, STEM_LAYERS, estimate_target_prior, predict_logits, softmax
+from fedshift.client.joining import JOINED_SPLIT, final_model, join_site, training_prior
 from fedshift.client.predict import predict_bundle
 from fedshift.client.site import SiteSettings
 from fedshift.common.config import FederationConfig, PrivacyConfig
@@ -110,7 +110,7 @@ def test_a_joining_site_adapts_to_its_own_images_and_estimates_its_prior(tmp_pat
     # the card: a site that never trained spent no privacy
     card = bundle.card
     assert card["joined"] == {"unlabelled_images": 120, "norm_layers_adapted": joined.layers}
-    assert joined.layers == ADAPTED_LAYERS == 1  # the stem's only: every deeper layer keeps its statistics
+    assert joined.layers == STEM_LAYERS == 1  # the stem's only: every deeper layer keeps its statistics
     frozen = received.norm_statistics()
     assert [k for k in stats if not torch.equal(stats[k], frozen[k])] == [
         f"{name}.running_mean",
