@@ -335,19 +335,10 @@ def _read_image(path: Path, image_size: int) -> np.ndarray:
         ) from exc
 
 
-def load_image_folder(path: str | Path, image_size: int = 64, require: str = "train") -> Dataset:
-    """Read ``root/<class>/*.png`` (all into "train") or ``root/<split>/<class>/*.png``.
-
-    Class names are the sorted class folder names; images become grayscale
-    ``image_size`` x ``image_size`` (PIL bilinear).
-    """
-    root = Path(path)
+def _folder_listing(root: Path, require: str) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, int]]]]:
+    """Class names (sorted class folder names) and, per split, its image files with their class indices."""
     if not root.is_dir():
         raise DataError(f"Expected {root} to be a directory of class folders, but it is not; {_FIX_DATA}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(
-            f"Expected image_size to be a positive integer, but got {image_size!r}; pass e.g. 64"
-        )
     top = _subdirs(root)
     split_layout = bool(top) and {p.name for p in top} <= set(SPLITS)
     layout = {p.name: p for p in top} if split_layout else {"train": root}
@@ -365,20 +356,40 @@ def load_image_folder(path: str | Path, image_size: int = 64, require: str = "tr
             f"Expected a '{require}' folder in {root}, but it has only {sorted(layout)}; "
             f"add root/{require}/<class>/ images"
         )
-    splits: dict[str, ImageSet] = {}
-    for s in SPLITS:
-        if s not in class_dirs:
-            continue
-        images: list[np.ndarray] = []
-        labels: list[int] = []
+    listing: dict[str, list[tuple[Path, int]]] = {}
+    for s in (s for s in SPLITS if s in class_dirs):
+        listing[s] = []
         for cdir in class_dirs[s]:
             files = _image_files(cdir)
             if not files:
                 logger.warning("Class folder %s has no .png/.jpg/.jpeg images", cdir)
-            images.extend(_read_image(f, image_size) for f in files)
-            labels.extend([class_names.index(cdir.name)] * len(files))
+            listing[s].extend((f, class_names.index(cdir.name)) for f in files)
+    return class_names, listing
+
+
+def image_folder_files(path: str | Path, require: str = "train") -> dict[str, list[Path]]:
+    """Per split, the image files :func:`load_image_folder` reads, in the order of its images."""
+    _, listing = _folder_listing(Path(path), require)
+    return {s: [f for f, _ in files] for s, files in listing.items()}
+
+
+def load_image_folder(path: str | Path, image_size: int = 64, require: str = "train") -> Dataset:
+    """Read ``root/<class>/*.png`` (all into "train") or ``root/<split>/<class>/*.png``.
+
+    Class names are the sorted class folder names; images become grayscale
+    ``image_size`` x ``image_size`` (PIL bilinear). :func:`image_folder_files` names their files.
+    """
+    root = Path(path)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(
+            f"Expected image_size to be a positive integer, but got {image_size!r}; pass e.g. 64"
+        )
+    class_names, listing = _folder_listing(root, require)
+    splits: dict[str, ImageSet] = {}
+    for s, files in listing.items():
+        images = [_read_image(f, image_size) for f, _ in files]
         stack = np.stack(images) if images else np.zeros((0, image_size, image_size), np.uint8)
-        splits[s] = ImageSet(images=stack, labels=np.asarray(labels, dtype=np.int64))
+        splits[s] = ImageSet(images=stack, labels=np.asarray([c for _, c in files], dtype=np.int64))
     if sum(len(v) for v in splits.values()) == 0:
         raise DataError(
             f"Expected .png/.jpg/.jpeg images in the class folders of {root}, but found none; "

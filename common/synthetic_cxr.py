@@ -7,9 +7,35 @@ Pure numpy; deterministic for a seed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class Lesions:
+    """Each generated image's lesion, in the renderer's unit coordinates (the image spans [-1, 1]).
+
+    ``x``, ``y``: the centre (column, row); ``sigma``: the Gaussian's width;
+    ``amplitude``: its peak strength, 0 for an image without a lesion. All ``(n,)``.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    sigma: np.ndarray
+    amplitude: np.ndarray
+
+    def disks(self, size: int, radius: float = 2.0) -> np.ndarray:
+        """``(n, size, size)`` bool masks: the pixels within ``radius`` sigmas of each lesion's centre."""
+        yy, xx = np.meshgrid(_axis(size), _axis(size), indexing="ij")
+        d = np.hypot(yy[None] - self.y[:, None, None], xx[None] - self.x[:, None, None])
+        return np.asarray(d <= radius * self.sigma[:, None, None])
+
+
+def _axis(size: int) -> np.ndarray:
+    """Pixel centres in unit coordinates: ``size`` values in (-1, 1)."""
+    return (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
 
 
 def _soft_ellipse(
@@ -22,8 +48,7 @@ def _soft_ellipse(
 
 def _render_cxr(p: dict[str, np.ndarray], size: int) -> np.ndarray:
     """Render images from per-image parameters ``p`` (each an array of shape (n, 1, 1))."""
-    axis = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
-    yy, xx = np.meshgrid(axis, axis, indexing="ij")
+    yy, xx = np.meshgrid(_axis(size), _axis(size), indexing="ij")
     yy, xx = yy[None], xx[None]
     edge = 0.06
     body = _soft_ellipse(yy, xx, 0.05, p["cx"], 0.98 * p["scale"], 0.82 * p["scale"], edge)
@@ -45,8 +70,8 @@ def _render_cxr(p: dict[str, np.ndarray], size: int) -> np.ndarray:
     return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
 
 
-def render_synthetic_cxr(n: int, prevalence: float, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(n, size, size)`` uint8 images and ``(n,)`` labels, ``round(n * prevalence)`` positives, shuffled."""
+def _parameters(n: int, prevalence: float, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray, Any]:
+    """Per-image parameters (each ``(n, 1, 1)``), the labels and the generator, drawn in a fixed order."""
     rng = np.random.default_rng(seed)
     positives = round(n * prevalence)
     labels = np.zeros(n, dtype=np.int64)
@@ -82,9 +107,21 @@ def render_synthetic_cxr(n: int, prevalence: float, size: int, seed: int) -> tup
     p["les_y"] = p["lung_cy"] + radius * np.sin(angle) * p["lung_ry"] * p["scale"]
     p["les_sigma"] = u(0.1, 0.18)
     p["les_amp"] = u(0.24, 0.4) * (labels == 1).astype(np.float32)[:, None, None]
+    return p, labels, rng
+
+
+def render_synthetic_cxr(n: int, prevalence: float, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, size, size)`` uint8 images and ``(n,)`` labels, ``round(n * prevalence)`` positives, shuffled."""
+    p, labels, rng = _parameters(n, prevalence, seed)
     p["noise"] = rng.normal(0.0, 0.025, size=(n, size, size)).astype(np.float32)
     chunk = 1024
     images = np.concatenate(
         [_render_cxr({k: v[i : i + chunk] for k, v in p.items()}, size) for i in range(0, n, chunk)]
     )
     return images, labels
+
+
+def synthetic_lesions(n: int, prevalence: float, seed: int) -> Lesions:
+    """The lesions of ``render_synthetic_cxr(n, prevalence, size, seed)`` (for any size): where they are."""
+    p, _, _ = _parameters(n, prevalence, seed)
+    return Lesions(*(p[k][:, 0, 0].astype(np.float64) for k in ("les_x", "les_y", "les_sigma", "les_amp")))

@@ -18,6 +18,7 @@ from fedshift.client.app import make_client_app
 from fedshift.client.bundle import load_bundle
 from fedshift.common.cli import main
 from fedshift.common.data import Dataset, load_image_folder, load_npz, save_npz
+from fedshift.common.errors import DataError
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, FINAL_MODEL_QUERY, METRICS_KEY, NUM_SITES_KEY
 from fedshift.tests.helpers import call_client_app, one_line_error, site_run_config, write_site
@@ -158,7 +159,39 @@ def test_bad_inputs_end_in_one_line_and_leave_no_csv(
     for bad in (["--prior", "sometimes"], ["--threshold", "1.5"]):
         code, _, err = _predict(capsys, *args, "--images", str(folder), *bad)
         one_line_error(code, err, bad[1])
+    (folder / "broken.png").unlink()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    code, _, err = _predict(capsys, *args, "--images", str(folder), "--explain", str(a_file))
+    one_line_error(code, err, str(a_file), "but it is a file")
+    for k in ("0", "-2"):
+        code, _, err = _predict(
+            capsys, *args, "--images", str(folder), "--explain", str(tmp_path / "x"), "--explain-k", k
+        )
+        one_line_error(code, err, "positive integer", k)
+    with pytest.raises(SystemExit) as stopped:  # argparse's own line
+        main(
+            [
+                "predict",
+                *args,
+                "--images",
+                str(folder),
+                "--explain",
+                str(tmp_path / "x"),
+                "--explain-k",
+                "2.5",
+            ]
+        )
+    one_line_error(int(str(stopped.value.code)), capsys.readouterr().err, "--explain-k", "2.5")
+    labelled = tmp_path / "labelled"
+    _write_png(labelled / "normal" / "a.png", 7)
+    _write_png(labelled / "pneumonia" / "b.png", 8)
+    code, _, err = _predict(capsys, *args, "--images", str(labelled), "--explain", str(tmp_path / "x"))
+    one_line_error(code, err, "named after the model's classes (normal, lesion)", "'pneumonia'")
     assert out.read_text() == "the previous predictions\n"  # nothing half-written, nothing replaced
+    assert a_file.read_text() == "not a folder" and not (tmp_path / "x").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    (folder / "broken.png").write_bytes(b"not a png")
     # too few images for a prior estimate: not estimated here, and the output says what was done instead
     (folder / "broken.png").unlink()
     code, printed, _ = _predict(capsys, *args, "--images", str(folder))
@@ -206,31 +239,72 @@ def test_a_labelled_folder_prints_its_metrics_and_tta_adapts_the_norms(
     import torch
 
     from fedshift.client.alignment import adapted_norm_statistics
+    from fedshift.client.explain import grad_cam, overlay
     from fedshift.client.inference import predict_logits, softmax
 
-    site_dir, _ = _federated_site(tmp_path, **SHIFT)
+    site_dir, _ = _federated_site(tmp_path, **SHIFT, **{"image-size": 64})
+    bundle = load_bundle(site_dir)
+    assert bundle.class_names == ("normal", "lesion")
     test = load_npz(site_dir / "data.npz").split("test")
-    folder = tmp_path / "labelled"  # class folders that sort in the model's class order
-    classes = ("0-normal", "1-lesion")
+    folder = tmp_path / "labelled"  # class folders named as the model's classes; sorted, they are reversed
     for i, (image, label) in enumerate(zip(test.images, test.labels, strict=True)):
-        (folder / classes[label]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / classes[label] / f"{i:03d}.png")
-    out = tmp_path / "p.csv"
+        (folder / bundle.class_names[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / bundle.class_names[label] / f"{i:03d}.png")
+    out, explained = tmp_path / "p.csv", tmp_path / "explained"
     args = ["--model", str(site_dir), "--images", str(folder), "--out", str(out)]
-    code, printed, _ = _predict(capsys, *args, "--prior", "none")
+    code, printed, _ = _predict(
+        capsys, *args, "--prior", "none", "--explain", str(explained), "--explain-k", "3"
+    )
     assert code == 0
-    _, raw, _, _, _ = _read_csv(out)
-    labels = np.sort(test.labels)  # the folder lists class 0's images first
+    ids, raw, _, predicted, _ = _read_csv(out)
+    order = np.concatenate([np.flatnonzero(test.labels == 1), np.flatnonzero(test.labels == 0)])
+    assert ids == [f"{bundle.class_names[test.labels[i]]}/{i:03d}.png" for i in order]  # lesion/ sorts first
+    labels = test.labels[order]
     log_loss_row = next(line for line in printed.splitlines() if line.strip().startswith("log_loss"))
     assert float(log_loss_row.split()[1]) == pytest.approx(log_loss(labels, raw, labels=[0, 1]), abs=1e-6)
+    # --explain: the first 3 images' overlays of the CSV's predicted class, recomputed from grad_cam
+    assert f"3 Grad-CAM overlays -> {explained}" in printed
+    names = sorted(p.name for p in explained.iterdir())
+    assert names == [f"{ident.replace('/', '_')}-gradcam.png" for ident in ids[:3]]
+    resized = load_image_folder(folder, image_size=64).split("train").images[:3]
+    classes = np.array([bundle.class_names.index(c) for c in predicted[:3]])
+    cams, _ = grad_cam(bundle.model, resized, classes=classes)
+    for name, image, cam in zip(names, resized, cams, strict=True):
+        decoded = np.asarray(Image.open(explained / name))
+        assert decoded.shape == (64, 64, 3) and test.images.shape[1:] == (28, 28)  # the model's input size
+        np.testing.assert_array_equal(decoded, overlay(image, cam))
     # --tta: the model's norm statistics adapted to these images (plain AdaBN: no reference images)
     code, printed, _ = _predict(capsys, *args, "--prior", "none", "--tta")
     assert code == 0 and "test-time norm adaptation" in printed
     _, adapted, _, _, _ = _read_csv(out)
-    bundle = load_bundle(site_dir)
-    images = load_image_folder(folder, image_size=32).split("train").images
+    all_images = load_image_folder(folder, image_size=64).split("train").images
     cpu = torch.device("cpu")
-    with adapted_norm_statistics(bundle.model, images, cpu):
-        expected = softmax(predict_logits(bundle.model, images, cpu))
+    with adapted_norm_statistics(bundle.model, all_images, cpu):
+        expected = softmax(predict_logits(bundle.model, all_images, cpu))
     np.testing.assert_allclose(adapted, expected, atol=1e-9)
     assert np.abs(adapted - raw).max() > 1e-4  # it changed the predictions
+
+
+def test_class_folders_map_to_the_model_classes_by_name_or_in_sorted_order(tmp_path: Path) -> None:
+    from fedshift.client.predict import read_images
+
+    for name, seed in (("b-cls/one.png", 0), ("b-cls/two.png", 1), ("a-cls/x.png", 2)):
+        _write_png(tmp_path / "split" / "test" / name, seed)
+        _write_png(tmp_path / "flat" / name, seed)
+    names = ("b-cls", "a-cls")
+    for root, ids in ((tmp_path / "flat", []), (tmp_path / "split", ["test/"])):
+        by_name = read_images(root, "test", 28, 2, names)
+        prefix = ids[0] if ids else ""
+        assert by_name.ids == [f"{prefix}a-cls/x.png", f"{prefix}b-cls/one.png", f"{prefix}b-cls/two.png"]
+        assert by_name.labels is not None and by_name.labels.tolist() == [1, 0, 0]
+        assert by_name.class_names == names
+        np.testing.assert_array_equal(by_name.images[0], np.asarray(Image.open(root / by_name.ids[0])))
+        in_order = read_images(root, "test", 28, 2, None)  # an older bundle: sorted folder names
+        assert in_order.labels is not None and in_order.labels.tolist() == [0, 1, 1]
+        assert in_order.class_names == ("a-cls", "b-cls") and in_order.ids == by_name.ids
+    with pytest.raises(
+        DataError, match=r"named after the model's classes \(normal, lesion\), but .* 'a-cls'"
+    ):
+        read_images(tmp_path / "flat", "test", 28, 2, ("normal", "lesion"))
+    with pytest.raises(DataError, match=r"Expected 3 class folders .* found 2"):
+        read_images(tmp_path / "flat", "test", 28, 3, None)
