@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import numpy as np
 import torch
 
-from fedshift.common.data import to_tensor
+from fedshift.client.training import batched_outputs
 from fedshift.common.errors import ConfigError
 from fedshift.common.label_shift import correct_posteriors
 from fedshift.common.model import FedshiftModel
@@ -96,20 +96,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return np.asarray(e / e.sum(axis=1, keepdims=True))
 
 
-@torch.no_grad()
 def predict_logits(
     model: FedshiftModel, images: np.ndarray, device: torch.device, batch_size: int = 256
 ) -> np.ndarray:
     """The model's logits, ``(N, C)`` float64, in eval mode."""
-    model.to(device)
-    model.train(False)
-    out = [
-        model(to_tensor(images[b : b + batch_size], model.config.image_size).to(device)).float().cpu().numpy()
-        for b in range(0, len(images), batch_size)
-    ]
-    if not out:
-        return np.zeros((0, model.config.num_classes))
-    return np.concatenate(out).astype(np.float64)
+    return batched_outputs(model, images, device, model, model.config.num_classes, batch_size)
 
 
 def estimate_target_prior(

@@ -233,13 +233,12 @@ def batched_outputs(
 def predict_proba(
     model: FedshiftModel, images: np.ndarray, device: torch.device, batch_size: int = 256
 ) -> np.ndarray:
-    """Class probabilities, shape (N, C)."""
-    return batched_outputs(
-        model, images, device, lambda x: torch.softmax(model(x), dim=1), model.config.num_classes, batch_size
-    )
+    """Class probabilities, shape (N, C): the model's softmax, as a site's inference computes it."""
+    from fedshift.client.inference import predict_logits, softmax
+
+    return softmax(predict_logits(model, images, device, batch_size))
 
 
 def evaluate(model: FedshiftModel, data: ImageSet, device: torch.device) -> dict[str, float]:
     """Metrics of :func:`fedshift.common.metrics.classification_metrics` on ``data``."""
-    probs = predict_proba(model, data.images, device)
-    return classification_metrics(data.labels, probs)
+    return classification_metrics(data.labels, predict_proba(model, data.images, device))

@@ -124,7 +124,8 @@ def unseen_table(results: Mapping[str, Mapping[str, Any]]) -> str:
         rows.append(cells)
     applied = sorted({a for r in results.values() for a in r["applied"]})
     title = (
-        "Hospitals outside the federation (never trained; recv = the final model as received, "
-        f"site = with its own corrections: {', '.join(applied) or 'none'})"
+        "Hospitals outside the federation (never trained; recv = the final model as received, site = its "
+        "bundle: its stem's norm statistics adapted to its own unlabelled images, "
+        f"{', '.join(applied) or 'no prior'})"
     )
     return render_table(title, rows, mean_row=False)
