@@ -240,15 +240,12 @@ def _print_metrics(labels: np.ndarray, result: Inference) -> None:
 def explain(bundle: SiteBundle, data: Images, result: Inference, out: Path, k: int, tta: bool) -> int:
     """Grad-CAM overlays of the first ``k`` images' predicted classes (the CSV's), under the same norm
     statistics as the prediction; how many were written."""
-    from contextlib import nullcontext
-
     import torch
 
-    from fedshift.client.alignment import adapted_norm_statistics
     from fedshift.client.explain import write_explanations
+    from fedshift.client.inference import _maybe_adapted
 
-    cpu = torch.device("cpu")
-    with adapted_norm_statistics(bundle.model, data.images, cpu) if tta else nullcontext():
+    with _maybe_adapted(bundle.model, data.images, torch.device("cpu"), tta, bundle.reference):
         paths = write_explanations(bundle.model, data.images, out, k, ids=data.ids, classes=result.predicted)
     return len(paths)
 

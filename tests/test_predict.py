@@ -273,16 +273,25 @@ def test_a_labelled_folder_prints_its_metrics_and_tta_adapts_the_norms(
         decoded = np.asarray(Image.open(explained / name))
         assert decoded.shape == (64, 64, 3) and test.images.shape[1:] == (28, 28)  # the model's input size
         np.testing.assert_array_equal(decoded, overlay(image, cam))
-    # --tta: the model's norm statistics adapted to these images (plain AdaBN: no reference images)
-    code, printed, _ = _predict(capsys, *args, "--prior", "none", "--tta")
+    # --tta: the norm statistics adapted to these images relative to the site's own (the bundle's moments)
+    tta_args = ["--prior", "none", "--tta", "--explain", str(explained), "--explain-k", "2"]
+    code, printed, _ = _predict(capsys, *args, *tta_args)
     assert code == 0 and "test-time norm adaptation" in printed
-    _, adapted, _, _, _ = _read_csv(out)
+    _, adapted, _, adapted_predicted, _ = _read_csv(out)
     all_images = load_image_folder(folder, image_size=64).split("train").images
     cpu = torch.device("cpu")
-    with adapted_norm_statistics(bundle.model, all_images, cpu):
+    classes = np.array([bundle.class_names.index(c) for c in adapted_predicted[:2]])
+    assert bundle.reference is not None
+    with adapted_norm_statistics(bundle.model, all_images, cpu, reference=bundle.reference):
         expected = softmax(predict_logits(bundle.model, all_images, cpu))
+        adapted_cams, _ = grad_cam(bundle.model, all_images[:2], classes=classes)
     np.testing.assert_allclose(adapted, expected, atol=1e-9)
     assert np.abs(adapted - raw).max() > 1e-4  # it changed the predictions
+    # the overlays explain the adapted model (the earlier folder replaced whole: 2 overlays now)
+    assert sorted(p.name for p in explained.iterdir()) == names[:2]
+    for name, image, cam in zip(names[:2], all_images[:2], adapted_cams, strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(explained / name)), overlay(image, cam))
+    assert not np.allclose(adapted_cams, cams[:2])
 
 
 def test_class_folders_map_to_the_model_classes_by_name_or_in_sorted_order(tmp_path: Path) -> None:
