@@ -53,12 +53,17 @@ def _predict(bundle: Path, data: Path, out: Path, *more: str) -> dict[str, float
     return _metrics(out, data)
 
 
-def _metrics(predictions: Path, data: Path) -> dict[str, float]:
+def _columns(predictions: Path, prefix: str) -> np.ndarray:
+    """The CSV's probabilities whose column names start with ``prefix`` (``raw_``, ``corrected_``)."""
     with predictions.open() as handle:
         rows = list(csv.DictReader(handle))
+    return np.array([[float(r[k]) for k in r if k.startswith(prefix)] for r in rows])
+
+
+def _metrics(predictions: Path, data: Path) -> dict[str, float]:
     labels = load_npz(data).split("test").labels
-    probs = np.array([[float(r[k]) for k in r if k.startswith("corrected_")] for r in rows])
-    assert len(rows) == len(labels)
+    probs = _columns(predictions, "corrected_")
+    assert len(probs) == len(labels)
     return classification_metrics(labels, probs)
 
 
@@ -106,6 +111,14 @@ def test_every_site_predicts_as_the_federation_evaluated_it(
     predicted = _predict(unseen / "model", unseen / "data.npz", tmp_path / "unseen.csv")
     for key in KEYS:
         assert math.isclose(predicted[key], row[SITE_SIDE][key], abs_tol=1e-9), key
+    # its bundle exported: the program, in plain torch, gives predict's probabilities (its adapted stem in it)
+    program_path = tmp_path / "unseen.pt"
+    assert (
+        main(["export", "--model", str(unseen / "model"), "--out", str(program_path), "--prior", "none"]) == 0
+    )
+    images = load_npz(unseen / "data.npz").split("test").images[:32]
+    exported = torch.jit.load(str(program_path))(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(exported, _columns(tmp_path / "unseen.csv", "raw_")[:32], atol=1e-5)
     # its "as received" row: the checkpoint's model, untouched, scored independently
     fed = FederationConfig.from_run_config(json.loads((out / "config.json").read_text())["run_config"])
     model = build_model(fed.model)
