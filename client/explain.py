@@ -1,10 +1,11 @@
 """Grad-CAM explanations: where the model looked for the class it predicted.
 
 Grad-CAM (Selvaraju et al. 2017) on the backbone's last convolutional output,
-the feature map the head pools (or on a stage asked for): the channels are
-weighted by the spatial mean of the explained class's logit gradient, summed,
-clipped at zero and upsampled (bilinear) to the image. The PNG overlays blend
-that map, from half its peak up, as a heat colour over the grayscale image.
+the feature map the head pools; where that map is coarser than 7x7 (a model
+under 224 px), on the deepest stage that is not; or on a stage asked for. The
+channels are weighted by the spatial mean of the explained class's logit
+gradient, summed, clipped at zero and upsampled (bilinear) to the image. The PNG
+overlays blend that map, from half its peak up, as a heat colour over the image.
 Where these maps fall on SYNTHETIC lesions: simulations/benchmarks/gradcam.py.
 """
 
@@ -14,6 +15,7 @@ import io
 import logging
 import re
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -32,6 +34,8 @@ OVERLAY_ALPHA = 0.45  # weight of the heat colour in the overlay where the map i
 OVERLAY_SUFFIX = "-gradcam.png"
 DISPLAY_FLOOR = 0.5  # the share of the map's peak below which the overlay shows no heat
 MIN_MAP_SIDE = 7  # a coarser map (e.g. 2x2 at 64 px) cannot point at a lesion
+AUTO, POOLED = "auto", "pooled"  # ``stage``: chosen by map size; the feature map the head pools
+Stage: TypeAlias = int | str
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -54,8 +58,63 @@ def _pooled_input(model: FedshiftModel) -> nn.Module:
     return pool
 
 
+def _map_sides(model: FedshiftModel) -> tuple[int, list[int]]:
+    """The side of the feature map the head pools and of each stage's output, at the model's input size."""
+    sides: list[int] = []
+    hooks = [
+        s.register_forward_hook(lambda _m, _i, out: sides.append(out.shape[-1]))
+        for s in backbone_stages(model.backbone)
+    ]
+    hooks.append(
+        _pooled_input(model).register_forward_pre_hook(lambda _m, args: sides.append(args[0].shape[-1]))
+    )
+    size = model.config.image_size
+    try:
+        with torch.no_grad():
+            model.train(False)
+            model(torch.zeros(1, 1, size, size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sides[-1], sides[:-1]
+
+
+def resolve_stage(model: FedshiftModel, stage: Stage = AUTO) -> Stage:
+    """``POOLED`` or a negative stage index: what ``stage`` explains for this model.
+
+    ``AUTO``: the feature map the head pools where it is at least 7x7 (a model at
+    >= 224 px), else the deepest stage whose map is (with a warning): at 64 px the
+    pooled map is 2x2 and scores at chance on SYNTHETIC lesions, an 8x8 stage does not
+    (simulations/benchmarks/gradcam.py).
+    """
+    if stage == POOLED:
+        return POOLED
+    if isinstance(stage, int) and not isinstance(stage, bool):
+        target_layer(model, stage)
+        return stage - len(backbone_stages(model.backbone)) if stage >= 0 else stage
+    if stage != AUTO:
+        raise ConfigError(f"Expected a stage index, {AUTO!r} or {POOLED!r}, but got {stage!r}")
+    pooled, sides = _map_sides(model)
+    if pooled >= MIN_MAP_SIDE:
+        return POOLED
+    fine = [i - len(sides) for i, side in enumerate(sides) if side >= MIN_MAP_SIDE]
+    if not fine:
+        return POOLED
+    logger.warning(
+        "Grad-CAM: the map the head pools is only %dx%d for this %d px model; explaining stage %d (%dx%d) "
+        "instead. Explanations need a model at >= 224 px",
+        pooled,
+        pooled,
+        model.config.image_size,
+        fine[-1],
+        sides[fine[-1]],
+        sides[fine[-1]],
+    )
+    return fine[-1]
+
+
 def _cam_batch(
-    model: FedshiftModel, x: torch.Tensor, stage: int | None, classes: torch.Tensor | None
+    model: FedshiftModel, x: torch.Tensor, stage: Stage, classes: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps at the layer's resolution ``(n, h, w)`` and the explained classes ``(n,)`` for one batch
     (``classes``, or the predicted ones)."""
@@ -65,10 +124,10 @@ def _cam_batch(
         tensor.retain_grad()
         captured.append(tensor)
 
-    if stage is None:
+    if stage == POOLED:
         handle = _pooled_input(model).register_forward_pre_hook(lambda _m, args: keep(args[0]))
     else:
-        handle = target_layer(model, stage).register_forward_hook(lambda _m, _i, out: keep(out))
+        handle = target_layer(model, int(stage)).register_forward_hook(lambda _m, _i, out: keep(out))
     try:
         with torch.enable_grad():
             logits = model(x.requires_grad_(True))
@@ -88,21 +147,21 @@ def grad_cam(
     model: FedshiftModel,
     images: np.ndarray,
     *,
-    stage: int | None = None,
+    stage: Stage = AUTO,
     classes: np.ndarray | None = None,
     batch_size: int = 64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps ``(N, H, W)`` (non-negative, at the images' own size) and the classes explained ``(N,)``.
 
-    ``images``: ``(N, H, W)`` uint8, as the loaders read them. ``stage``: None for
-    the backbone's last convolutional output, the feature map the head pools (there
-    Grad-CAM is the classifier's own class activation map), or a stage index.
+    ``images``: ``(N, H, W)`` uint8, as the loaders read them. ``stage``: ``POOLED``
+    for the backbone's last convolutional output, the feature map the head pools
+    (there Grad-CAM is the classifier's own class activation map), a stage index,
+    or ``AUTO`` (:func:`resolve_stage`).
     ``classes``: the class to explain per image (default: the model's prediction).
     The model's parameters get no gradient left behind (zeroed after each batch).
     """
-    if stage is not None:
-        target_layer(model, stage)  # a bad index fails before any work
     model.cpu()
+    stage = resolve_stage(model, stage)
     model.train(False)
     maps: list[np.ndarray] = []
     explained: list[np.ndarray] = []

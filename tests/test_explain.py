@@ -14,9 +14,11 @@ from PIL import Image
 from fedshift.client.explain import (
     OVERLAY_ALPHA,
     OVERLAY_SUFFIX,
+    POOLED,
     display_level,
     grad_cam,
     overlay,
+    resolve_stage,
     target_layer,
     write_explanations,
 )
@@ -98,13 +100,42 @@ def test_grad_cam_equals_an_independent_computation(model: FedshiftModel) -> Non
     assert not np.allclose(cams_other, cams)
 
 
-def test_the_default_map_is_the_class_activation_map(model: FedshiftModel) -> None:
+def test_the_pooled_map_is_the_class_activation_map(model: FedshiftModel) -> None:
     images = make_synthetic_cxr(6, size=28, seed=5).split("train").images
-    cams, predicted = grad_cam(model, images, batch_size=4)  # the feature map the head pools
+    cams, predicted = grad_cam(model, images, stage=POOLED, batch_size=4)  # the feature map the head pools
     reference, ref_predicted = _class_activation_map(model, images)
     np.testing.assert_array_equal(predicted, ref_predicted)
     np.testing.assert_allclose(cams, reference, rtol=1e-4, atol=1e-6 * float(reference.max()))
     assert float(reference.max()) > 0.0
+
+
+def test_the_default_stage_is_the_deepest_map_of_at_least_7x7(
+    model: FedshiftModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    def sides(m: FedshiftModel) -> list[int]:
+        shapes: list[int] = []
+        hooks = [
+            s.register_forward_hook(lambda _m, _i, o: shapes.append(o.shape[-1]))
+            for s in backbone_stages(m.backbone)
+        ]
+        with torch.no_grad():
+            m(torch.zeros(1, 1, m.config.image_size, m.config.image_size))
+        for h in hooks:
+            h.remove()
+        return shapes
+
+    assert sides(model) == [32, 16, 8, 4, 4, 2, 2]  # 64 px: the last stages (and the pooled map) are 2x2
+    with caplog.at_level(logging.WARNING, logger="fedshift.client.explain"):
+        assert resolve_stage(model) == -5  # the 8x8 stage
+    assert "explaining stage -5 (8x8)" in caplog.text
+    images = make_synthetic_cxr(3, size=28, seed=6).split("train").images
+    np.testing.assert_array_equal(grad_cam(model, images)[0], grad_cam(model, images, stage=-5)[0])
+    large = build_model(ModelConfig(image_size=224, seed=4))
+    assert sides(large)[-1] == 7 and resolve_stage(large) == POOLED  # 224 px: the 7x7 map the head pools
+    assert resolve_stage(model, 2) == -5 and resolve_stage(model, POOLED) == POOLED
+    for bad in ("last", 99, True):
+        with pytest.raises(ConfigError, match="Expected a stage index"):
+            resolve_stage(model, bad)
 
 
 def test_overlay_closed_form() -> None:
@@ -134,7 +165,7 @@ def test_write_explanations_writes_the_first_k_overlays(
     out = tmp_path / "explain"
     with caplog.at_level(logging.WARNING, logger="fedshift.client.explain"):
         paths = write_explanations(model, images, out, 4, ids=ids)
-    assert "only 2x2 for this 64 px model" in caplog.text and ">= 224 px" in caplog.text
+    assert "only 2x2 for this 64 px model; explaining stage -5 (8x8) instead" in caplog.text
     names = ["lesion_scan_0.png", "normal_scan-1.png", "lesion_scan_0.png-2", "_up.png"]  # a clash gets -<i>
     assert [p.name for p in paths] == [f"{n}{OVERLAY_SUFFIX}" for n in names]
     assert sorted(tmp_path.iterdir()) == [out]  # no temporary sibling left
@@ -246,6 +277,7 @@ def test_grad_cam_falls_on_the_lesion() -> None:
     from fedshift.simulations.benchmarks.gradcam import localisation, trained_model
 
     model, data = trained_model(seed=0, size=224, n=200, epochs=4)
+    assert resolve_stage(model) == POOLED  # the default at 224 px: the 7x7 map the head pools
     cams, predicted = grad_cam(model, data["images"])
     assert float((predicted == data["labels"]).mean()) >= 0.9
     chosen = (data["labels"] == 1) & (predicted == 1)

@@ -17,7 +17,8 @@ images, against the disk of 2 sigma around each lesion's centre:
   mass fractions, and a random peak on ``pointing``).
 
 Each explained layer (``--stages``) is one row: by default the feature map the
-head pools (grad_cam's default), the last stage's output and two earlier stages.
+head pools, the last stage's output and two earlier stages; "(default)" marks
+what ``grad_cam`` explains at this size (``client/explain.resolve_stage``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedshift.client.explain import display_level, grad_cam
+from fedshift.client.explain import AUTO, POOLED, Stage, display_level, grad_cam, resolve_stage
 from fedshift.client.training import configure_threads, train_local
 from fedshift.common.data import ImageSet
 from fedshift.common.model import FedshiftModel, ModelConfig, build_model
@@ -41,15 +42,13 @@ from fedshift.common.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-POOLED = "pooled"  # in --stages: the feature map the head pools (grad_cam's default)
 
-
-def variants(spec: str) -> list[tuple[str, int | None]]:
+def variants(spec: str) -> list[tuple[str, Stage]]:
     """``--stages`` as (row name, ``grad_cam`` stage): ``pooled`` or a stage index, comma-separated."""
-    out: list[tuple[str, int | None]] = []
+    out: list[tuple[str, Stage]] = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         if item == POOLED:
-            out.append(("pooled features (default)", None))
+            out.append(("pooled features", POOLED))
         else:
             out.append(("last stage" if int(item) == -1 else f"stage {int(item)}", int(item)))
     return out
@@ -104,7 +103,9 @@ def measure_seed(seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     model, data = trained_model(seed, args.size, args.n, args.epochs)
     logger.info("seed %d trained in %.0f s", seed, data["train_seconds"])
     rows = []
+    default = resolve_stage(model, AUTO)  # what grad_cam explains at this size unless told
     for name, stage in variants(args.stages):
+        name = f"{name} (default)" if resolve_stage(model, stage) == default else name
         cams, predicted = grad_cam(model, data["images"], stage=stage)
         chosen = (data["labels"] == 1) & (predicted == 1)
         scores = localisation(cams[chosen], data["disks"][chosen])
