@@ -33,28 +33,15 @@ sample's term depends on that sample alone.
 
 **Site-local norms.** The norm affines of the adapted stages are site-local and
 trained under DP-SGD with everything else; their *statistics* stay the frozen
-pretrained ones during training (no data access). :func:`adapted_norm_statistics`
-offers test-time adaptation of the norm statistics on unlabeled local images,
-for local inference only (never saved, never sent, never used in training).
-Plain AdaBN (Li et al. 2016) replaces every layer's statistics by those of the
-evaluation images; it assumes the model was trained with statistics of its own
-training data, but here training keeps the pretrained (ImageNet) statistics
-frozen, so it moves every activation the adapters and head were fitted to (it
-lowered the mean AUC from 0.95 to 0.6 in the shift study). So by default the
-site adapts *relative to a reference*: its own labelled validation images, which
-come from the distribution the site trained on. Each layer's input is mapped so
-that its per-channel mean and variance on the evaluation images equal those on
-the reference, and then normalised with the frozen statistics, as in training.
-It removes a scanner change between training and deployment, and is the
-identity when there is none.
+pretrained ones during training (no data access). Test-time adaptation of those
+statistics is :mod:`fedshift.client.norm_adaptation`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,7 +50,6 @@ from torch import nn
 
 from fedshift.client.dp import RandomSource
 from fedshift.client.training import Objective, batched_outputs, cross_entropy
-from fedshift.common.data import to_tensor
 from fedshift.common.errors import DataError, PrivacyError
 from fedshift.common.label_shift import logit_adjustment
 from fedshift.common.model import FedshiftModel
@@ -362,139 +348,3 @@ def site_objective(
         return loss + align(features, labels) if align is not None else loss
 
     return objective
-
-
-# ----------------------------------------------------------------------------- test-time norm statistics
-
-
-def _norm_layers(model: nn.Module) -> list[nn.Module]:
-    """Every module normalising with running statistics (BatchNorms and frozen-statistics norms)."""
-    return [
-        m
-        for m in model.modules()
-        if isinstance(getattr(m, "running_mean", None), torch.Tensor)
-        and isinstance(getattr(m, "running_var", None), torch.Tensor)
-    ]
-
-
-def _input_statistics(
-    model: FedshiftModel,
-    layers: list[nn.Module],
-    images: np.ndarray,
-    device: torch.device,
-    batch_size: int,
-    adapt: Callable[[nn.Module, torch.Tensor, torch.Tensor], None] | None,
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the per-channel mean and (biased) variance of its input over ``images``.
-
-    One pass in forward order; with ``adapt``, each layer's statistics are set from
-    the batch's own (``adapt(layer, mean, var)``) before it normalises the batch,
-    so deeper layers see adapted inputs. Returns the batch-size-weighted averages.
-    """
-    sums: dict[int, list[torch.Tensor]] = {}
-    counts: dict[int, int] = {}
-
-    def pre_hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0]
-        dims = [0, *range(2, x.dim())]
-        mean = x.mean(dim=dims).detach()
-        var = x.var(dim=dims, unbiased=False).detach()
-        if adapt is not None:
-            adapt(module, mean, var)
-        key, n = id(module), x.shape[0]
-        if key in sums:
-            sums[key][0] += mean * n
-            sums[key][1] += var * n
-        else:
-            sums[key] = [mean * n, var * n]
-        counts[key] = counts.get(key, 0) + n
-
-    handles = [m.register_forward_pre_hook(pre_hook) for m in layers]
-    try:
-        with torch.no_grad():
-            model.to(device)
-            model.train(False)
-            for begin in range(0, len(images), batch_size):
-                model(to_tensor(images[begin : begin + batch_size], model.config.image_size).to(device))
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: (v[0] / counts[k], v[1] / counts[k]) for k, v in sums.items()}
-
-
-def norm_moments(model: FedshiftModel, images: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every norm layer's input mean and variance on ``images`` (``<layer>.mean``, ``<layer>.var``): the
-    reference of :func:`adapted_norm_statistics`, kept without the images."""
-    names = {id(m): n for n, m in model.named_modules()}
-    stats = _input_statistics(model, _norm_layers(model), images, device, 512, None)
-    return {f"{names[k]}.{s}": v[i].cpu() for k, v in stats.items() for i, s in enumerate(("mean", "var"))}
-
-
-@contextmanager
-def adapted_norm_statistics(
-    model: FedshiftModel,
-    images: np.ndarray,
-    device: torch.device,
-    batch_size: int = 512,
-    *,
-    reference: np.ndarray | Mapping[str, torch.Tensor] | None = None,
-    first: int | None = None,
-) -> Iterator[int]:
-    """Inside: every norm layer's statistics (or the ``first`` ones in forward order) adapted to ``images``
-    (labels never used); restored on exit.
-
-    Without ``reference``: plain AdaBN, each layer uses the mean and variance of
-    the inputs it receives on ``images``. With ``reference`` (images from the
-    distribution the model was trained on): a layer whose input has mean ``m_t``
-    and variance ``v_t`` on ``images`` but ``m_r``, ``v_r`` on the reference gets
-    ``mean = m_t - (m_r - m0) * sqrt(v_t / v_r)`` and
-    ``var + eps = (v0 + eps) * v_t / v_r`` (``m0``, ``v0``: its frozen
-    statistics), i.e. it normalises ``(x - m_t) * sqrt(v_r / v_t) + m_r`` with
-    the frozen statistics: the input is moved onto the reference's moments
-    (``reference`` may also be those moments, from :func:`norm_moments`).
-    Reference statistics are measured with the frozen statistics in place (as in
-    training); adapted ones in forward order, each layer after the earlier ones
-    are adapted. Yields the number of layers adapted.
-    """
-    layers = _norm_layers(model)[:first]
-    saved = {id(m): (m.running_mean.clone(), m.running_var.clone()) for m in layers}  # type: ignore[union-attr,operator]
-    if isinstance(reference, Mapping):  # moments measured before (norm_moments)
-        names = {id(m): n for n, m in model.named_modules()}
-        ref = {
-            id(m): (reference[f"{names[id(m)]}.mean"].to(device), reference[f"{names[id(m)]}.var"].to(device))
-            for m in layers
-        }
-    elif reference is not None and not len(reference):
-        raise DataError("Expected reference images for relative norm adaptation, but got none")
-    else:
-        ref = (
-            _input_statistics(model, layers, reference, device, batch_size, None)
-            if reference is not None
-            else {}
-        )
-
-    def target(module: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if id(module) not in ref:
-            return mean, var
-        m0, v0 = saved[id(module)]
-        ref_mean, ref_var = ref[id(module)]
-        eps = float(getattr(module, "eps", 1e-5))
-        ratio = var.clamp_min(1e-12) / ref_var.clamp_min(1e-12)
-        return mean - (ref_mean - m0) * ratio.sqrt(), ((v0 + eps) * ratio - eps).clamp_min(0.0)
-
-    def adapt(module: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> None:
-        new_mean, new_var = target(module, mean, var)
-        module.running_mean.copy_(new_mean)  # type: ignore[operator,union-attr]
-        module.running_var.copy_(new_var)  # type: ignore[operator,union-attr]
-
-    try:
-        stats = _input_statistics(model, layers, images, device, batch_size, adapt) if len(images) else {}
-        for m in layers:
-            if id(m) in stats:
-                adapt(m, *stats[id(m)])
-        yield len(stats)
-    finally:
-        for m in layers:
-            mean, var = saved[id(m)]
-            m.running_mean.copy_(mean)  # type: ignore[operator,union-attr]
-            m.running_var.copy_(var)  # type: ignore[operator,union-attr]

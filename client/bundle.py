@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from flwr.app import Message, RecordDict
 
-from fedshift.client.alignment import norm_moments
 from fedshift.client.correction import CORRECTION_FILE, RUN_FIELD, SiteCorrection
 from fedshift.client.egress import stored_answer
 from fedshift.client.ledger import open_ledger
+from fedshift.client.norm_adaptation import norm_moments
 from fedshift.client.site import SiteSettings, load_site_data
 from fedshift.common.backbones import weights_file
 from fedshift.common.calibration import Calibration

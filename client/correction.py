@@ -359,7 +359,7 @@ def evaluate_with_shift(
     correction, and the log says so. The unlabeled images the prior is estimated
     on are ``data``'s, with the labels hidden from the estimate.
     """
-    from fedshift.client.alignment import adapted_norm_statistics
+    from fedshift.client.norm_adaptation import adapted_norm_statistics
 
     plain = infer(model, data.images, device, None, prior=PRIOR_NONE)
     logits = plain.logits

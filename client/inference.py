@@ -16,7 +16,7 @@ class and the threshold used, with a summary of what was applied and why. The pr
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import numpy as np
 import torch
 
+from fedshift.client.norm_adaptation import Reference
 from fedshift.client.training import batched_outputs
 from fedshift.common.errors import ConfigError
 from fedshift.common.label_shift import correct_posteriors
@@ -50,7 +51,6 @@ EM_MAX_ITER = 10_000  # EM iterations before an estimate counts as not converged
 
 Prior: TypeAlias = str | PriorEstimate | np.ndarray  # a mode, an estimate made on the images, or a prior
 Threshold: TypeAlias = str | float | None  # "site", a number, or None (argmax)
-Reference: TypeAlias = np.ndarray | Mapping[str, torch.Tensor] | None  # TTA's: images, their moments, none
 
 
 @dataclass(frozen=True, eq=False)
@@ -228,7 +228,7 @@ def _decide(
 def _maybe_adapted(
     model: FedshiftModel, images: np.ndarray, device: torch.device, tta: bool, reference: Reference
 ) -> Iterator[None]:
-    from fedshift.client.alignment import adapted_norm_statistics
+    from fedshift.client.norm_adaptation import adapted_norm_statistics
 
     first = None if reference is not None else STEM_LAYERS
     ctx = (

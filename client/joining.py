@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from flwr.app import RecordDict
 
-from fedshift.client.alignment import adapted_norm_statistics
 from fedshift.client.bundle import bundle_files, site_card, write_bundle
 from fedshift.client.correction import SiteCorrection, correction_json, save_correction
 from fedshift.client.inference import STEM_LAYERS, estimate_target_prior, predict_logits, softmax
+from fedshift.client.norm_adaptation import adapted_norm_statistics
 from fedshift.client.site import SiteSettings
 from fedshift.common.calibration import Calibration
 from fedshift.common.config import FederationConfig

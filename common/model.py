@@ -87,6 +87,19 @@ def _cached_backbone(name: str, weights: str) -> nn.Module:
     return create_backbone(name, weights or None)
 
 
+NORM_STATISTICS = ("running_mean", "running_var")
+
+
+def norm_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every layer that normalises with running statistics (BatchNorms, frozen-statistics norms), with its
+    name, in registration order (the backbone's forward order)."""
+    return [
+        (name, m)
+        for name, m in module.named_modules()
+        if all(isinstance(getattr(m, stat, None), torch.Tensor) for stat in NORM_STATISTICS)
+    ]
+
+
 class FedshiftModel(nn.Module):
     """Input adapter, frozen backbone (with LoRA injected) and a linear head."""
 
@@ -226,11 +239,7 @@ class FedshiftModel(nn.Module):
 
     def _norm_buffers(self) -> dict[str, torch.Tensor]:
         return {
-            f"{name}.{stat}": getattr(m, stat)
-            for name, m in self.named_modules()
-            if isinstance(getattr(m, "running_mean", None), torch.Tensor)
-            and isinstance(getattr(m, "running_var", None), torch.Tensor)
-            for stat in ("running_mean", "running_var")
+            f"{name}.{stat}": getattr(m, stat) for name, m in norm_layers(self) for stat in NORM_STATISTICS
         }
 
     def norm_statistics(self) -> dict[str, torch.Tensor]:

@@ -17,7 +17,6 @@ from scipy.linalg import subspace_angles
 from fedshift.client.alignment import (
     AlignmentLoss,
     PrototypeLoss,
-    adapted_norm_statistics,
     clip_rows,
     global_scale,
     moment_sensitivity,
@@ -26,9 +25,10 @@ from fedshift.client.alignment import (
     site_objective,
 )
 from fedshift.client.dp import SeededSource
+from fedshift.client.norm_adaptation import adapted_norm_statistics, norm_moments
 from fedshift.common.data import make_synthetic_cxr
 from fedshift.common.errors import DataError, PrivacyError
-from fedshift.common.model import ModelConfig, build_model
+from fedshift.common.model import ModelConfig, build_model, norm_layers
 from fedshift.common.shift_config import ShiftConfig
 from fedshift.common.shift_statistics import GlobalStatistics
 from fedshift.simulations.analysis import linear_cka, principal_subspace, subspace_alignment
@@ -307,3 +307,22 @@ def test_site_objective_leaves_out_what_has_no_global_statistics(caplog: pytest.
     objective = site_objective(ShiftConfig(align_weight=1.0), GlobalStatistics("1", 1), site="site-3")
     assert objective is cross_entropy
     assert "site-3: no global feature moments" in caplog.text
+
+
+def test_adaptation_from_kept_moments_equals_adaptation_from_the_images_on_any_device() -> None:
+    model = build_model(ModelConfig(image_size=32, adapter_stages=1))
+    images = make_synthetic_cxr(40, seed=5).split("train").images
+    shifted = np.clip(images.astype(np.float64) * 0.6 + 60, 0, 255).astype(images.dtype)
+    cpu = torch.device("cpu")
+    moments = norm_moments(model, images, cpu)
+    assert len(moments) == 2 * len(norm_layers(model))
+    with adapted_norm_statistics(model, shifted, cpu, reference=images):
+        from_images = _logits(model, shifted)
+    with adapted_norm_statistics(model, shifted, cpu, reference=moments):
+        torch.testing.assert_close(_logits(model, shifted), from_images)
+    # the kept moments are on the CPU and the model may be anywhere: the adaptation runs on the device asked
+    # for ("meta" stands in for a GPU: torch refuses any tensor left on another device)
+    meta = torch.device("meta")
+    with adapted_norm_statistics(model, shifted, meta, reference=moments) as count:
+        assert count == len(norm_layers(model))
+    assert {t.device for t in model.norm_statistics().values()} == {meta}

@@ -16,7 +16,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedshift.client import bundle as bundle_module
-from fedshift.client.alignment import adapted_norm_statistics
 from fedshift.client.app import make_client_app
 from fedshift.client.bundle import (
     BUNDLE_DIR,
@@ -33,6 +32,7 @@ from fedshift.client.correction import CORRECTION_FILE, SiteCorrection, predict_
 from fedshift.client.egress import BOOKKEEPING, read_egress_log, stored_answer
 from fedshift.client.inference import PRIOR_NONE
 from fedshift.client.ledger import LEDGER_FILE, PrivacyLedger
+from fedshift.client.norm_adaptation import adapted_norm_statistics
 from fedshift.client.predict import predict_bundle
 from fedshift.client.site import load_local_state
 from fedshift.common.backbones import weights_file

@@ -238,9 +238,9 @@ def test_a_labelled_folder_prints_its_metrics_and_tta_adapts_the_norms(
 ) -> None:
     import torch
 
-    from fedshift.client.alignment import adapted_norm_statistics
     from fedshift.client.explain import grad_cam, overlay
     from fedshift.client.inference import predict_logits, softmax
+    from fedshift.client.norm_adaptation import adapted_norm_statistics
 
     site_dir, _ = _federated_site(tmp_path, **SHIFT, **{"image-size": 64})
     bundle = load_bundle(site_dir)
