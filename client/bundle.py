@@ -17,9 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +37,7 @@ from fedshift.common.backbones import weights_file
 from fedshift.common.calibration import Calibration
 from fedshift.common.config import FederationConfig
 from fedshift.common.errors import BundleError, FedshiftError
+from fedshift.common.io import atomic_write_folder, set_aside
 from fedshift.common.model import FedshiftModel, ModelConfig, build_model
 from fedshift.common.prior_estimation import PriorEstimate
 from fedshift.common.protocol import (
@@ -67,7 +65,7 @@ NORM_FILE = "norm-statistics.safetensors"  # optional: norm statistics adapted t
 REFERENCE_FILE = "reference-moments.safetensors"  # optional: its norm layers' input moments on its val images
 REQUIRED_FILES = (SHARED_FILE, LOCAL_FILE, CONFIG_FILE, BACKBONE_FILE, CARD_JSON, CARD_MD)
 FORMAT = 1
-_OLD = f".{BUNDLE_DIR}.old"  # the previous bundle while the new one is renamed into place
+_OLD = set_aside(BUNDLE_DIR).name  # the previous bundle while the new one is renamed into place
 REWRITE = (
     "the bundle is corrupt or incomplete: run the federation (its final-model stage) again to rewrite it"
 )
@@ -167,53 +165,11 @@ def bundle_files(
     return files
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _recover(target: Path) -> None:
-    """A swap interrupted between its two renames left the old bundle aside: put it back."""
-    old = target.parent / _OLD
-    if old.is_dir() and not target.exists():
-        os.rename(old, target)
-
-
 def write_bundle(state_dir: str | Path, files: Mapping[str, bytes]) -> Path:
     """Write ``files`` and their manifest as ``<state-dir>/model``, atomically; the bundle's path."""
     target = bundle_path(state_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _recover(target)
-    for stale in target.parent.glob(f".{BUNDLE_DIR}.*.tmp"):  # a write a crash cut short
-        shutil.rmtree(stale, ignore_errors=True)
-    old = target.parent / _OLD
     manifest = {"format": FORMAT, "files": {name: sha256_of(data) for name, data in sorted(files.items())}}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BUNDLE_DIR}.", suffix=".tmp", dir=target.parent))
-    try:
-        for name, data in {**files, MANIFEST_FILE: _json_bytes(manifest)}.items():
-            _write_synced(tmp / name, data)
-        _fsync_dir(tmp)
-        if old.exists():
-            shutil.rmtree(old)
-        if target.exists():
-            os.rename(target, old)
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _recover(target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    atomic_write_folder(target, {**files, MANIFEST_FILE: _json_bytes(manifest)})
     return target
 
 
@@ -394,7 +350,7 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     folder = _bundle_dir(path)
     manifest = _read_json(folder, MANIFEST_FILE)
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("format") != FORMAT or not isinstance(files, dict):
+    if not isinstance(files, dict) or manifest.get("format") != FORMAT:
         raise BundleError(
             f"Expected {str(folder / MANIFEST_FILE)!r} to be a format-{FORMAT} manifest with a 'files' "
             f"table, but it is not; {REWRITE}"
@@ -402,11 +358,12 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     _check_files(folder, files)
     config = ModelConfig.from_dict(_read_json(folder, CONFIG_FILE))
     recorded = _read_json(folder, BACKBONE_FILE)
+    sha = recorded.get("sha256") if isinstance(recorded, dict) else None
     installed = backbone_identity(config)
-    if recorded.get("sha256") != installed["sha256"]:
+    if sha != installed["sha256"]:
         raise BundleError(
             f"Expected the installed weights of backbone {config.backbone!r} ({installed['weights']}) to "
-            f"have the sha256 in {str(folder / BACKBONE_FILE)!r} ({str(recorded.get('sha256'))[:16]}...), "
+            f"have the sha256 in {str(folder / BACKBONE_FILE)!r} ({str(sha)[:16]}...), "
             f"but they have {installed['sha256'][:16]}...; install the weights the federation trained with"
         )
     return {**manifest, "path": str(folder)}

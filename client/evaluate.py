@@ -41,32 +41,37 @@ def register(sub: Any) -> None:
 def run_bundle(args: argparse.Namespace) -> int:
     """The bundle's raw and corrected metrics on the split (its corrections applied as predict does)."""
     from fedshift.client.bundle import load_bundle
-    from fedshift.client.predict import parse_prior, predict_bundle
+    from fedshift.client.predict import parse_prior, predict_bundle, read_images
     from fedshift.client.training import device_for
-    from fedshift.common.data import load_dataset
+    from fedshift.common.errors import DataError
     from fedshift.common.io import as_jsonable, atomic_write_json
     from fedshift.common.metrics import classification_metrics
 
     bundle = load_bundle(args.model)
-    prior = parse_prior(args.prior, bundle.model_config.num_classes)
-    dataset = load_dataset(args.data, image_size=bundle.model_config.image_size, require=args.split)
-    data = dataset.split(args.split)
+    config = bundle.model_config
+    prior = parse_prior(args.prior, config.num_classes)
+    data = read_images(args.data, args.split, config.image_size, config.num_classes, bundle.class_names)
+    if data.labels is None:
+        raise DataError(
+            f"Expected labelled images in {args.data} (an .npz split or a folder root/<class>/), but they "
+            "have no labels; run fedshift predict on unlabelled images"
+        )
     device = device_for(args.device)
     result = predict_bundle(bundle, data.images, device, prior=prior)
     rows = {"raw": result.raw, "corrected": result.corrected}
     metrics = {k: classification_metrics(data.labels, v) for k, v in rows.items()}
+    label = Path(args.data).name
     print(
-        f"{dataset.label} [{args.split}] bundle {bundle.path} (corrections: "
-        f"{'; '.join(result.applied) or 'none'}):"
+        f"{label} [{args.split}] bundle {bundle.path} (corrections: {'; '.join(result.applied) or 'none'}):"
     )
     print(f"  {'':<18}" + "".join(f"{k:>12}" for k in rows))
     for key in ("auc", "accuracy", "balanced_accuracy", "ece", "log_loss"):
         print(f"  {key:<18}" + "".join(f"{metrics[k][key]:>12.4f}" for k in rows))
-    print(f"  n {len(data):>20}")
+    print(f"  n {len(data.images):>20}")
     for note in result.notes:
         print(f"  note: {note}")
     if args.json:
-        summary = {"data": dataset.label, "split": args.split, **result.summary(), **metrics}
+        summary = {"data": label, "split": args.split, **result.summary(), **metrics}
         atomic_write_json(args.json, as_jsonable(summary))
     return 0
 

@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,29 +28,62 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def set_aside(path: str | Path) -> Path:
+    """Where :func:`atomic_write_folder` keeps the previous folder during its swap: ``.<name>.old``."""
+    target = Path(path)
+    return target.with_name(f".{target.name}.old")
+
+
+def recover_folder(path: str | Path) -> None:
+    """A swap interrupted between its two renames left the previous folder aside: put it back."""
+    target, old = Path(path), set_aside(path)
+    if old.is_dir() and not target.exists():
+        os.rename(old, target)
+
+
 def atomic_write_folder(path: str | Path, files: Mapping[str, bytes]) -> None:
-    """Write ``files`` (plain file name -> bytes) as the folder ``path``: into a temporary sibling, then
-    renamed into place. An existing folder at ``path`` is set aside first and removed after."""
+    """Write ``files`` (plain file name -> bytes) as the folder ``path``, atomically: a reader sees the old
+    folder or the new one, whole. The files go into a temporary sibling, are fsynced, and the folder is
+    renamed over the old one (kept aside as :func:`set_aside` until then; a crash between the two renames
+    is undone by the next write, :func:`recover_folder`)."""
     target = Path(path)
     bad = [name for name in files if Path(name).name != name or name in ("", ".", "..")]
     if bad:
         raise ValueError(f"Expected plain file names, but got {bad[0]!r}")
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(target)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # a write a crash cut short
+        shutil.rmtree(stale, ignore_errors=True)
+    old = set_aside(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
     try:
         for name, data in files.items():
-            with open(tmp / name, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            _write_synced(tmp / name, data)
+        _fsync_dir(tmp)
+        if old.exists():
+            shutil.rmtree(old)
         if target.exists():
             os.rename(target, old)
         os.rename(tmp, target)
+        _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not target.exists():
-            os.rename(old, target)
+        recover_folder(target)
         raise
     shutil.rmtree(old, ignore_errors=True)
 

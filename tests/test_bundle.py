@@ -35,11 +35,13 @@ from fedshift.client.ledger import LEDGER_FILE, PrivacyLedger
 from fedshift.client.norm_adaptation import adapted_norm_statistics
 from fedshift.client.predict import predict_bundle
 from fedshift.client.site import load_local_state
+from fedshift.common import io as io_module
 from fedshift.common.backbones import weights_file
 from fedshift.common.calibration import Calibration
 from fedshift.common.config import FederationConfig
 from fedshift.common.data import load_npz
 from fedshift.common.errors import BundleError
+from fedshift.common.io import recover_folder
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.common.prior_estimation import PriorEstimate
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, FINAL_MODEL_QUERY, METRICS_KEY, NUM_SITES_KEY
@@ -218,6 +220,10 @@ def test_every_corruption_is_refused_in_one_line_naming_the_file(tmp_path: Path)
     with pytest.raises(BundleError) as exc:
         verify_bundle(folder)
     _one_line(exc, str(folder / MANIFEST_FILE), "valid JSON")
+    (folder / MANIFEST_FILE).write_text("[]")  # JSON, but not a manifest
+    with pytest.raises(BundleError) as exc:
+        verify_bundle(folder)
+    _one_line(exc, str(folder / MANIFEST_FILE), "format-1 manifest")
     manifest = json.loads(good[MANIFEST_FILE])
     del manifest["files"][CARD_JSON]
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
@@ -253,14 +259,14 @@ def test_a_crash_mid_write_leaves_the_old_bundle_whole(
     site_dir = _plain_bundle(tmp_path)
     before = {p.name: p.read_bytes() for p in (site_dir / BUNDLE_DIR).iterdir()}
     new = {SHARED_FILE: b"new"}  # a write that never gets as far as a valid bundle
-    real_write = bundle_module._write_synced
+    real_write = io_module._write_synced
 
     def crash_at_manifest(path: Path, data: bytes) -> None:
         if path.name == MANIFEST_FILE:
             raise KeyboardInterrupt  # the process dies here
         real_write(path, data)
 
-    monkeypatch.setattr(bundle_module, "_write_synced", crash_at_manifest)
+    monkeypatch.setattr(io_module, "_write_synced", crash_at_manifest)
     with pytest.raises(KeyboardInterrupt):
         write_bundle(site_dir, new)
     monkeypatch.undo()
@@ -278,14 +284,14 @@ def test_a_crash_mid_write_leaves_the_old_bundle_whole(
             raise OSError("power cut")
         real_rename(src, dst)
 
-    monkeypatch.setattr(bundle_module.os, "rename", die_on_second)
+    monkeypatch.setattr(io_module.os, "rename", die_on_second)
     with pytest.raises(OSError, match="power cut"):
         write_bundle(site_dir, new)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in (site_dir / BUNDLE_DIR).iterdir()} == before
     os.rename(site_dir / BUNDLE_DIR, site_dir / ".model.old")  # as a crash between the renames leaves it
     assert load_bundle(site_dir).path == site_dir / ".model.old"
-    bundle_module._recover(site_dir / BUNDLE_DIR)
+    recover_folder(site_dir / BUNDLE_DIR)
     assert {p.name: p.read_bytes() for p in (site_dir / BUNDLE_DIR).iterdir()} == before
 
 
