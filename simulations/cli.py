@@ -34,8 +34,8 @@ def register(sub: Any) -> None:
         "--unseen-sites",
         type=int,
         help="hospitals that never train: at the end each gets the final model, adapts it to its own "
-        "unlabelled images (norm statistics, prior) and is scored with and without that (default: 1 "
-        "with --data, 0 on SYNTHETIC images)",
+        "unlabelled images (norm statistics, prior) and is scored with and without that; they share the "
+        "pool with the trained sites (default: 1 with --data, 0 on SYNTHETIC images)",
     )
     c = p.add_argument_group(
         "continual scenario (--continual)",

@@ -274,19 +274,6 @@ def _site_sizes(
     return sizes
 
 
-def _check_sizes(
-    names: list[str], sizes: list[int], counts: Sequence[int], prev: np.ndarray, fix: str
-) -> None:
-    small = [(name, n) for name, n in zip(names, sizes, strict=True) if n < MIN_SITE_IMAGES]
-    if small:
-        name, n = small[0]
-        raise ConfigError(
-            f"Expected every site to get at least {MIN_SITE_IMAGES} images, but {name} gets {n} "
-            f"(pool: {counts[0]} class-0 and {counts[1]} class-1 images for {len(names)} sites, "
-            f"prevalences {np.round(prev, 2).tolist()}); {fix}"
-        )
-
-
 def plan_sites(
     num_sites: int,
     *,
@@ -304,8 +291,9 @@ def plan_sites(
     Sizes use as much of the pool as the label shift allows (largest common scale such that no
     class is over-drawn), capped at ``max_per_site``. ``unseen`` more sites follow, ``unseen-0``, ...:
     hospitals that never train, each with a scanner no trained site has (:data:`UNSEEN_PROFILES`)
-    and its own prevalence (:data:`UNSEEN_PREVALENCES`). They take what the trained sites leave of
-    the pool, each at most an average trained site's size: the trained sites are planned as without them.
+    and its own prevalence (:data:`UNSEEN_PREVALENCES`), sized like an average site. They are planned
+    with the trained sites from one pool, so the trained sites keep their prevalences and scanners but
+    get a smaller share of the images (``unseen=0`` plans them as the other experiments do).
     """
     counts = [int(c) for c in pool_counts]
     _check_plan(num_sites, counts, prevalences, dirichlet_alpha, quantity_skew, max_per_site)
@@ -317,33 +305,22 @@ def plan_sites(
         weights = np.random.default_rng(size_seq).lognormal(0.0, quantity_skew, num_sites)
     else:
         weights = np.ones(num_sites)
+    weights = np.concatenate([weights, np.full(unseen, weights.mean())])
     weights = weights / weights.sum()
+    extra = [UNSEEN_PREVALENCES[j % len(UNSEEN_PREVALENCES)] for j in range(unseen)]
+    prev_arr = np.concatenate([prev_arr, extra])
+    prev = [float(p) for p in prev_arr]
     sizes = _site_sizes(counts, prev_arr, weights, max_per_site)
-    _check_sizes(
-        [f"site-{k}" for k in range(num_sites)],
-        sizes,
-        counts,
-        prev_arr,
-        "use fewer --sites, a smaller quantity skew, milder label shift or a larger dataset",
-    )
-    extra = np.array([UNSEEN_PREVALENCES[j % len(UNSEEN_PREVALENCES)] for j in range(unseen)])
-    if unseen:  # from what the trained sites left, each at most an average trained site's size
-        left = [
-            counts[c] - sum(_site_counts(n, float(p))[c] for n, p in zip(sizes, prev_arr, strict=True))
-            for c in (0, 1)
-        ]
-        average = max(1, round(sum(sizes) / num_sites))
-        more = _site_sizes(left, extra, np.full(unseen, 1.0 / unseen), average)
-        _check_sizes(
-            [f"{UNSEEN_PREFIX}{j}" for j in range(unseen)],
-            more,
-            left,
-            extra,
-            "use fewer --unseen-sites (0: none), a --max-per-site for the trained ones or a larger dataset",
-        )
-        sizes = sizes + more
-    prev = [float(p) for p in np.concatenate([prev_arr, extra])]
     names = [f"site-{k}" for k in range(num_sites)] + [f"{UNSEEN_PREFIX}{j}" for j in range(unseen)]
+    small = [(names[k], n) for k, n in enumerate(sizes) if n < MIN_SITE_IMAGES]
+    if small:
+        name, n = small[0]
+        raise ConfigError(
+            f"Expected every site to get at least {MIN_SITE_IMAGES} images, but {name} gets {n} "
+            f"(pool: {counts[0]} class-0 and {counts[1]} class-1 images for {len(names)} sites, "
+            f"prevalences {np.round(prev_arr, 2).tolist()}); use fewer --sites, a smaller quantity "
+            "skew, milder label shift or a larger dataset"
+        )
     chosen = list(profiles) if profiles is not None else list(DEFAULT_PROFILES)
     if not chosen or not all(isinstance(p, ScannerProfile) for p in chosen):
         raise ConfigError(

@@ -28,22 +28,20 @@ CPU = torch.device("cpu")
 FED = FederationConfig(device="cpu", num_rounds=3, model=ModelConfig(image_size=32))
 
 
-def test_unseen_sites_are_planned_after_the_trained_ones_without_changing_them() -> None:
-    alone = plan_sites(4, pool_counts=[1000, 1000], max_per_site=300, seed=3)
-    both = plan_sites(4, pool_counts=[1000, 1000], max_per_site=300, seed=3, unseen=2)
+def test_unseen_sites_are_planned_after_the_trained_ones_with_their_prevalences_and_scanners() -> None:
+    alone = plan_sites(4, pool_counts=[1000, 1000], seed=3)
+    both = plan_sites(4, pool_counts=[1000, 1000], seed=3, unseen=2)
     assert [s.name for s in both] == ["site-0", "site-1", "site-2", "site-3", "unseen-0", "unseen-1"]
-    assert both[:4] == alone  # names, prevalences 0.2 ... 0.8, sizes and scanners as without them
+    assert [s.prevalence for s in both[:4]] == [s.prevalence for s in alone]  # 0.2 ... 0.8
+    assert [s.profile for s in both[:4]] == [s.profile for s in alone]
     assert [s.prevalence for s in both[4:]] == [0.3, 0.7]
     assert [s.profile for s in both[4:]] == list(UNSEEN_PROFILES[:2])
     assert not {p.name for p in UNSEEN_PROFILES} & {p.name for p in DEFAULT_PROFILES}
-    # from what the trained sites leave (400 of each class), each at most an average trained site's size
-    assert [s.n for s in both[4:]] == [300, 300]
+    # one pool: every site, unseen ones too, gets an equal share (the trained sites 500 -> 333 images)
+    assert {s.n for s in alone} == {500} and {s.n for s in both} == {333}
     for c in (0, 1):
         drawn = sum(round(s.n * s.prevalence) if c else s.n - round(s.n * s.prevalence) for s in both)
         assert drawn <= 1000
-    # without a cap the trained sites take the whole pool: nothing is left for an unseen site
-    with pytest.raises(ConfigError, match=r"^Expected every site to get at least \d+ images, but unseen-0"):
-        plan_sites(4, pool_counts=[1000, 1000], seed=3, unseen=1)
     with pytest.raises(ConfigError, match=r"^Expected --unseen-sites to be an integer >= 0, but got -1"):
         plan_sites(4, pool_counts=[1000, 1000], unseen=-1)
 
