@@ -225,9 +225,11 @@ def _decide(
 
 
 @contextmanager
-def _maybe_adapted(
+def adapted_for_inference(
     model: FedshiftModel, images: np.ndarray, device: torch.device, tta: bool, reference: Reference
 ) -> Iterator[None]:
+    """Inside: with ``tta``, the norm statistics :func:`infer` predicts under (relative to ``reference``, else
+    the stem's only); without, the model as it is."""
     from fedshift.client.norm_adaptation import adapted_norm_statistics
 
     first = None if reference is not None else STEM_LAYERS
@@ -254,7 +256,7 @@ def infer(
     adapted to ``images`` first (relative to ``reference``, the site's own images or their norm moments, if
     given; else the stem's only, :data:`STEM_LAYERS`), then restored.
     """
-    with _maybe_adapted(model, images, device, tta and len(images) > 0, reference):
+    with adapted_for_inference(model, images, device, tta and len(images) > 0, reference):
         logits = predict_logits(model, images, device)
     result = apply_correction(logits, correction, **options)
     if tta and len(images):

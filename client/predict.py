@@ -169,14 +169,13 @@ def predict_bundle(
 ) -> Inference:
     """The bundle's model and corrections on ``images``: its estimator's settings and seed as the site used
     them, and its stored estimate as the fallback of ``auto``."""
-    from fedshift.client.correction import CORRECTION_FILE, saved_estimator
+    from fedshift.client.correction import saved_estimator
     from fedshift.client.inference import infer
     from fedshift.common.shift_config import ShiftConfig
 
     config, seed = ShiftConfig(), 0
-    state = bundle.path / CORRECTION_FILE
-    if bundle.correction is not None and state.is_file():
-        saved = saved_estimator(json.loads(state.read_text()))
+    if bundle.correction is not None and bundle.label_shift is not None:
+        saved = saved_estimator(bundle.label_shift)
         if saved is not None:
             config, seed = saved
     stored = bundle.correction.estimate if bundle.correction is not None else None
@@ -243,9 +242,9 @@ def explain(bundle: SiteBundle, data: Images, result: Inference, out: Path, k: i
     import torch
 
     from fedshift.client.explain import write_explanations
-    from fedshift.client.inference import _maybe_adapted
+    from fedshift.client.inference import adapted_for_inference
 
-    with _maybe_adapted(bundle.model, data.images, torch.device("cpu"), tta, bundle.reference):
+    with adapted_for_inference(bundle.model, data.images, torch.device("cpu"), tta, bundle.reference):
         paths = write_explanations(bundle.model, data.images, out, k, ids=data.ids, classes=result.predicted)
     return len(paths)
 
@@ -253,9 +252,13 @@ def explain(bundle: SiteBundle, data: Images, result: Inference, out: Path, k: i
 def run(args: argparse.Namespace) -> int:
     from fedshift.client.bundle import load_bundle
     from fedshift.client.explain import check_destination, check_k
-    from fedshift.client.training import configure_threads, resolve_device
+    from fedshift.client.training import device_for
     from fedshift.common.io import atomic_write_bytes
 
+    if Path(args.out).is_dir():
+        raise DataError(
+            f"Expected --out to be a CSV file, but {str(args.out)!r} is a directory; pass e.g. p.csv"
+        )
     prior_arg, threshold = args.prior, parse_threshold(args.threshold)
     if args.explain is not None:
         check_k(args.explain_k)
@@ -264,9 +267,7 @@ def run(args: argparse.Namespace) -> int:
     config = bundle.model_config
     prior = parse_prior(prior_arg, config.num_classes)
     data = read_images(args.images, args.split, config.image_size, config.num_classes, bundle.class_names)
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        configure_threads()
+    device = device_for(args.device)
     result = predict_bundle(bundle, data.images, device, prior=prior, tta=args.tta, threshold=threshold)
     table = predictions_csv(data, result)
     written = 0

@@ -150,6 +150,10 @@ def test_bad_inputs_end_in_one_line_and_leave_no_csv(
     empty.mkdir()
     code, _, err = _predict(capsys, *args, "--images", str(empty))
     one_line_error(code, err, str(empty), "found none")
+    # --out a directory: refused before any work
+    data = str(site_dir / "data.npz")
+    code, _, err = _predict(capsys, "--model", str(site_dir), "--out", str(empty), "--images", data)
+    one_line_error(code, err, str(empty), "is a directory")
     folder = tmp_path / "new-patients"
     for i in range(3):
         _write_png(folder / f"p{i}.png", i)
