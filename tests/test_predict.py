@@ -19,6 +19,7 @@ from fedshift.client.bundle import load_bundle
 from fedshift.common.cli import main
 from fedshift.common.data import Dataset, load_image_folder, load_npz, save_npz
 from fedshift.common.errors import DataError
+from fedshift.common.label_shift import correct_posteriors
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, FINAL_MODEL_QUERY, METRICS_KEY, NUM_SITES_KEY
 from fedshift.tests.helpers import call_client_app, one_line_error, site_run_config, write_site
@@ -203,11 +204,14 @@ def test_bad_inputs_end_in_one_line_and_leave_no_csv(
     ids, raw, _, _, _ = _read_csv(out)
     assert ids == ["p0.png", "p1.png", "p2.png"] and raw.shape == (3, 2)
     stored = load_bundle(site_dir).correction
-    assert stored is not None
-    if stored.estimate.fallback:  # no estimate stored either: no prior correction
-        assert "no prior correction" in printed
-    else:
-        assert "the site's stored estimate instead" in printed
+    assert stored is not None and not stored.estimate.fallback  # the site's test split gave an estimate
+    assert "the site's stored estimate instead" in printed
+    # ... and the corrected probabilities are the calibrated ones under that stored prior (Bayes' rule;
+    # log(raw) are the logits up to a constant, which the temperature-style calibration ignores)
+    assert stored.calibration.kind in ("ts", "bcts")
+    calibrated = stored.calibration.apply(np.log(raw))
+    expected = correct_posteriors(calibrated, stored.source_prior, stored.estimate.prior)
+    np.testing.assert_allclose(_read_csv(out)[2], expected, atol=1e-6)
 
 
 def test_evaluate_a_checkpoint_on_a_test_only_file(
