@@ -18,12 +18,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from flwr.common.constant import ErrorCode
 
 from fedshift.common.config import FederationConfig
+from fedshift.common.protocol import FINAL_MODEL_QUERY, NUM_SITES_KEY
 from fedshift.server.app import run_federation
 from fedshift.server.ask import ask_sites
 from fedshift.server.consolidation import FISHER_MESSAGE
 from fedshift.server.enrollment import SiteNames
 
-FINAL_MODEL_MESSAGE = f"{MessageType.QUERY}.final_model"
+FINAL_MODEL_MESSAGE = f"{MessageType.QUERY}.{FINAL_MODEL_QUERY}"
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -137,7 +138,7 @@ def test_the_reply_timeout_reaches_every_stage(tmp_path: Path) -> None:
         (MessageType.EVALUATE, {"split": "val", "server-round": 2}, 120.0),
         (FISHER_MESSAGE, {"server-round": 3}, 120.0),
         (MessageType.EVALUATE, {"split": "test", "server-round": 2}, 120.0),
-        (FINAL_MODEL_MESSAGE, {"server-round": 2, "num-sites": 2}, 120.0),
+        (FINAL_MODEL_MESSAGE, {"server-round": 2, NUM_SITES_KEY: 2}, 120.0),
     ]
     assert results["statistics"] == {"sites": 2, "train_prior": [0.75, 0.25], "align_dim": 2}
     assert results["consolidated"]["sites"] == ["site-1", "site-2"]
