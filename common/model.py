@@ -90,6 +90,13 @@ def _cached_backbone(name: str, weights: str) -> nn.Module:
 NORM_STATISTICS = ("running_mean", "running_var")
 
 
+def _copy_into(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the model's own tensors of the same names (checked by the caller)."""
+    with torch.no_grad():
+        for key, tensor in own.items():
+            tensor.copy_(state[key])
+
+
 def norm_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every layer that normalises with running statistics (BatchNorms, frozen-statistics norms), with its
     name, in registration order (the backbone's forward order)."""
@@ -233,9 +240,7 @@ class FedshiftModel(nn.Module):
                 f"Expected the site-local tensors {sorted(own)[:2]}..., but got {sorted(state)[:2]}...; "
                 "the site state was saved for another model configuration: move it away"
             )
-        with torch.no_grad():
-            for key, param in own.items():
-                param.copy_(state[key])
+        _copy_into(own, state)
 
     def _norm_buffers(self) -> dict[str, torch.Tensor]:
         return {
@@ -255,9 +260,7 @@ class FedshiftModel(nn.Module):
                 f"Expected the norm statistics of this model, but {bad[0]!r} does not fit; they were "
                 "saved for another model configuration"
             )
-        with torch.no_grad():
-            for key, buffer in own.items():
-                buffer.copy_(state[key])
+        _copy_into(own, state)
 
     def lora_parameters(self) -> list[nn.Parameter]:
         """The low-rank factors of every LoRA module (shared, trainable)."""

@@ -55,3 +55,17 @@ def call_client_app(app: Any, msg: Message, run_config: dict[str, Any]) -> Messa
         run_id=1, node_id=0, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config
     )
     return app(msg, context)  # type: ignore[no-any-return]
+
+
+def perturbed_model(image_size: int, seed: int, noise_seed: int) -> Any:
+    """A model whose shared and site-local tensors are all moved off their initial values (seeded)."""
+    import torch
+
+    from fedshift.common.model import ModelConfig, build_model
+
+    m = build_model(ModelConfig(image_size=image_size, seed=seed))
+    generator = torch.Generator().manual_seed(noise_seed)
+    with torch.no_grad():
+        for param in m.trainable_parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return m

@@ -26,16 +26,12 @@ from fedshift.common.adapters import backbone_stages
 from fedshift.common.data import make_synthetic_cxr, to_tensor
 from fedshift.common.errors import ConfigError
 from fedshift.common.model import FedshiftModel, ModelConfig, build_model
+from fedshift.tests.helpers import perturbed_model
 
 
 @pytest.fixture(scope="module")
 def model() -> FedshiftModel:
-    m = build_model(ModelConfig(image_size=64, seed=4))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in m.trainable_parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return m
+    return perturbed_model(64, seed=4, noise_seed=1)  # type: ignore[no-any-return]
 
 
 def _independent_cam(

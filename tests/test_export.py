@@ -20,7 +20,8 @@ from fedshift.common.cli import main
 from fedshift.common.data import make_synthetic_cxr
 from fedshift.common.errors import ConfigError
 from fedshift.common.label_shift import correct_posteriors
-from fedshift.common.model import FedshiftModel, ModelConfig, build_model
+from fedshift.common.model import FedshiftModel
+from fedshift.tests.helpers import perturbed_model
 from tests.helpers import one_line_error
 
 SOURCE, TARGET = np.array([0.7, 0.3]), np.array([0.35, 0.65])
@@ -49,13 +50,7 @@ np.save(sys.argv[3], out)
 
 @pytest.fixture(scope="module")
 def model() -> FedshiftModel:
-    """A model whose shared and site-local tensors are all moved off their initial values (seeded)."""
-    m = build_model(ModelConfig(image_size=64, seed=3))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in m.trainable_parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return m
+    return perturbed_model(64, seed=3, noise_seed=0)  # type: ignore[no-any-return]
 
 
 def _reference(model: FedshiftModel, images: np.ndarray) -> np.ndarray:
