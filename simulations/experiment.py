@@ -289,7 +289,8 @@ def _report(
         "unseen_sites": runs.unseen,
         "bundles": {  # every site's model bundle: the trained sites' (final-model stage), the unseen ones'
             name: str(bundle_path(spec.out_dir / "sites" / name))
-            for name in [*server.get("bundles", []), *runs.unseen]
+            for name in [s.spec.name for s in sites if s.spec.name in server.get("bundles", [])]
+            + [*runs.unseen]
         },
         "negative_transfer": runs.flags,
         "mean_test_auc": {

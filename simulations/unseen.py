@@ -6,7 +6,7 @@ the rounds. After the federation each one gets what the final-model stage sends 
 sites, built by the same function from the server's checkpoint
 (:func:`fedshift.server.app.final_model_content`), and joins as a new hospital would
 (:func:`fedshift.client.joining.join_site`): its own images without their labels (its train and val
-splits) adapt the norm statistics and give its prior estimate, and it writes its bundle. Only
+splits) adapt its stem's norm statistics and give its prior estimate, and it writes its bundle. Only
 here, to score it, are the labels of its test split read: once as received (no site-side
 correction) and once as ``fedshift predict`` on its bundle applies it (``--prior auto``).
 """
@@ -109,7 +109,7 @@ def join_unseen(
 
 
 def unseen_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Each unseen site's test metrics as received and with its own corrections (TTA, prior)."""
+    """Each unseen site's test metrics as received and with its own corrections (stem statistics, prior)."""
     header = [
         "site",
         "scanner",
