@@ -82,23 +82,43 @@ def read_images(
     are the model's ``class_names`` by name, or (``None``) its classes in sorted order.
     """
     from fedshift.common import data as loaders
+    from fedshift.common import image_folders as folders
 
     p = Path(path)
     if p.is_dir() and not any(c.is_dir() and not c.name.startswith(".") for c in p.iterdir()):
-        images, files = loaders.load_unlabeled_folder(p, image_size)  # no class folders: no labels
-        return Images(images, files, None, class_names or loaders._default_class_names(num_classes))
+        images, files = folders.load_unlabeled_folder(p, image_size)  # no class folders: no labels
+        return Images(images, files, None, class_names or loaders.default_class_names(num_classes))
+    if p.suffix.lower() == ".npz" and not p.is_dir():  # labels optional, any classes
+        return _npz_images(p, split, num_classes, class_names)
     dataset = loaders.load_dataset(p, image_size=image_size, require=split)
     if p.is_dir() and split not in dataset.splits:  # root/<class>/ images: one split, whatever its name
         split = next(iter(dataset.splits))
     data = dataset.split(split)
     if not len(data):
         raise DataError(f"Expected images in split '{split}' of {p}, but it has none; pass another --split")
-    if not p.is_dir():
-        ids = [f"{split}:{i}" for i in range(len(data))]
-        return Images(data.images, ids, data.labels, dataset.class_names)
-    ids = [f.relative_to(p).as_posix() for f in loaders.image_folder_files(p, require=split)[split]]
+    ids = [f.relative_to(p).as_posix() for f in folders.image_folder_files(p, require=split)[split]]
     labels = _model_labels(data.labels, dataset.class_names, class_names, num_classes, p)
     return Images(data.images, ids, labels, class_names or dataset.class_names)
+
+
+def _npz_images(path: Path, split: str, num_classes: int, class_names: tuple[str, ...] | None) -> Images:
+    """One split of an ``.npz``: its images, ids ``<split>:<i>`` and its labels if it stores them."""
+    from fedshift.common.data import default_class_names, load_npz_split
+
+    images, labels, stored = load_npz_split(path, split)
+    if not len(images):
+        raise DataError(
+            f"Expected images in split '{split}' of {path}, but it has none; pass another --split"
+        )
+    if labels is not None and len(labels) and int(labels.max()) >= num_classes:
+        raise DataError(
+            f"Expected labels below {num_classes} (the model's classes) in split '{split}' of {path}, but "
+            f"got {int(labels.max())}; predict with the model these labels belong to"
+        )
+    if stored is not None and len(stored) < num_classes:
+        stored = None
+    names = (class_names or stored or default_class_names(num_classes))[:num_classes]
+    return Images(images, [f"{split}:{i}" for i in range(len(images))], labels, tuple(names))
 
 
 def _model_labels(

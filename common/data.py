@@ -27,10 +27,9 @@ logger = logging.getLogger(__name__)
 
 CLASS_NAMES_BINARY = ("normal", "abnormal")
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 SYNTHETIC_SOURCE = "synthetic-cxr"
 
-_FIX_DATA = "pass --data with an existing .npz or image folder"
+FIX_DATA = "pass --data with an existing .npz or image folder"
 
 
 @dataclass(frozen=True, eq=False)
@@ -215,19 +214,64 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         ) from exc
 
 
-def _default_class_names(num_classes: int) -> tuple[str, ...]:
+def default_class_names(num_classes: int) -> tuple[str, ...]:
     if num_classes == 2:
         return CLASS_NAMES_BINARY
     return tuple(f"class-{i}" for i in range(num_classes))
 
 
-def _check_two_classes(splits: dict[str, ImageSet], where: str) -> None:
+def check_two_classes(splits: dict[str, ImageSet], where: str) -> None:
     present = np.unique(np.concatenate([s.labels for s in splits.values()]))
     if present.size < 2:
         raise DataError(
             f"Expected at least 2 classes in {where}, but found {present.size} "
             f"({present.tolist()}); a classifier needs examples of every class"
         )
+
+
+def _npz_split(
+    arrays: dict[str, np.ndarray], s: str, path: Path, *, labelled: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Split ``s``'s images and labels (``None`` when not stored and not ``labelled``), checked."""
+    ikey, lkey = f"{s}_images", f"{s}_labels"
+    if ikey not in arrays or (labelled and lkey not in arrays):
+        missing = ikey if ikey not in arrays else lkey
+        raise DataError(
+            f"Expected both '{ikey}' and '{lkey}' in {path}, but '{missing}' is missing; "
+            "save images and labels together"
+        )
+    images = _as_gray_uint8(arrays[ikey], ikey, path)
+    if lkey not in arrays:
+        return images, None
+    labels = _as_labels(arrays[lkey], lkey, path)
+    if len(images) != len(labels):
+        raise DataError(
+            f"Expected as many labels as images in split '{s}' of {path}, but got "
+            f"{len(images)} images and {len(labels)} labels; re-export the split"
+        )
+    return images, labels
+
+
+def load_npz_split(
+    path: str | Path, split: str
+) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
+    """One split of an ``.npz`` to predict on: its images, its labels if stored (else ``None``) and the
+    stored class names (else ``None``). Unlike :func:`load_npz` it needs neither labels nor two classes:
+    new patients' images may have neither."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"No such data file: {path}; {FIX_DATA}")
+    arrays = _read_npz(path)
+    if f"{split}_images" not in arrays:
+        have = [s for s in SPLITS if f"{s}_images" in arrays]
+        raise DataError(
+            f"Expected a '{split}' split ('{split}_images') in {path}, but it has {have}; pass one as --split"
+        )
+    images, labels = _npz_split(arrays, split, path, labelled=False)
+    names = (
+        tuple(str(n) for n in np.asarray(arrays["class_names"]).ravel()) if "class_names" in arrays else None
+    )
+    return images, labels, names
 
 
 def load_npz(path: str | Path, require: str = "train") -> Dataset:
@@ -237,10 +281,10 @@ def load_npz(path: str | Path, require: str = "train") -> Dataset:
     if path.is_dir():
         raise DataError(
             f"Expected {path} to be an .npz file, but it is a directory; "
-            "use load_image_folder (or load_dataset) for image folders"
+            "use fedshift.common.image_folders (or load_dataset) for image folders"
         )
     if not path.is_file():
-        raise DataError(f"No such data file: {path}; {_FIX_DATA}")
+        raise DataError(f"No such data file: {path}; {FIX_DATA}")
     arrays = _read_npz(path)
     found = [s for s in SPLITS if f"{s}_images" in arrays or f"{s}_labels" in arrays]
     if not found:
@@ -251,27 +295,15 @@ def load_npz(path: str | Path, require: str = "train") -> Dataset:
         )
     splits: dict[str, ImageSet] = {}
     for s in found:
-        ikey, lkey = f"{s}_images", f"{s}_labels"
-        if ikey not in arrays or lkey not in arrays:
-            missing = ikey if ikey not in arrays else lkey
-            raise DataError(
-                f"Expected both '{ikey}' and '{lkey}' in {path}, but '{missing}' is missing; "
-                "save images and labels together"
-            )
-        images = _as_gray_uint8(arrays[ikey], ikey, path)
-        labels = _as_labels(arrays[lkey], lkey, path)
-        if len(images) != len(labels):
-            raise DataError(
-                f"Expected as many labels as images in split '{s}' of {path}, but got "
-                f"{len(images)} images and {len(labels)} labels; re-export the split"
-            )
+        images, labels = _npz_split(arrays, s, path, labelled=True)
+        assert labels is not None
         splits[s] = ImageSet(images=images, labels=labels)
     if require not in splits:
         raise DataError(
             f"Expected a '{require}' split in {path}, but it has only {sorted(splits)}; "
             f"add {require}_images and {require}_labels"
         )
-    _check_two_classes(splits, str(path))
+    check_two_classes(splits, str(path))
     num_classes = max(int(s.labels.max()) for s in splits.values() if len(s)) + 1
     if "class_names" in arrays:
         names = tuple(str(n) for n in np.asarray(arrays["class_names"]).ravel())
@@ -281,7 +313,7 @@ def load_npz(path: str | Path, require: str = "train") -> Dataset:
                 f"{len(names)} ({list(names)}); store one name per class"
             )
     else:
-        names = _default_class_names(num_classes)
+        names = default_class_names(num_classes)
     synthetic = bool(np.asarray(arrays["synthetic"]).item()) if "synthetic" in arrays else False
     logger.info("Loaded %s: %s", path, {k: len(v) for k, v in splits.items()})
     return Dataset(splits=splits, class_names=names, source=str(path), synthetic=synthetic)
@@ -304,115 +336,6 @@ def save_npz(path: str | Path, dataset: Dataset) -> None:
     np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
     atomic_write_bytes(path, buffer.getvalue())
     logger.info("Saved %s (%s)", path, {k: len(v) for k, v in dataset.splits.items()})
-
-
-# ------------------------------------------------------------------ image folders
-
-
-def _subdirs(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _image_files(path: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in path.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-
-
-def _read_image(path: Path, image_size: int) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            gray = im.convert("L").resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(gray, dtype=np.uint8)
-    except (OSError, ValueError) as exc:
-        raise DataError(
-            f"Expected {path} to be a readable PNG/JPEG image, but it cannot be decoded ({exc}); "
-            "remove or replace the file"
-        ) from exc
-
-
-def _folder_listing(root: Path, require: str) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, int]]]]:
-    """Class names (sorted class folder names) and, per split, its image files with their class indices."""
-    if not root.is_dir():
-        raise DataError(f"Expected {root} to be a directory of class folders, but it is not; {_FIX_DATA}")
-    top = _subdirs(root)
-    split_layout = bool(top) and {p.name for p in top} <= set(SPLITS)
-    layout = {p.name: p for p in top} if split_layout else {"train": root}
-    class_dirs = {s: _subdirs(d) for s, d in layout.items()}
-    class_names = tuple(sorted({c.name for dirs in class_dirs.values() for c in dirs}))
-    if len(class_names) < 2:
-        where = " ".join(str(d) for d in layout.values())
-        raise DataError(
-            f"Expected at least 2 class folders in {where}, but found {len(class_names)} "
-            f"({', '.join(repr(c) for c in class_names) or 'none'}); put each class's images "
-            "in its own subfolder, e.g. normal/ and abnormal/"
-        )
-    if split_layout and require not in layout:
-        raise DataError(
-            f"Expected a '{require}' folder in {root}, but it has only {sorted(layout)}; "
-            f"add root/{require}/<class>/ images"
-        )
-    listing: dict[str, list[tuple[Path, int]]] = {}
-    for s in (s for s in SPLITS if s in class_dirs):
-        listing[s] = []
-        for cdir in class_dirs[s]:
-            files = _image_files(cdir)
-            if not files:
-                logger.warning("Class folder %s has no .png/.jpg/.jpeg images", cdir)
-            listing[s].extend((f, class_names.index(cdir.name)) for f in files)
-    return class_names, listing
-
-
-def image_folder_files(path: str | Path, require: str = "train") -> dict[str, list[Path]]:
-    """Per split, the image files :func:`load_image_folder` reads, in the order of its images."""
-    _, listing = _folder_listing(Path(path), require)
-    return {s: [f for f, _ in files] for s, files in listing.items()}
-
-
-def load_image_folder(path: str | Path, image_size: int = 64, require: str = "train") -> Dataset:
-    """Read ``root/<class>/*.png`` (all into "train") or ``root/<split>/<class>/*.png``.
-
-    Class names are the sorted class folder names; images become grayscale
-    ``image_size`` x ``image_size`` (PIL bilinear). :func:`image_folder_files` names their files.
-    """
-    root = Path(path)
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(
-            f"Expected image_size to be a positive integer, but got {image_size!r}; pass e.g. 64"
-        )
-    class_names, listing = _folder_listing(root, require)
-    splits: dict[str, ImageSet] = {}
-    for s, files in listing.items():
-        images = [_read_image(f, image_size) for f, _ in files]
-        stack = np.stack(images) if images else np.zeros((0, image_size, image_size), np.uint8)
-        splits[s] = ImageSet(images=stack, labels=np.asarray([c for _, c in files], dtype=np.int64))
-    if sum(len(v) for v in splits.values()) == 0:
-        raise DataError(
-            f"Expected .png/.jpg/.jpeg images in the class folders of {root}, but found none; "
-            "check the path and file extensions"
-        )
-    _check_two_classes(splits, str(root))
-    logger.info("Loaded %s: %s, classes %s", root, {k: len(v) for k, v in splits.items()}, class_names)
-    return Dataset(splits=splits, class_names=class_names, source=str(root), synthetic=False)
-
-
-def load_unlabeled_folder(path: str | Path, image_size: int = 64) -> tuple[np.ndarray, list[str]]:
-    """The images directly in ``path`` (no labels), grayscale ``image_size`` squared, and their file names."""
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"Expected {root} to be a folder of images, but it is not; {_FIX_DATA}")
-    files = _image_files(root)
-    if not files:
-        raise DataError(
-            f"Expected .png/.jpg/.jpeg images in {root}, but found none; check the path and file extensions"
-        )
-    images = np.stack([_read_image(f, image_size) for f in files])
-    logger.info("Loaded %d unlabeled images from %s", len(files), root)
-    return images, [f.name for f in files]
 
 
 # ------------------------------------------------------------------ synthetic CXR
@@ -460,14 +383,16 @@ def load_dataset(
         return make_synthetic_cxr(synthetic_n, 0.5, size=28, seed=seed)
     p = Path(path)
     if p.is_dir():
+        from fedshift.common.image_folders import load_image_folder
+
         return load_image_folder(p, image_size=image_size, require=require)
     if not p.exists():
-        raise DataError(f"No such data file: {p}; {_FIX_DATA}")
+        raise DataError(f"No such data file: {p}; {FIX_DATA}")
     if p.suffix.lower() == ".npz":
         return load_npz(p, require=require)
     raise DataError(
         f"Expected --data to be an .npz file or an image folder, but got {p} "
-        f"(suffix '{p.suffix}'); {_FIX_DATA}"
+        f"(suffix '{p.suffix}'); {FIX_DATA}"
     )
 
 

@@ -16,13 +16,13 @@ from fedshift.common.data import (
     Dataset,
     ImageSet,
     load_dataset,
-    load_image_folder,
     load_npz,
     make_synthetic_cxr,
     save_npz,
     to_tensor,
 )
 from fedshift.common.errors import ConfigError, DataError
+from fedshift.common.image_folders import load_image_folder
 
 PNEUMONIA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pneumoniamnist.npz"
 

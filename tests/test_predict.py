@@ -10,15 +10,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from PIL import Image
 from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 
 from fedshift.client.app import make_client_app
 from fedshift.client.bundle import load_bundle
+from fedshift.client.inference import predict_logits, softmax
 from fedshift.common.cli import main
-from fedshift.common.data import Dataset, load_image_folder, load_npz, save_npz
+from fedshift.common.data import Dataset, load_npz, save_npz
 from fedshift.common.errors import DataError
+from fedshift.common.image_folders import load_image_folder
 from fedshift.common.label_shift import correct_posteriors
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, FINAL_MODEL_QUERY, METRICS_KEY, NUM_SITES_KEY
@@ -212,6 +215,33 @@ def test_bad_inputs_end_in_one_line_and_leave_no_csv(
     calibrated = stored.calibration.apply(np.log(raw))
     expected = correct_posteriors(calibrated, stored.source_prior, stored.estimate.prior)
     np.testing.assert_allclose(_read_csv(out)[2], expected, atol=1e-6)
+
+
+def test_an_npz_of_new_patients_needs_no_labels_and_may_hold_one_class(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site_dir, _ = _federated_site(tmp_path)
+    test = load_npz(site_dir / "data.npz").split("test")
+    out = tmp_path / "p.csv"
+    unlabelled = tmp_path / "new.npz"
+    np.savez(unlabelled, test_images=test.images[:10])  # images only, as a scanner export might be
+    code, printed, _ = _predict(
+        capsys, "--model", str(site_dir), "--images", str(unlabelled), "--out", str(out)
+    )
+    ids, raw, _, _, _ = _read_csv(out)
+    assert code == 0 and ids == [f"test:{i}" for i in range(10)] and "auc" not in printed.lower()
+    bundle = load_bundle(site_dir)
+    expected = softmax(predict_logits(bundle.model, test.images[:10], torch.device("cpu")))
+    np.testing.assert_allclose(raw, expected, atol=1e-12)
+    normals = tmp_path / "normals.npz"  # every image of one class: labels kept, no class-count refusal
+    keep = test.labels == 0
+    np.savez(normals, test_images=test.images[keep], test_labels=test.labels[keep])
+    code, printed, _ = _predict(capsys, "--model", str(site_dir), "--images", str(normals), "--out", str(out))
+    assert code == 0 and len(_read_csv(out)[0]) == int(keep.sum()) and "accuracy" in printed
+    code, _, err = _predict(
+        capsys, "--model", str(site_dir), "--images", str(unlabelled), "--split", "val", "--out", str(out)
+    )
+    one_line_error(code, err, "'val' split", "['test']")
 
 
 def test_evaluate_a_checkpoint_on_a_test_only_file(
