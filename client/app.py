@@ -89,7 +89,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
         """The statistics stage (DP label counts and feature moments; the global statistics)."""
         if ARRAYS_KEY in msg.content.array_records:  # the release stage: features of the global model
             fed, site, model = _prepare(msg, settings(context))
-            _device(site)
+            device_for(site.device)
             return handle_statistics(msg, fed, site, model)
         fed, site = settings(context)
         return handle_statistics(msg, fed, site, None)
@@ -110,7 +110,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
 def train(msg: Message, fed: FederationConfig, site: SiteSettings, model: FedshiftModel) -> Message:
     """One training round: planned and charged, trained, the shared adapters sent (or a refusal)."""
     server_round = round_of(msg)
-    device = _device(site)
+    device = device_for(site.device)
     # progressive unfreezing: only the levels this round opens train (all of them when off)
     model.freeze_for_training(fed.train.trainable_depth(server_round))
     try:
@@ -153,7 +153,7 @@ def evaluate_split(msg: Message, fed: FederationConfig, site: SiteSettings, mode
     split = split_of(msg)  # one of the site's eval-splits: the egress guard refused any other
     dataset = load_site_data(site)
     data = dataset.split(split)
-    device = _device(site)
+    device = device_for(site.device)
     shift = fed.shift
     if (shift.correction or shift.tta) and split != SPLIT_VAL and SPLIT_VAL in dataset.splits:
         result = _shift_corrected(msg, fed, site, model, dataset, split, device)
@@ -251,12 +251,6 @@ def _policy(fed: FederationConfig, site: SiteSettings) -> EgressPolicy:
         eval_splits=site.eval_splits,
         num_rounds=fed.num_rounds,
     )
-
-
-def _device(site: SiteSettings) -> torch.device:
-    """The site's device; on the CPU, torch's thread count set for it first."""
-    device = device_for(site.device)
-    return device
 
 
 app = make_client_app()
