@@ -29,7 +29,8 @@ CLASS_NAMES_BINARY = ("normal", "abnormal")
 SPLITS = ("train", "val", "test")
 SYNTHETIC_SOURCE = "synthetic-cxr"
 
-FIX_DATA = "pass --data with an existing .npz or image folder"
+FIX_DATA = "pass --data with an existing .npz, .csv/.tsv manifest or image folder"
+MANIFEST_SUFFIXES = frozenset({".csv", ".tsv"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,6 +39,7 @@ class ImageSet:
 
     images: np.ndarray  # (N, H, W) uint8 grayscale
     labels: np.ndarray  # (N,) int64 class indices 0..C-1
+    patients: np.ndarray | None = None  # (N,) str patient ids (a manifest's); None: each image its own
 
     def __post_init__(self) -> None:
         if self.images.ndim != 3 or self.images.dtype != np.uint8:
@@ -56,6 +58,11 @@ class ImageSet:
                 f"Expected as many labels as images, but got {len(self.images)} images and "
                 f"{len(self.labels)} labels; give every image exactly one label"
             )
+        if self.patients is not None and self.patients.shape != self.labels.shape:
+            raise DataError(
+                f"Expected one patient id per image, but got {self.patients.shape} ids for "
+                f"{len(self.labels)} images; pass patients=None when the images have no patient ids"
+            )
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -67,7 +74,8 @@ class ImageSet:
     def subset(self, idx: np.ndarray) -> ImageSet:
         """The images at ``idx`` (integer indices or a boolean mask), as copies."""
         idx = np.asarray(idx)
-        return ImageSet(images=self.images[idx].copy(), labels=self.labels[idx].copy())
+        patients = None if self.patients is None else self.patients[idx].copy()
+        return ImageSet(images=self.images[idx].copy(), labels=self.labels[idx].copy(), patients=patients)
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,9 +132,11 @@ class Dataset:
     def pooled(self) -> ImageSet:
         """All splits concatenated, in train, val, test order."""
         parts = [self.splits[s] for s in SPLITS if s in self.splits]
+        ids = [p.patients for p in parts]
         return ImageSet(
             images=np.concatenate([p.images for p in parts]),
             labels=np.concatenate([p.labels for p in parts]),
+            patients=None if any(i is None for i in ids) else np.concatenate(ids),  # type: ignore[arg-type]
         )
 
 
@@ -376,9 +386,11 @@ def load_dataset(
     seed: int = 0,
     image_size: int = 64,
     require: str = "train",
+    state_dir: Path | None = None,
 ) -> Dataset:
-    """``None`` -> synthetic data; a ``.npz`` file -> :func:`load_npz`; a folder -> images; either must hold
-    the split ``require``."""
+    """``None`` -> synthetic data; a ``.npz`` file -> :func:`load_npz`; a folder -> images; a ``.csv`` or
+    ``.tsv`` manifest -> :func:`fedshift.common.manifest.load_manifest` (its split saved in and its decode
+    cache under ``state_dir`` when given); each must hold the split ``require``."""
     if path is None:
         return make_synthetic_cxr(synthetic_n, 0.5, size=28, seed=seed)
     p = Path(path)
@@ -390,8 +402,12 @@ def load_dataset(
         raise DataError(f"No such data file: {p}; {FIX_DATA}")
     if p.suffix.lower() == ".npz":
         return load_npz(p, require=require)
+    if p.suffix.lower() in MANIFEST_SUFFIXES:
+        from fedshift.common.manifest import load_manifest
+
+        return load_manifest(p, image_size=image_size, state_dir=state_dir, seed=seed, require=require)
     raise DataError(
-        f"Expected --data to be an .npz file or an image folder, but got {p} "
+        f"Expected --data to be an .npz file, a .csv/.tsv manifest or an image folder, but got {p} "
         f"(suffix '{p.suffix}'); {FIX_DATA}"
     )
 
