@@ -183,7 +183,7 @@ def test_npz_corrupt_missing_and_wrong_keys(tmp_path: Path) -> None:
 
 
 def test_load_dataset_dispatch(tmp_path: Path) -> None:
-    other = tmp_path / "data.csv"
+    other = tmp_path / "data.txt"
     other.write_text("a,b\n")
     with pytest.raises(DataError, match=r"suffix '\.csv'"):
         load_dataset(other)
