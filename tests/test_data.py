@@ -185,7 +185,7 @@ def test_npz_corrupt_missing_and_wrong_keys(tmp_path: Path) -> None:
 def test_load_dataset_dispatch(tmp_path: Path) -> None:
     other = tmp_path / "data.txt"
     other.write_text("a,b\n")
-    with pytest.raises(DataError, match=r"suffix '\.csv'"):
+    with pytest.raises(DataError, match=r"suffix '\.txt'"):
         load_dataset(other)
     syn = load_dataset(None, synthetic_n=30, seed=3)
     assert syn.synthetic and len(syn.split("train")) == 30
