@@ -19,7 +19,7 @@ import torch
 
 from fedshift.client.integrity import bind_key
 from fedshift.common.config import RELEASE_PRIVACY_KEYS, FederationConfig, PrivacyConfig
-from fedshift.common.data import Dataset, load_npz
+from fedshift.common.data import Dataset, load_dataset
 from fedshift.common.errors import ConfigError, PrivacyError
 from fedshift.common.io import atomic_write_bytes
 from fedshift.common.settings import Setting, check_known
@@ -38,7 +38,12 @@ EVAL_SPLITS = ("val", "test")
 NODE_SETTINGS: dict[str, Setting] = {
     s.key: s
     for s in (
-        Setting("data-path", str, "", "deployment: the site's MedMNIST-layout .npz (train/val/test splits)"),
+        Setting(
+            "data-path",
+            str,
+            "",
+            "deployment: the site's MedMNIST-layout .npz (train/val/test splits) or .csv/.tsv manifest",
+        ),
         Setting(
             "state-dir", str, "", "site-local state (input adapter, ledger, egress log); default: beside data"
         ),
@@ -100,7 +105,7 @@ class SiteSettings:
     """One hospital's local facts."""
 
     name: str  # display name in reports
-    data_path: Path  # MedMNIST-layout .npz with train/val/test splits
+    data_path: Path  # MedMNIST-layout .npz with train/val/test splits, or a .csv/.tsv manifest
     state_dir: Path  # site-local state (input adapter, privacy ledger, egress log)
     device: str  # auto, cpu or cuda:N
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # DP-SGD and the site's budget
@@ -108,6 +113,7 @@ class SiteSettings:
     eval_splits: frozenset[str] = frozenset(EVAL_SPLITS)  # splits the server may have evaluated
     # the site's own privacy of its other DP releases (RELEASE_PRIVACY_KEYS), over the run config's
     releases: tuple[tuple[str, Any], ...] = ()
+    image_size: int = 64  # the side a manifest's images are decoded to (the run's image-size)
 
     def federation(self, fed: FederationConfig) -> FederationConfig:
         """``fed`` with this site's own release privacy (Fisher, label counts, moments) applied."""
@@ -139,14 +145,17 @@ class SiteSettings:
             if "integrity-key" in node_config:  # the ledger's and egress log's key, outside state_dir
                 bind_key(state_dir, Path(str(node_config["integrity-key"])))
             privacy, releases = deployed_privacy(node_config, fed, name)
-            return cls(name, data_path, state_dir, device, privacy, egress, splits, releases)
+            size = fed.model.image_size
+            return cls(name, data_path, state_dir, device, privacy, egress, splits, releases, size)
         if "partition-id" in node_config and fed.sites_root:
             name = f"site-{int(node_config['partition-id'])}"
             site_dir = Path(fed.sites_root) / name
             privacy = fed.privacy.with_values(node_config, NODE_CONFIG)
             own = tuple((k, node_config[k]) for k in RELEASE_PRIVACY_KEYS if k in node_config)  # site.toml
             fed.with_release_privacy(dict(own), NODE_CONFIG)  # checked here: bad values are refused at once
-            return cls(name, site_dir / SITE_DATA_FILE, site_dir, device, privacy, egress, splits, own)
+            data_path = site_dir / SITE_DATA_FILE
+            size = fed.model.image_size
+            return cls(name, data_path, site_dir, device, privacy, egress, splits, own, size)
         raise ConfigError(
             "Expected the node config to set 'data-path' (deployment) or the run config to set "
             "'sites-root' (simulation), but neither is set; pass "
@@ -204,15 +213,16 @@ def _warn_ignored(site: str, ignored: tuple[tuple[str, Any], ...]) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(path: str, mtime_ns: int) -> Dataset:
-    return load_npz(path)
+def _load_cached(path: str, mtime_ns: int, state_dir: str, image_size: int) -> Dataset:
+    return load_dataset(Path(path), image_size=image_size, state_dir=Path(state_dir))
 
 
 def load_site_data(settings: SiteSettings) -> Dataset:
-    """The site's dataset, read once per process (re-read when the file changes)."""
+    """The site's dataset (an ``.npz``, or a manifest: its patient-level split kept and its images decoded
+    once under the state dir), read once per process (re-read when the file changes)."""
     path = settings.data_path
     mtime = path.stat().st_mtime_ns if path.exists() else 0
-    return _load_cached(str(path), mtime)
+    return _load_cached(str(path), mtime, str(settings.state_dir), settings.image_size)
 
 
 def load_local_state(state_dir: Path) -> dict[str, torch.Tensor] | None:

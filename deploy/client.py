@@ -43,9 +43,9 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from fedshift.client.egress import chain_legacy_egress_log
 from fedshift.client.integrity import for_state_dir
 from fedshift.client.ledger import chain_legacy_ledger, open_ledger, verify_site
-from fedshift.client.site import SiteSettings
+from fedshift.client.site import SiteSettings, load_site_data
 from fedshift.common.config import FederationConfig
-from fedshift.common.data import Dataset, load_npz
+from fedshift.common.data import Dataset
 from fedshift.common.errors import ConfigError, FedshiftError
 from fedshift.common.privacy import check_budget
 from fedshift.deploy.flwr_cli import executable, flower_env
@@ -79,11 +79,11 @@ def check_site(settings: ClientSettings) -> SiteCheck:
     """Everything that can be checked before connecting; :class:`ConfigError` naming key and fix."""
     path = settings.path
     _check_connection_files(settings, path)
-    dataset = _check_site_data(settings.data_path, path)
     try:
         site = SiteSettings.from_node_config(settings.node_config, FederationConfig())
     except FedshiftError as exc:
         raise ConfigError(f"[site] in {path}: {exc}") from None
+    dataset = _check_site_data(site, path)
     n_train = len(dataset.splits["train"])
     privacy = site.privacy
     _check_privacy(site, n_train, path)
@@ -110,23 +110,26 @@ def _check_connection_files(settings: ClientSettings, path: Path) -> None:
         _check_private_key(settings.private_key, path)
 
 
-def _check_site_data(data_path: Path, path: Path) -> Dataset:
-    """The site's ``.npz``, readable and holding every required split."""
+def _check_site_data(site: SiteSettings, path: Path) -> Dataset:
+    """The site's data (an ``.npz`` or a manifest: every file decoded, its split made at patient level and
+    kept in the state dir), readable and holding every required split."""
+    data_path = site.data_path
     if not os.access(data_path, os.R_OK) or not data_path.is_file():
         raise ConfigError(
-            f"Expected [site] data-path in {path} to be a readable .npz file, but {data_path} "
-            f"{'does not exist' if not data_path.exists() else 'cannot be read'}; fix the path or its "
-            "permissions (the daemon's user must read it)"
+            f"Expected [site] data-path in {path} to be a readable .npz file or .csv/.tsv manifest, but "
+            f"{data_path} {'does not exist' if not data_path.exists() else 'cannot be read'}; fix the path "
+            "or its permissions (the daemon's user must read it)"
         )
     try:
-        dataset = load_npz(data_path)
+        dataset = load_site_data(site)
     except FedshiftError as exc:
         raise ConfigError(f"[site] data-path in {path}: {exc}") from None
     missing = [s for s in REQUIRED_SPLITS if s not in dataset.splits or len(dataset.splits[s]) == 0]
     if missing:
         raise ConfigError(
             f"Expected [site] data-path {data_path} to hold the splits {list(REQUIRED_SPLITS)}, but "
-            f"{missing} are missing or empty; add <split>_images and <split>_labels"
+            f"{missing} are missing or empty; add <split>_images and <split>_labels (a manifest: rows "
+            "whose split column names them, or more patients)"
         )
     return dataset
 
