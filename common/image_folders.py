@@ -1,7 +1,8 @@
 """Image folders: ``root/<class>/*.png`` or ``root/<split>/<class>/*.png`` (labelled), or images alone.
 
-Images become grayscale ``image_size`` x ``image_size`` (PIL bilinear); the class names are the sorted
-class folder names. :func:`image_folder_files` names the files in the order of the images.
+Images (PNG, JPEG, TIFF, DICOM) are read by :func:`fedshift.common.image_files.read_image`: grey or
+colour, ``image_size`` x ``image_size`` (PIL bilinear); the class names are the sorted class folder names.
+:func:`image_folder_files` names the files in the order of the images.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import numpy as np
 
 from fedshift.common.data import FIX_DATA, SPLITS, Dataset, ImageSet, check_two_classes
 from fedshift.common.errors import ConfigError, DataError
+from fedshift.common.image_files import KINDS, is_image_file, read_image, stack_images
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 
 
 def _subdirs(path: Path) -> list[Path]:
@@ -25,24 +25,8 @@ def _subdirs(path: Path) -> list[Path]:
 
 def _image_files(path: Path) -> list[Path]:
     return sorted(
-        p
-        for p in path.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and is_image_file(p)
     )
-
-
-def _read_image(path: Path, image_size: int) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            gray = im.convert("L").resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(gray, dtype=np.uint8)
-    except (OSError, ValueError) as exc:
-        raise DataError(
-            f"Expected {path} to be a readable PNG/JPEG image, but it cannot be decoded ({exc}); "
-            "remove or replace the file"
-        ) from exc
 
 
 def _folder_listing(root: Path, require: str) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, int]]]]:
@@ -72,7 +56,7 @@ def _folder_listing(root: Path, require: str) -> tuple[tuple[str, ...], dict[str
         for cdir in class_dirs[s]:
             files = _image_files(cdir)
             if not files:
-                logger.warning("Class folder %s has no .png/.jpg/.jpeg images", cdir)
+                logger.warning("Class folder %s has no %s images", cdir, KINDS)
             listing[s].extend((f, class_names.index(cdir.name)) for f in files)
     return class_names, listing
 
@@ -86,8 +70,9 @@ def image_folder_files(path: str | Path, require: str = "train") -> dict[str, li
 def load_image_folder(path: str | Path, image_size: int = 64, require: str = "train") -> Dataset:
     """Read ``root/<class>/*.png`` (all into "train") or ``root/<split>/<class>/*.png``.
 
-    Class names are the sorted class folder names; images become grayscale
-    ``image_size`` x ``image_size`` (PIL bilinear). :func:`image_folder_files` names their files.
+    Class names are the sorted class folder names; images are read by
+    :func:`~fedshift.common.image_files.read_image` (grey or colour, ``image_size`` squared).
+    :func:`image_folder_files` names their files.
     """
     root = Path(path)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
@@ -97,12 +82,12 @@ def load_image_folder(path: str | Path, image_size: int = 64, require: str = "tr
     class_names, listing = _folder_listing(root, require)
     splits: dict[str, ImageSet] = {}
     for s, files in listing.items():
-        images = [_read_image(f, image_size) for f, _ in files]
-        stack = np.stack(images) if images else np.zeros((0, image_size, image_size), np.uint8)
+        images = [read_image(f, image_size) for f, _ in files]
+        stack = stack_images(images, [f for f, _ in files], image_size)
         splits[s] = ImageSet(images=stack, labels=np.asarray([c for _, c in files], dtype=np.int64))
     if sum(len(v) for v in splits.values()) == 0:
         raise DataError(
-            f"Expected .png/.jpg/.jpeg images in the class folders of {root}, but found none; "
+            f"Expected {KINDS} images in the class folders of {root}, but found none; "
             "check the path and file extensions"
         )
     check_two_classes(splits, str(root))
@@ -111,15 +96,15 @@ def load_image_folder(path: str | Path, image_size: int = 64, require: str = "tr
 
 
 def load_unlabeled_folder(path: str | Path, image_size: int = 64) -> tuple[np.ndarray, list[str]]:
-    """The images directly in ``path`` (no labels), grayscale ``image_size`` squared, and their file names."""
+    """The images directly in ``path`` (no labels), ``image_size`` squared, and their file names."""
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"Expected {root} to be a folder of images, but it is not; {FIX_DATA}")
     files = _image_files(root)
     if not files:
         raise DataError(
-            f"Expected .png/.jpg/.jpeg images in {root}, but found none; check the path and file extensions"
+            f"Expected {KINDS} images in {root}, but found none; check the path and file extensions"
         )
-    images = np.stack([_read_image(f, image_size) for f in files])
+    images = stack_images([read_image(f, image_size) for f in files], files, image_size)
     logger.info("Loaded %d unlabeled images from %s", len(files), root)
     return images, [f.name for f in files]

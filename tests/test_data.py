@@ -197,7 +197,7 @@ def test_load_dataset_dispatch(tmp_path: Path) -> None:
 
 def test_image_folder_two_classes(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    rgb = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    rgb = np.repeat(rng.integers(0, 256, size=(20, 30, 1), dtype=np.uint8), 3, axis=2)  # grey as RGB
     _write_png(tmp_path / "normal" / "a.png", rgb)
     _write_png(tmp_path / "normal" / "b.png", np.full((10, 10), 7, np.uint8))
     for i in range(3):

@@ -1,0 +1,335 @@
+"""DICOM display pixels: one file (one frame) to ``uint8`` grey ``(H, W)`` or RGB ``(H, W, 3)``.
+
+Grey-scale (MONOCHROME1/2) follows DICOM PS3.3 C.11: the modality LUT (Rescale Slope/Intercept or a
+Modality LUT Sequence), then the VOI: a VOI LUT Sequence, else Window Center/Width (the first value
+when there are several) with the VOI LUT Function LINEAR (default), LINEAR_EXACT or SIGMOID, written
+out to 0..255. With no VOI, unsigned data of at most 8 stored bits and no modality transform is used
+as is; anything deeper is min-max scaled per image to 0..255 (:func:`minmax_uint8`). MONOCHROME1 is
+then inverted (255 - y), and the result rounded. Colour (RGB, YBR_* converted to RGB by pydicom,
+PALETTE COLOR through its palette) is scaled from its stored bit depth to 0..255.
+
+Only the chosen frame's pixel data is read (``pydicom.pixels.pixel_array`` with an ``index``).
+Compressed transfer syntaxes need pydicom's decoder plugins (``pip install "fedshift[dicom]"``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedshift.common.errors import DataError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+    from pydicom.uid import UID
+
+logger = logging.getLogger(__name__)
+
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+INSTALL_DECODERS = 'pip install "fedshift[dicom]"'
+_GREY = ("MONOCHROME1", "MONOCHROME2")
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
+_VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+
+
+def has_dicom_preamble(path: Path) -> bool:
+    """Whether ``path`` has the DICOM file preamble: ``b"DICM"`` at byte 128."""
+    try:
+        with path.open("rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def minmax_uint8(values: np.ndarray) -> np.ndarray:
+    """``values`` min-max scaled per image to 0..255 and rounded (a constant image becomes 0)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return np.zeros(x.shape, np.uint8)
+    lo, hi = float(x.min()), float(x.max())
+    if hi <= lo:
+        return np.zeros(x.shape, np.uint8)
+    return np.rint((x - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _package_hint(ts: UID) -> str:
+    """The packages that decode transfer syntax ``ts`` (pydicom's plugins), for an error message."""
+    from pydicom import uid
+
+    if ts in uid.JPEGLSTransferSyntaxes:
+        return f"{INSTALL_DECODERS} (pylibjpeg + pylibjpeg-libjpeg) or pip install pyjpegls"
+    if ts in uid.JPEGTransferSyntaxes:
+        return f"{INSTALL_DECODERS} (pylibjpeg + pylibjpeg-libjpeg)"
+    if ts in uid.JPEG2000TransferSyntaxes or ts.keyword.startswith("HTJ2K"):
+        return f"{INSTALL_DECODERS} (pylibjpeg + pylibjpeg-openjpeg)"
+    if ts in uid.RLETransferSyntaxes:
+        return "pip install pylibjpeg pylibjpeg-rle (or numpy, for pydicom's own RLE decoder)"
+    return f"{INSTALL_DECODERS} (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg)"
+
+
+def error_reason(exc: BaseException) -> str:
+    """``exc`` as one short line, for an error message."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _read_header(path: Path) -> Dataset:
+    """The dataset without its pixel data; DataError for a file that is not readable DICOM."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        header = dcmread(path, stop_before_pixels=True)
+    except FileNotFoundError as exc:
+        raise DataError(f"Expected a DICOM file at {path}, but it does not exist; check the path") from exc
+    except InvalidDicomError as exc:
+        raise DataError(
+            f"Expected {path} to be a DICOM file, but it has no DICOM preamble ('DICM' at byte 128); "
+            "export it from PACS as a DICOM Part 10 file or remove it"
+        ) from exc
+    except Exception as exc:  # pydicom raises many kinds on a truncated or corrupt header
+        raise DataError(
+            f"Expected {path} to be a readable DICOM file, but its header is corrupt "
+            f"({error_reason(exc)}); re-export the file or remove it"
+        ) from exc
+    if "Rows" not in header or "PhotometricInterpretation" not in header:
+        raise DataError(
+            f"Expected {path} to be a DICOM image, but it has no pixel data (e.g. a report or "
+            "structured document); remove it from the image list"
+        )
+    return header
+
+
+def _check_decoder(header: Dataset, path: Path) -> None:
+    """DataError naming the transfer syntax and the package when no decoder for it is installed."""
+    from pydicom.pixels import get_decoder
+
+    ts = header.file_meta.get("TransferSyntaxUID") if hasattr(header, "file_meta") else None
+    if ts is None:
+        raise DataError(
+            f"Expected {path} to name its transfer syntax (0002,0010) in its file meta, but it has none; "
+            "re-export it as a DICOM Part 10 file"
+        )
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError as exc:
+        raise DataError(
+            f"Expected a transfer syntax pydicom can decode in {path}, but it is {ts.name} ({ts}); "
+            "convert the file to an uncompressed transfer syntax (e.g. with gdcmconv --raw)"
+        ) from exc
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "no plugin"
+        raise DataError(
+            f"Expected a decoder for {path}'s transfer syntax {ts.name} ({ts}), but none is installed "
+            f"(pydicom's plugins: {missing}); install one with {_package_hint(ts)}"
+        )
+
+
+def _frame_index(header: Dataset, path: Path, frame: int | None) -> int:
+    """The 0-based frame to read: refuses a multi-frame file without ``frame`` and a frame out of range."""
+    n = int(header.get("NumberOfFrames", 1) or 1)
+    if frame is None:
+        if n > 1:
+            raise DataError(
+                f"Expected one image in {path}, but it has {n} frames; choose one with the manifest's "
+                f"'frame' column (or frame=0..{n - 1})"
+            )
+        return 0
+    if isinstance(frame, bool) or not isinstance(frame, int | np.integer) or not 0 <= frame < n:
+        raise DataError(
+            f"Expected a frame in 0..{n - 1} for {path} ({n} frame{'s' * (n > 1)}), but got {frame!r}; "
+            "fix the manifest's 'frame' value"
+        )
+    return int(frame)
+
+
+def _decode(path: Path, index: int) -> np.ndarray:
+    """Frame ``index`` of ``path``'s pixel data (YBR converted to RGB by pydicom)."""
+    from pydicom.pixels import pixel_array
+
+    try:
+        return pixel_array(path, index=index)
+    except Exception as exc:  # decoders raise many kinds on corrupt or truncated pixel data
+        raise DataError(
+            f"Expected {path} to hold decodable pixel data, but decoding failed "
+            f"({error_reason(exc)}); re-export the file or remove it"
+        ) from exc
+
+
+def _first(value: Any) -> float:
+    """The first value of a possibly multi-valued DS element."""
+    from pydicom.multival import MultiValue
+
+    return float(value[0] if isinstance(value, MultiValue | list | tuple) else value)
+
+
+def window(x: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """Window ``x`` to 0..255 (float) by DICOM PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT, SIGMOID)."""
+    x = np.asarray(x, dtype=np.float64)
+    if function == "SIGMOID":
+        return 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    c, w = (center - 0.5, width - 1.0) if function == "LINEAR" else (center, width)
+    if w <= 0:  # LINEAR with width 1: a threshold at c
+        return np.where(x > c, 255.0, 0.0)
+    return np.clip((x - c) / w + 0.5, 0.0, 1.0) * 255.0
+
+
+def _windowing(x: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
+    """Window Center/Width (first values) and the VOI LUT Function applied to ``x``."""
+    center, width = _first(header.WindowCenter), _first(header.WindowWidth)
+    function = str(header.get("VOILUTFunction", "") or "LINEAR").upper()
+    if function not in _VOI_FUNCTIONS:
+        raise DataError(
+            f"Expected VOI LUT Function {' / '.join(_VOI_FUNCTIONS)} in {path}, but got {function!r}; "
+            "fix (0028,1056) or remove it (LINEAR is the default)"
+        )
+    if width < 1 if function == "LINEAR" else width <= 0:
+        raise DataError(
+            f"Expected a Window Width of at least 1 ({function}: > 0) in {path}, but got {width}; "
+            "fix (0028,1051) or remove the window"
+        )
+    return window(x, center, width, function)
+
+
+def _voi_lut(x: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
+    """The first VOI LUT Sequence item applied to ``x``, scaled from its entry depth to 0..255."""
+    from pydicom.pixels import apply_voi
+
+    item = header.VOILUTSequence[0]
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 2**16
+    iv = np.clip(np.rint(x), first, first + entries - 1).astype(np.int64)
+    try:
+        y = apply_voi(iv, header)
+    except (NotImplementedError, ValueError, AttributeError, TypeError) as exc:
+        raise DataError(
+            f"Expected a valid VOI LUT Sequence in {path}, but it cannot be applied ({error_reason(exc)}); "
+            "re-export the file or remove its VOI LUT Sequence"
+        ) from exc
+    return y.astype(np.float64) * (255.0 / (2**bits - 1))
+
+
+def _has_modality_transform(header: Dataset) -> bool:
+    if header.get("ModalityLUTSequence"):
+        return True
+    slope, intercept = header.get("RescaleSlope"), header.get("RescaleIntercept")
+    return slope is not None and intercept is not None and (float(slope), float(intercept)) != (1.0, 0.0)
+
+
+def _unsigned_8bit(header: Dataset) -> bool:
+    return int(header.get("BitsStored", 8)) <= 8 and int(header.get("PixelRepresentation", 0)) == 0
+
+
+def _grey(stored: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
+    """Grey display pixels: modality LUT, VOI (or 8-bit as is / min-max), MONOCHROME1 inverted."""
+    from pydicom.pixels import apply_modality_lut
+
+    x = apply_modality_lut(stored, header) if _has_modality_transform(header) else stored
+    lut = header.get("VOILUTSequence")
+    if lut and "LUTDescriptor" in lut[0] and "LUTData" in lut[0]:
+        y = _voi_lut(x, header, path)
+    elif header.get("WindowCenter") is not None and header.get("WindowWidth") is not None:
+        y = _windowing(x, header, path)
+    elif _unsigned_8bit(header) and not _has_modality_transform(header):
+        y = x.astype(np.float64)
+    else:
+        y = minmax_uint8(x).astype(np.float64)
+    if header.PhotometricInterpretation == "MONOCHROME1":
+        y = 255.0 - y
+    return np.rint(np.clip(y, 0.0, 255.0)).astype(np.uint8)
+
+
+def _colour(arr: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
+    """RGB display pixels: a palette applied, then scaled from the stored depth to 0..255."""
+    photometric = header.PhotometricInterpretation
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        arr = apply_color_lut(arr, header)[..., :3]
+        bits = 8 * arr.dtype.itemsize
+    else:
+        bits = int(header.get("BitsStored", 8))
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise DataError(
+            f"Expected 3 samples per pixel for {photometric} in {path}, but got shape {arr.shape}; "
+            "re-export the file"
+        )
+    if bits == 8:
+        return arr.astype(np.uint8)
+    return np.rint(arr.astype(np.float64) * (255.0 / (2**bits - 1))).clip(0, 255).astype(np.uint8)
+
+
+def read_dicom(path: Path, frame: int | None = None) -> np.ndarray:
+    """Display pixels of ``path``: ``(H, W)`` uint8 grey, or ``(H, W, 3)`` uint8 RGB.
+
+    ``frame`` (0-based) chooses a frame of a multi-frame file, which is refused without one.
+    Any unreadable, corrupt or undecodable file raises a one-line :class:`DataError` naming it.
+    """
+    path = Path(path)
+    header = _read_header(path)
+    photometric = str(header.PhotometricInterpretation)
+    if photometric not in _GREY + _COLOUR:
+        raise DataError(
+            f"Expected a photometric interpretation of {', '.join(_GREY + _COLOUR)} in {path}, "
+            f"but got {photometric!r}; convert the file to MONOCHROME2 or RGB"
+        )
+    _check_decoder(header, path)
+    index = _frame_index(header, path, frame)
+    arr = _decode(path, index)
+    if photometric in _GREY:
+        if arr.ndim != 2:
+            raise DataError(
+                f"Expected one sample per pixel for {photometric} in {path}, but got shape {arr.shape}; "
+                "re-export the file"
+            )
+        return _grey(arr, header, path)
+    return _colour(arr, header, path)
+
+
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    photometric: str | None = None,
+    bits_stored: int | None = None,
+    transfer_syntax: str = "1.2.840.10008.1.2.1",
+    elements: dict[str, Any] | None = None,
+) -> None:
+    """Write ``pixels`` as a DICOM Part 10 file (Secondary Capture), atomically.
+
+    ``pixels``: uint8/uint16/int8/int16, ``(H, W)`` grey, ``(H, W, 3)`` RGB, ``(F, H, W)`` grey frames
+    (with a MONOCHROME ``photometric``) or ``(F, H, W, 3)``. ``photometric`` defaults to MONOCHROME2 or
+    RGB, ``bits_stored`` to the dtype's bits; ``elements`` are further keywords (e.g. RescaleSlope,
+    WindowCenter, PatientID). ``transfer_syntax``: a compressed one (RLE Lossless, JPEG 2000 Lossless)
+    is encoded with pydicom's encoders. For test data, examples and benchmarks.
+    """
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import UID, SecondaryCaptureImageStorage, generate_uid
+
+    from fedshift.common.io import atomic_write_bytes
+
+    arr = np.asarray(pixels)
+    if photometric is None:
+        photometric = "RGB" if arr.ndim >= 3 and arr.shape[-1] == 3 else "MONOCHROME2"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1")
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    ds.set_pixel_data(arr, photometric, bits_stored or 8 * arr.dtype.itemsize, generate_instance_uid=False)
+    for keyword, value in (elements or {}).items():
+        setattr(ds, keyword, value)
+    if UID(transfer_syntax).is_compressed:
+        ds.compress(UID(transfer_syntax), arr, generate_instance_uid=False)
+    import io
+
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    atomic_write_bytes(Path(path), buffer.getvalue())

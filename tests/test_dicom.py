@@ -1,0 +1,175 @@
+"""DICOM display pixels: files written with pydicom from known arrays, read back and compared with an
+independent numpy computation of the DICOM PS3.3 C.11 transforms (within 1 grey level)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.pixels import convert_color_space, get_decoder
+from pydicom.sequence import Sequence
+from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+from fedshift.common.dicom import read_dicom, window, write_dicom
+from fedshift.common.errors import DataError
+
+RNG = np.random.default_rng(13)
+
+
+def _linear(x: np.ndarray, c: float, w: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.2.1 (LINEAR) to 0..255, written out as the standard's three cases."""
+    lo, hi = c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
+    mid = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255.0
+    return np.select([x <= lo, x > hi], [0.0, 255.0], mid)
+
+
+def _linear_exact(x: np.ndarray, c: float, w: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.3.2 (LINEAR_EXACT) to 0..255."""
+    mid = ((x - c) / w + 0.5) * 255.0
+    return np.select([x <= c - w / 2, x > c + w / 2], [0.0, 255.0], mid)
+
+
+def _close(got: np.ndarray, expected: np.ndarray) -> None:
+    assert got.dtype == np.uint8 and got.shape == expected.shape
+    assert np.abs(got.astype(np.int64) - np.rint(expected).astype(np.int64)).max() <= 1
+
+
+def test_monochrome2_8bit_is_used_as_is(tmp_path: Path) -> None:
+    stored = RNG.integers(0, 256, (17, 23), dtype=np.uint8)
+    write_dicom(tmp_path / "a.dcm", stored)
+    np.testing.assert_array_equal(read_dicom(tmp_path / "a.dcm"), stored)
+
+
+def test_monochrome1_16bit_rescale_and_window(tmp_path: Path) -> None:
+    stored = RNG.integers(0, 4096, (20, 20), dtype=np.uint16)
+    elements = {"RescaleSlope": 0.5, "RescaleIntercept": -1024, "WindowCenter": 40, "WindowWidth": 400}
+    write_dicom(tmp_path / "ct.dcm", stored, photometric="MONOCHROME1", bits_stored=16, elements=elements)
+    hu = stored.astype(np.float64) * 0.5 - 1024
+    expected = 255.0 - _linear(hu, 40, 400)
+    got = read_dicom(tmp_path / "ct.dcm")
+    _close(got, expected)
+    assert 0 < (got == 255).sum() < got.size  # the window clips part of the image
+
+
+def test_12bit_signed_linear_exact_uses_first_window(tmp_path: Path) -> None:
+    stored = RNG.integers(-2048, 2048, (16, 16), dtype=np.int16)
+    elements = {"WindowCenter": [100, 900], "WindowWidth": [700, 50], "VOILUTFunction": "LINEAR_EXACT"}
+    write_dicom(tmp_path / "s.dcm", stored, bits_stored=12, elements=elements)
+    assert dcmread(tmp_path / "s.dcm").PixelRepresentation == 1
+    _close(read_dicom(tmp_path / "s.dcm"), _linear_exact(stored.astype(np.float64), 100, 700))
+
+
+def test_sigmoid_window(tmp_path: Path) -> None:
+    stored = RNG.integers(0, 1024, (8, 8), dtype=np.uint16)
+    elements = {"WindowCenter": 500, "WindowWidth": 300, "VOILUTFunction": "SIGMOID"}
+    write_dicom(tmp_path / "g.dcm", stored, bits_stored=10, elements=elements)
+    expected = 255.0 / (1.0 + np.exp(-4.0 * (stored - 500.0) / 300.0))  # PS3.3 C.11.2.1.3.1
+    _close(read_dicom(tmp_path / "g.dcm"), expected)
+
+
+def test_window_linear_width_one_is_a_threshold() -> None:
+    np.testing.assert_array_equal(window(np.array([9.0, 9.5, 10.0]), 10, 1), [0.0, 0.0, 255.0])
+
+
+def test_voi_lut_sequence_is_scaled_from_its_entry_depth(tmp_path: Path) -> None:
+    stored = RNG.integers(0, 1024, (12, 12), dtype=np.uint16)
+    lut = np.sort(RNG.integers(0, 4096, 256)).astype(np.uint16)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [256, 100, 12])  # LUT Descriptor: entries, first value mapped, bits
+    item.add_new(0x00283006, "US", lut.tolist())  # LUT Data
+    write_dicom(tmp_path / "v.dcm", stored, bits_stored=10, elements={"VOILUTSequence": Sequence([item])})
+    expected = lut[np.clip(stored.astype(np.int64) - 100, 0, 255)] * 255.0 / 4095.0
+    _close(read_dicom(tmp_path / "v.dcm"), expected)
+
+
+def test_deep_data_without_voi_is_min_max_scaled(tmp_path: Path) -> None:
+    stored = RNG.integers(300, 3000, (10, 14), dtype=np.uint16)
+    write_dicom(tmp_path / "d.dcm", stored, bits_stored=12)
+    x = stored.astype(np.float64)
+    _close(read_dicom(tmp_path / "d.dcm"), (x - x.min()) / (x.max() - x.min()) * 255.0)
+
+
+def test_rgb_and_ybr_full_colour(tmp_path: Path) -> None:
+    rgb = RNG.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    write_dicom(tmp_path / "rgb.dcm", rgb)
+    np.testing.assert_array_equal(read_dicom(tmp_path / "rgb.dcm"), rgb)
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    write_dicom(tmp_path / "ybr.dcm", ybr, photometric="YBR_FULL")
+    got = read_dicom(tmp_path / "ybr.dcm")
+    assert got.shape == rgb.shape and np.abs(got.astype(int) - rgb).max() <= 2  # two 8-bit roundings
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless], ids=["rle", "j2k"])
+def test_compressed_lossless_matches_the_transform(tmp_path: Path, syntax: str) -> None:
+    stored = RNG.integers(0, 4096, (32, 32), dtype=np.uint16)
+    elements = {"RescaleSlope": 2, "RescaleIntercept": -500, "WindowCenter": 3000, "WindowWidth": 5000}
+    write_dicom(tmp_path / "c.dcm", stored, bits_stored=12, transfer_syntax=syntax, elements=elements)
+    assert dcmread(tmp_path / "c.dcm").file_meta.TransferSyntaxUID == syntax
+    _close(read_dicom(tmp_path / "c.dcm"), _linear(stored * 2.0 - 500, 3000, 5000))
+
+
+def test_multi_frame_needs_a_frame(tmp_path: Path) -> None:
+    frames = RNG.integers(0, 256, (3, 6, 7), dtype=np.uint8)
+    write_dicom(tmp_path / "mf.dcm", frames, photometric="MONOCHROME2")
+    with pytest.raises(DataError, match=r"mf\.dcm.*3 frames.*'frame' column") as info:
+        read_dicom(tmp_path / "mf.dcm")
+    assert "\n" not in str(info.value)
+    np.testing.assert_array_equal(read_dicom(tmp_path / "mf.dcm", frame=2), frames[2])
+    with pytest.raises(DataError, match=r"frame in 0\.\.2.*got 3"):
+        read_dicom(tmp_path / "mf.dcm", frame=3)
+    write_dicom(tmp_path / "one.dcm", frames[0])
+    np.testing.assert_array_equal(read_dicom(tmp_path / "one.dcm", frame=0), frames[0])
+
+
+@pytest.mark.parametrize(
+    ("relabel", "needles"),
+    [
+        (None, ("RLE Lossless", "1.2.840.10008.1.2.5", "pip install pylibjpeg pylibjpeg-rle")),
+        (
+            JPEGLSLossless,
+            ("JPEG-LS Lossless", "1.2.840.10008.1.2.4.80", 'pip install "fedshift[dicom]"', "jpegls"),
+        ),
+    ],
+    ids=["rle", "jpeg-ls"],
+)
+def test_missing_decoder_names_syntax_and_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, relabel: UID | None, needles: tuple[str, ...]
+) -> None:
+    path = tmp_path / "x.dcm"
+    write_dicom(path, RNG.integers(0, 256, (8, 8), dtype=np.uint8), transfer_syntax=RLELossless)
+    if relabel is not None:
+        ds = dcmread(path)
+        ds.file_meta.TransferSyntaxUID = relabel
+        ds.save_as(path, enforce_file_format=True)
+    decoder = get_decoder(relabel or RLELossless)
+    monkeypatch.setattr(decoder, "_available", {})
+    monkeypatch.setattr(decoder, "_unavailable", {"pylibjpeg": ("pylibjpeg>=2.0", "pylibjpeg-rle>=2.0")})
+    with pytest.raises(DataError) as info:
+        read_dicom(path)
+    message = str(info.value)
+    assert "x.dcm" in message and "\n" not in message
+    for needle in needles:
+        assert needle in message
+
+
+def test_corrupt_and_non_image_files(tmp_path: Path) -> None:
+    (tmp_path / "junk.dcm").write_bytes(b"not a dicom file at all" * 20)
+    with pytest.raises(DataError, match=r"junk\.dcm.*no DICOM preamble"):
+        read_dicom(tmp_path / "junk.dcm")
+    write_dicom(tmp_path / "full.dcm", RNG.integers(0, 256, (40, 40), dtype=np.uint8))
+    data = (tmp_path / "full.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 800])
+    with pytest.raises(DataError, match=r"cut\.dcm") as info:
+        read_dicom(tmp_path / "cut.dcm")
+    assert "\n" not in str(info.value)
+    ds = dcmread(tmp_path / "full.dcm")
+    for keyword in ("PixelData", "Rows", "Columns", "PhotometricInterpretation"):
+        delattr(ds, keyword)
+    ds.save_as(tmp_path / "report.dcm", enforce_file_format=True)
+    with pytest.raises(DataError, match=r"report\.dcm.*no pixel data"):
+        read_dicom(tmp_path / "report.dcm")
+    with pytest.raises(DataError, match=r"missing\.dcm.*does not exist"):
+        read_dicom(tmp_path / "missing.dcm")
