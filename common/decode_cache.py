@@ -1,0 +1,175 @@
+"""A decode cache: every image file decoded and resized once, then read back from disk.
+
+One entry per file, ``<cache_dir>/<hash of the manifest path>/<key>.npy``; the key hashes the file's path,
+size and ``mtime_ns`` and the preprocessing settings (``image_size``, ``frame``, :data:`DECODER_VERSION`),
+so a changed file, or changed settings, decode again and nothing else does. Files are decoded one at a
+time straight into the cache (a full-resolution image is alive only while it is decoded); entries are
+written atomically, an unreadable entry is decoded again, and entries no longer listed are pruned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedshift.common.errors import DataError
+from fedshift.common.io import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+DECODER_VERSION = 1  # bump when decoding or resizing changes: every entry decodes again
+CACHE_SUBDIR = "decode-cache"
+PROGRESS_MIN_FILES = 50  # fewer files to decode: no progress bar
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    """What one :func:`decode_cached` call did."""
+
+    decoded: int  # files decoded (not in the cache, or changed)
+    cached: int  # files read back from the cache
+    pruned: int  # entries removed (files no longer listed, or decoded under other settings)
+    seconds: float
+
+
+def default_cache_dir(state_dir: Path | None) -> Path:
+    """``state_dir/decode-cache``, else the per-user ``$XDG_CACHE_HOME/fedshift/decode``."""
+    if state_dir is not None:
+        return Path(state_dir) / CACHE_SUBDIR
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fedshift" / "decode"
+
+
+def manifest_dir(cache_dir: Path, manifest: str | Path) -> Path:
+    """The folder holding one manifest's entries."""
+    digest = hashlib.sha256(str(Path(manifest).resolve()).encode("utf-8")).hexdigest()[:16]
+    return Path(cache_dir) / digest
+
+
+def entry_key(file: Path, image_size: int, frame: int | None) -> str:
+    """The entry name of ``file`` under these settings (its path, size and mtime_ns included)."""
+    try:
+        st = file.stat()
+    except OSError as exc:
+        raise DataError(
+            f"Expected {file} to be a readable file, but it cannot be read ({exc}); "
+            "restore the file or remove its row"
+        ) from exc
+    text = f"{file.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{image_size}\0{frame}\0{DECODER_VERSION}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32] + ".npy"
+
+
+def _load_entry(path: Path, image_size: int) -> np.ndarray | None:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    ok = array.dtype == np.uint8 and array.shape[:2] == (image_size, image_size) and array.ndim in (2, 3)
+    return array if ok else None
+
+
+def _store_entry(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _progress(total: int, label: str):  # type: ignore[no-untyped-def]
+    from tqdm import tqdm
+
+    quiet = total < PROGRESS_MIN_FILES or not sys.stderr.isatty()
+    return tqdm(total=total, desc=label, unit="img", file=sys.stderr, disable=quiet, leave=False)
+
+
+def _prune(folder: Path, keep: set[str]) -> int:
+    pruned = 0
+    for entry in folder.glob("*.npy"):
+        if entry.name not in keep:
+            entry.unlink(missing_ok=True)
+            pruned += 1
+    return pruned
+
+
+def _mixed_error(colour: list[bool], names: Sequence[str]) -> DataError:
+    """stack_images's grey/colour error, from the kinds alone (placeholders, not the images)."""
+    from fedshift.common.image_files import stack_images
+
+    try:
+        stack_images([np.zeros((1, 1, 3) if c else (1, 1), np.uint8) for c in colour], names)
+    except DataError as exc:
+        return exc
+    raise AssertionError("Expected stack_images to refuse mixed grey and colour")
+
+
+def decode_cached(
+    files: Sequence[Path],
+    frames: Sequence[int | None] | None = None,
+    *,
+    image_size: int,
+    cache_dir: Path,
+    manifest: str | Path,
+    names: Sequence[str] | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, DecodeStats]:
+    """The images of ``files`` (``(N, S, S)`` grey or ``(N, S, S, 3)`` colour uint8) through the cache.
+
+    Each image is read back, or decoded and stored, straight into the one output array. ``names`` label
+    each file in errors (default: the path), e.g. ``"row 3 (line 4 of m.csv): a.dcm"``; a file that
+    cannot be decoded raises its one-line :class:`DataError`, prefixed by its name.
+    """
+    from fedshift.common.image_files import read_image
+
+    start = time.perf_counter()
+    frames = list(frames) if frames is not None else [None] * len(files)
+    names = list(names) if names is not None else [str(f) for f in files]
+    folder = manifest_dir(cache_dir, manifest)
+    keys = [entry_key(Path(f), image_size, fr) for f, fr in zip(files, frames, strict=True)]
+    todo = sum(not (folder / k).is_file() for k in keys)
+    bar = _progress(todo, f"Decoding {Path(manifest).name}") if progress else None
+    out: np.ndarray | None = None
+    colour: list[bool] = []
+    decoded = 0
+    try:
+        for i, key in enumerate(keys):
+            array = _load_entry(folder / key, image_size)
+            if array is None:
+                try:
+                    array = read_image(Path(files[i]), image_size, frames[i])
+                except DataError as exc:
+                    raise DataError(f"{names[i]}: {exc}") from exc
+                _store_entry(folder / key, array)
+                decoded += 1
+                if bar is not None:
+                    bar.update(1)
+            if out is None:
+                out = np.empty((len(keys), *array.shape), np.uint8)
+            colour.append(array.ndim == 3)
+            if array.shape == out.shape[1:]:
+                out[i] = array
+    finally:
+        if bar is not None:
+            bar.close()
+    if len(set(colour)) > 1:
+        raise _mixed_error(colour, names)
+    pruned = _prune(folder, set(keys)) if folder.is_dir() else 0
+    stats = DecodeStats(decoded, len(keys) - decoded, pruned, time.perf_counter() - start)
+    logger.info(
+        "Decoded %d of %d images of %s at %d px (%d from the cache %s) in %.1f s",
+        stats.decoded,
+        len(keys),
+        manifest,
+        image_size,
+        stats.cached,
+        folder,
+        stats.seconds,
+    )
+    return (out if out is not None else np.zeros((0, image_size, image_size), np.uint8)), stats

@@ -1,0 +1,215 @@
+"""Patient-level splits: seeded, stratified, and kept in the site's state directory.
+
+A patient (a *group*) never lands in two splits. :func:`split_groups` is the generic core (labels,
+groups, fractions, a generator -> a split index per image); :func:`plan_split` adds the manifest's
+``split`` column and the saved ``data-split.json``, so a split stays the same across rounds, runs and
+restarts, and new patients join without moving old ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedshift.common.data import SPLITS
+from fedshift.common.errors import ConfigError, DataError
+from fedshift.common.io import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+SPLIT_FILE = "data-split.json"
+SPLIT_FILE_VERSION = 1
+DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
+FIX_RESPLIT = (
+    f"delete {SPLIT_FILE} to make a new split (its test patients were seen before: metrics on a new "
+    "test split are not independent of the runs before)"
+)
+
+
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    """Three finite, non-negative fractions (train, val, test) summing to 1, with train > 0."""
+    values = tuple(float(f) for f in fractions)
+    ok = len(values) == len(SPLITS) and all(math.isfinite(f) and f >= 0 for f in values)
+    if not ok or abs(sum(values) - 1.0) > 1e-6 or values[0] <= 0:
+        raise ConfigError(
+            f"Expected split fractions (train, val, test) >= 0 summing to 1 with train > 0, but got "
+            f"{list(fractions)}; pass e.g. (0.6, 0.2, 0.2)"
+        )
+    return values[0], values[1], values[2]
+
+
+def group_labels(labels: np.ndarray, groups: np.ndarray) -> dict[str, int]:
+    """Each group's majority label; a tie goes to the label of the group's first image."""
+    votes: dict[str, dict[int, int]] = {}
+    for label, group in zip(labels.tolist(), groups.tolist(), strict=True):
+        counts = votes.setdefault(str(group), {})
+        counts[int(label)] = counts.get(int(label), 0) + 1
+    # dicts keep insertion order: max() returns the first label of the highest count
+    return {g: max(counts, key=lambda c: counts[c]) for g, counts in votes.items()}
+
+
+def split_groups(
+    labels: np.ndarray,
+    groups: np.ndarray,
+    fractions: Sequence[float],
+    rng: np.random.Generator,
+    fixed: Mapping[str, int] | None = None,
+) -> np.ndarray:
+    """A split index per image (0 train, 1 val, 2 test); every group's images share one split.
+
+    Stratified per class: each group goes, largest first (ties shuffled by ``rng``), to the split whose
+    image count of the group's majority label is furthest below ``fraction * n_class``. With one image
+    per group each class's count per split is within +/-1 of its target. ``fixed`` groups keep their
+    split and count toward the targets.
+    """
+    labels, groups = np.asarray(labels, dtype=np.int64), np.asarray(groups).astype(str)
+    if labels.shape != groups.shape or labels.ndim != 1:
+        raise DataError(
+            f"Expected one group per label, but got {groups.shape} groups for {labels.shape} labels; "
+            "pass (N,) arrays"
+        )
+    fracs = np.asarray(check_fractions(fractions))
+    num_classes = int(labels.max()) + 1 if labels.size else 0
+    target = np.outer(np.bincount(labels, minlength=num_classes), fracs)  # (C, 3)
+    current = np.zeros_like(target)
+    fixed = dict(fixed or {})
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups.tolist()):
+        members.setdefault(g, []).append(i)
+    assigned: dict[str, int] = {}
+    for g, idx in members.items():
+        if g in fixed:
+            assigned[g] = int(fixed[g])
+            np.add.at(current[:, assigned[g]], labels[idx], 1)
+    majority = group_labels(labels, groups)
+    free = [g for g in members if g not in assigned]
+    order = rng.permutation(len(free))
+    free = sorted((free[i] for i in order), key=lambda g: -len(members[g]))  # stable: shuffled ties
+    for g in free:
+        c = majority[g]
+        deficit = target[c] - current[c]
+        best = int(np.flatnonzero(deficit == deficit.max())[0])
+        assigned[g] = best
+        np.add.at(current[:, best], labels[members[g]], 1)
+    return np.asarray([assigned[g] for g in groups.tolist()], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Where every image goes, and what :func:`save_split` would write."""
+
+    index: np.ndarray  # (N,) int64 split index per image
+    patients: dict[str, str]  # patient id -> split name: the saved ones plus this manifest's
+    source: str  # "column", "saved", "new" or "saved+new"
+    seed: int
+    fractions: tuple[float, float, float]
+    manifest: str
+    new_patients: int = 0
+    changed: bool = field(default=True)  # False: the saved file already says exactly this
+
+
+def split_file(state_dir: Path) -> Path:
+    return Path(state_dir) / SPLIT_FILE
+
+
+def read_saved_split(state_dir: Path | None) -> dict[str, str]:
+    """The saved patient -> split map of ``state_dir`` (empty when none is saved)."""
+    if state_dir is None or not split_file(state_dir).is_file():
+        return {}
+    path = split_file(state_dir)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        patients = data["patients"]
+        ok = isinstance(patients, dict) and all(v in SPLITS for v in patients.values())
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"Expected {path} to be a split file written by fedshift, but it cannot be read ({exc}); "
+            f"restore it from a backup, or {FIX_RESPLIT}"
+        ) from exc
+    if not ok:
+        raise DataError(
+            f"Expected {path} to map patient ids to one of {list(SPLITS)}, but it holds other values; "
+            f"restore it from a backup, or {FIX_RESPLIT}"
+        )
+    return {str(k): str(v) for k, v in patients.items()}
+
+
+def _check_not_moved(
+    wanted: Mapping[str, str], saved: Mapping[str, str], where: Mapping[str, str], path: Path
+) -> None:
+    for patient, split in wanted.items():
+        if patient in saved and saved[patient] != split:
+            raise DataError(
+                f"Expected patient '{patient}' ({where[patient]}) to stay in split '{saved[patient]}' as "
+                f"saved in {path}, but the manifest now puts it in '{split}'; restore the row's split, "
+                f"or {FIX_RESPLIT}"
+            )
+
+
+def plan_split(
+    patients: np.ndarray,
+    labels: np.ndarray,
+    split_column: Sequence[str | None] | None,
+    *,
+    state_dir: Path | None,
+    seed: int,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    manifest: str = "",
+    where: Mapping[str, str] | None = None,
+) -> SplitPlan:
+    """The split of a manifest's images: its ``split`` column when given, else the saved split for
+    known patients and :func:`split_groups` for new ones. A patient the saved split puts elsewhere is
+    refused; ``where`` names each patient's first row for that message."""
+    fracs = check_fractions(fractions)
+    patients = np.asarray(patients).astype(str)
+    saved = read_saved_split(state_dir)
+    where = where or {p: f"patient {p}" for p in patients.tolist()}
+    path = split_file(state_dir) if state_dir is not None else Path(SPLIT_FILE)
+    if split_column is not None:
+        wanted = {p: str(s) for p, s in zip(patients.tolist(), split_column, strict=True)}
+        _check_not_moved(wanted, saved, where, path)
+        index = np.asarray([SPLITS.index(str(s)) for s in split_column], dtype=np.int64)
+        source, new = "column", sum(p not in saved for p in wanted)
+    else:
+        fixed = {p: SPLITS.index(s) for p, s in saved.items()}
+        index = split_groups(labels, patients, fracs, np.random.default_rng(seed), fixed=fixed)
+        new = len({p for p in patients.tolist() if p not in saved})
+        known = len(set(patients.tolist())) - new
+        source = "new" if not known else ("saved" if not new else "saved+new")
+    merged = dict(saved)
+    merged.update({p: SPLITS[i] for p, i in zip(patients.tolist(), index.tolist(), strict=True)})
+    return SplitPlan(
+        index=index,
+        patients=merged,
+        source=source,
+        seed=int(seed),
+        fractions=fracs,
+        manifest=manifest,
+        new_patients=new,
+        changed=merged != saved,
+    )
+
+
+def save_split(state_dir: Path, plan: SplitPlan) -> Path:
+    """Write ``plan``'s patient -> split map to ``state_dir/data-split.json`` (atomically)."""
+    path = split_file(state_dir)
+    if not plan.changed and path.is_file():
+        return path
+    payload = {
+        "version": SPLIT_FILE_VERSION,
+        "manifest": plan.manifest,
+        "seed": plan.seed,
+        "fractions": list(plan.fractions),
+        "patients": dict(sorted(plan.patients.items())),
+    }
+    atomic_write_bytes(path, (json.dumps(payload, indent=1) + "\n").encode("utf-8"))
+    logger.info(
+        "Saved the patient split (%d patients, %d new) to %s", len(plan.patients), plan.new_patients, path
+    )
+    return path

@@ -1,0 +1,146 @@
+"""Decode throughput and peak memory of a manifest site's images, through the decode cache.
+
+    python -m fedshift.simulations.benchmarks.decode [--n 3000] [--size 512] [--image-size 224]
+        [--out decode.json]
+
+It writes ``--n`` generated 16-bit DICOM files (``--size`` squared; a third MONOCHROME1 with a window, a
+third with a rescale slope/intercept, the rest plain 12-bit MONOCHROME2) and a manifest listing them in a
+temporary folder, then loads the manifest with ``load_manifest`` twice: cold (every file decoded, windowed,
+resized to ``--image-size`` and stored in the cache) and warm (read back from the cache). It prints
+images/s and the process's peak RSS after each phase (``resource.getrusage``), next to the size of the
+archive at full resolution, and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedshift.common.manifest import load_manifest
+
+logger = logging.getLogger(__name__)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _dicom(path: Path, pixels: np.ndarray, kind: int) -> None:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "CT", path.stem
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if kind == 0 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if kind == 0:
+        ds.WindowCenter, ds.WindowWidth = 30000, 40000
+    elif kind == 1:
+        ds.RescaleSlope, ds.RescaleIntercept = 0.5, -1024
+        ds.WindowCenter, ds.WindowWidth = 40, 400
+    else:
+        ds.BitsStored, ds.HighBit = 12, 11
+        pixels = pixels >> 4
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def generate(root: Path, n: int, size: int, seed: int = 0) -> Path:
+    """``n`` DICOM files and ``manifest.csv`` (two classes, three images per patient) in ``root``."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    base = 20000 + 20000 * np.exp(-((xx - 0.5) ** 2 + (yy - 0.5) ** 2) * 6)
+    rows = ["path,label,patient_id"]
+    for i in range(n):
+        noise = rng.normal(0, 3000, (size, size)).astype(np.float32)
+        pixels = np.clip(base + noise + 8000 * (i % 2) * xx, 0, 65535).astype(np.uint16)
+        _dicom(root / f"im{i:05d}.dcm", pixels, i % 3)
+        rows.append(f"im{i:05d}.dcm,{'abnormal' if i % 2 else 'normal'},P{i // 3}")
+    manifest = root / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest
+
+
+def measure(n: int, size: int, image_size: int, workdir: Path | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="fedshift-decode-", dir=workdir) as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        manifest = generate(root, n, size)
+        generated_s = time.perf_counter() - start
+        rss_generated = peak_rss_mib()
+        archive_mib = sum(f.stat().st_size for f in root.glob("*.dcm")) / 2**20
+        phases = []
+        for phase in ("cold", "warm"):
+            start = time.perf_counter()
+            data = load_manifest(manifest, image_size=image_size, state_dir=root / "state")
+            seconds = time.perf_counter() - start
+            images = sum(len(s) for s in data.splits.values())
+            phases.append(
+                {
+                    "phase": phase,
+                    "images": images,
+                    "seconds": seconds,
+                    "images_per_s": images / seconds,
+                    "peak_rss_mib": peak_rss_mib(),
+                }
+            )
+            del data
+    return {
+        "n": n,
+        "size": size,
+        "image_size": image_size,
+        "archive_mib": archive_mib,
+        "decoded_arrays_mib": n * image_size * image_size / 2**20,
+        "generate_seconds": generated_s,
+        "peak_rss_after_generate_mib": rss_generated,
+        "phases": phases,
+        "machine": platform.processor() or platform.machine(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("decode.json"))
+    parser.add_argument("--n", type=int, default=3000)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--workdir", type=Path, default=None, help="where the temporary files go")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = measure(args.n, args.size, args.image_size, args.workdir)
+    print(
+        f"{result['n']} DICOMs {result['size']}x{result['size']} 16-bit ({result['archive_mib']:.0f} MiB) "
+        f"-> {result['image_size']} px ({result['decoded_arrays_mib']:.0f} MiB decoded); "
+        f"peak RSS after generating {result['peak_rss_after_generate_mib']:.0f} MiB"
+    )
+    print(f"{'phase':<6} {'images':>7} {'seconds':>8} {'images/s':>9} {'peak RSS MiB':>13}")
+    for p in result["phases"]:
+        print(
+            f"{p['phase']:<6} {p['images']:>7} {p['seconds']:>8.1f} {p['images_per_s']:>9.0f} "
+            f"{p['peak_rss_mib']:>13.0f}"
+        )
+    args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

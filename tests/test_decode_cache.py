@@ -1,0 +1,111 @@
+"""The decode cache, counted: a warm call decodes nothing, touching one file re-decodes exactly that file,
+changed settings decode everything, and the pixels read back equal a fresh decode."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedshift.common.decode_cache import decode_cached, default_cache_dir, manifest_dir
+from fedshift.common.errors import DataError
+from fedshift.common.image_files import read_image
+
+N = 12
+
+
+def _files(root: Path, n: int = N) -> list[Path]:
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(n):
+        path = root / f"img{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (30, 20), dtype=np.uint8)).save(path)
+        files.append(path)
+    return files
+
+
+def _decode(files: list[Path], cache: Path, size: int = 16, frames: list[int | None] | None = None):  # type: ignore[no-untyped-def]
+    return decode_cached(files, frames, image_size=size, cache_dir=cache, manifest=cache.parent / "m.csv")
+
+
+def test_cold_then_warm_then_one_touched(tmp_path: Path) -> None:
+    files, cache = _files(tmp_path), tmp_path / "cache"
+    cold, s1 = _decode(files, cache)
+    assert (s1.decoded, s1.cached, s1.pruned) == (N, 0, 0)
+    assert cold.shape == (N, 16, 16) and cold.dtype == np.uint8
+    expected = np.stack([read_image(f, 16) for f in files])
+    assert np.array_equal(cold, expected)
+    entries = sorted(manifest_dir(cache, tmp_path / "m.csv").iterdir())
+    assert len(entries) == N and all(e.suffix == ".npy" for e in entries)  # no temp files left behind
+    warm, s2 = _decode(files, cache)
+    assert (s2.decoded, s2.cached, s2.pruned) == (0, N, 0) and np.array_equal(warm, cold)
+    st = files[3].stat()
+    os.utime(files[3], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    _, s3 = _decode(files, cache)
+    assert (s3.decoded, s3.cached, s3.pruned) == (1, N - 1, 1)
+
+
+def test_a_rewritten_file_is_decoded_again_with_its_new_pixels(tmp_path: Path) -> None:
+    files, cache = _files(tmp_path), tmp_path / "cache"
+    _decode(files, cache)
+    new = np.full((30, 20), 77, np.uint8)
+    Image.fromarray(new).save(files[5])
+    st = files[5].stat()
+    os.utime(files[5], ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000))
+    images, stats = _decode(files, cache)
+    assert stats.decoded == 1 and np.all(images[5] == 77)
+
+
+def test_changed_settings_decode_everything(tmp_path: Path) -> None:
+    files, cache = _files(tmp_path), tmp_path / "cache"
+    _decode(files, cache, size=16)
+    images, stats = _decode(files, cache, size=12)
+    assert (stats.decoded, stats.cached, stats.pruned) == (N, 0, N)
+    assert images.shape == (N, 12, 12)
+    # a frame change is a setting of that file only
+    frames: list[int | None] = [None] * N
+    frames[2] = 0
+    _, stats = _decode(files, cache, size=12, frames=frames)
+    assert (stats.decoded, stats.cached) == (1, N - 1)
+
+
+def test_a_damaged_entry_is_decoded_again_and_unlisted_ones_pruned(tmp_path: Path) -> None:
+    files, cache = _files(tmp_path), tmp_path / "cache"
+    cold, _ = _decode(files, cache)
+    folder = manifest_dir(cache, tmp_path / "m.csv")
+    victim = sorted(folder.iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:40])
+    images, stats = _decode(files, cache)
+    assert stats.decoded == 1 and np.array_equal(images, cold)
+    _, stats = _decode(files[:-2], cache)
+    assert (stats.decoded, stats.cached, stats.pruned) == (0, N - 2, 2)
+    assert len(list(folder.iterdir())) == N - 2
+
+
+def test_manifests_have_their_own_folders(tmp_path: Path) -> None:
+    files, cache = _files(tmp_path, 3), tmp_path / "cache"
+    decode_cached(files, None, image_size=8, cache_dir=cache, manifest=tmp_path / "a.csv")
+    _, stats = decode_cached(files, None, image_size=8, cache_dir=cache, manifest=tmp_path / "b.csv")
+    assert stats.decoded == 3
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_a_bad_file_names_its_row(tmp_path: Path) -> None:
+    files, cache = _files(tmp_path, 3), tmp_path / "cache"
+    files[1].write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError) as err:
+        decode_cached(
+            files, None, image_size=8, cache_dir=cache, manifest=tmp_path / "m.csv", names=["r1", "r2", "r3"]
+        )
+    assert str(err.value).startswith("r2: ") and "img01.png" in str(err.value)
+
+
+def test_default_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert default_cache_dir(tmp_path / "state") == tmp_path / "state" / "decode-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir(None) == tmp_path / "xdg" / "fedshift" / "decode"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir(None) == Path.home() / ".cache" / "fedshift" / "decode"

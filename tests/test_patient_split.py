@@ -1,0 +1,242 @@
+"""Patient-level splits, checked with numbers: no patient in two splits, per-class counts within +/-1 of
+``fraction * n``, the same split across runs and a restart (a fresh process), a moved patient refused,
+new patients assigned without moving old ones."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedshift.common.data import SPLITS
+from fedshift.common.errors import ConfigError, DataError
+from fedshift.common.manifest import load_manifest
+from fedshift.common.patient_split import SPLIT_FILE, check_fractions, group_labels, split_groups
+
+FRACTIONS = (0.6, 0.2, 0.2)
+
+
+def _within_one(index: np.ndarray, labels: np.ndarray, fractions: tuple[float, ...]) -> None:
+    for c in np.unique(labels):
+        n_c = int(np.sum(labels == c))
+        for s, f in enumerate(fractions):
+            got = int(np.sum((labels == c) & (index == s)))
+            assert abs(got - f * n_c) < 1.0 + 1e-9, (c, s, got, f * n_c)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("fractions", [FRACTIONS, (0.7, 0.15, 0.15), (0.5, 0.5, 0.0)])
+def test_one_image_per_group_is_within_one_per_class(seed: int, fractions: tuple[float, ...]) -> None:
+    rng = np.random.default_rng(100 + seed)
+    labels = rng.integers(0, 3, size=157)
+    groups = np.asarray([f"g{i}" for i in range(len(labels))])
+    index = split_groups(labels, groups, fractions, np.random.default_rng(seed))
+    assert index.shape == labels.shape and set(index.tolist()) <= {0, 1, 2}
+    _within_one(index, labels, fractions)
+    if fractions[2] == 0:
+        assert not np.any(index == 2)
+
+
+def test_groups_never_straddle_splits_and_patients_are_stratified() -> None:
+    rng = np.random.default_rng(5)
+    # 90 patients of 3 images each; a patient's images share its label
+    patient_label = rng.integers(0, 2, size=90)
+    groups = np.repeat([f"P{i}" for i in range(90)], 3)
+    labels = np.repeat(patient_label, 3)
+    index = split_groups(labels, groups, FRACTIONS, np.random.default_rng(0))
+    for g in np.unique(groups):
+        assert len(set(index[groups == g].tolist())) == 1
+    # per class, the number of patients per split is within +/-1 of fraction * patients of that class
+    first = np.arange(0, 270, 3)
+    _within_one(index[first], patient_label, FRACTIONS)
+
+
+def test_seeded_identical_and_seed_dependent() -> None:
+    labels = np.arange(200) % 2
+    groups = np.asarray([str(i // 2) for i in range(200)])
+    a = split_groups(labels, groups, FRACTIONS, np.random.default_rng(7))
+    b = split_groups(labels, groups, FRACTIONS, np.random.default_rng(7))
+    c = split_groups(labels, groups, FRACTIONS, np.random.default_rng(8))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert np.bincount(a, minlength=3).tolist() == [120, 40, 40]
+
+
+def test_majority_label_with_ties_to_the_first_image() -> None:
+    labels = np.asarray([1, 0, 0, 2, 1, 1, 0])
+    groups = np.asarray(["a", "a", "a", "b", "b", "c", "c"])
+    assert group_labels(labels, groups) == {"a": 0, "b": 2, "c": 1}
+
+
+def test_fixed_groups_stay_and_count_toward_the_targets() -> None:
+    labels = np.zeros(10, dtype=np.int64)
+    labels[5:] = 1
+    groups = np.asarray([f"g{i}" for i in range(10)])
+    fixed = {"g0": 2, "g1": 2, "g5": 2}  # two class-0 and one class-1 image already in test
+    index = split_groups(labels, groups, FRACTIONS, np.random.default_rng(0), fixed=fixed)
+    assert index[0] == 2 and index[1] == 2 and index[5] == 2
+    # the targets of test (1 image per class) are already met: no free group goes to test
+    assert np.sum(index == 2) == 3
+    assert np.sum((index == 0) & (labels == 0)) == 3  # target 3.0 of class 0 in train
+
+
+@pytest.mark.parametrize("bad", [(0.5, 0.5), (0.6, 0.3, 0.3), (0.0, 0.5, 0.5), (1.2, -0.1, -0.1)])
+def test_bad_fractions(bad: tuple[float, ...]) -> None:
+    with pytest.raises(ConfigError, match=r"fractions .* summing to 1"):
+        check_fractions(bad)
+
+
+# ----------------------------------------------------------------- through a manifest
+
+
+def _write_manifest(
+    root: Path, rows: Sequence[tuple[str, str, str, str | None]], name: str = "m.csv"
+) -> Path:
+    """Rows of (file, label, patient, split or None); a small PNG per new file."""
+    with_split = any(r[3] is not None for r in rows)
+    lines = ["path,label,patient_id" + (",split" if with_split else "")]
+    for file, label, patient, split in rows:
+        if not (root / file).exists():
+            value = sum(map(ord, file)) % 256
+            Image.fromarray(np.full((8, 8), value, np.uint8)).save(root / file)
+        lines.append(f"{file},{label},{patient}" + (f",{split}" if with_split else ""))
+    (root / name).write_text("\n".join(lines) + "\n")
+    return root / name
+
+
+def _rows(n_patients: int, per: int = 2, start: int = 0) -> list[tuple[str, str, str, str | None]]:
+    return [
+        (f"p{p}_{k}.png", "sick" if p % 3 == 0 else "well", f"P{p}", None)
+        for p in range(start, start + n_patients)
+        for k in range(per)
+    ]
+
+
+def _assignment(dataset_splits: dict) -> dict[str, str]:  # type: ignore[type-arg]
+    return {str(p): s for s, part in dataset_splits.items() for p in part.patients.tolist()}
+
+
+def test_manifest_split_is_patient_level_and_saved(tmp_path: Path) -> None:
+    manifest = _write_manifest(tmp_path, _rows(40))
+    state = tmp_path / "state"
+    data = load_manifest(manifest, image_size=8, state_dir=state, cache_dir=tmp_path / "cache")
+    assignment = _assignment(data.splits)
+    for s, part in data.splits.items():
+        others = {p for t, q in data.splits.items() if t != s for p in q.patients.tolist()}
+        assert not set(part.patients.tolist()) & others
+    assert sum(len(p) for p in data.splits.values()) == 80
+    saved = json.loads((state / SPLIT_FILE).read_text())
+    assert saved["patients"] == assignment and saved["seed"] == 0
+    # 14 sick patients (p % 3 == 0 of 0..39): per split within +/-1 patient of 0.6/0.2/0.2 of 14
+    sick = {p for p in assignment if int(p[1:]) % 3 == 0}
+    for s, f in zip(SPLITS, FRACTIONS, strict=True):
+        assert abs(sum(assignment[p] == s for p in sick) - f * 14) < 1 + 1e-9
+
+
+def test_split_identical_across_runs_seeds_and_a_restart(tmp_path: Path) -> None:
+    manifest = _write_manifest(tmp_path, _rows(30))
+    state, cache = tmp_path / "state", tmp_path / "cache"
+    first = _assignment(load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache).splits)
+    again = _assignment(
+        load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache, seed=9).splits
+    )
+    assert again == first  # the saved split wins over another seed
+    code = (
+        "import json,sys; from pathlib import Path; from fedshift.common.manifest import load_manifest; "
+        "d=load_manifest(Path(sys.argv[1]), image_size=8, state_dir=Path(sys.argv[2]), "
+        "cache_dir=Path(sys.argv[3])); "
+        "print(json.dumps({str(p): s for s, q in d.splits.items() for p in q.patients.tolist()}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(manifest), str(state), str(cache)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == first
+    # without a state dir nothing is saved, and the same seed gives the same split
+    fresh = tmp_path / "fresh"
+    a = _assignment(load_manifest(manifest, image_size=8, cache_dir=cache, seed=3).splits)
+    b = _assignment(load_manifest(manifest, image_size=8, cache_dir=cache, seed=3).splits)
+    assert a == b and not fresh.exists()
+
+
+def test_new_patients_join_without_moving_old_ones(tmp_path: Path) -> None:
+    state, cache = tmp_path / "state", tmp_path / "cache"
+    manifest = _write_manifest(tmp_path, _rows(20))
+    before = _assignment(load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache).splits)
+    _write_manifest(tmp_path, _rows(20) + _rows(10, start=20))
+    after = _assignment(load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache).splits)
+    assert {p: after[p] for p in before} == before
+    assert set(after) - set(before) == {f"P{p}" for p in range(20, 30)}
+    assert json.loads((state / SPLIT_FILE).read_text())["patients"] == after
+    # a patient dropped from the manifest keeps its saved split
+    _write_manifest(tmp_path, _rows(15))
+    load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache)
+    assert json.loads((state / SPLIT_FILE).read_text())["patients"] == after
+
+
+def test_a_moved_patient_is_refused_with_the_fix(tmp_path: Path) -> None:
+    state, cache = tmp_path / "state", tmp_path / "cache"
+    rows = [(f, lab, p, ["train", "val", "test", "train"][int(p[1:]) % 4]) for f, lab, p, _ in _rows(12)]
+    manifest = _write_manifest(tmp_path, rows)
+    data = load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache)
+    assert _assignment(data.splits) == {
+        f"P{p}": ("train", "val", "test", "train")[p % 4] for p in range(12)
+    }  # the column, as given
+    saved = (state / SPLIT_FILE).read_bytes()
+    moved = [(f, lab, p, "train" if p == "P2" else s) for f, lab, p, s in rows]
+    _write_manifest(tmp_path, moved)
+    with pytest.raises(DataError) as err:
+        load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache)
+    msg = str(err.value)
+    assert "patient 'P2'" in msg and "row 5 (line 6 of m.csv)" in msg
+    assert "stay in split 'test'" in msg and "now puts it in 'train'" in msg
+    assert "restore the row's split" in msg and f"delete {SPLIT_FILE}" in msg and "seen before" in msg
+    assert "\n" not in msg and (state / SPLIT_FILE).read_bytes() == saved
+    # dropping the split column keeps the saved split (no move): accepted
+    _write_manifest(tmp_path, [(f, lab, p, None) for f, lab, p, _ in rows])
+    again = load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache)
+    assert _assignment(again.splits) == _assignment(data.splits)
+
+
+def test_no_patient_column_warns_once_and_uses_paths(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for i in range(10):
+        Image.fromarray(np.full((8, 8), i, np.uint8)).save(tmp_path / f"i{i}.png")
+    manifest = tmp_path / "nopatients.csv"
+    manifest.write_text("path,label\n" + "".join(f"i{i}.png,{i % 2}\n" for i in range(10)))
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            data = load_manifest(manifest, image_size=8, cache_dir=tmp_path / "cache")
+    warned = [r for r in caplog.records if "leakage" in r.getMessage()]
+    assert len(warned) == 1 and "patient_id" in warned[0].getMessage()
+    assert sorted(p for s in data.splits.values() for p in s.patients.tolist()) == sorted(
+        f"i{i}.png" for i in range(10)
+    )
+    assert data.class_names == ("normal", "abnormal")
+
+
+def test_nothing_saved_when_a_file_fails_to_decode(tmp_path: Path) -> None:
+    rows = _rows(6)
+    manifest = _write_manifest(tmp_path, rows)
+    (tmp_path / rows[-1][0]).write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"row 12 \(line 13 of m.csv\): p5_1.png"):
+        load_manifest(manifest, image_size=8, state_dir=tmp_path / "state", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "state" / SPLIT_FILE).exists()
+
+
+def test_a_corrupt_split_file_is_refused(tmp_path: Path) -> None:
+    manifest = _write_manifest(tmp_path, _rows(6))
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / SPLIT_FILE).write_text('{"patients": {"P0": "holdout"}}')
+    with pytest.raises(DataError, match=rf"{SPLIT_FILE} to map patient ids .* delete {SPLIT_FILE}"):
+        load_manifest(manifest, image_size=8, state_dir=state, cache_dir=tmp_path / "cache")
