@@ -3,10 +3,11 @@
 Grey-scale (MONOCHROME1/2) follows DICOM PS3.3 C.11: the modality LUT (Rescale Slope/Intercept or a
 Modality LUT Sequence), then the VOI: a VOI LUT Sequence, else Window Center/Width (the first value
 when there are several) with the VOI LUT Function LINEAR (default), LINEAR_EXACT or SIGMOID, written
-out to 0..255. With no VOI, unsigned data of at most 8 stored bits and no modality transform is used
-as is; anything deeper is min-max scaled per image to 0..255 (:func:`minmax_uint8`). MONOCHROME1 is
-then inverted (255 - y), and the result rounded. Colour (RGB, YBR_* converted to RGB by pydicom,
-PALETTE COLOR through its palette) is scaled from its stored bit depth to 0..255.
+out to 0..255. With no VOI, unsigned 8-bit data with no modality transform is used as is (fewer stored
+bits, e.g. 1-bit masks, are stretched to 0..255); anything else is min-max scaled per image to 0..255
+(:func:`minmax_uint8`). MONOCHROME1 is then inverted (255 - y), and the result rounded. Colour (RGB,
+YBR_* converted to RGB by pydicom, PALETTE COLOR through its palette) is scaled from its stored bit
+depth to 0..255.
 
 Only the chosen frame's pixel data is read (``pydicom.pixels.pixel_array`` with an ``index``).
 Compressed transfer syntaxes need pydicom's decoder plugins (``pip install "fedshift[dicom]"``).
@@ -235,7 +236,7 @@ def _grey(stored: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
     elif header.get("WindowCenter") is not None and header.get("WindowWidth") is not None:
         y = _windowing(x, header, path)
     elif _unsigned_8bit(header) and not _has_modality_transform(header):
-        y = x.astype(np.float64)
+        y = x.astype(np.float64) * (255.0 / (2 ** int(header.get("BitsStored", 8)) - 1))
     else:
         y = minmax_uint8(x).astype(np.float64)
     if header.PhotometricInterpretation == "MONOCHROME1":
@@ -249,8 +250,14 @@ def _colour(arr: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
-        arr = apply_color_lut(arr, header)[..., :3]
-        bits = 8 * arr.dtype.itemsize
+        try:
+            arr = apply_color_lut(arr, header)[..., :3]
+        except (ValueError, AttributeError, TypeError, KeyError) as exc:
+            raise DataError(
+                f"Expected a valid Palette Color LUT in {path}, but it cannot be applied "
+                f"({error_reason(exc)}); re-export the file as RGB"
+            ) from exc
+        bits = int(header.RedPaletteColorLookupTableDescriptor[2])  # nominal entry depth
     else:
         bits = int(header.get("BitsStored", 8))
     if arr.ndim != 3 or arr.shape[-1] != 3:

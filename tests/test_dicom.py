@@ -173,3 +173,38 @@ def test_corrupt_and_non_image_files(tmp_path: Path) -> None:
         read_dicom(tmp_path / "report.dcm")
     with pytest.raises(DataError, match=r"missing\.dcm.*does not exist"):
         read_dicom(tmp_path / "missing.dcm")
+
+
+def test_modality_lut_sequence_then_window(tmp_path: Path) -> None:
+    stored = RNG.integers(0, 512, (10, 10), dtype=np.uint16)
+    table = (np.arange(300, dtype=np.float64) ** 1.5).astype(np.uint16)  # a non-linear modality LUT
+    item = Dataset()
+    item.add_new(0x00283002, "US", [300, 50, 16])  # entries, first value mapped, bits
+    item.add_new(0x00283004, "LO", "US")  # Modality LUT Type (unspecified units)
+    item.add_new(0x00283006, "US", table.tolist())
+    elements = {"ModalityLUTSequence": Sequence([item]), "WindowCenter": 2000, "WindowWidth": 3000}
+    write_dicom(tmp_path / "m.dcm", stored, bits_stored=9, elements=elements)
+    modality = table[np.clip(stored.astype(np.int64) - 50, 0, 299)].astype(np.float64)
+    _close(read_dicom(tmp_path / "m.dcm"), _linear(modality, 2000, 3000))
+
+
+def test_low_bit_depth_is_stretched(tmp_path: Path) -> None:
+    mask = RNG.integers(0, 2, (6, 9), dtype=np.uint8)
+    write_dicom(tmp_path / "mask.dcm", mask, bits_stored=1)
+    np.testing.assert_array_equal(read_dicom(tmp_path / "mask.dcm"), mask * 255)
+
+
+def test_palette_colour(tmp_path: Path) -> None:
+    index = RNG.integers(0, 4, (5, 5), dtype=np.uint8)
+    luts = [np.array(c, np.uint16) for c in ([0, 255, 10, 40], [0, 0, 200, 40], [0, 7, 9, 250])]
+    write_dicom(tmp_path / "p.dcm", index, photometric="PALETTE COLOR", bits_stored=8)
+    ds = dcmread(tmp_path / "p.dcm")
+    for offset, lut in enumerate(luts):  # Red/Green/Blue Palette Color LUT Descriptor and Data
+        ds.add_new(0x00281101 + offset, "US", [4, 0, 8])  # entries, first value mapped, bits
+        ds.add_new(0x00281201 + offset, "OW", lut.astype("<u2").tobytes())  # 8-bit entries in 16-bit words
+    ds.save_as(tmp_path / "p.dcm", enforce_file_format=True)
+    expected = np.stack([lut[index] for lut in luts], axis=-1)
+    np.testing.assert_array_equal(read_dicom(tmp_path / "p.dcm"), expected)
+    write_dicom(tmp_path / "nolut.dcm", index, photometric="PALETTE COLOR", bits_stored=8)
+    with pytest.raises(DataError, match=r"nolut\.dcm.*Palette Color LUT.*re-export"):
+        read_dicom(tmp_path / "nolut.dcm")
