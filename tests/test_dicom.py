@@ -206,5 +206,5 @@ def test_palette_colour(tmp_path: Path) -> None:
     expected = np.stack([lut[index] for lut in luts], axis=-1)
     np.testing.assert_array_equal(read_dicom(tmp_path / "p.dcm"), expected)
     write_dicom(tmp_path / "nolut.dcm", index, photometric="PALETTE COLOR", bits_stored=8)
-    with pytest.raises(DataError, match=r"nolut\.dcm.*Palette Color LUT.*re-export"):
+    with pytest.raises(DataError, match=r"Palette Color LUT in .*nolut\.dcm.*re-export"):
         read_dicom(tmp_path / "nolut.dcm")
