@@ -1,10 +1,12 @@
 """A decode cache: every image file decoded and resized once, then read back from disk.
 
-One entry per file, ``<cache_dir>/<hash of the manifest path>/<key>.npy``; the key hashes the file's path,
-size and ``mtime_ns`` and the preprocessing settings (``image_size``, ``frame``, :data:`DECODER_VERSION`),
-so a changed file, or changed settings, decode again and nothing else does. Files are decoded one at a
-time straight into the cache (a full-resolution image is alive only while it is decoded); entries are
-written atomically, an unreadable entry is decoded again, and entries no longer listed are pruned.
+One entry per file, ``<cache_dir>/<hash of the manifest path>/<image_size>px-v<DECODER_VERSION>/<key>.npy``;
+the key hashes the file's path, size and ``mtime_ns``, the frame and the settings, so a changed file, or
+changed settings, decode again and nothing else does. Files are decoded one at a time straight into the
+cache (a full-resolution image is alive only while it is decoded); entries are written atomically, an
+unreadable entry is decoded again, and entries of files no longer listed (or changed) are pruned, as are
+the entries of older decoder versions. Other image sizes keep their entries (a check at one size does
+not evict training's).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import io
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -37,7 +40,7 @@ class DecodeStats:
 
     decoded: int  # files decoded (not in the cache, or changed)
     cached: int  # files read back from the cache
-    pruned: int  # entries removed (files no longer listed, or decoded under other settings)
+    pruned: int  # entries removed (files no longer listed or changed, or of an older decoder version)
     seconds: float
 
 
@@ -49,10 +52,10 @@ def default_cache_dir(state_dir: Path | None) -> Path:
     return Path(base) / "fedshift" / "decode"
 
 
-def manifest_dir(cache_dir: Path, manifest: str | Path) -> Path:
-    """The folder holding one manifest's entries."""
+def manifest_dir(cache_dir: Path, manifest: str | Path, image_size: int) -> Path:
+    """The folder holding one manifest's entries at ``image_size``."""
     digest = hashlib.sha256(str(Path(manifest).resolve()).encode("utf-8")).hexdigest()[:16]
-    return Path(cache_dir) / digest
+    return Path(cache_dir) / digest / f"{image_size}px-v{DECODER_VERSION}"
 
 
 def entry_key(file: Path, image_size: int, frame: int | None) -> str:
@@ -91,11 +94,16 @@ def _progress(total: int, label: str):  # type: ignore[no-untyped-def]
 
 
 def _prune(folder: Path, keep: set[str]) -> int:
+    """Remove the entries of ``folder`` not in ``keep``, and sibling folders of other decoder versions."""
     pruned = 0
     for entry in folder.glob("*.npy"):
         if entry.name not in keep:
             entry.unlink(missing_ok=True)
             pruned += 1
+    for old in folder.parent.glob("*px-v*"):
+        if old.is_dir() and not old.name.endswith(f"-v{DECODER_VERSION}"):
+            pruned += sum(1 for _ in old.glob("*.npy"))
+            shutil.rmtree(old, ignore_errors=True)
     return pruned
 
 
@@ -108,6 +116,18 @@ def _mixed_error(colour: list[bool], names: Sequence[str]) -> DataError:
     except DataError as exc:
         return exc
     raise AssertionError("Expected stack_images to refuse mixed grey and colour")
+
+
+def _decode_one(file: Path, image_size: int, frame: int | None, name: str, entry: Path) -> np.ndarray:
+    """Decode ``file`` and store it as ``entry``; its DataError prefixed by ``name``."""
+    from fedshift.common.image_files import read_image
+
+    try:
+        array = read_image(file, image_size, frame)
+    except DataError as exc:
+        raise DataError(f"{name}: {exc}") from exc
+    _store_entry(entry, array)
+    return array
 
 
 def decode_cached(
@@ -126,12 +146,10 @@ def decode_cached(
     each file in errors (default: the path), e.g. ``"row 3 (line 4 of m.csv): a.dcm"``; a file that
     cannot be decoded raises its one-line :class:`DataError`, prefixed by its name.
     """
-    from fedshift.common.image_files import read_image
-
     start = time.perf_counter()
     frames = list(frames) if frames is not None else [None] * len(files)
     names = list(names) if names is not None else [str(f) for f in files]
-    folder = manifest_dir(cache_dir, manifest)
+    folder = manifest_dir(cache_dir, manifest, image_size)
     keys = [entry_key(Path(f), image_size, fr) for f, fr in zip(files, frames, strict=True)]
     todo = sum(not (folder / k).is_file() for k in keys)
     bar = _progress(todo, f"Decoding {Path(manifest).name}") if progress else None
@@ -142,11 +160,7 @@ def decode_cached(
         for i, key in enumerate(keys):
             array = _load_entry(folder / key, image_size)
             if array is None:
-                try:
-                    array = read_image(Path(files[i]), image_size, frames[i])
-                except DataError as exc:
-                    raise DataError(f"{names[i]}: {exc}") from exc
-                _store_entry(folder / key, array)
+                array = _decode_one(Path(files[i]), image_size, frames[i], names[i], folder / key)
                 decoded += 1
                 if bar is not None:
                     bar.update(1)
@@ -164,12 +178,6 @@ def decode_cached(
     stats = DecodeStats(decoded, len(keys) - decoded, pruned, time.perf_counter() - start)
     logger.info(
         "Decoded %d of %d images of %s at %d px (%d from the cache %s) in %.1f s",
-        stats.decoded,
-        len(keys),
-        manifest,
-        image_size,
-        stats.cached,
-        folder,
-        stats.seconds,
+        *(stats.decoded, len(keys), manifest, image_size, stats.cached, folder, stats.seconds),
     )
     return (out if out is not None else np.zeros((0, image_size, image_size), np.uint8)), stats

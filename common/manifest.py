@@ -286,7 +286,9 @@ class ManifestSummary:
 @dataclass(frozen=True)
 class _Loaded:
     manifest: Manifest
-    images: np.ndarray
+    rows: tuple[ManifestRow, ...]  # the manifest's rows grouped by split (train, val, test), stable
+    index: np.ndarray  # their split indices, sorted
+    images: np.ndarray  # their images: each split a contiguous slice
     plan: SplitPlan
     stats: DecodeStats
 
@@ -331,6 +333,8 @@ def _load(
         manifest=str(path.resolve()),
         where=where,
     )
+    order = np.argsort(plan.index, kind="stable")
+    rows = tuple(rows[i] for i in order.tolist())
     images, stats = decode_cached(
         [r.file for r in rows],
         [r.frame for r in rows],
@@ -339,7 +343,7 @@ def _load(
         manifest=path,
         names=[f"{r.where(path)}: {r.rel}" for r in rows],
     )
-    return _Loaded(manifest, images, plan, stats)
+    return _Loaded(manifest, rows, plan.index[order], images, plan, stats)
 
 
 def load_manifest(
@@ -371,13 +375,14 @@ def load_manifest(
         min_classes=2 if require == "train" else 1,
     )
     manifest, plan = loaded.manifest, loaded.plan
-    labels = np.asarray([r.label for r in manifest.rows], dtype=np.int64)
-    patients = np.asarray([r.patient for r in manifest.rows], dtype=str)
+    labels = np.asarray([r.label for r in loaded.rows], dtype=np.int64)
+    patients = np.asarray([r.patient for r in loaded.rows], dtype=str)
     splits: dict[str, ImageSet] = {}
     for i, name in enumerate(SPLITS):
-        idx = np.flatnonzero(plan.index == i)
-        if idx.size:
-            splits[name] = ImageSet(images=loaded.images[idx], labels=labels[idx], patients=patients[idx])
+        lo, hi = np.searchsorted(loaded.index, [i, i + 1])
+        if hi > lo:  # slices, not copies: the decoded images are held once
+            part = slice(int(lo), int(hi))
+            splits[name] = ImageSet(images=loaded.images[part], labels=labels[part], patients=patients[part])
     if require not in splits:
         raise DataError(
             f"Expected a '{require}' split in {path}, but its rows are only in {sorted(splits)}; "
@@ -421,7 +426,7 @@ def check_manifest(
         class_names=class_names,
         min_classes=2,
     )
-    rows, index = loaded.manifest.rows, loaded.plan.index
+    rows, index = loaded.rows, loaded.index
     counts: dict[str, list[int]] = {}
     patients: dict[str, int] = {}
     for i, name in enumerate(SPLITS):

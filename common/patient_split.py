@@ -182,6 +182,14 @@ def plan_split(
         new = len({p for p in patients.tolist() if p not in saved})
         known = len(set(patients.tolist())) - new
         source = "new" if not known else ("saved" if not new else "saved+new")
+    if saved and not set(saved) & set(patients.tolist()):
+        logger.warning(
+            "None of the %d patients saved in %s is in %s: every patient is split anew (patient ids "
+            "changed? then old test images may land in training; delete the file if the data is new)",
+            len(saved),
+            path,
+            manifest or "the manifest",
+        )
     merged = dict(saved)
     merged.update({p: SPLITS[i] for p, i in zip(patients.tolist(), index.tolist(), strict=True)})
     return SplitPlan(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fedshift.common import decode_cache
 from fedshift.common.decode_cache import decode_cached, default_cache_dir, manifest_dir
 from fedshift.common.errors import DataError
 from fedshift.common.image_files import read_image
@@ -38,7 +39,7 @@ def test_cold_then_warm_then_one_touched(tmp_path: Path) -> None:
     assert cold.shape == (N, 16, 16) and cold.dtype == np.uint8
     expected = np.stack([read_image(f, 16) for f in files])
     assert np.array_equal(cold, expected)
-    entries = sorted(manifest_dir(cache, tmp_path / "m.csv").iterdir())
+    entries = sorted(manifest_dir(cache, tmp_path / "m.csv", 16).iterdir())
     assert len(entries) == N and all(e.suffix == ".npy" for e in entries)  # no temp files left behind
     warm, s2 = _decode(files, cache)
     assert (s2.decoded, s2.cached, s2.pruned) == (0, N, 0) and np.array_equal(warm, cold)
@@ -63,19 +64,34 @@ def test_changed_settings_decode_everything(tmp_path: Path) -> None:
     files, cache = _files(tmp_path), tmp_path / "cache"
     _decode(files, cache, size=16)
     images, stats = _decode(files, cache, size=12)
-    assert (stats.decoded, stats.cached, stats.pruned) == (N, 0, N)
+    assert (stats.decoded, stats.cached, stats.pruned) == (N, 0, 0)
     assert images.shape == (N, 12, 12)
+    # the 16 px entries stay (a check at another size does not evict them)
+    _, stats = _decode(files, cache, size=16)
+    assert (stats.decoded, stats.cached) == (0, N)
     # a frame change is a setting of that file only
     frames: list[int | None] = [None] * N
     frames[2] = 0
     _, stats = _decode(files, cache, size=12, frames=frames)
-    assert (stats.decoded, stats.cached) == (1, N - 1)
+    assert (stats.decoded, stats.cached, stats.pruned) == (1, N - 1, 1)
+
+
+def test_entries_of_an_older_decoder_version_are_pruned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files, cache = _files(tmp_path, 4), tmp_path / "cache"
+    _decode(files, cache)
+    old = manifest_dir(cache, tmp_path / "m.csv", 16)
+    monkeypatch.setattr(decode_cache, "DECODER_VERSION", decode_cache.DECODER_VERSION + 1)
+    _, stats = _decode(files, cache)
+    assert (stats.decoded, stats.pruned) == (4, 4) and not old.exists()
+    assert manifest_dir(cache, tmp_path / "m.csv", 16).is_dir()
 
 
 def test_a_damaged_entry_is_decoded_again_and_unlisted_ones_pruned(tmp_path: Path) -> None:
     files, cache = _files(tmp_path), tmp_path / "cache"
     cold, _ = _decode(files, cache)
-    folder = manifest_dir(cache, tmp_path / "m.csv")
+    folder = manifest_dir(cache, tmp_path / "m.csv", 16)
     victim = sorted(folder.iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:40])
     images, stats = _decode(files, cache)
@@ -90,7 +106,7 @@ def test_manifests_have_their_own_folders(tmp_path: Path) -> None:
     decode_cached(files, None, image_size=8, cache_dir=cache, manifest=tmp_path / "a.csv")
     _, stats = decode_cached(files, None, image_size=8, cache_dir=cache, manifest=tmp_path / "b.csv")
     assert stats.decoded == 3
-    assert len(list(cache.iterdir())) == 2
+    assert len(list(cache.iterdir())) == 2  # one folder per manifest
 
 
 def test_a_bad_file_names_its_row(tmp_path: Path) -> None:

@@ -240,3 +240,16 @@ def test_a_corrupt_split_file_is_refused(tmp_path: Path) -> None:
     (state / SPLIT_FILE).write_text('{"patients": {"P0": "holdout"}}')
     with pytest.raises(DataError, match=rf"{SPLIT_FILE} to map patient ids .* delete {SPLIT_FILE}"):
         load_manifest(manifest, image_size=8, state_dir=state, cache_dir=tmp_path / "cache")
+
+
+def test_a_manifest_sharing_no_saved_patient_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    state, cache = tmp_path / "state", tmp_path / "cache"
+    manifest = _write_manifest(tmp_path, _rows(6))
+    load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache)
+    # the same files without the patient_id column: every patient id (now the path) is new
+    text = manifest.read_text().splitlines()
+    manifest.write_text("path,label\n" + "".join(",".join(r.split(",")[:2]) + "\n" for r in text[1:]))
+    with caplog.at_level("WARNING"):
+        load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache)
+    assert any("None of the 6 patients saved" in r.getMessage() for r in caplog.records)
+    assert len(json.loads((state / SPLIT_FILE).read_text())["patients"]) == 6 + 12
