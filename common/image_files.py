@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fedshift.common.dicom import DICOM_SUFFIXES, error_reason, has_dicom_preamble, minmax_uint8, read_dicom
-from fedshift.common.errors import DataError
+from fedshift.common.errors import ConfigError, DataError
 
 PIL_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 IMAGE_SUFFIXES = PIL_SUFFIXES | DICOM_SUFFIXES
@@ -109,7 +109,11 @@ def read_image(path: Path, image_size: int, frame: int | None = None) -> np.ndar
     ``frame`` chooses a frame of a multi-frame DICOM (or a page of a multi-page TIFF), which are
     refused without one. A file that cannot be read raises a one-line :class:`DataError` naming it.
     """
-    return resize_image(decode_image(path, frame), image_size)
+    if isinstance(image_size, bool) or not isinstance(image_size, int | np.integer) or image_size < 1:
+        raise ConfigError(
+            f"Expected image_size to be a positive integer, but got {image_size!r}; pass e.g. 64"
+        )
+    return resize_image(decode_image(path, frame), int(image_size))
 
 
 def is_colour(image: np.ndarray) -> bool:

@@ -3,15 +3,18 @@ independent numpy computation of the DICOM PS3.3 C.11 transforms (within 1 grey 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.pixels import convert_color_space, get_decoder
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless
+from pydicom.uid import UID, JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
 from fedshift.common.dicom import read_dicom, window, write_dicom
 from fedshift.common.errors import DataError
@@ -109,6 +112,29 @@ def test_compressed_lossless_matches_the_transform(tmp_path: Path, syntax: str) 
     write_dicom(tmp_path / "c.dcm", stored, bits_stored=12, transfer_syntax=syntax, elements=elements)
     assert dcmread(tmp_path / "c.dcm").file_meta.TransferSyntaxUID == syntax
     _close(read_dicom(tmp_path / "c.dcm"), _linear(stored * 2.0 - 500, 3000, 5000))
+
+
+@pytest.mark.parametrize("colour", [False, True], ids=["grey", "ybr-422"])
+def test_jpeg_baseline_matches_pil(tmp_path: Path, colour: bool) -> None:
+    y, x = np.mgrid[0:32, 0:32]
+    source = np.stack([x * 8, y * 8, (x + y) * 4], axis=-1).astype(np.uint8)
+    source = source if colour else source[..., 0]
+    buffer = io.BytesIO()
+    Image.fromarray(source).save(buffer, "JPEG", quality=90)  # colour: YCbCr 4:2:0 inside
+    with Image.open(io.BytesIO(buffer.getvalue())) as im:
+        reference = np.asarray(im)
+    write_dicom(tmp_path / "j.dcm", source)
+    ds = dcmread(tmp_path / "j.dcm")
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    if colour:
+        ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.save_as(tmp_path / "j.dcm", enforce_file_format=True)
+    got = read_dicom(tmp_path / "j.dcm")
+    assert got.shape == source.shape
+    # Grey: the same IDCT to within 1; colour: decoders differ in chroma upsampling by a few levels.
+    assert np.abs(got.astype(int) - reference).max() <= (3 if colour else 1)
 
 
 def test_multi_frame_needs_a_frame(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fedshift.common.dicom import write_dicom
-from fedshift.common.errors import DataError
+from fedshift.common.errors import ConfigError, DataError
 from fedshift.common.image_files import IMAGE_SUFFIXES, is_image_file, read_image, stack_images
 from fedshift.common.image_folders import load_image_folder, load_unlabeled_folder
 
@@ -142,3 +142,10 @@ def test_folders_read_tiff_and_dicom_and_refuse_mixed(tmp_path: Path) -> None:
         load_image_folder(tmp_path, image_size=8)
     images, names = load_unlabeled_folder(tmp_path / "normal", image_size=8)
     assert names == ["a.tif", "b.dcm"] and images.shape == (2, 8, 8)
+
+
+def test_image_size_is_checked(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "z.png")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ConfigError, match="image_size to be a positive integer"):
+            read_image(tmp_path / "z.png", bad)  # type: ignore[arg-type]
