@@ -182,7 +182,7 @@ def window(x: np.ndarray, center: float, width: float, function: str = "LINEAR")
 def _windowing(x: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
     """Window Center/Width (first values) and the VOI LUT Function applied to ``x``."""
     center, width = _first(header.WindowCenter), _first(header.WindowWidth)
-    function = str(header.get("VOILUTFunction", "") or "LINEAR").upper()
+    function = str(_present(header, "VOILUTFunction") or "LINEAR").strip().upper()
     if function not in _VOI_FUNCTIONS:
         raise DataError(
             f"Expected VOI LUT Function {' / '.join(_VOI_FUNCTIONS)} in {path}, but got {function!r}; "
@@ -214,29 +214,69 @@ def _voi_lut(x: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
     return y.astype(np.float64) * (255.0 / (2**bits - 1))
 
 
-def _has_modality_transform(header: Dataset) -> bool:
+def _present(header: Dataset, keyword: str) -> Any | None:
+    """The value of ``keyword``, or None when it is absent or empty."""
+    from pydicom.multival import MultiValue
+
+    value = header.get(keyword)
+    if value is None or (isinstance(value, str | bytes | list | tuple | MultiValue) and len(value) == 0):
+        return None
+    return value
+
+
+_FRAME_GROUPS = (
+    ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept")),
+    ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
+)
+
+
+def _apply_functional_groups(header: Dataset, index: int) -> None:
+    """Enhanced multi-frame files: copy the shared, then frame ``index``'s, rescale and window to the top."""
+    shared, per_frame = (
+        header.get("SharedFunctionalGroupsSequence"),
+        header.get("PerFrameFunctionalGroupsSequence"),
+    )
+    items = ([shared[0]] if shared else []) + (
+        [per_frame[index]] if per_frame and index < len(per_frame) else []
+    )
+    for item in items:
+        for sequence, keywords in _FRAME_GROUPS:
+            if group := item.get(sequence):
+                for keyword in (k for k in keywords if k in group[0]):
+                    setattr(header, keyword, group[0][keyword].value)
+
+
+def _modality(stored: np.ndarray, header: Dataset, path: Path) -> tuple[np.ndarray, bool]:
+    """The modality LUT (sequence) or rescale applied to ``stored``, and whether it changed anything."""
+    from pydicom.pixels import apply_modality_lut
+
     if header.get("ModalityLUTSequence"):
-        return True
-    slope, intercept = header.get("RescaleSlope"), header.get("RescaleIntercept")
-    return slope is not None and intercept is not None and (float(slope), float(intercept)) != (1.0, 0.0)
-
-
-def _unsigned_8bit(header: Dataset) -> bool:
-    return int(header.get("BitsStored", 8)) <= 8 and int(header.get("PixelRepresentation", 0)) == 0
+        try:
+            return apply_modality_lut(stored, header), True
+        except (ValueError, AttributeError, TypeError, KeyError, IndexError) as exc:
+            raise DataError(
+                f"Expected a valid Modality LUT Sequence in {path}, but it cannot be applied "
+                f"({error_reason(exc)}); re-export the file or remove its Modality LUT Sequence"
+            ) from exc
+    slope, intercept = _present(header, "RescaleSlope"), _present(header, "RescaleIntercept")
+    s = 1.0 if slope is None else _first(slope)
+    i = 0.0 if intercept is None else _first(intercept)
+    if (s, i) == (1.0, 0.0):
+        return stored, False
+    return stored.astype(np.float64) * s + i, True
 
 
 def _grey(stored: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
     """Grey display pixels: modality LUT, VOI (or 8-bit as is / min-max), MONOCHROME1 inverted."""
-    from pydicom.pixels import apply_modality_lut
-
-    x = apply_modality_lut(stored, header) if _has_modality_transform(header) else stored
+    x, transformed = _modality(stored, header, path)
     lut = header.get("VOILUTSequence")
+    bits = int(header.get("BitsStored", 8))
     if lut and "LUTDescriptor" in lut[0] and "LUTData" in lut[0]:
         y = _voi_lut(x, header, path)
-    elif header.get("WindowCenter") is not None and header.get("WindowWidth") is not None:
+    elif _present(header, "WindowCenter") is not None and _present(header, "WindowWidth") is not None:
         y = _windowing(x, header, path)
-    elif _unsigned_8bit(header) and not _has_modality_transform(header):
-        y = x.astype(np.float64) * (255.0 / (2 ** int(header.get("BitsStored", 8)) - 1))
+    elif bits <= 8 and int(header.get("PixelRepresentation", 0)) == 0 and not transformed:
+        y = x.astype(np.float64) * (255.0 / (2**bits - 1))
     else:
         y = minmax_uint8(x).astype(np.float64)
     if header.PhotometricInterpretation == "MONOCHROME1":
@@ -287,6 +327,7 @@ def read_dicom(path: Path, frame: int | None = None) -> np.ndarray:
     _check_decoder(header, path)
     index = _frame_index(header, path, frame)
     arr = _decode(path, index)
+    _apply_functional_groups(header, index)
     if photometric in _GREY:
         if arr.ndim != 2:
             raise DataError(

@@ -234,3 +234,35 @@ def test_palette_colour(tmp_path: Path) -> None:
     write_dicom(tmp_path / "nolut.dcm", index, photometric="PALETTE COLOR", bits_stored=8)
     with pytest.raises(DataError, match=r"Palette Color LUT in .*nolut\.dcm.*re-export"):
         read_dicom(tmp_path / "nolut.dcm")
+
+
+def test_enhanced_multi_frame_functional_groups(tmp_path: Path) -> None:
+    frames = RNG.integers(0, 4096, (3, 8, 8), dtype=np.uint16)
+    transform = Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = 2, -1000, "US"
+    shared = Dataset()
+    shared.PixelValueTransformationSequence = Sequence([transform])
+    per_frame = []
+    for center in (0, 1500, 3000):
+        voi, item = Dataset(), Dataset()
+        voi.WindowCenter, voi.WindowWidth = center, 2000
+        item.FrameVOILUTSequence = Sequence([voi])
+        per_frame.append(item)
+    elements = {
+        "SharedFunctionalGroupsSequence": Sequence([shared]),
+        "PerFrameFunctionalGroupsSequence": Sequence(per_frame),
+    }
+    write_dicom(tmp_path / "e.dcm", frames, photometric="MONOCHROME2", bits_stored=12, elements=elements)
+    for index, center in enumerate((0, 1500, 3000)):
+        expected = _linear(frames[index] * 2.0 - 1000, center, 2000)
+        _close(read_dicom(tmp_path / "e.dcm", frame=index), expected)
+
+
+def test_empty_window_and_rescale_elements_are_absent(tmp_path: Path) -> None:
+    stored = RNG.integers(0, 256, (6, 6), dtype=np.uint8)
+    write_dicom(tmp_path / "e.dcm", stored)
+    ds = dcmread(tmp_path / "e.dcm")
+    for tag in (0x00281050, 0x00281051, 0x00281052, 0x00281053):  # Window C/W, Rescale Intercept/Slope
+        ds.add_new(tag, "DS", None)
+    ds.save_as(tmp_path / "e.dcm", enforce_file_format=True)
+    np.testing.assert_array_equal(read_dicom(tmp_path / "e.dcm"), stored)
