@@ -114,6 +114,13 @@ def test_compressed_lossless_matches_the_transform(tmp_path: Path, syntax: str) 
     _close(read_dicom(tmp_path / "c.dcm"), _linear(stored * 2.0 - 500, 3000, 5000))
 
 
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless], ids=["rle", "j2k"])
+def test_compressed_rgb_is_lossless(tmp_path: Path, syntax: str) -> None:
+    rgb = RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    write_dicom(tmp_path / "c.dcm", rgb, transfer_syntax=syntax)
+    np.testing.assert_array_equal(read_dicom(tmp_path / "c.dcm"), rgb)
+
+
 @pytest.mark.parametrize("colour", [False, True], ids=["grey", "ybr-422"])
 def test_jpeg_baseline_matches_pil(tmp_path: Path, colour: bool) -> None:
     y, x = np.mgrid[0:32, 0:32]
