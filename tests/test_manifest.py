@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from fedshift.common.data import load_dataset
+from fedshift.common.dicom import write_dicom
 from fedshift.common.errors import DataError
-from fedshift.common.manifest import check_manifest, load_manifest, read_manifest
+from fedshift.common.manifest import check_manifest, load_manifest, manifest_images, read_manifest
+from fedshift.common.manifest_table import NEGATIVE_NAMES, order_class_names
 from fedshift.common.patient_split import SPLIT_FILE
 
 
@@ -24,26 +26,6 @@ def _png(
         array = np.stack([array, 255 - array, array // 2], axis=-1)
     Image.fromarray(array).save(path)
     return array
-
-
-def _dicom(path: Path, frames: np.ndarray) -> None:
-    """An uncompressed 8-bit MONOCHROME2 DICOM of ``frames`` ((F, H, W) uint8)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "OT", "X"
-    ds.Rows, ds.Columns = frames.shape[1:]
-    ds.NumberOfFrames = frames.shape[0]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = frames.tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def _csv(root: Path, text: str, name: str = "m.csv") -> Path:
@@ -90,8 +72,8 @@ def test_resized_pixels_equal_pil_bilinear(tmp_path: Path) -> None:
 
 def test_dicom_frames_and_load_dataset_dispatch(tmp_path: Path) -> None:
     frames = np.arange(3 * 8 * 8, dtype=np.uint8).reshape(3, 8, 8)
-    _dicom(tmp_path / "multi.dcm", frames)
-    _dicom(tmp_path / "single.dcm", frames[:1] + 100)
+    write_dicom(tmp_path / "multi.dcm", frames, photometric="MONOCHROME2")
+    write_dicom(tmp_path / "single.dcm", frames[0] + 100)
     manifest = _csv(tmp_path, "path,label,frame,split\nmulti.dcm,a,2,train\nsingle.dcm,b,,train\n")
     data = load_dataset(manifest, image_size=8, state_dir=tmp_path / "state")
     assert np.array_equal(data.split("train").images, np.stack([frames[2], frames[0] + 100]))
@@ -128,6 +110,48 @@ def test_known_class_names_fix_the_indices(tmp_path: Path) -> None:
     )
     data = _load(manifest, class_names=("a", "b", "c"))
     assert data.class_names == ("a", "b", "c") and data.split("train").labels.tolist() == [1, 2, 1, 2]
+
+
+def test_a_negative_class_name_comes_first(tmp_path: Path) -> None:
+    assert order_class_names({"normal", "abnormal"}) == ("normal", "abnormal")
+    assert order_class_names(["Pneumonia", "No Finding", "Effusion"]) == (
+        "No Finding",
+        "Effusion",
+        "Pneumonia",
+    )
+    assert order_class_names({"malignant", "benign"}) == ("benign", "malignant")
+    assert order_class_names({"b", "a", "c"}) == ("a", "b", "c")
+    assert NEGATIVE_NAMES.index("normal") < NEGATIVE_NAMES.index("benign")
+    assert order_class_names({"benign", "normal", "x"}) == ("normal", "benign", "x")
+    _two_classes(tmp_path, 4)
+    rows = "".join(f"f{i}.png,{'normal' if i % 2 else 'abnormal'}\n" for i in range(4))
+    data = _load(_csv(tmp_path, "path,label\n" + rows), fractions=(1.0, 0.0, 0.0))
+    assert data.class_names == ("normal", "abnormal") and data.split("train").labels.tolist() == [1, 0, 1, 0]
+
+
+def test_manifest_images_to_predict_on(tmp_path: Path) -> None:
+    arrays = _two_classes(tmp_path, 4)
+    images, ids, labels, names = manifest_images(
+        _csv(tmp_path, "path,patient_id\nf2.png,P\nf0.png,Q\n"), 8, cache_dir=tmp_path / "cache"
+    )
+    assert np.array_equal(images, np.stack([arrays[2], arrays[0]]))
+    assert ids == ["f2.png", "f0.png"] and labels is None and names is None
+    text = "path,label,split\nf0.png,sick,train\nf1.png,sick,test\nf2.png,well,test\nf3.png,,val\n"
+    with pytest.raises(DataError, match=r"a label in row 4 \(line 5 of m.csv\), but it is empty"):
+        manifest_images(_csv(tmp_path, text), 8, cache_dir=tmp_path / "cache")
+    text = text.replace(",,val", ",well,val")
+    images, ids, labels, names = manifest_images(
+        _csv(tmp_path, text), 8, split="test", cache_dir=tmp_path / "cache"
+    )
+    assert ids == ["f1.png", "f2.png"] and np.array_equal(images, np.stack(arrays[1:3]))
+    assert labels is not None and labels.tolist() == [0, 1] and names == ("sick", "well")
+    one = _csv(tmp_path, "path,label\nf0.png,well\n", "one.csv")
+    _, _, labels, names = manifest_images(one, 8, cache_dir=tmp_path / "cache")
+    assert labels is not None and labels.tolist() == [0] and names == ("well",)  # one class is fine
+    _, _, labels, names = manifest_images(one, 8, cache_dir=tmp_path / "cache", class_names=("sick", "well"))
+    assert labels is not None and labels.tolist() == [1] and names == ("sick", "well")
+    with pytest.raises(DataError, match=r"rows with split 'holdout'.*\['test', 'train', 'val'\]"):
+        manifest_images(_csv(tmp_path, text), 8, split="holdout", cache_dir=tmp_path / "cache")
 
 
 def test_colour_pngs_stay_colour(tmp_path: Path) -> None:

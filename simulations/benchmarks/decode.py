@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from fedshift.common.dicom import write_dicom
 from fedshift.common.manifest import load_manifest
 
 logger = logging.getLogger(__name__)
@@ -36,30 +37,16 @@ def peak_rss_mib() -> float:
 
 
 def _dicom(path: Path, pixels: np.ndarray, kind: int) -> None:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "CT", path.stem
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME1" if kind == 0 else "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    """Kind 0: MONOCHROME1 with a window; 1: rescale slope/intercept and a window; 2: 12-bit, no window."""
     if kind == 0:
-        ds.WindowCenter, ds.WindowWidth = 30000, 40000
+        write_dicom(
+            path, pixels, photometric="MONOCHROME1", elements={"WindowCenter": 30000, "WindowWidth": 40000}
+        )
     elif kind == 1:
-        ds.RescaleSlope, ds.RescaleIntercept = 0.5, -1024
-        ds.WindowCenter, ds.WindowWidth = 40, 400
+        window = {"RescaleSlope": 0.5, "RescaleIntercept": -1024, "WindowCenter": 14000, "WindowWidth": 12000}
+        write_dicom(path, pixels, elements={"Modality": "CT", **window})
     else:
-        ds.BitsStored, ds.HighBit = 12, 11
-        pixels = pixels >> 4
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+        write_dicom(path, pixels >> 4, bits_stored=12)
 
 
 def generate(root: Path, n: int, size: int, seed: int = 0) -> Path:
