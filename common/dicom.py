@@ -48,13 +48,16 @@ def has_dicom_preamble(path: Path) -> bool:
 
 def minmax_uint8(values: np.ndarray) -> np.ndarray:
     """``values`` min-max scaled per image to 0..255 and rounded (a constant image becomes 0)."""
-    x = np.asarray(values, dtype=np.float64)
+    x = np.asarray(values)
     if x.size == 0:
         return np.zeros(x.shape, np.uint8)
     lo, hi = float(x.min()), float(x.max())
     if hi <= lo:
         return np.zeros(x.shape, np.uint8)
-    return np.rint((x - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    y = x.astype(np.float32)  # float32: well within one grey level, half the memory traffic
+    y -= lo
+    y *= 255.0 / (hi - lo)
+    return np.rint(y, out=y).astype(np.uint8)
 
 
 def _package_hint(ts: UID) -> str:
@@ -169,14 +172,17 @@ def _first(value: Any) -> float:
 
 
 def window(x: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """Window ``x`` to 0..255 (float) by DICOM PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT, SIGMOID)."""
-    x = np.asarray(x, dtype=np.float64)
+    """Window ``x`` to 0..255 (float32) by DICOM PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT, SIGMOID)."""
+    x = np.array(x, dtype=np.float32)  # a copy, transformed in place
     if function == "SIGMOID":
-        return 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+        return (255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))).astype(np.float32)
     c, w = (center - 0.5, width - 1.0) if function == "LINEAR" else (center, width)
     if w <= 0:  # LINEAR with width 1: a threshold at c
-        return np.where(x > c, 255.0, 0.0)
-    return np.clip((x - c) / w + 0.5, 0.0, 1.0) * 255.0
+        return np.where(x > c, 255.0, 0.0).astype(np.float32)
+    x -= c  # ((x - c) / w + 0.5) * 255, clipped to 0..255
+    x *= 255.0 / w
+    x += 127.5
+    return np.clip(x, 0.0, 255.0, out=x)
 
 
 def _windowing(x: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
@@ -211,7 +217,7 @@ def _voi_lut(x: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
             f"Expected a valid VOI LUT Sequence in {path}, but it cannot be applied ({error_reason(exc)}); "
             "re-export the file or remove its VOI LUT Sequence"
         ) from exc
-    return y.astype(np.float64) * (255.0 / (2**bits - 1))
+    return y.astype(np.float32) * (255.0 / (2**bits - 1))
 
 
 def _present(header: Dataset, keyword: str) -> Any | None:
@@ -263,7 +269,10 @@ def _modality(stored: np.ndarray, header: Dataset, path: Path) -> tuple[np.ndarr
     i = 0.0 if intercept is None else _first(intercept)
     if (s, i) == (1.0, 0.0):
         return stored, False
-    return stored.astype(np.float64) * s + i, True
+    x = stored.astype(np.float32)
+    x *= s
+    x += i
+    return x, True
 
 
 def _grey(stored: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
@@ -276,12 +285,13 @@ def _grey(stored: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
     elif _present(header, "WindowCenter") is not None and _present(header, "WindowWidth") is not None:
         y = _windowing(x, header, path)
     elif bits <= 8 and int(header.get("PixelRepresentation", 0)) == 0 and not transformed:
-        y = x.astype(np.float64) * (255.0 / (2**bits - 1))
+        y = x.astype(np.float32) * (255.0 / (2**bits - 1))
     else:
-        y = minmax_uint8(x).astype(np.float64)
+        y = minmax_uint8(x).astype(np.float32)
     if header.PhotometricInterpretation == "MONOCHROME1":
-        y = 255.0 - y
-    return np.rint(np.clip(y, 0.0, 255.0)).astype(np.uint8)
+        np.subtract(255.0, y, out=y)
+    np.clip(y, 0.0, 255.0, out=y)
+    return np.rint(y, out=y).astype(np.uint8)
 
 
 def _colour(arr: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
