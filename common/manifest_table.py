@@ -181,6 +181,11 @@ def _row_fields(
             f"Expected a file path in {where}, but it is empty; fill in the path or remove the row"
         )
     split = _cell(cells, columns, "split").lower() if "split" in columns else None
+    if split == "":
+        raise DataError(
+            f"Expected a split ({'/'.join(SPLITS)}) in {where}, but it is empty; fill in every row's split, "
+            "or leave the whole split column out for a seeded patient-level split"
+        )
     if split is not None and split not in SPLITS:
         raise DataError(
             f"Expected split to be one of {list(SPLITS)} in {where}, but got '{split}'; "

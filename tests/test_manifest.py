@@ -237,6 +237,8 @@ def test_unknown_split_value(tmp_path: Path) -> None:
     _two_classes(tmp_path, 2)
     msg = _error(tmp_path, "path,label,split\nf0.png,a,train\nf1.png,b,holdout\n")
     assert "one of ['train', 'val', 'test'] in row 2 (line 3 of m.csv), but got 'holdout'" in msg
+    msg = _error(tmp_path, "path,label,split\nf0.png,a,train\nf1.png,b,\n")
+    assert "a split (train/val/test) in row 2 (line 3 of m.csv), but it is empty" in msg
 
 
 def test_duplicate_path(tmp_path: Path) -> None:
