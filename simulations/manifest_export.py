@@ -15,46 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from fedshift.common.data import SPLITS, Dataset
+from fedshift.common.dicom import write_dicom
 from fedshift.common.errors import ConfigError
 from fedshift.common.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("dcm", "png")
-
-
-def write_dicom(
-    path: Path, pixels: np.ndarray, *, patient_id: str = "anonymous", **attributes: object
-) -> None:
-    """``pixels`` ``(H, W)`` uint8/uint16 (MONOCHROME2 unless ``PhotometricInterpretation`` says otherwise)
-    or ``(H, W, 3)`` uint8 (RGB) as an uncompressed DICOM file; ``attributes`` set further elements
-    (``RescaleSlope``, ``WindowCenter``, ...)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientID, ds.Modality = patient_id, "OT"
-    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
-    colour = pixels.ndim == 3
-    bits = 8 if pixels.dtype == np.uint8 else 16
-    ds.SamplesPerPixel = 3 if colour else 1
-    ds.PhotometricInterpretation = "RGB" if colour else "MONOCHROME2"
-    if colour:
-        ds.PlanarConfiguration = 0
-    ds.BitsAllocated = bits
-    ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
-    for key, value in attributes.items():
-        setattr(ds, key, value)
-    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(str(path), enforce_file_format=True)
 
 
 def _write_png(path: Path, pixels: np.ndarray) -> None:
@@ -90,7 +57,7 @@ def export_manifest(
             relative = f"images/{split}/{i:06d}.{fmt}"
             patient = f"{split}-{i // per:06d}"
             if fmt == "dcm":
-                write_dicom(root / relative, data.images[i], patient_id=patient)
+                write_dicom(root / relative, data.images[i], elements={"PatientID": patient})
             else:
                 _write_png(root / relative, data.images[i])
             row = {"path": relative, "label": dataset.class_names[int(data.labels[i])], "patient_id": patient}
