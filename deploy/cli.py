@@ -205,6 +205,8 @@ def _run_client(args: argparse.Namespace) -> int:
     )
     if args.check:
         print(f"{args.config}: OK; {summary}")
+        for line in found.data:
+            print(f"  {line}")
         return 0
     _file_logging(settings.log_file)
     logger.info("Starting: %s; connecting to %s", summary, settings.superlink)

@@ -45,8 +45,9 @@ from fedshift.client.integrity import for_state_dir
 from fedshift.client.ledger import chain_legacy_ledger, open_ledger, verify_site
 from fedshift.client.site import SiteSettings, load_site_data
 from fedshift.common.config import FederationConfig
-from fedshift.common.data import Dataset
+from fedshift.common.data import MANIFEST_SUFFIXES
 from fedshift.common.errors import ConfigError, FedshiftError
+from fedshift.common.manifest import check_manifest
 from fedshift.common.privacy import check_budget
 from fedshift.deploy.flwr_cli import executable, flower_env
 from fedshift.deploy.processes import Child
@@ -73,6 +74,7 @@ class SiteCheck:
     splits: dict[str, int]  # examples per split
     epsilon: float  # the site's lifetime budget (nan with dp=false)
     spent: float  # epsilon already in the ledger (0 when none)
+    data: tuple[str, ...] = ()  # a manifest's findings: files, classes, its split per patient
 
 
 def check_site(settings: ClientSettings) -> SiteCheck:
@@ -83,16 +85,17 @@ def check_site(settings: ClientSettings) -> SiteCheck:
         site = SiteSettings.from_node_config(settings.node_config, FederationConfig())
     except FedshiftError as exc:
         raise ConfigError(f"[site] in {path}: {exc}") from None
-    dataset = _check_site_data(site, path)
-    n_train = len(dataset.splits["train"])
+    splits, notes = _check_site_data(site, path)
+    n_train = splits["train"]
     privacy = site.privacy
     _check_privacy(site, n_train, path)
     spent = _check_state_dir(site, path)
     return SiteCheck(
         train=n_train,
-        splits={k: len(v) for k, v in dataset.splits.items()},
+        splits=splits,
         epsilon=privacy.epsilon if privacy.enabled else math.nan,
         spent=spent,
+        data=notes,
     )
 
 
@@ -110,9 +113,9 @@ def _check_connection_files(settings: ClientSettings, path: Path) -> None:
         _check_private_key(settings.private_key, path)
 
 
-def _check_site_data(site: SiteSettings, path: Path) -> Dataset:
-    """The site's data (an ``.npz`` or a manifest: every file decoded, its split made at patient level and
-    kept in the state dir), readable and holding every required split."""
+def _check_site_data(site: SiteSettings, path: Path) -> tuple[dict[str, int], tuple[str, ...]]:
+    """Images per split of the site's data, readable and holding every required split, and what a manifest
+    check found (every file decoded into the cache; its split at patient level, not yet saved)."""
     data_path = site.data_path
     if not os.access(data_path, os.R_OK) or not data_path.is_file():
         raise ConfigError(
@@ -120,18 +123,23 @@ def _check_site_data(site: SiteSettings, path: Path) -> Dataset:
             f"{data_path} {'does not exist' if not data_path.exists() else 'cannot be read'}; fix the path "
             "or its permissions (the daemon's user must read it)"
         )
+    notes: tuple[str, ...] = ()
     try:
-        dataset = load_site_data(site)
+        if data_path.suffix.lower() in MANIFEST_SUFFIXES:
+            found = check_manifest(data_path, image_size=site.image_size, state_dir=site.state_dir)
+            splits, notes = {k: sum(v) for k, v in found.counts.items()}, tuple(found.lines())
+        else:
+            splits = {k: len(v) for k, v in load_site_data(site).splits.items()}
     except FedshiftError as exc:
         raise ConfigError(f"[site] data-path in {path}: {exc}") from None
-    missing = [s for s in REQUIRED_SPLITS if s not in dataset.splits or len(dataset.splits[s]) == 0]
+    missing = [s for s in REQUIRED_SPLITS if not splits.get(s)]
     if missing:
         raise ConfigError(
             f"Expected [site] data-path {data_path} to hold the splits {list(REQUIRED_SPLITS)}, but "
             f"{missing} are missing or empty; add <split>_images and <split>_labels (a manifest: rows "
             "whose split column names them, or more patients)"
         )
-    return dataset
+    return splits, notes
 
 
 def _check_privacy(site: SiteSettings, n_train: int, path: Path) -> None:

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from fedshift.common.data import Dataset, make_synthetic_cxr, save_npz
+from fedshift.common.data import Dataset, load_npz, make_synthetic_cxr, save_npz
 from fedshift.deploy.processes import Child, descendants
+from fedshift.simulations.manifest_export import export_manifest
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 _SCRIPT = Path(sys.executable).parent / "fedshift"  # the console script the runbook uses
@@ -94,8 +95,19 @@ def write_site_toml(root: Path, *, ca_cert: Path, private_key: Path, superlink: 
 class Federation:
     """A coordinator and hospitals in one folder (``root``), as the runbook sets them up."""
 
-    def __init__(self, root: Path, *, rounds: int, min_nodes: int, enrolled: tuple[str, ...] = SITES) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        rounds: int,
+        min_nodes: int,
+        enrolled: tuple[str, ...] = SITES,
+        manifest_sites: tuple[str, ...] = (),
+    ) -> None:
+        """``manifest_sites``: hospitals whose data-path is a CSV manifest of DICOM files (two images per
+        patient, no split column: the site splits it at patient level) instead of an ``.npz``."""
         self.root = root
+        self.manifest_sites = manifest_sites
         self.port = free_port()
         self.daemons: list[Child] = []
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -125,6 +137,9 @@ class Federation:
         )
         for k, site in enumerate((*SITES, "intruder")):
             write_site_data(root / "data" / f"{site}.npz", seed=k)
+            if site in manifest_sites:
+                pooled = load_npz(root / "data" / f"{site}.npz")
+                export_manifest(pooled, root / "data" / site, images_per_patient=2, with_split=False)
             self.write_site_config(site, key=site)
 
     def write_site_config(self, site: str, *, key: str, **site_values: Any) -> Path:
@@ -138,7 +153,7 @@ class Federation:
         }
         values = {
             "site-name": site,
-            "data-path": f"data/{site}.npz",
+            "data-path": f"data/{site}/manifest.csv" if site in self.manifest_sites else f"data/{site}.npz",
             "state-dir": f"sites/{site}",
             "device": "cpu",
             "dp-epsilon": 50.0,

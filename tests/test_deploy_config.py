@@ -13,7 +13,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from fedshift.common.cli import main
+from fedshift.common.data import load_npz
 from fedshift.deploy.server import resume_point
+from fedshift.simulations.manifest_export import export_manifest
 from fedshift.tests.deploy_support import toml, write_site_toml
 from fedshift.tests.helpers import one_line_error
 
@@ -85,6 +87,30 @@ def test_a_good_site_config_passes_the_check(
     made = key.read_bytes()
     assert main(["client", "--config", str(path), "--check"]) == 0  # and the next start keeps them
     assert key.read_bytes() == made
+
+
+def test_a_manifest_site_is_checked_file_by_file_and_split_per_patient(
+    tmp_path: Path, certs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _site_toml(tmp_path, certs, **{"data-path": "export/manifest.csv"})
+    export_manifest(load_npz(tmp_path / "a.npz"), tmp_path / "export", images_per_patient=3, with_split=False)
+    assert main(["client", "--config", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    # 90 images of 30 patients, split 60/20/20 by patient: 18, 6 and 6 patients of 3 images
+    assert "'train': 54, 'val': 18, 'test': 18" in out and "90 grey-scale images readable (90 decoded" in out
+    assert "train: 54 images of 18 patients" in out and "test: 18 images of 6 patients" in out
+    assert not (tmp_path / "state" / "data-split.json").exists()  # the check saves no split: training does
+    assert main(["client", "--config", str(path), "--check"]) == 0
+    assert "(0 decoded, 90 from the cache)" in capsys.readouterr().out  # decoded once, for the site's runs
+
+    (tmp_path / "export" / "images" / "val" / "000004.dcm").unlink()
+    one_line_error(
+        main(["client", "--config", str(path), "--check"]),
+        capsys.readouterr().err,
+        "data-path",
+        "images/val/000004.dcm",
+        "row 65",
+    )
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,10 +19,12 @@ from fedshift.tests.deploy_support import SITES, Federation, fedshift, flower_pr
 
 pytestmark = pytest.mark.slow
 
+MANIFEST_SITE = SITES[-1]  # its data-path is a CSV manifest of DICOM files, split by the site per patient
+
 
 @pytest.fixture
 def federation(tmp_path: Path) -> Iterator[Federation]:
-    fed = Federation(tmp_path, rounds=2, min_nodes=3)
+    fed = Federation(tmp_path, rounds=2, min_nodes=3, manifest_sites=(MANIFEST_SITE,))
     try:
         yield fed
     finally:
@@ -98,6 +102,13 @@ def test_tls_federation_with_enrolled_sites_runs_two_rounds(federation: Federati
     # ... after verifying its chain, and the egress log's, written by the real SuperNode's ClientApp
     assert "ledger 2 entries chained (anchor 2), egress log 6 lines chained (anchor 6)" in shown.stdout
 
+    # the manifest site trained on its DICOMs, decoded once into its state dir, split at patient level
+    state = federation.state_dir(MANIFEST_SITE)
+    split = json.loads((state / "data-split.json").read_text())
+    assert len(list((state / "decode-cache").rglob("*.npy"))) == 90
+    assert _patients_per_split(split) == {"train": 27, "val": 9, "test": 9}  # 45 patients of 2 images
+    assert results["final_test"][MANIFEST_SITE]["n"] == 18
+
     # the node config reached the ClientApp: the state went where site.toml said
     for site in SITES:
         assert (federation.state_dir(site) / "site_local.safetensors").is_file()
@@ -107,3 +118,9 @@ def test_tls_federation_with_enrolled_sites_runs_two_rounds(federation: Federati
     assert (state / "superlink.db").is_file()
     assert (state / "logs" / "superlink.log").is_file()
     print(f"normal run: {elapsed:.0f} s")
+
+
+def _patients_per_split(saved: dict[str, Any]) -> dict[str, int]:
+    """Patients per split in a site's saved split."""
+    splits = list(saved["patients"].values())
+    return {s: splits.count(s) for s in ("train", "val", "test")}
