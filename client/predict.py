@@ -45,9 +45,13 @@ def register(sub: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", type=Path, required=True, help="bundle folder (or the site's state directory)")
-    p.add_argument("--images", required=True, help="image folder (labelled or not) or .npz")
+    p.add_argument(
+        "--images", required=True, help="image folder (labelled or not), .npz or .csv/.tsv manifest"
+    )
     p.add_argument("--out", type=Path, required=True, help="predictions CSV to write")
-    p.add_argument("--split", default="test", help="the .npz or split-layout folder's split")
+    p.add_argument(
+        "--split", default="test", help="the split of an .npz, a split-layout folder or a manifest with one"
+    )
     p.add_argument(
         "--prior",
         default="auto",
@@ -90,6 +94,8 @@ def read_images(
         return Images(images, files, None, class_names or loaders.default_class_names(num_classes))
     if p.suffix.lower() == ".npz" and not p.is_dir():  # labels optional, any classes
         return _npz_images(p, split, num_classes, class_names)
+    if p.suffix.lower() in loaders.MANIFEST_SUFFIXES and not p.is_dir():  # labels optional; no split made
+        return _manifest_images(p, split, image_size, num_classes, class_names)
     dataset = loaders.load_dataset(p, image_size=image_size, require=split)
     if p.is_dir() and split not in dataset.splits:  # root/<class>/ images: one split, whatever its name
         split = next(iter(dataset.splits))
@@ -119,6 +125,24 @@ def _npz_images(path: Path, split: str, num_classes: int, class_names: tuple[str
         stored = None
     names = (class_names or stored or default_class_names(num_classes))[:num_classes]
     return Images(images, [f"{split}:{i}" for i in range(len(images))], labels, tuple(names))
+
+
+def _manifest_images(
+    path: Path, split: str, image_size: int, num_classes: int, class_names: tuple[str, ...] | None
+) -> Images:
+    """A manifest's rows (only ``split``'s when it has a split column), ids their paths, labels if given
+    (mapped by the model's class names)."""
+    from fedshift.common.data import default_class_names
+    from fedshift.common.manifest import manifest_images
+
+    images, ids, labels, names = manifest_images(path, image_size, split=split, class_names=class_names)
+    if labels is not None and names is not None and len(names) > num_classes:
+        raise DataError(
+            f"Expected at most {num_classes} classes (the model's) in {path}, but its labels name "
+            f"{len(names)} ({', '.join(names)}); predict with the model these labels belong to"
+        )
+    chosen = class_names or (names if names is not None and len(names) == num_classes else None)
+    return Images(images, ids, labels, chosen or default_class_names(num_classes))
 
 
 def _model_labels(

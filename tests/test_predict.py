@@ -25,6 +25,7 @@ from fedshift.common.image_folders import load_image_folder
 from fedshift.common.label_shift import correct_posteriors
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, FINAL_MODEL_QUERY, METRICS_KEY, NUM_SITES_KEY
+from fedshift.simulations.manifest_export import export_manifest
 from fedshift.tests.helpers import call_client_app, one_line_error, site_run_config, write_site
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -355,3 +356,41 @@ def test_class_folders_map_to_the_model_classes_by_name_or_in_sorted_order(tmp_p
         read_images(tmp_path / "flat", "test", 28, 2, ("normal", "lesion"))
     with pytest.raises(DataError, match=r"Expected 3 class folders .* found 2"):
         read_images(tmp_path / "flat", "test", 28, 3, None)
+
+
+def test_a_manifest_of_new_patients_is_predicted_row_by_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site_dir, _ = _federated_site(tmp_path)
+    data = load_npz(site_dir / "data.npz")
+    manifest = export_manifest(data, tmp_path / "export", fmt="png")  # every split; predict takes test's
+    out = tmp_path / "p.csv"
+    code, printed, _ = _predict(
+        capsys, "--model", str(site_dir), "--images", str(manifest), "--out", str(out), "--split", "test"
+    )
+    ids, raw, _, _, _ = _read_csv(out)
+    test = data.split("test")
+    assert code == 0 and ids == [f"images/test/{i:06d}.png" for i in range(len(test))]
+    # the PNGs read and resized independently (PIL bilinear, the reader's resize) give the same probabilities
+    images = np.stack(
+        [
+            np.asarray(Image.open(tmp_path / "export" / i).resize((32, 32), Image.Resampling.BILINEAR))
+            for i in ids
+        ]
+    )
+    bundle = load_bundle(site_dir)
+    np.testing.assert_allclose(
+        raw, softmax(predict_logits(bundle.model, images, torch.device("cpu"))), atol=1e-12
+    )
+    auc = next(line.split()[1] for line in printed.splitlines() if line.split()[:1] == ["auc"])
+    assert float(auc) == pytest.approx(roc_auc_score(test.labels, raw[:, 1]), abs=1e-6)  # labels read too
+
+    rows = manifest.read_text().splitlines()  # a label the model does not know: one line, no CSV
+    manifest.write_text(
+        "\n".join([rows[0], rows[-1].replace(",normal,", ",effusion,").replace(",abnormal,", ",effusion,")])
+        + "\n"
+    )
+    out.unlink()
+    code, _, err = _predict(capsys, "--model", str(site_dir), "--images", str(manifest), "--out", str(out))
+    one_line_error(code, err, "effusion", "row 1")
+    assert not out.exists()
