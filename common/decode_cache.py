@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +130,28 @@ def _decode_one(file: Path, image_size: int, frame: int | None, name: str, entry
     return array
 
 
+def _decode_job(job: tuple[Path, int, int | None, str, Path]) -> np.ndarray:
+    return _decode_one(*job)
+
+
+def _decode_all(
+    jobs: list[tuple[Path, int, int | None, str, Path]], workers: int
+) -> Generator[np.ndarray, None, None]:
+    """The jobs' images in order: decoded here, or by ``workers`` processes (each stores its entries)."""
+    if workers <= 1 or len(jobs) < 2 * workers:
+        for job in jobs:
+            yield _decode_job(job)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    try:
+        yield from pool.map(_decode_job, jobs, chunksize=4)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def decode_cached(
     files: Sequence[Path],
     frames: Sequence[int | None] | None = None,
@@ -139,28 +161,34 @@ def decode_cached(
     manifest: str | Path,
     names: Sequence[str] | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> tuple[np.ndarray, DecodeStats]:
     """The images of ``files`` (``(N, S, S)`` grey or ``(N, S, S, 3)`` colour uint8) through the cache.
 
     Each image is read back, or decoded and stored, straight into the one output array. ``names`` label
     each file in errors (default: the path), e.g. ``"row 3 (line 4 of m.csv): a.dcm"``; a file that
-    cannot be decoded raises its one-line :class:`DataError`, prefixed by its name.
+    cannot be decoded raises its one-line :class:`DataError`, prefixed by its name. ``workers`` > 1:
+    that many processes decode the files not in the cache (each returns only its resized image).
     """
     start = time.perf_counter()
     frames = list(frames) if frames is not None else [None] * len(files)
     names = list(names) if names is not None else [str(f) for f in files]
     folder = manifest_dir(cache_dir, manifest, image_size)
     keys = [entry_key(Path(f), image_size, fr) for f, fr in zip(files, frames, strict=True)]
-    todo = sum(not (folder / k).is_file() for k in keys)
-    bar = _progress(todo, f"Decoding {Path(manifest).name}") if progress else None
+    missing = {i for i, k in enumerate(keys) if not (folder / k).is_file()}
+    jobs = [(Path(files[i]), image_size, frames[i], names[i], folder / keys[i]) for i in sorted(missing)]
+    fresh = _decode_all(jobs, workers)
+    bar = _progress(len(missing), f"Decoding {Path(manifest).name}") if progress else None
     out: np.ndarray | None = None
     colour: list[bool] = []
     decoded = 0
     try:
         for i, key in enumerate(keys):
-            array = _load_entry(folder / key, image_size)
-            if array is None:
+            array = next(fresh) if i in missing else _load_entry(folder / key, image_size)
+            if array is None:  # a damaged entry
                 array = _decode_one(Path(files[i]), image_size, frames[i], names[i], folder / key)
+                decoded += 1
+            elif i in missing:
                 decoded += 1
                 if bar is not None:
                     bar.update(1)
@@ -170,6 +198,7 @@ def decode_cached(
             if array.shape == out.shape[1:]:
                 out[i] = array
     finally:
+        fresh.close()
         if bar is not None:
             bar.close()
     if len(set(colour)) > 1:

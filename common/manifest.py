@@ -35,7 +35,7 @@ def _check_size(image_size: int) -> None:
 
 
 def _decode_rows(
-    path: Path, rows: Sequence[ManifestRow], image_size: int, cache_dir: Path
+    path: Path, rows: Sequence[ManifestRow], image_size: int, cache_dir: Path, workers: int
 ) -> tuple[np.ndarray, DecodeStats]:
     """The rows' images, in their order, through the decode cache (errors name the row and file)."""
     return decode_cached(
@@ -45,6 +45,7 @@ def _decode_rows(
         cache_dir=cache_dir,
         manifest=path,
         names=[f"{r.where(path)}: {r.rel}" for r in rows],
+        workers=workers,
     )
 
 
@@ -96,6 +97,7 @@ def _load(
     state_dir: Path | None,
     seed: int,
     cache_dir: Path | None,
+    workers: int,
     fractions: Sequence[float],
     class_names: Sequence[str] | None,
     min_classes: int,
@@ -130,7 +132,7 @@ def _load(
     order = np.argsort(plan.index, kind="stable")
     rows = tuple(rows[i] for i in order.tolist())
     cache = cache_dir if cache_dir is not None else default_cache_dir(state_dir)
-    images, stats = _decode_rows(path, rows, image_size, cache)
+    images, stats = _decode_rows(path, rows, image_size, cache, workers)
     return _Loaded(manifest, manifest.class_names, rows, plan.index[order], images, plan, stats)
 
 
@@ -144,6 +146,7 @@ def load_manifest(
     cache_dir: Path | None = None,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     class_names: Sequence[str] | None = None,
+    workers: int = 1,
 ) -> Dataset:
     """The manifest's images, split at patient level, as a :class:`Dataset` (``patients`` set).
 
@@ -158,6 +161,7 @@ def load_manifest(
         state_dir=state_dir,
         seed=seed,
         cache_dir=cache_dir,
+        workers=workers,
         fractions=fractions,
         class_names=class_names,
         min_classes=2 if require == "train" else 1,
@@ -198,6 +202,7 @@ def manifest_images(
     split: str | None = None,
     cache_dir: Path | None = None,
     class_names: Sequence[str] | None = None,
+    workers: int = 1,
 ) -> tuple[np.ndarray, list[str], np.ndarray | None, tuple[str, ...] | None]:
     """A set to predict on: the images, their ids (the rows' paths as written), labels ``(N,)`` int64 or
     None (no label column, or an empty one) and the class names or None. No split is made: ``split``
@@ -215,7 +220,7 @@ def manifest_images(
                 "pass one of those as --split"
             )
     cache = cache_dir if cache_dir is not None else default_cache_dir(None)
-    images, _ = _decode_rows(path, rows, image_size, cache)
+    images, _ = _decode_rows(path, rows, image_size, cache, workers)
     labelled = manifest.class_names is not None
     labels = np.asarray([r.label for r in rows], dtype=np.int64) if labelled else None
     logger.info(
@@ -233,6 +238,7 @@ def check_manifest(
     cache_dir: Path | None = None,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     class_names: Sequence[str] | None = None,
+    workers: int = 1,
 ) -> ManifestSummary:
     """Validate a manifest site before it connects: every file readable, labels known, the split at
     patient level (checked against a saved split, which is not written). Only the decode cache is filled."""
@@ -243,6 +249,7 @@ def check_manifest(
         state_dir=state_dir,
         seed=seed,
         cache_dir=cache_dir,
+        workers=workers,
         fractions=fractions,
         class_names=class_names,
         min_classes=2,

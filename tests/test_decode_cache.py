@@ -125,3 +125,29 @@ def test_default_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert default_cache_dir(None) == tmp_path / "xdg" / "fedshift" / "decode"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir(None) == Path.home() / ".cache" / "fedshift" / "decode"
+
+
+def test_worker_processes_decode_the_same_pixels(tmp_path: Path) -> None:
+    files = _files(tmp_path)
+    one, s1 = decode_cached(
+        files, None, image_size=16, cache_dir=tmp_path / "c1", manifest=tmp_path / "m.csv"
+    )
+    two, s2 = decode_cached(
+        files, None, image_size=16, cache_dir=tmp_path / "c2", manifest=tmp_path / "m.csv", workers=2
+    )
+    assert np.array_equal(one, two) and (s1.decoded, s2.decoded) == (N, N)
+    _, warm = decode_cached(
+        files, None, image_size=16, cache_dir=tmp_path / "c2", manifest=tmp_path / "m.csv"
+    )
+    assert (warm.decoded, warm.cached) == (0, N)  # the workers stored their entries
+    files[7].write_bytes(b"broken")
+    with pytest.raises(DataError, match=r"^row 8: .*img07.png"):
+        decode_cached(
+            files,
+            None,
+            image_size=16,
+            cache_dir=tmp_path / "c3",
+            manifest=tmp_path / "m.csv",
+            names=[f"row {i + 1}" for i in range(N)],
+            workers=2,
+        )

@@ -6,9 +6,9 @@
 It writes ``--n`` generated 16-bit DICOM files (``--size`` squared; a third MONOCHROME1 with a window, a
 third with a rescale slope/intercept, the rest plain 12-bit MONOCHROME2) and a manifest listing them in a
 temporary folder, then loads the manifest with ``load_manifest`` twice: cold (every file decoded, windowed,
-resized to ``--image-size`` and stored in the cache) and warm (read back from the cache). It prints
-images/s and the process's peak RSS after each phase (``resource.getrusage``), next to the size of the
-archive at full resolution, and writes JSON.
+resized to ``--image-size`` and stored in the cache, by ``--workers`` processes) and warm (read back from
+the cache). It prints images/s and the process's peak RSS after each phase (``resource.getrusage``, and the
+largest worker's), next to the size of the archive at full resolution, and writes JSON.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from fedshift.common.manifest import load_manifest
 logger = logging.getLogger(__name__)
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident set size so far, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def peak_rss_mib(who: int = resource.RUSAGE_SELF) -> float:
+    """Peak resident set size so far, MiB (Linux reports KiB): this process's, or (RUSAGE_CHILDREN) that of
+    its largest finished child (a decoding worker)."""
+    return resource.getrusage(who).ru_maxrss / 1024.0
 
 
 def _dicom(path: Path, pixels: np.ndarray, kind: int) -> None:
@@ -65,7 +66,7 @@ def generate(root: Path, n: int, size: int, seed: int = 0) -> Path:
     return manifest
 
 
-def measure(n: int, size: int, image_size: int, workdir: Path | None) -> dict[str, Any]:
+def measure(n: int, size: int, image_size: int, workdir: Path | None, workers: int = 1) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fedshift-decode-", dir=workdir) as tmp:
         root = Path(tmp)
         start = time.perf_counter()
@@ -76,7 +77,7 @@ def measure(n: int, size: int, image_size: int, workdir: Path | None) -> dict[st
         phases = []
         for phase in ("cold", "warm"):
             start = time.perf_counter()
-            data = load_manifest(manifest, image_size=image_size, state_dir=root / "state")
+            data = load_manifest(manifest, image_size=image_size, state_dir=root / "state", workers=workers)
             seconds = time.perf_counter() - start
             images = sum(len(s) for s in data.splits.values())
             phases.append(
@@ -86,6 +87,7 @@ def measure(n: int, size: int, image_size: int, workdir: Path | None) -> dict[st
                     "seconds": seconds,
                     "images_per_s": images / seconds,
                     "peak_rss_mib": peak_rss_mib(),
+                    "peak_rss_worker_mib": peak_rss_mib(resource.RUSAGE_CHILDREN),
                 }
             )
             del data
@@ -93,6 +95,7 @@ def measure(n: int, size: int, image_size: int, workdir: Path | None) -> dict[st
         "n": n,
         "size": size,
         "image_size": image_size,
+        "workers": workers,
         "archive_mib": archive_mib,
         "decoded_arrays_mib": n * image_size * image_size / 2**20,
         "generate_seconds": generated_s,
@@ -110,20 +113,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--workers", type=int, default=1, help="decoding processes (load_manifest's workers)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the temporary files go")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = measure(args.n, args.size, args.image_size, args.workdir)
+    result = measure(args.n, args.size, args.image_size, args.workdir, args.workers)
     print(
         f"{result['n']} DICOMs {result['size']}x{result['size']} 16-bit ({result['archive_mib']:.0f} MiB) "
-        f"-> {result['image_size']} px ({result['decoded_arrays_mib']:.0f} MiB decoded); "
+        f"-> {result['image_size']} px ({result['decoded_arrays_mib']:.0f} MiB decoded), "
+        f"{result['workers']} worker(s); "
         f"peak RSS after generating {result['peak_rss_after_generate_mib']:.0f} MiB"
     )
-    print(f"{'phase':<6} {'images':>7} {'seconds':>8} {'images/s':>9} {'peak RSS MiB':>13}")
+    print(
+        f"{'phase':<6} {'images':>7} {'seconds':>8} {'images/s':>9} {'peak RSS MiB':>13} {'worker MiB':>11}"
+    )
     for p in result["phases"]:
         print(
             f"{p['phase']:<6} {p['images']:>7} {p['seconds']:>8.1f} {p['images_per_s']:>9.0f} "
-            f"{p['peak_rss_mib']:>13.0f}"
+            f"{p['peak_rss_mib']:>13.0f} {p['peak_rss_worker_mib']:>11.0f}"
         )
     args.out.write_text(json.dumps(result, indent=2))
     return 0
