@@ -24,6 +24,7 @@ COMMANDS = {
     "predict": "fedshift.client.predict",
     "ledger": "fedshift.client.ledger_cli",
     "shift-study": "fedshift.simulations.shift_study_cli",
+    "export-manifest": "fedshift.simulations.manifest_export",
     "certs": "fedshift.deploy.cli",
     "keygen": "fedshift.deploy.cli",
     "server": "fedshift.deploy.cli",

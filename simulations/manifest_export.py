@@ -7,6 +7,7 @@ so the manifest loader decodes exactly the source pixels (before its resize).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import logging
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedshift.common.data import SPLITS, Dataset
+from fedshift.common.data import SPLITS, Dataset, load_dataset
 from fedshift.common.dicom import write_dicom
 from fedshift.common.errors import ConfigError
 from fedshift.common.io import atomic_write_bytes
@@ -71,3 +72,40 @@ def export_manifest(
     atomic_write_bytes(manifest, text.getvalue().encode())
     logger.info("Exported %d images of %s to %s", len(rows), dataset.label, manifest)
     return manifest
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "export-manifest",
+        help="write a dataset as DICOM (or PNG) files and a CSV manifest, as a hospital exports its data",
+        description="Write every image of a dataset (.npz, image folder or synthetic) as one DICOM or PNG "
+        "file and list them in OUT/manifest.csv (path, label, patient_id, split): test data for the "
+        "manifest path, or a simulated site handed to the loader a hospital uses.",
+    )
+    p.add_argument("--data", help="the dataset to export; none: built-in SYNTHETIC images")
+    p.add_argument("--out", type=Path, required=True, help="folder for manifest.csv and images/")
+    p.add_argument("--format", choices=FORMATS, default="dcm", help="file type of the images")
+    p.add_argument(
+        "--images-per-patient", type=int, default=1, help="consecutive images of a split share a patient id"
+    )
+    p.add_argument(
+        "--no-split", action="store_true", help="leave out the split column: the loader splits by patient"
+    )
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.out.exists() and any(args.out.iterdir()):
+        raise ConfigError(
+            f"Expected --out {args.out} to be a new or empty folder, but it holds files; pick another"
+        )
+    dataset = load_dataset(args.data)
+    manifest = export_manifest(
+        dataset,
+        args.out,
+        fmt=args.format,
+        images_per_patient=args.images_per_patient,
+        with_split=not args.no_split,
+    )
+    print(f"{sum(len(s) for s in dataset.splits.values())} images of {dataset.label} -> {manifest}")
+    return 0
