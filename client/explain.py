@@ -72,7 +72,7 @@ def _map_sides(model: FedshiftModel) -> tuple[int, list[int]]:
     try:
         with torch.no_grad():
             model.train(False)
-            model(torch.zeros(1, 1, size, size))
+            model(torch.zeros(1, model.config.in_chans, size, size))
     finally:
         for hook in hooks:
             hook.remove()
@@ -153,7 +153,7 @@ def grad_cam(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps ``(N, H, W)`` (non-negative, at the images' own size) and the classes explained ``(N,)``.
 
-    ``images``: ``(N, H, W)`` uint8, as the loaders read them. ``stage``: ``POOLED``
+    ``images``: ``(N, H, W)`` or ``(N, H, W, 3)`` uint8, as the loaders read them. ``stage``: ``POOLED``
     for the backbone's last convolutional output, the feature map the head pools
     (there Grad-CAM is the classifier's own class activation map), a stage index,
     or ``AUTO`` (:func:`resolve_stage`).
@@ -165,9 +165,9 @@ def grad_cam(
     model.train(False)
     maps: list[np.ndarray] = []
     explained: list[np.ndarray] = []
-    height, width = images.shape[1:]
+    height, width = images.shape[1:3]
     for start in range(0, len(images), batch_size):
-        x = to_tensor(images[start : start + batch_size], model.config.image_size)
+        x = to_tensor(images[start : start + batch_size], model.config.image_size, model.config.in_chans)
         wanted = None if classes is None else torch.as_tensor(classes[start : start + batch_size]).long()
         cam, predicted = _cam_batch(model, x, stage, wanted)
         model.zero_grad(set_to_none=True)
@@ -208,11 +208,13 @@ def display_level(cam: np.ndarray) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
-    """An RGB uint8 ``(H, W, 3)`` overlay of ``cam`` (at :func:`display_level`) on the grey ``image``."""
+    """An RGB uint8 ``(H, W, 3)`` overlay of ``cam`` (at :func:`display_level`) on ``image``: a grey
+    ``(H, W)`` one shown in grey, a colour ``(H, W, 3)`` one in its own colours."""
     level = display_level(cam)
-    grey = np.repeat(image.astype(np.float64)[..., None] / 255.0, 3, axis=2)
+    base = image.astype(np.float64) / 255.0
+    base = base if base.ndim == 3 else np.repeat(base[..., None], 3, axis=2)
     alpha = OVERLAY_ALPHA * level[..., None]
-    rgb = grey * (1.0 - alpha) + _heat(level) * alpha
+    rgb = base * (1.0 - alpha) + _heat(level) * alpha
     return np.asarray(np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8))
 
 

@@ -1,8 +1,9 @@
 """``fedshift export``: a site's model and corrections as one self-contained TorchScript program.
 
-The program maps grayscale images to corrected class probabilities, float64
-``(N, C)``. Input: ``(N, H, W)`` or ``(N, 1, H, W)``; uint8 in 0..255 (as the
-loaders read them) or floating point in [0, 1]. Inside: the preprocessing of
+The program maps images to corrected class probabilities, float64 ``(N, C)``.
+Input: grey ``(N, H, W)`` or ``(N, 1, H, W)`` for a grey model, colour ``(N, H, W, 3)``
+or ``(N, 3, H, W)`` for a colour one; uint8 in 0..255 (as the loaders read them) or
+floating point in [0, 1]. Inside: the preprocessing of
 :func:`fedshift.common.data.to_tensor` (scale to [0, 1], antialiased bilinear
 resize to the model's side), the model (input adapter, backbone with adapters,
 site-local tensors, head), the calibration map and the prior correction
@@ -38,11 +39,12 @@ logger = logging.getLogger(__name__)
 METADATA_FILE = "fedshift.json"  # extra file inside the TorchScript archive: what the program applies
 # as predict's --prior: the bundle's stored estimate; calibrated under the training prior; raw softmax
 PRIOR_CHOICES = ("stored", "training", "none")
+INPUTS = {1: "(N, H, W) or (N, 1, H, W) grey", 3: "(N, H, W, 3) or (N, 3, H, W) colour"}
 PARITY_TOLERANCE = 1e-5  # the exported program must match the in-process model this closely
 
 
 class _CorrectedHead(nn.Module):
-    """Preprocessed images ``(N, 1, S, S)`` in [0, 1] -> corrected probabilities (float64)."""
+    """Preprocessed images ``(N, C, S, S)`` in [0, 1] -> corrected probabilities (float64)."""
 
     def __init__(self, model: FedshiftModel, weights: np.ndarray, bias: np.ndarray, log_ratio: np.ndarray):
         super().__init__()
@@ -60,18 +62,23 @@ class _CorrectedHead(nn.Module):
 class _Program(nn.Module):
     """Shape and dtype handling and the resize of ``to_tensor``, scripted around the traced model."""
 
-    def __init__(self, core: nn.Module, image_size: int) -> None:
+    def __init__(self, core: nn.Module, image_size: int, channels: int) -> None:
         super().__init__()
         self.core = core
         self.image_size = image_size
+        self.channels = channels
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dim() == 3:
+        if self.channels == 1 and images.dim() == 3:
             x = images.unsqueeze(1)
-        elif images.dim() == 4 and images.size(1) == 1:
+        elif images.dim() == 4 and images.size(1) == self.channels:
             x = images
+        elif self.channels == 3 and images.dim() == 4 and images.size(3) == 3:
+            x = images.permute(0, 3, 1, 2)
+        elif self.channels == 1:
+            raise RuntimeError("Expected grey images of shape (N, H, W) or (N, 1, H, W)")
         else:
-            raise RuntimeError("Expected grayscale images of shape (N, H, W) or (N, 1, H, W)")
+            raise RuntimeError("Expected colour images of shape (N, 3, H, W) or (N, H, W, 3)")
         scale = 255.0 if x.dtype == torch.uint8 else 1.0
         x = x.to(torch.float32) / scale
         size = self.image_size
@@ -115,11 +122,11 @@ def build_program(
     model.train(False)
     model.requires_grad_(False)
     head = _CorrectedHead(model, cal.weights, cal.bias, log_prior_ratio(source_prior, target_prior, c))
-    size = model.config.image_size
-    example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    size, channels = model.config.image_size, model.config.in_chans
+    example = torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), _quiet_jit():
         traced = torch.jit.trace(head, example, check_trace=False)
-        program = torch.jit.script(_Program(traced, size))
+        program = torch.jit.script(_Program(traced, size, channels))
     with torch.no_grad():
         gap = float((program(example) - head(example)).abs().max())
     if not gap <= PARITY_TOLERANCE:
@@ -153,7 +160,8 @@ def export_bundle(bundle_dir: str | Path, out: str | Path, prior: str = "stored"
         source, target = correction.estimate.source_prior, correction.estimate.prior
     program = build_program(bundle.model, calibration, source, target)
     metadata = {
-        "input": "(N, H, W) or (N, 1, H, W) grayscale; uint8 0..255 or float in [0, 1]",
+        "input": INPUTS[bundle.model_config.in_chans] + "; uint8 0..255 or float in [0, 1]",
+        "image_channels": bundle.model_config.in_chans,
         "output": "(N, C) float64 corrected class probabilities",
         "image_size": bundle.model_config.image_size,
         "prior": prior,
@@ -172,8 +180,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "export",
         help="export a site model bundle as a TorchScript program",
-        description="Write a self-contained TorchScript program that maps grayscale images "
-        "((N, H, W) or (N, 1, H, W); uint8 0..255 or float in [0, 1]) to corrected class "
+        description="Write a self-contained TorchScript program that maps images (grey (N, H, W) or "
+        "(N, 1, H, W), or colour (N, H, W, 3) or (N, 3, H, W) for a colour model; uint8 0..255 or float "
+        "in [0, 1]) to corrected class "
         "probabilities: the site's model, its calibration and its prior correction. Load it "
         "with torch.jit.load; fedshift is not needed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

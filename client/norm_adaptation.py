@@ -70,7 +70,10 @@ def _input_statistics(
             model.to(device)
             model.train(False)
             for begin in range(0, len(images), batch_size):
-                model(to_tensor(images[begin : begin + batch_size], model.config.image_size).to(device))
+                x = to_tensor(
+                    images[begin : begin + batch_size], model.config.image_size, model.config.in_chans
+                )
+                model(x.to(device))
     finally:
         for h in handles:
             h.remove()

@@ -152,7 +152,7 @@ def train_local(
         raise ConfigError("Expected a non-empty training split, but it has 0 images")
     model.to(device)
     model.train(True)
-    x_all = to_tensor(data.images, model.config.image_size)
+    x_all = to_tensor(data.images, model.config.image_size, model.config.in_chans)
     y_all = torch.as_tensor(data.labels, dtype=torch.long)
     forward, optimizer, batches = _loop(model, n, config, device, seed, private, gradient_term)
     captured: list[torch.Tensor] = []
@@ -223,7 +223,8 @@ def batched_outputs(
     model.train(False)
     out = []
     for begin in range(0, len(images), batch_size):
-        x = to_tensor(images[begin : begin + batch_size], model.config.image_size).to(device)
+        x = to_tensor(images[begin : begin + batch_size], model.config.image_size, model.config.in_chans)
+        x = x.to(device)
         out.append(fn(x).float().cpu().numpy())
     if not out:
         return np.zeros((0, width))

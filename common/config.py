@@ -86,6 +86,16 @@ settings.declare(
             "k: LoRA (adapters) or every weight (partial) in the last k stages",
             minimum=0,
         ),
+        "in_chans": Setting(
+            "image-channels",
+            int,
+            1,
+            "channels of the images: 1 (grey, copied to the backbone's 3) or 3 (colour RGB); "
+            "fedshift simulate sets it from the data",
+            allowed=lambda v: v in (1, 3),
+            what="1 (grey) or 3 (colour)",
+            fix="set 1 for grey-scale data or 3 for RGB data",
+        ),
         "local_norm": Setting(
             "local-norm",
             bool,

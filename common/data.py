@@ -1,7 +1,8 @@
 """Image datasets: the MedMNIST ``.npz`` layout, image folders and a synthetic generator.
 
 Everything here is plain numpy (PIL only to read folders, torch only in :func:`to_tensor`).
-A :class:`Dataset` holds grayscale ``uint8`` images per split; ``synthetic`` marks generated
+A :class:`Dataset` holds ``uint8`` images per split, all grey ``(N, H, W)`` or all colour
+``(N, H, W, 3)``; ``synthetic`` marks generated
 data so that every report can say so.
 """
 
@@ -37,17 +38,12 @@ MANIFEST_SUFFIXES = frozenset({".csv", ".tsv"})
 class ImageSet:
     """Images and labels of one split."""
 
-    images: np.ndarray  # (N, H, W) uint8 grayscale
+    images: np.ndarray  # (N, H, W) uint8 grey or (N, H, W, 3) uint8 RGB
     labels: np.ndarray  # (N,) int64 class indices 0..C-1
     patients: np.ndarray | None = None  # (N,) str patient ids (a manifest's); None: each image its own
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 3 or self.images.dtype != np.uint8:
-            raise DataError(
-                f"Expected images to be a (N, H, W) uint8 array, but got shape "
-                f"{self.images.shape} and dtype {self.images.dtype}; "
-                "convert them to grayscale uint8"
-            )
+        check_images(self.images)
         if self.labels.ndim != 1 or self.labels.dtype != np.int64:
             raise DataError(
                 f"Expected labels to be a (N,) int64 array, but got shape {self.labels.shape} "
@@ -66,6 +62,11 @@ class ImageSet:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def channels(self) -> int:
+        """1 for grey ``(N, H, W)`` images, 3 for colour ``(N, H, W, 3)``."""
+        return image_channels(self.images)
 
     def class_counts(self, num_classes: int) -> np.ndarray:
         """Number of images per class, length ``num_classes`` (int64)."""
@@ -95,6 +96,12 @@ class Dataset:
             )
         if len(self.class_names) < 1:
             raise DataError("Expected at least one class name, but got none; pass class_names")
+        kinds = {name: s.channels for name, s in self.splits.items() if len(s)}
+        if len(set(kinds.values())) > 1:
+            raise DataError(
+                f"Expected one kind of image in {self.label}, but its splits mix grey and colour "
+                f"(channels {kinds}); convert every image to grey or every image to RGB"
+            )
         shapes = {s.images.shape[1:] for s in self.splits.values() if len(s)}
         if len(shapes) > 1:
             raise DataError(
@@ -117,6 +124,12 @@ class Dataset:
                 f"{sorted(self.splits)}; use one of those or add a '{name}' split"
             )
         return self.splits[name]
+
+    @property
+    def channels(self) -> int:
+        """Image channels of every split: 1 (grey) or 3 (colour)."""
+        kinds = [s.channels for s in self.splits.values() if len(s)]
+        return kinds[0] if kinds else next(iter(self.splits.values())).channels
 
     @property
     def num_classes(self) -> int:
@@ -143,14 +156,22 @@ class Dataset:
 # --------------------------------------------------------------------------- npz
 
 
-def _rgb_to_luma(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B``, rounded (PIL's fixed-point formula)."""
-    c = rgb.astype(np.uint32)
-    y = (c[..., 0] * 19595 + c[..., 1] * 38470 + c[..., 2] * 7471 + 0x8000) >> 16
-    return y.astype(np.uint8)
+def image_channels(images: np.ndarray) -> int:
+    """1 for a grey ``(N, H, W)`` array, 3 for a colour ``(N, H, W, 3)`` one."""
+    return 3 if images.ndim == 4 else 1
 
 
-def _as_gray_uint8(images: np.ndarray, key: str, path: Path) -> np.ndarray:
+def check_images(images: np.ndarray) -> None:
+    """:class:`DataError` unless ``images`` is ``(N, H, W)`` or ``(N, H, W, 3)`` uint8."""
+    kind_ok = images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)
+    if not kind_ok or images.dtype != np.uint8:
+        raise DataError(
+            f"Expected images to be a (N, H, W) grey or (N, H, W, 3) RGB uint8 array, but got shape "
+            f"{images.shape} and dtype {images.dtype}; convert them to grey or RGB uint8"
+        )
+
+
+def _as_uint8_images(images: np.ndarray, key: str, path: Path) -> np.ndarray:
     if images.ndim == 4 and images.shape[-1] in (1, 3):
         pass
     elif images.ndim != 3:
@@ -169,8 +190,8 @@ def _as_gray_uint8(images: np.ndarray, key: str, path: Path) -> np.ndarray:
                 f"{images.dtype}; convert the images with np.clip(x, 0, 255).astype(np.uint8)"
             )
         images = images.astype(np.uint8)
-    if images.ndim == 4:
-        images = images[..., 0] if images.shape[-1] == 1 else _rgb_to_luma(images)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
     return np.ascontiguousarray(images)
 
 
@@ -250,7 +271,7 @@ def _npz_split(
             f"Expected both '{ikey}' and '{lkey}' in {path}, but '{missing}' is missing; "
             "save images and labels together"
         )
-    images = _as_gray_uint8(arrays[ikey], ikey, path)
+    images = _as_uint8_images(arrays[ikey], ikey, path)
     if lkey not in arrays:
         return images, None
     labels = _as_labels(arrays[lkey], lkey, path)
@@ -412,25 +433,42 @@ def load_dataset(
     )
 
 
-def to_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:
-    """``(N, H, W)`` uint8 -> float32 ``(N, 1, S, S)`` in [0, 1] (antialiased bilinear resize)."""
+CHANNELS_KEY = "image-channels"
+
+
+def check_channels(images: np.ndarray, expected: int, where: str = "the data") -> None:
+    """:class:`DataError` unless ``images`` have ``expected`` channels (the model's run-config
+    ``image-channels``)."""
+    got = image_channels(images)
+    if got != expected:
+        kinds = {1: "grey", 3: "colour (RGB)"}
+        want = kinds.get(expected, str(expected))
+        raise DataError(
+            f"Expected {want} images for this model ({CHANNELS_KEY} = {expected}), but {where} has "
+            f"{kinds[got]} images ({got} channel{'s' if got > 1 else ''}); set {CHANNELS_KEY} = {got} in "
+            f"the run config, or convert the images to {want}"
+        )
+
+
+def to_tensor(images: np.ndarray, image_size: int, channels: int | None = None) -> torch.Tensor:
+    """``(N, H, W)`` or ``(N, H, W, 3)`` uint8 -> float32 ``(N, C, S, S)`` in [0, 1] (antialiased bilinear
+    resize); ``channels`` (the model's ``in_chans``), when given, must be the images' ``C``."""
     import torch
     import torch.nn.functional as F
 
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(
-            f"Expected images to be a (N, H, W) uint8 array, but got shape {images.shape} and "
-            f"dtype {images.dtype}; load them with fedshift.common.data"
-        )
+    check_images(images)
+    if channels is not None:
+        check_channels(images, channels)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ConfigError(
             f"Expected image_size to be a positive integer, but got {image_size!r}; pass e.g. 64"
         )
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0).unsqueeze(1)
-    if images.shape[1:] != (image_size, image_size) and len(images):
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)
+    x = x.permute(0, 3, 1, 2).contiguous() if images.ndim == 4 else x.unsqueeze(1)
+    if images.shape[1:3] != (image_size, image_size) and len(images):
         x = F.interpolate(
             x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
         ).clamp_(0.0, 1.0)
     elif len(images) == 0:
-        x = x.new_zeros((0, 1, image_size, image_size))
+        x = x.new_zeros((0, x.shape[1], image_size, image_size))
     return x

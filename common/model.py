@@ -50,7 +50,7 @@ class ModelConfig:
     image_size: int = 64  # side of the square input after resizing
     adapter_rank: int = 4  # LoRA rank; 0 = head only (linear probe)
     adapter_stages: int = 2  # k: LoRA (adapters) or every weight (partial) in the last k stages
-    in_chans: int = 1  # channels of the input images (1 = grayscale)
+    in_chans: int = 1  # channels of the input images: 1 grey, 3 colour (RGB)
     local_norm: bool = True  # FedBN-style: norm affine parameters of the adapted stages stay at the site
     seed: int = 0  # seeds the initial shared parameters
     finetune: str = DEFAULT_FINETUNE  # adapters, linear-probe, partial, norm-only or full
@@ -62,6 +62,7 @@ class ModelConfig:
             "image_size": self.image_size >= 16,
             "adapter_rank": self.adapter_rank >= 0,
             "adapter_stages": self.adapter_stages >= 0,
+            "in_chans": self.in_chans in (1, 3),
         }
         for name, ok in checks.items():
             if not ok:

@@ -23,7 +23,8 @@ def register(sub: Any) -> None:
         help="simulate a federation of shifted hospital sites on this machine",
         description="Split one dataset into shifted hospital sites (label shift, scanner "
         "profiles, sizes), federate them with Flower's simulation engine, train a local-only "
-        "baseline, and write a report. Without --data it uses built-in SYNTHETIC chest X-rays.",
+        "baseline, and write a report. Without --data it uses built-in SYNTHETIC chest X-rays (or, with "
+        "--synthetic-colour, SYNTHETIC H&E-like colour patches).",
         formatter_class=HelpFormatter,
     )
     add_experiment_arguments(p, "simulate")

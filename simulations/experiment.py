@@ -27,6 +27,7 @@ from fedshift.common.data import load_dataset, save_npz
 from fedshift.common.errors import ConfigError
 from fedshift.common.io import as_jsonable, atomic_write_json
 from fedshift.common.model import FedshiftModel, build_model
+from fedshift.common.synthetic_colour import make_synthetic_colour
 from fedshift.server.app import RESULTS_FILE
 from fedshift.simulations.baseline import local_only
 from fedshift.simulations.engine import run_flower_simulation
@@ -43,6 +44,7 @@ from fedshift.simulations.report import (
 from fedshift.simulations.shift import (
     ScannerProfile,
     SimulatedSite,
+    default_profiles,
     format_site_table,
     plan_sites,
     simulate_sites,
@@ -65,6 +67,7 @@ class ExperimentSpec:
     quantity_skew: float = 0.0  # 0 = equal site sizes; larger = more unequal
     max_per_site: int | None = None  # cap on images per site
     synthetic_n: int = 2000  # images generated when no --data is given
+    synthetic_colour: bool = False  # without --data: SYNTHETIC H&E-like colour patches, not chest X-rays
     baseline: bool = True  # also train every site alone
     dp_reference: bool = True  # with DP on: also run the same configuration without DP
     site_epsilons: tuple[float, ...] | None = None  # one privacy budget per site (its site.toml)
@@ -81,21 +84,31 @@ def build_sites(
 ) -> tuple[list[SimulatedSite], str]:
     """Load the source data and turn it into shifted sites; returns the sites and a data label.
 
-    ``prevalences`` and ``profiles`` override the spec's label shift and the default scanners.
-    ``unseen`` more sites (None: 1 on real data, 0 on SYNTHETIC) come last, named ``unseen-k``.
+    ``prevalences`` and ``profiles`` override the spec's label shift and the default scanners (the
+    colour ones for RGB data). ``unseen`` more sites (None: 1 on real data, 0 on SYNTHETIC) come last,
+    named ``unseen-k``.
     """
-    dataset = load_dataset(
-        spec.data,
-        synthetic_n=spec.synthetic_n,
-        seed=spec.federation.seed,
-        image_size=spec.federation.model.image_size,
-    )
+    if spec.synthetic_colour and spec.data is not None:
+        raise ConfigError(
+            f"Expected either --data or --synthetic-colour, but got both (--data {spec.data}); drop one"
+        )
+    if spec.synthetic_colour:
+        dataset = make_synthetic_colour(spec.synthetic_n, 0.5, size=28, seed=spec.federation.seed)
+    else:
+        dataset = load_dataset(
+            spec.data,
+            synthetic_n=spec.synthetic_n,
+            seed=spec.federation.seed,
+            image_size=spec.federation.model.image_size,
+        )
+    trained, unseen_profiles = default_profiles(dataset.channels)
     pool = dataset.pooled()
     specs = plan_sites(
         spec.sites,
         prevalences=prevalences if prevalences is not None else spec.prevalences,
         dirichlet_alpha=spec.dirichlet_alpha if prevalences is None else None,
-        profiles=profiles,
+        profiles=profiles if profiles is not None else trained,
+        unseen_profiles=unseen_profiles,
         quantity_skew=spec.quantity_skew,
         pool_counts=list(pool.class_counts(dataset.num_classes)),
         max_per_site=spec.max_per_site,
@@ -111,6 +124,12 @@ def build_sites(
         seed=spec.federation.seed,
     )
     return sites, dataset.label
+
+
+def with_channels(fed: FederationConfig, sites: Sequence[SimulatedSite]) -> FederationConfig:
+    """``fed`` with its ``image-channels`` set to the sites' images' channels (1 grey, 3 colour)."""
+    channels = sites[0].data.channels if sites else fed.model.in_chans
+    return replace(fed, model=replace(fed.model, in_chans=channels))
 
 
 def federate(
@@ -136,7 +155,7 @@ def federate(
         if site_epsilons is not None:
             (site_dir / SITE_CONFIG_FILE).write_text(f"dp-epsilon = {float(site_epsilons[k])!r}\n")
     fed = replace(
-        fed,
+        with_channels(fed, sites),
         run_dir=str(root / "server"),
         sites_root=str(root / "sites"),
         min_nodes=len(sites) if every_site else min(fed.min_nodes, len(sites)),
@@ -198,12 +217,13 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
     everyone, data_label = build_sites(spec, unseen=spec.unseen_sites)
     logger.info("Simulated sites:\n%s", format_site_table(everyone))
     sites, unseen = split_unseen(everyone)
+    spec = replace(spec, federation=with_channels(spec.federation, everyone))
     fed = spec.federation
     atomic_write_json(
         out / "config.json",
         as_jsonable(
             {
-                "data": spec.data or "synthetic-cxr (SYNTHETIC)",
+                "data": spec.data or data_label,
                 "sites": [site_summary(s) for s in sites],
                 "unseen_sites": [site_summary(s) for s in unseen],
                 "run_config": fed.to_run_config(),

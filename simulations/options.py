@@ -168,6 +168,12 @@ def add_experiment_arguments(
     d.add_argument("--quantity-skew", type=float, default=0.0, help="0 = equal sizes")
     d.add_argument("--max-per-site", type=int, help="cap on images per site")
     d.add_argument("--synthetic-n", type=int, default=2000, help="images to generate without --data")
+    d.add_argument(
+        "--synthetic-colour",
+        action="store_true",
+        help="without --data: generate SYNTHETIC H&E-like colour patches (stain-shifted sites) instead of "
+        "chest X-rays",
+    )
     for group, keys in GROUPS.items():
         title, description = GROUP_HELP.get(group, (group, None))
         g = parser.add_argument_group(title, description)
@@ -235,6 +241,7 @@ def experiment_spec(
         quantity_skew=args.quantity_skew,
         max_per_site=args.max_per_site,
         synthetic_n=args.synthetic_n,
+        synthetic_colour=args.synthetic_colour,
         site_epsilons=tuple(args.epsilon) if several else None,
         federation=fed,
         **more,

@@ -1,8 +1,9 @@
 """Shift simulator: turn one labelled image pool into N hospital sites.
 
 Each site gets its own disease prevalence (label shift), its own size (quantity skew) and its
-own scanner profile (domain shift: gamma, contrast, offset, blur, noise, resolution). Images are
-drawn without replacement, so no image appears at two sites.
+own scanner profile (domain shift: gamma, contrast, offset, blur, noise, resolution; for colour
+images also per-channel gamma and gain and an H&E stain jitter). Images are drawn without
+replacement, so no image appears at two sites.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from scipy.ndimage import gaussian_filter
 
 from fedshift.common.data import SPLITS, Dataset, ImageSet
 from fedshift.common.errors import ConfigError, DataError
+from fedshift.common.patient_split import group_labels, split_groups
+from fedshift.common.stain import stain_jitter
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ _PARAM_LABELS = {
     "noise_std": "noise",
     "resolution": "res",
 }
+_COLOUR_FIELDS = ("channel_gamma", "channel_gain", "stain_scale", "stain_shift")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,11 @@ class ScannerProfile:
     blur_sigma: float = 0.0  # gaussian blur sigma in pixels
     noise_std: float = 0.0  # additive gaussian noise std on [0, 1] scale
     resolution: float = 1.0  # in (0, 1]: downsample to round(H * resolution), then back up
+    # colour images only
+    channel_gamma: tuple[float, float, float] = (1.0, 1.0, 1.0)  # per RGB channel, x -> x**gamma
+    channel_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)  # per RGB channel, x -> x * gain
+    stain_scale: tuple[float, float] = (1.0, 1.0)  # H and E concentrations, c -> c * scale + shift
+    stain_shift: tuple[float, float] = (0.0, 0.0)  # (HED augmentation, Tellez et al. 2018)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -67,35 +76,80 @@ class ScannerProfile:
                     f"Expected {field} of scanner profile '{self.name}' to be a number {text}, "
                     f"but got {value!r}; use e.g. {default} (no change)"
                 )
+        self._check_colour()
 
-    def changed(self) -> dict[str, float]:
+    def _check_colour(self) -> None:
+        rules = {
+            "channel_gamma": (3, lambda v: v > 0, "> 0", "(1, 1, 1)"),
+            "channel_gain": (3, lambda v: v > 0, "> 0", "(1, 1, 1)"),
+            "stain_scale": (2, lambda v: v > 0, "> 0", "(1, 1)"),
+            "stain_shift": (2, lambda v: True, "finite", "(0, 0)"),
+        }
+        for field, (length, rule, text, default) in rules.items():
+            value = getattr(self, field)
+            ok = isinstance(value, tuple) and len(value) == length
+            ok = ok and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and rule(v)
+                for v in value
+            )
+            if not ok:
+                raise ConfigError(
+                    f"Expected {field} of scanner profile '{self.name}' to be {length} numbers {text}, "
+                    f"but got {value!r}; use e.g. {default} (no change)"
+                )
+
+    @property
+    def colour(self) -> bool:
+        """Whether the profile changes colour (per-channel gamma or gain, stain): for RGB images only."""
+        return any(getattr(self, f.name) != f.default for f in fields(self) if f.name in _COLOUR_FIELDS)
+
+    def changed(self) -> dict[str, float | list[float]]:
         """The parameters that differ from the identity profile."""
         return {
-            f.name: float(getattr(self, f.name))
+            f.name: [float(v) for v in value] if isinstance(value, tuple) else float(value)
             for f in fields(self)
-            if f.name != "name" and getattr(self, f.name) != f.default
+            if f.name != "name" and (value := getattr(self, f.name)) != f.default
         }
 
     def describe(self) -> str:
-        """E.g. ``"low-dose (noise=0.06)"``; just the name for an identity profile."""
-        params = ", ".join(f"{_PARAM_LABELS[k]}={v:g}" for k, v in self.changed().items())
-        return f"{self.name} ({params})" if params else self.name
+        """E.g. ``"low-dose (noise=0.06)"`` or ``"stain-a (H x1.2, E x0.8)"``; the name alone for identity."""
+        parts = []
+        for key, value in self.changed().items():
+            if not isinstance(value, list):
+                parts.append(f"{_PARAM_LABELS[key]}={value:g}")
+            elif key == "stain_scale":
+                parts += [f"{s} x{v:g}" for s, v in zip("HE", value, strict=True) if v != 1]
+            elif key == "stain_shift":
+                parts += [f"{s} {v:+g}" for s, v in zip("HE", value, strict=True) if v != 0]
+            else:
+                parts.append(f"{key.split('_')[1]} RGB " + "/".join(f"{v:g}" for v in value))
+        return f"{self.name} ({', '.join(parts)})" if parts else self.name
 
     def apply(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Transform ``(N, H, W)`` uint8 images; uint8 out, clipped to [0, 255].
+        """Transform ``(N, H, W)`` grey or ``(N, H, W, 3)`` RGB uint8 images; uint8 out, clipped to [0, 255].
 
-        Order: resolution, blur, gamma, contrast, offset, noise, clip, round.
+        Order: resolution, blur, (RGB: stain jitter, per-channel gamma, per-channel gain), gamma,
+        contrast, offset, noise, clip, round.
         """
-        if images.ndim != 3 or images.dtype != np.uint8:
+        rgb = images.ndim == 4 and images.shape[-1] == 3
+        if not (images.ndim == 3 or rgb) or images.dtype != np.uint8:
             raise DataError(
-                f"Expected images to be a (N, H, W) uint8 array, but got shape {images.shape} "
-                f"and dtype {images.dtype}; load them with fedshift.common.data"
+                f"Expected images to be a (N, H, W) or (N, H, W, 3) uint8 array, but got shape "
+                f"{images.shape} and dtype {images.dtype}; load them with fedshift.common.data"
+            )
+        if self.colour and not rgb:
+            raise ConfigError(
+                f"Expected RGB images for the colour scanner profile '{self.describe()}', but got grey "
+                "images; use grey profiles (DEFAULT_PROFILES) for grey data"
             )
         x = images.astype(np.float64) / 255.0
         if self.resolution < 1.0 and x.size:
-            x = _resample(x, self.resolution)
+            x = _resample(x, self.resolution) if not rgb else _resample_rgb(x, self.resolution)
         if self.blur_sigma > 0:
-            x = gaussian_filter(x, sigma=(0.0, self.blur_sigma, self.blur_sigma))
+            sigma = (0.0, self.blur_sigma, self.blur_sigma)
+            x = gaussian_filter(x, sigma=sigma if not rgb else (*sigma, 0.0))
+        if rgb:
+            x = self._colour(x)
         if self.gamma != 1.0:
             x = np.clip(x, 0.0, 1.0) ** self.gamma
         if self.contrast != 1.0:
@@ -105,6 +159,23 @@ class ScannerProfile:
         if self.noise_std > 0:
             x = x + rng.normal(0.0, self.noise_std, size=x.shape)
         return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+    def _colour(self, x: np.ndarray) -> np.ndarray:
+        """Stain jitter, per-channel gamma and per-channel gain of ``(N, H, W, 3)`` RGB in [0, 1]."""
+        if self.stain_scale != (1.0, 1.0) or self.stain_shift != (0.0, 0.0):
+            x = stain_jitter(np.clip(x, 0.0, 1.0), self.stain_scale, self.stain_shift)
+        if self.channel_gamma != (1.0, 1.0, 1.0):
+            x = np.clip(x, 0.0, 1.0) ** np.asarray(self.channel_gamma, dtype=np.float64)
+        if self.channel_gain != (1.0, 1.0, 1.0):
+            x = x * np.asarray(self.channel_gain, dtype=np.float64)
+        return x
+
+
+def _resample_rgb(x: np.ndarray, resolution: float) -> np.ndarray:
+    """:func:`_resample` of every channel of ``(N, H, W, 3)`` images."""
+    n, h, w, c = x.shape
+    planes = np.ascontiguousarray(x.transpose(0, 3, 1, 2)).reshape(n * c, h, w)
+    return _resample(planes, resolution).reshape(n, c, h, w).transpose(0, 2, 3, 1)
 
 
 def _resample(x: np.ndarray, resolution: float) -> np.ndarray:
@@ -138,6 +209,28 @@ UNSEEN_PROFILES: tuple[ScannerProfile, ...] = (
     ScannerProfile("legacy-film", contrast=0.75, gamma=1.2, blur_sigma=1.5),
 )
 UNSEEN_PREVALENCES: tuple[float, ...] = (0.3, 0.7, 0.5)
+
+# The colour analogues, for RGB data (H&E pathology, dermoscopy, fundus): stain and camera differences.
+COLOUR_PROFILES: tuple[ScannerProfile, ...] = (
+    ScannerProfile("reference"),
+    ScannerProfile("stain-a", stain_scale=(1.2, 0.8)),
+    ScannerProfile("stain-b", stain_scale=(0.8, 1.2), stain_shift=(0.0, 0.01)),
+    ScannerProfile("warm-camera", channel_gain=(1.08, 1.0, 0.9), channel_gamma=(0.9, 1.0, 1.1)),
+    ScannerProfile("faded-soft", stain_scale=(0.75, 0.9), blur_sigma=0.8),
+    ScannerProfile("low-res-dark", stain_scale=(1.15, 1.25), resolution=0.5, noise_std=0.03),
+)
+UNSEEN_COLOUR_PROFILES: tuple[ScannerProfile, ...] = (
+    ScannerProfile("other-lab", stain_scale=(1.3, 0.7), stain_shift=(0.01, -0.005), noise_std=0.02),
+    ScannerProfile("cool-scanner", channel_gain=(0.9, 1.0, 1.1), resolution=0.6),
+    ScannerProfile("over-stained", stain_scale=(1.4, 1.3), blur_sigma=1.0),
+)
+
+
+def default_profiles(channels: int) -> tuple[tuple[ScannerProfile, ...], tuple[ScannerProfile, ...]]:
+    """The trained and the unseen sites' scanner profiles for images with ``channels`` (1 or 3)."""
+    return (COLOUR_PROFILES, UNSEEN_COLOUR_PROFILES) if channels == 3 else (DEFAULT_PROFILES, UNSEEN_PROFILES)
+
+
 UNSEEN_PREFIX = "unseen-"
 
 
@@ -285,12 +378,13 @@ def plan_sites(
     max_per_site: int | None = None,
     seed: int = 0,
     unseen: int = 0,
+    unseen_profiles: Sequence[ScannerProfile] = UNSEEN_PROFILES,
 ) -> list[SiteSpec]:
     """Choose prevalence, size and scanner of every site, feasible for the pool's class counts.
 
     Sizes use as much of the pool as the label shift allows (largest common scale such that no
     class is over-drawn), capped at ``max_per_site``. ``unseen`` more sites follow, ``unseen-0``, ...:
-    hospitals that never train, each with a scanner no trained site has (:data:`UNSEEN_PROFILES`)
+    hospitals that never train, each with a scanner no trained site has (``unseen_profiles``)
     and its own prevalence (:data:`UNSEEN_PREVALENCES`), sized like an average site. They are planned
     with the trained sites from one pool, so the trained sites keep their prevalences and scanners but
     get a smaller share of the images (``unseen=0`` plans them as the other experiments do).
@@ -328,7 +422,7 @@ def plan_sites(
             f"{profiles!r}; pass e.g. DEFAULT_PROFILES"
         )
     scanners = [chosen[k % len(chosen)] for k in range(num_sites)]
-    scanners += [UNSEEN_PROFILES[j % len(UNSEEN_PROFILES)] for j in range(unseen)]
+    scanners += [unseen_profiles[j % len(unseen_profiles)] for j in range(unseen)]
     return [
         SiteSpec(name=names[k], prevalence=prev[k], n=int(sizes[k]), profile=scanners[k])
         for k in range(len(names))
@@ -383,14 +477,24 @@ def _site_splits(
     fractions: Sequence[float],
     seq: np.random.SeedSequence,
 ) -> dict[str, ImageSet]:
-    """The site's images ``idx`` (negatives, then positives) through its scanner, split stratified."""
+    """The site's images ``idx`` (negatives, then positives) through its scanner, split stratified (at
+    patient level when the pool has patients with several images)."""
     # Separate streams, so a site's split does not depend on whether its scanner adds noise.
     profile_seq, split_seq = seq.spawn(2)
     site_rng = np.random.default_rng(split_seq)
+    patients = None if pool.patients is None else pool.patients[idx].copy()
     shifted = ImageSet(
         images=spec.profile.apply(pool.images[idx], np.random.default_rng(profile_seq)),
         labels=pool.labels[idx].copy(),
+        patients=patients,
     )
+    if patients is not None and _grouped(patients):  # a patient's images stay in one split
+        index = split_groups(shifted.labels, patients, fractions, site_rng)
+        return {
+            s: shifted.subset(site_rng.permutation(np.flatnonzero(index == i)))
+            for i, (s, f) in enumerate(zip(SPLITS, fractions, strict=True))
+            if f > 0
+        }
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     start = 0
     for c in (0, 1):
@@ -408,6 +512,30 @@ def _site_splits(
     }
 
 
+def _grouped(patients: np.ndarray) -> bool:
+    """Whether some patient has several images (else each image is its own patient)."""
+    return len(np.unique(patients)) < len(patients)
+
+
+def _units(pool: ImageSet) -> tuple[np.ndarray | None, np.ndarray]:
+    """What sites draw: patients (each image's patient index, and each patient's majority label) when some
+    patient has several images; else images (``None``, the image labels)."""
+    if pool.patients is None or not _grouped(pool.patients):
+        return None, pool.labels
+    names, inverse = np.unique(pool.patients, return_inverse=True)
+    majority = group_labels(pool.labels, pool.patients)
+    return inverse, np.asarray([majority[str(n)] for n in names], dtype=np.int64)
+
+
+def _units_for(queue: np.ndarray, want: int, units: np.ndarray | None) -> int:
+    """How many units from the front of ``queue`` give ``want`` images (whole patients: at least ``want``
+    when the queue holds them)."""
+    if units is None or want == 0:
+        return min(want, len(queue))
+    sizes = np.bincount(units)[queue]
+    return min(int(np.searchsorted(np.cumsum(sizes), want)) + 1, len(queue))
+
+
 def simulate_sites(
     pool: ImageSet,
     specs: Sequence[SiteSpec],
@@ -418,7 +546,8 @@ def simulate_sites(
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
     seed: int = 0,
 ) -> list[SimulatedSite]:
-    """Draw disjoint images for every site, apply its scanner and split it (stratified)."""
+    """Draw disjoint images for every site, apply its scanner and split it (stratified). A pool with patient
+    ids draws and splits whole patients: a patient is at one site, in one split."""
     fractions = _check_split_fractions(split_fractions)
     if not specs:
         raise ConfigError("Expected at least one site spec, but got none; build them with plan_sites")
@@ -432,13 +561,19 @@ def simulate_sites(
             "the shift simulator supports binary labels only for now: map labels to 0/1"
         )
     rng = np.random.default_rng(seed)
-    queues = [rng.permutation(np.flatnonzero(pool.labels == c)) for c in (0, 1)]
+    units, unit_labels = _units(pool)
+    queues = [rng.permutation(np.flatnonzero(unit_labels == c)) for c in (0, 1)]
     taken = [0, 0]
     sites: list[SimulatedSite] = []
     for k, spec in enumerate(specs):
         want = _site_counts(spec.n, spec.prevalence)
-        got = [min(want[c], len(queues[c]) - taken[c]) for c in (0, 1)]
-        if got != list(want):
+        count = [_units_for(queues[c][taken[c] :], want[c], units) for c in (0, 1)]
+        per_class = [queues[c][taken[c] : taken[c] + count[c]] for c in (0, 1)]
+        taken = [taken[c] + count[c] for c in (0, 1)]
+        if units is not None:  # patients: every image of each drawn patient, by the patient's class
+            per_class = [np.flatnonzero(np.isin(units, drawn)) for drawn in per_class]
+        got = [len(drawn) for drawn in per_class]
+        if got != list(want) and (units is None or any(taken[c] == len(queues[c]) for c in (0, 1))):
             logger.warning(
                 "%s: pool exhausted, drew %d/%d negatives and %d/%d positives",
                 spec.name,
@@ -447,8 +582,6 @@ def simulate_sites(
                 got[1],
                 want[1],
             )
-        per_class = [queues[c][taken[c] : taken[c] + got[c]] for c in (0, 1)]
-        taken = [taken[c] + got[c] for c in (0, 1)]
         idx = np.concatenate(per_class)
         splits = _site_splits(pool, spec, idx, got, fractions, np.random.SeedSequence([seed, k]))
         data = Dataset(splits=splits, class_names=class_names, source=source, synthetic=synthetic)

@@ -92,7 +92,7 @@ def test_program_accepts_float_and_channel_inputs(model: FedshiftModel, tmp_path
     as_float = program(torch.from_numpy(images[:, None].astype(np.float32) / 255.0)).detach().numpy()
     np.testing.assert_allclose(as_uint8, _reference(model, images), rtol=0, atol=1e-5)
     np.testing.assert_allclose(as_float, as_uint8, rtol=0, atol=1e-6)
-    with pytest.raises(torch.jit.Error, match="grayscale"):
+    with pytest.raises(torch.jit.Error, match="grey images"):
         program(torch.zeros(2, 3, 64, 64))
     save_program(program, tmp_path / "m.pt", {"image_size": 64, "target_prior": TARGET.tolist()})
     extra = {METADATA_FILE: ""}
