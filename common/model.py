@@ -64,10 +64,11 @@ class ModelConfig:
             "adapter_stages": self.adapter_stages >= 0,
             "in_chans": self.in_chans in (1, 3),
         }
+        keys = {"in_chans": "image-channels (1 or 3)"}
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(
-                    f"Expected {name.replace('_', '-')} to be in range, but got "
+                    f"Expected {keys.get(name, name.replace('_', '-'))} to be in range, but got "
                     f"{getattr(self, name)!r}; see `fedshift simulate --help`"
                 )
 

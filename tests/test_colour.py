@@ -325,3 +325,28 @@ def test_colour_federation_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixt
         torch.as_tensor(predict_logits(loaded.model, test.images, torch.device("cpu"))), 1
     )
     torch.testing.assert_close(program(torch.from_numpy(test.images)), expected.double(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_site_with_grey_data_refuses_a_colour_run_before_any_privacy_is_charged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+    from fedshift.client.app import make_client_app
+    from fedshift.client.ledger import PrivacyLedger
+    from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY
+    from fedshift.tests.helpers import call_client_app, site_run_config, write_site
+
+    site_dir = write_site(tmp_path)
+    config = site_run_config(tmp_path, **{"image-channels": 3, "dp": True, "dp-epsilon": 8.0})
+    arrays = ArrayRecord(build_model(ModelConfig(image_size=32, in_chans=3)).shared_state_dict())
+    content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({"server-round": 1})})
+    msg = Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+    reply = call_client_app(make_client_app(), msg, config)
+    assert reply.has_error() and not reply.has_content()
+    # the site's own log says why (the server gets a generic error)
+    message = next(r.getMessage() for r in caplog.records if "image-channels" in r.getMessage())
+    assert "\n" not in message and "site-0's data" in message
+    assert "image-channels = 3" in message and "set image-channels = 1" in message
+    assert PrivacyLedger.at(site_dir).entries == ()
