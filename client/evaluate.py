@@ -76,6 +76,25 @@ def run_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _saved_split(data: str, state_dir: Path) -> Path | None:
+    """The state dir whose saved split a manifest keeps (its decode cache there too), else None with a
+    warning: a split made now need not be the one the site trained with."""
+    from fedshift.common.data import MANIFEST_SUFFIXES
+    from fedshift.common.patient_split import SPLIT_FILE
+
+    if Path(data).suffix.lower() not in MANIFEST_SUFFIXES:
+        return None
+    if (state_dir / SPLIT_FILE).is_file():
+        return state_dir
+    logger.warning(
+        "No saved split (%s) in %s: the manifest's split is made afresh and may put the site's training "
+        "patients in this split; pass --site-state with the site's state directory",
+        SPLIT_FILE,
+        state_dir,
+    )
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         return run_bundle(args)
@@ -87,11 +106,16 @@ def run(args: argparse.Namespace) -> int:
     from fedshift.common.model import build_model
 
     checkpoint = load_checkpoint(args.checkpoint)
-    dataset = load_dataset(args.data, image_size=checkpoint.model.image_size, require=args.split)
+    state_dir = args.site_state or Path(args.data).parent
+    dataset = load_dataset(
+        args.data,
+        image_size=checkpoint.model.image_size,
+        require=args.split,
+        state_dir=_saved_split(args.data, state_dir),
+    )
     data = dataset.split(args.split)
     model = build_model(checkpoint.model)
     model.load_shared_state_dict(checkpoint.arrays)
-    state_dir = args.site_state or Path(args.data).parent
     local = load_local_state(state_dir)
     if local is not None:
         model.load_local_state_dict(local)

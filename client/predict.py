@@ -136,6 +136,13 @@ def _manifest_images(
     from fedshift.common.manifest import manifest_images
 
     images, ids, labels, names = manifest_images(path, image_size, split=split, class_names=class_names)
+    named = names is not None and names != default_class_names(len(names))  # class names, not indices
+    if labels is not None and class_names is None and named and len(names or ()) != num_classes:
+        raise DataError(
+            f"Expected the labels of {path} to name the model's {num_classes} classes, but they name "
+            f"{len(names or ())} ({', '.join(names or ())}) and the bundle names none to map them to; "
+            f"label the rows with class indices 0..{num_classes - 1}"
+        )
     if labels is not None and names is not None and len(names) > num_classes:
         raise DataError(
             f"Expected at most {num_classes} classes (the model's) in {path}, but its labels name "

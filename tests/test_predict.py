@@ -394,3 +394,64 @@ def test_a_manifest_of_new_patients_is_predicted_row_by_row(
     code, _, err = _predict(capsys, "--model", str(site_dir), "--images", str(manifest), "--out", str(out))
     one_line_error(code, err, "effusion", "row 1")
     assert not out.exists()
+
+
+def test_evaluate_a_checkpoint_on_a_manifest_keeps_the_site_split(tmp_path: Path) -> None:
+    from fedshift.common.checkpoint import load_checkpoint, save_checkpoint
+    from fedshift.common.data import load_dataset
+    from fedshift.common.metrics import classification_metrics
+
+    config = ModelConfig(image_size=32)
+    save_checkpoint(
+        tmp_path / "ckpt",
+        {k: v.numpy() for k, v in build_model(config).shared_state_dict().items()},
+        config,
+        1,
+    )
+    manifest = export_manifest(
+        load_npz(write_site(tmp_path) / "data.npz"), tmp_path / "export", with_split=False
+    )
+    state = tmp_path / "state"
+    trained = load_dataset(manifest, image_size=32, state_dir=state)  # the site's first round saves the split
+    rows = manifest.read_text().splitlines()
+    new = [r.replace("/000", "/new").replace(",train-", ",new-") for r in rows[1:11]]  # 10 new patients
+    manifest.write_text("\n".join([*rows, *new]) + "\n")
+    for f in (tmp_path / "export" / "images" / "train").glob("00000[0-9].dcm"):
+        (f.parent / f.name.replace("000", "new", 1)).write_bytes(f.read_bytes())
+    report = tmp_path / "m.json"
+    args = [
+        "evaluate",
+        "--checkpoint",
+        str(tmp_path / "ckpt"),
+        "--data",
+        str(manifest),
+        "--json",
+        str(report),
+    ]
+    assert main([*args, "--site-state", str(state)]) == 0
+    # the saved test patients are still the test split (new patients joined without moving them)
+    evaluated = load_dataset(manifest, image_size=32, state_dir=state).split("test")
+    assert trained.split("test").patients is not None and evaluated.patients is not None
+    assert set(trained.split("test").patients.tolist()) <= set(evaluated.patients.tolist())
+    assert not set(evaluated.patients.tolist()) & set(trained.split("train").patients.tolist())
+    # ... and the command evaluated exactly those images
+    model = build_model(config)
+    model.load_shared_state_dict(load_checkpoint(tmp_path / "ckpt").arrays)
+    expected = classification_metrics(
+        evaluated.labels, softmax(predict_logits(model, evaluated.images, torch.device("cpu")))
+    )
+    assert json.loads(report.read_text())["log_loss"] == pytest.approx(expected["log_loss"], abs=1e-9)
+
+
+def test_manifest_labels_without_the_models_class_names_must_be_indices(tmp_path: Path) -> None:
+    from fedshift.client.predict import read_images
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\na.png,pneumonia\n")
+    with pytest.raises(DataError, match=r"name the model's 2 classes, but they name 1 \(pneumonia\)"):
+        read_images(manifest, "test", 32, 2, None)  # a bundle without class names: 'pneumonia' is not class 0
+    manifest.write_text("path,label\na.png,1\n")
+    found = read_images(manifest, "test", 32, 2, None)
+    assert found.labels is not None and found.labels.tolist() == [1]
+    assert read_images(manifest, "test", 32, 2, ("normal", "pneumonia")).labels.tolist() == [1]  # type: ignore[union-attr]
