@@ -450,6 +450,17 @@ def check_channels(images: np.ndarray, expected: int, where: str = "the data") -
         )
 
 
+def check_classes(data: Dataset, num_classes: int, where: str = "the data") -> None:
+    """:class:`DataError` unless every label of ``data`` is below ``num_classes`` (the run config's)."""
+    top = max((int(s.labels.max()) for s in data.splits.values() if len(s)), default=-1)
+    if top >= num_classes:
+        raise DataError(
+            f"Expected at most {num_classes} classes for this model (num-classes = {num_classes}), but "
+            f"{where} has {data.num_classes} ({', '.join(data.class_names)}); set num-classes = "
+            f"{data.num_classes} in the run config, or relabel the data"
+        )
+
+
 def to_tensor(images: np.ndarray, image_size: int, channels: int | None = None) -> torch.Tensor:
     """``(N, H, W)`` or ``(N, H, W, 3)`` uint8 -> float32 ``(N, C, S, S)`` in [0, 1] (antialiased bilinear
     resize); ``channels`` (the model's ``in_chans``), when given, must be the images' ``C``."""

@@ -111,3 +111,28 @@ def test_the_privacy_report_reads_back_what_it_writes() -> None:
         PrivacyReport.from_record({**record, "train-loss": 0.3})
     with pytest.raises(ValueError, match="'mechanism' and only the fields"):
         PrivacyReport.from_record({"epsilon": 1.0})
+
+
+def test_a_site_with_more_classes_than_the_model_refuses_before_any_privacy_is_charged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedshift.client.app import make_client_app
+    from fedshift.common.data import Dataset, load_npz, save_npz
+    from fedshift.tests.helpers import call_client_app
+
+    site_dir = write_site(tmp_path)
+    data = load_npz(site_dir / "data.npz")
+    data.split("train").labels[:5] = 2  # a third class the binary model cannot predict
+    save_npz(site_dir / "data.npz", Dataset(data.splits, ("normal", "lesion", "effusion"), data.source, True))
+    config = site_run_config(tmp_path, **{"dp": True, "dp-epsilon": 8.0})
+    arrays = ArrayRecord(build_model(ModelConfig(image_size=32)).shared_state_dict())
+    content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({"server-round": 1})})
+    reply = call_client_app(
+        make_client_app(), Message(content, dst_node_id=0, message_type=MessageType.TRAIN), config
+    )
+    assert reply.has_error() and not reply.has_content()
+    message = next(r.getMessage() for r in caplog.records if "num-classes" in r.getMessage())
+    assert (
+        "\n" not in message and "has 3 (normal, lesion, effusion)" in message and "num-classes = 3" in message
+    )
+    assert PrivacyLedger.at(site_dir).entries == ()
