@@ -16,6 +16,7 @@ Compressed transfer syntaxes need pydicom's decoder plugins (``pip install "feds
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,7 +136,7 @@ def _check_decoder(header: Dataset, path: Path) -> None:
 
 def _frame_index(header: Dataset, path: Path, frame: int | None) -> int:
     """The 0-based frame to read: refuses a multi-frame file without ``frame`` and a frame out of range."""
-    n = int(header.get("NumberOfFrames", 1) or 1)
+    n = int(_number(header, "NumberOfFrames", path) or 1)
     if frame is None:
         if n > 1:
             raise DataError(
@@ -164,18 +165,35 @@ def _decode(path: Path, index: int) -> np.ndarray:
         ) from exc
 
 
-def _first(value: Any) -> float:
-    """The first value of a possibly multi-valued DS element."""
+def _number(header: Dataset, keyword: str, path: Path) -> float | None:
+    """The (first) value of a numeric element, None when absent or empty; DataError when not a number."""
     from pydicom.multival import MultiValue
 
-    return float(value[0] if isinstance(value, MultiValue | list | tuple) else value)
+    value = _present(header, keyword)
+    if value is None:
+        return None
+    try:
+        number = float(value[0] if isinstance(value, MultiValue | list | tuple) else value)
+    except (ValueError, TypeError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise DataError(
+            f"Expected a number in {keyword} of {path}, but got {str(value)[:60]!r}; "
+            "fix or remove the element"
+        )
+    return number
 
 
 def window(x: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
     """Window ``x`` to 0..255 (float32) by DICOM PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT, SIGMOID)."""
     x = np.array(x, dtype=np.float32)  # a copy, transformed in place
     if function == "SIGMOID":
-        return (255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))).astype(np.float32)
+        x -= center  # 255 / (1 + exp(-4 (x - c) / w)) as tanh, which cannot overflow
+        x *= 2.0 / width
+        np.tanh(x, out=x)
+        x += 1.0
+        x *= 127.5
+        return x
     c, w = (center - 0.5, width - 1.0) if function == "LINEAR" else (center, width)
     if w <= 0:  # LINEAR with width 1: a threshold at c
         return np.where(x > c, 255.0, 0.0).astype(np.float32)
@@ -187,7 +205,8 @@ def window(x: np.ndarray, center: float, width: float, function: str = "LINEAR")
 
 def _windowing(x: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
     """Window Center/Width (first values) and the VOI LUT Function applied to ``x``."""
-    center, width = _first(header.WindowCenter), _first(header.WindowWidth)
+    center, width = _number(header, "WindowCenter", path), _number(header, "WindowWidth", path)
+    assert center is not None and width is not None  # checked by the caller
     function = str(_present(header, "VOILUTFunction") or "LINEAR").strip().upper()
     if function not in _VOI_FUNCTIONS:
         raise DataError(
@@ -202,22 +221,44 @@ def _windowing(x: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
     return window(x, center, width, function)
 
 
-def _voi_lut(x: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
-    """The first VOI LUT Sequence item applied to ``x``, scaled from its entry depth to 0..255."""
-    from pydicom.pixels import apply_voi
+def _lut_data(item: Dataset, entries: int, header: Dataset) -> np.ndarray:
+    """The LUT Data of a LUT item as integers (US words, or OW bytes in the file's byte order)."""
+    element = item["LUTData"]
+    if element.VR == "OW" or isinstance(element.value, bytes):
+        if len(element.value) == entries and int(item.LUTDescriptor[2]) == 8:
+            return np.frombuffer(element.value, np.uint8).astype(np.int64)  # 8-bit entries packed
+        little = getattr(header, "original_encoding", (None, True))[1] is not False
+        return np.frombuffer(element.value, "<u2" if little else ">u2").astype(np.int64)
+    values = element.value
+    return np.asarray([values] if isinstance(values, int) else list(values), dtype=np.int64)
 
+
+def _voi_lut(x: np.ndarray, header: Dataset, path: Path) -> np.ndarray:
+    """The first VOI LUT Sequence item applied to ``x``, scaled from its entry depth to 0..255.
+
+    The lookup is done here (any number of entries at any depth 8..16); values below the first
+    mapped value take the first entry, above the last the last entry (PS3.3 C.11.2.1.1).
+    """
     item = header.VOILUTSequence[0]
-    entries, first, bits = (int(v) for v in item.LUTDescriptor)
-    entries = entries or 2**16
-    iv = np.clip(np.rint(x), first, first + entries - 1).astype(np.int64)
     try:
-        y = apply_voi(iv, header)
-    except (NotImplementedError, ValueError, AttributeError, TypeError) as exc:
+        entries, first, bits = (int(v) for v in item.LUTDescriptor)
+        entries = entries or 2**16
+        if int(header.get("PixelRepresentation", 0)) == 1 and first >= 2**15:
+            first -= 2**16  # a signed first value written as US
+        lut = _lut_data(item, entries, header)
+    except (ValueError, TypeError) as exc:
         raise DataError(
-            f"Expected a valid VOI LUT Sequence in {path}, but it cannot be applied ({error_reason(exc)}); "
+            f"Expected a valid VOI LUT Sequence in {path}, but it cannot be read ({error_reason(exc)}); "
             "re-export the file or remove its VOI LUT Sequence"
         ) from exc
-    return y.astype(np.float32) * (255.0 / (2**bits - 1))
+    if not 8 <= bits <= 16 or len(lut) < entries:
+        raise DataError(
+            f"Expected a VOI LUT of {entries} entries of 8..16 bits in {path}, but it has {len(lut)} "
+            f"entries of {bits} bits; re-export the file or remove its VOI LUT Sequence"
+        )
+    iv = np.clip(np.rint(x), first, first + entries - 1).astype(np.int64)
+    iv -= first
+    return lut[iv].astype(np.float32) * (255.0 / (2**bits - 1))
 
 
 def _present(header: Dataset, keyword: str) -> Any | None:
@@ -264,9 +305,9 @@ def _modality(stored: np.ndarray, header: Dataset, path: Path) -> tuple[np.ndarr
                 f"Expected a valid Modality LUT Sequence in {path}, but it cannot be applied "
                 f"({error_reason(exc)}); re-export the file or remove its Modality LUT Sequence"
             ) from exc
-    slope, intercept = _present(header, "RescaleSlope"), _present(header, "RescaleIntercept")
-    s = 1.0 if slope is None else _first(slope)
-    i = 0.0 if intercept is None else _first(intercept)
+    slope, intercept = _number(header, "RescaleSlope", path), _number(header, "RescaleIntercept", path)
+    s = 1.0 if slope is None else slope
+    i = 0.0 if intercept is None else intercept
     if (s, i) == (1.0, 0.0):
         return stored, False
     x = stored.astype(np.float32)

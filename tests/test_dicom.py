@@ -273,3 +273,83 @@ def test_empty_window_and_rescale_elements_are_absent(tmp_path: Path) -> None:
         ds.add_new(tag, "DS", None)
     ds.save_as(tmp_path / "e.dcm", enforce_file_format=True)
     np.testing.assert_array_equal(read_dicom(tmp_path / "e.dcm"), stored)
+
+
+def _voi_item(descriptor_vr: str, descriptor: list[int], lut: np.ndarray, data_vr: str = "US") -> Dataset:
+    item = Dataset()
+    item.add_new(0x00283002, descriptor_vr, descriptor)  # LUT Descriptor: entries, first value mapped, bits
+    data = lut.astype("<u2").tobytes() if data_vr == "OW" else lut.tolist()
+    item.add_new(0x00283006, data_vr, data)  # LUT Data
+    return item
+
+
+@pytest.mark.parametrize("data_vr", ["US", "OW"])
+def test_8bit_voi_lut_with_more_than_256_entries(tmp_path: Path, data_vr: str) -> None:
+    stored = RNG.integers(0, 4096, (16, 16), dtype=np.uint16)
+    lut = RNG.integers(0, 256, 4096).astype(np.uint16)  # 4096 entries of 8 bits (PS3.3 C.11.2.1.1)
+    item = _voi_item("US", [4096, 0, 8], lut, data_vr)
+    write_dicom(tmp_path / "v.dcm", stored, bits_stored=12, elements={"VOILUTSequence": Sequence([item])})
+    np.testing.assert_array_equal(read_dicom(tmp_path / "v.dcm"), lut[stored])
+
+
+@pytest.mark.parametrize("descriptor_vr", ["SS", "US"])
+def test_voi_lut_with_a_negative_first_value_on_signed_data(tmp_path: Path, descriptor_vr: str) -> None:
+    stored = RNG.integers(-300, 300, (12, 12), dtype=np.int16)
+    lut = np.sort(RNG.integers(0, 65536, 400)).astype(np.uint16)  # entries for -200..199
+    first = -200 if descriptor_vr == "SS" else 2**16 - 200  # a signed first value, or it written as US
+    item = _voi_item(descriptor_vr, [400, first, 16], lut)
+    write_dicom(tmp_path / "n.dcm", stored, bits_stored=16, elements={"VOILUTSequence": Sequence([item])})
+    expected = lut[np.clip(stored.astype(np.int64) + 200, 0, 399)] * 255.0 / 65535.0
+    _close(read_dicom(tmp_path / "n.dcm"), expected)
+
+
+def test_signed_data_with_rescale_and_window(tmp_path: Path) -> None:
+    stored = RNG.integers(-2048, 2048, (16, 16), dtype=np.int16)
+    elements = {"RescaleSlope": 1.5, "RescaleIntercept": -100, "WindowCenter": 200, "WindowWidth": 2500}
+    write_dicom(tmp_path / "s.dcm", stored, bits_stored=12, elements=elements)
+    _close(read_dicom(tmp_path / "s.dcm"), _linear(stored * 1.5 - 100.0, 200, 2500))
+
+
+def test_monochrome1_without_a_window(tmp_path: Path) -> None:
+    stored = RNG.integers(0, 256, (7, 9), dtype=np.uint8)
+    write_dicom(tmp_path / "m8.dcm", stored, photometric="MONOCHROME1")
+    np.testing.assert_array_equal(read_dicom(tmp_path / "m8.dcm"), 255 - stored)
+    deep = RNG.integers(100, 4000, (7, 9), dtype=np.uint16)
+    write_dicom(tmp_path / "m12.dcm", deep, photometric="MONOCHROME1", bits_stored=12)
+    x = deep.astype(np.float64)
+    _close(read_dicom(tmp_path / "m12.dcm"), 255.0 - (x - x.min()) / (x.max() - x.min()) * 255.0)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "tag", "elements"),
+    [
+        ("WindowCenter", 0x00281050, {"WindowCenter": "77", "WindowWidth": 400}),
+        ("WindowWidth", 0x00281051, {"WindowCenter": 40, "WindowWidth": "77"}),
+        ("RescaleSlope", 0x00281053, {"RescaleSlope": "77"}),
+        ("RescaleIntercept", 0x00281052, {"RescaleIntercept": "77"}),
+    ],
+)
+def test_corrupt_numeric_element_names_file_and_element(
+    tmp_path: Path, keyword: str, tag: int, elements: dict[str, object]
+) -> None:
+    write_dicom(
+        tmp_path / "b.dcm", RNG.integers(0, 4096, (8, 8), dtype=np.uint16), bits_stored=12, elements=elements
+    )
+    raw = tag.to_bytes(4, "big")
+    encoded = raw[1::-1] + raw[:1:-1] + b"DS\x02\x00"  # explicit VR little endian: group, element, VR, length
+    data = (tmp_path / "b.dcm").read_bytes()
+    assert data.count(encoded + b"77") == 1
+    (tmp_path / "b.dcm").write_bytes(data.replace(encoded + b"77", encoded + b"ab"))
+    with pytest.raises(
+        DataError, match=rf"number in {keyword} of .*b\.dcm, but got 'ab'; fix or remove"
+    ) as info:
+        read_dicom(tmp_path / "b.dcm")
+    assert "\n" not in str(info.value)
+
+
+def test_sigmoid_far_outside_the_window_does_not_overflow() -> None:
+    x = np.array([-60000.0, -5.0, 0.0, 3.0, 60000.0])
+    with np.errstate(all="raise"):
+        got = window(x, 0.0, 2.0, "SIGMOID")
+    expected = [0.0, 255.0 / (1.0 + np.exp(10.0)), 127.5, 255.0 / (1.0 + np.exp(-6.0)), 255.0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
