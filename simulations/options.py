@@ -156,7 +156,9 @@ def add_experiment_arguments(
     ``defaults`` are a preset's run-config values (shown in the help, used unless the user sets them).
     """
     d = parser.add_argument_group("data and sites")
-    d.add_argument("--data", help="MedMNIST-style .npz or an image folder; none: built-in SYNTHETIC images")
+    d.add_argument(
+        "--data", help="MedMNIST-style .npz, .csv/.tsv manifest or image folder; none: SYNTHETIC images"
+    )
     d.add_argument(
         "--sites",
         type=int,
