@@ -6,7 +6,9 @@ changed settings, decode again and nothing else does. Files are decoded one at a
 cache (a full-resolution image is alive only while it is decoded); entries are written atomically, an
 unreadable entry is decoded again, and entries of files no longer listed (or changed) are pruned, as are
 the entries of older decoder versions. Other image sizes keep their entries (a check at one size does
-not evict training's).
+not evict training's). An entry is ``(S, S)`` grey, ``(S, S, 1)`` grey-as-RGB (an RGB file with equal
+channels) or ``(S, S, 3)`` colour, so grey or colour is decided for the whole dataset
+(:func:`fedshift.common.image_files.stack_images`'s rule).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from fedshift.common.errors import DataError
+from fedshift.common.image_files import COLOUR, GREY, GREY_AS_RGB, mixed_error, read_image_kind
 from fedshift.common.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
-DECODER_VERSION = 1  # bump when decoding or resizing changes: every entry decodes again
+DECODER_VERSION = 2  # bump when decoding or resizing changes: every entry decodes again
 CACHE_SUBDIR = "decode-cache"
 PROGRESS_MIN_FILES = 50  # fewer files to decode: no progress bar
 
@@ -71,18 +74,25 @@ def entry_key(file: Path, image_size: int, frame: int | None) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32] + ".npy"
 
 
-def _load_entry(path: Path, image_size: int) -> np.ndarray | None:
+_STORED_SHAPE = {GREY: (), GREY_AS_RGB: (1,), COLOUR: (3,)}  # an entry's trailing shape per kind
+
+
+def _load_entry(path: Path, image_size: int) -> tuple[np.ndarray, str] | None:
+    """An entry's image (``(S, S)`` or ``(S, S, 3)``) and kind; None when it is damaged."""
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError):
         return None
-    ok = array.dtype == np.uint8 and array.shape[:2] == (image_size, image_size) and array.ndim in (2, 3)
-    return array if ok else None
+    kind = next((k for k, tail in _STORED_SHAPE.items() if array.shape[2:] == tail), None)
+    if array.dtype != np.uint8 or array.shape[:2] != (image_size, image_size) or kind is None:
+        return None
+    return (array[..., 0] if kind == GREY_AS_RGB else array), kind
 
 
-def _store_entry(path: Path, array: np.ndarray) -> None:
+def _store_entry(path: Path, array: np.ndarray, kind: str) -> None:
     buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    stored = array[..., None] if kind == GREY_AS_RGB else array
+    np.save(buffer, np.ascontiguousarray(stored), allow_pickle=False)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -107,36 +117,34 @@ def _prune(folder: Path, keep: set[str]) -> int:
     return pruned
 
 
-def _mixed_error(colour: list[bool], names: Sequence[str]) -> DataError:
-    """stack_images's grey/colour error, from the kinds alone (placeholders, not the images)."""
-    from fedshift.common.image_files import stack_images
-
-    try:
-        stack_images([np.zeros((1, 1, 3) if c else (1, 1), np.uint8) for c in colour], names)
-    except DataError as exc:
-        return exc
-    raise AssertionError("Expected stack_images to refuse mixed grey and colour")
+def _place(out: np.ndarray, i: int, array: np.ndarray, kind: str) -> np.ndarray:
+    """``array`` as image ``i`` of ``out``; the first colour image turns a grey ``out`` into colour
+    (the images so far get three equal channels)."""
+    if kind == COLOUR and out.ndim == 3:
+        out = np.repeat(out[..., None], 3, axis=3)
+    out[i] = array[..., None] if out.ndim == 4 and array.ndim == 2 else array
+    return out
 
 
-def _decode_one(file: Path, image_size: int, frame: int | None, name: str, entry: Path) -> np.ndarray:
+def _decode_one(
+    file: Path, image_size: int, frame: int | None, name: str, entry: Path
+) -> tuple[np.ndarray, str]:
     """Decode ``file`` and store it as ``entry``; its DataError prefixed by ``name``."""
-    from fedshift.common.image_files import read_image
-
     try:
-        array = read_image(file, image_size, frame)
+        array, kind = read_image_kind(file, image_size, frame)
     except DataError as exc:
         raise DataError(f"{name}: {exc}") from exc
-    _store_entry(entry, array)
-    return array
+    _store_entry(entry, array, kind)
+    return array, kind
 
 
-def _decode_job(job: tuple[Path, int, int | None, str, Path]) -> np.ndarray:
+def _decode_job(job: tuple[Path, int, int | None, str, Path]) -> tuple[np.ndarray, str]:
     return _decode_one(*job)
 
 
 def _decode_all(
     jobs: list[tuple[Path, int, int | None, str, Path]], workers: int
-) -> Generator[np.ndarray, None, None]:
+) -> Generator[tuple[np.ndarray, str], None, None]:
     """The jobs' images in order: decoded here, or by ``workers`` processes (each stores its entries)."""
     if workers <= 1 or len(jobs) < 2 * workers:
         for job in jobs:
@@ -179,34 +187,31 @@ def decode_cached(
     jobs = [(Path(files[i]), image_size, frames[i], names[i], folder / keys[i]) for i in sorted(missing)]
     fresh = _decode_all(jobs, workers)
     bar = _progress(len(missing), f"Decoding {Path(manifest).name}") if progress else None
-    out: np.ndarray | None = None
-    colour: list[bool] = []
+    out = np.empty((len(keys), image_size, image_size), np.uint8)
+    kinds: list[str] = []
     decoded = 0
     try:
         for i, key in enumerate(keys):
-            array = next(fresh) if i in missing else _load_entry(folder / key, image_size)
-            if array is None:  # a damaged entry
-                array = _decode_one(Path(files[i]), image_size, frames[i], names[i], folder / key)
+            loaded = next(fresh) if i in missing else _load_entry(folder / key, image_size)
+            if loaded is None:  # a damaged entry
+                loaded = _decode_one(Path(files[i]), image_size, frames[i], names[i], folder / key)
                 decoded += 1
             elif i in missing:
                 decoded += 1
                 if bar is not None:
                     bar.update(1)
-            if out is None:
-                out = np.empty((len(keys), *array.shape), np.uint8)
-            colour.append(array.ndim == 3)
-            if array.shape == out.shape[1:]:
-                out[i] = array
+            kinds.append(loaded[1])
+            out = _place(out, i, *loaded)
     finally:
         fresh.close()
         if bar is not None:
             bar.close()
-    if len(set(colour)) > 1:
-        raise _mixed_error(colour, names)
+    if (error := mixed_error(kinds, names)) is not None:
+        raise error
     pruned = _prune(folder, set(keys)) if folder.is_dir() else 0
     stats = DecodeStats(decoded, len(keys) - decoded, pruned, time.perf_counter() - start)
     logger.info(
         "Decoded %d of %d images of %s at %d px (%d from the cache %s) in %.1f s",
         *(stats.decoded, len(keys), manifest, image_size, stats.cached, folder, stats.seconds),
     )
-    return (out if out is not None else np.zeros((0, image_size, image_size), np.uint8)), stats
+    return out, stats

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from fedshift.common.data import FIX_DATA, SPLITS, Dataset, ImageSet, check_two_classes
-from fedshift.common.errors import ConfigError, DataError
-from fedshift.common.image_files import KINDS, is_image_file, read_image, stack_images
+from fedshift.common.errors import DataError
+from fedshift.common.image_files import KINDS, check_image_size, is_image_file, read_image_kind, stack_images
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,12 @@ def _folder_listing(root: Path, require: str) -> tuple[tuple[str, ...], dict[str
     return class_names, listing
 
 
+def _read_all(files: list[Path], image_size: int) -> tuple[list[np.ndarray], list[str]]:
+    """Each file's image and kind (grey, grey-as-RGB or colour)."""
+    read = [read_image_kind(f, image_size) for f in files]
+    return [a for a, _ in read], [k for _, k in read]
+
+
 def image_folder_files(path: str | Path, require: str = "train") -> dict[str, list[Path]]:
     """Per split, the image files :func:`load_image_folder` reads, in the order of its images."""
     _, listing = _folder_listing(Path(path), require)
@@ -75,15 +81,12 @@ def load_image_folder(path: str | Path, image_size: int = 64, require: str = "tr
     :func:`image_folder_files` names their files.
     """
     root = Path(path)
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(
-            f"Expected image_size to be a positive integer, but got {image_size!r}; pass e.g. 64"
-        )
+    image_size = check_image_size(image_size)
     class_names, listing = _folder_listing(root, require)
     splits: dict[str, ImageSet] = {}
     for s, files in listing.items():
-        images = [read_image(f, image_size) for f, _ in files]
-        stack = stack_images(images, [f for f, _ in files], image_size)
+        images, kinds = _read_all([f for f, _ in files], image_size)
+        stack = stack_images(images, [f for f, _ in files], image_size, kinds)
         splits[s] = ImageSet(images=stack, labels=np.asarray([c for _, c in files], dtype=np.int64))
     if sum(len(v) for v in splits.values()) == 0:
         raise DataError(
@@ -105,6 +108,7 @@ def load_unlabeled_folder(path: str | Path, image_size: int = 64) -> tuple[np.nd
         raise DataError(
             f"Expected {KINDS} images in {root}, but found none; check the path and file extensions"
         )
-    images = stack_images([read_image(f, image_size) for f in files], files, image_size)
+    arrays, kinds = _read_all(files, check_image_size(image_size))
+    images = stack_images(arrays, files, image_size, kinds)
     logger.info("Loaded %d unlabeled images from %s", len(files), root)
     return images, [f.name for f in files]

@@ -151,3 +151,41 @@ def test_worker_processes_decode_the_same_pixels(tmp_path: Path) -> None:
             names=[f"row {i + 1}" for i in range(N)],
             workers=2,
         )
+
+
+@pytest.mark.parametrize("white_at", [0, 3])
+def test_a_white_tile_in_a_colour_manifest_is_colour_cold_and_warm(tmp_path: Path, white_at: int) -> None:
+    rng = np.random.default_rng(4)
+    tiles = [rng.integers(0, 256, (20, 20, 3), dtype=np.uint8) for _ in range(5)]
+    tiles[white_at][:] = 255  # an all-white background tile: three equal channels
+    files = []
+    for i, tile in enumerate(tiles):
+        files.append(tmp_path / f"t{i}.png")
+        Image.fromarray(tile).save(files[-1])
+    expected = np.stack(
+        [np.asarray(Image.fromarray(t).resize((8, 8), Image.Resampling.BILINEAR)) for t in tiles]
+    )
+    cache = tmp_path / "cache"
+    cold, s1 = _decode(files, cache, size=8)
+    warm, s2 = _decode(files, cache, size=8)
+    assert (s1.decoded, s2.cached) == (5, 5)
+    np.testing.assert_array_equal(cold, expected)
+    np.testing.assert_array_equal(warm, expected)
+    grey = tmp_path / "grey.png"
+    Image.fromarray(tiles[1][..., 0]).save(grey)  # a one-channel file among colour: mixed, cold and warm
+    for _ in range(2):
+        with pytest.raises(DataError, match=r"\(1 grey-scale, 5 colour; first grey-scale file .*grey\.png\)"):
+            _decode([*files, grey], cache, size=8)
+
+
+def test_a_grey_manifest_stored_as_rgb_stays_grey(tmp_path: Path) -> None:
+    files = _files(tmp_path, 4)
+    for f in files[:2]:  # two of them exported as RGB with equal channels
+        grey = np.asarray(Image.open(f))
+        Image.fromarray(np.repeat(grey[..., None], 3, axis=2)).save(f)
+    expected = np.stack(
+        [np.asarray(Image.open(f).convert("L").resize((16, 16), Image.Resampling.BILINEAR)) for f in files]
+    )
+    for _ in range(2):  # cold, then from the cache
+        images, _ = _decode(files, tmp_path / "cache")
+        np.testing.assert_array_equal(images, expected)

@@ -149,3 +149,35 @@ def test_image_size_is_checked(tmp_path: Path) -> None:
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ConfigError, match="image_size to be a positive integer"):
             read_image(tmp_path / "z.png", bad)  # type: ignore[arg-type]
+
+
+def _rgb_folder(root: Path, white_first: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Class folders of RGB tiles, one of them an all-white background tile; the files' pixels."""
+    tiles = [RNG.integers(0, 256, (9, 9, 3), dtype=np.uint8) for _ in range(3)]
+    white = np.full((9, 9, 3), 255, np.uint8)
+    tiles = [white, *tiles] if white_first else [*tiles[:2], white, tiles[2]]
+    for cls in ("normal", "tumour"):
+        (root / cls).mkdir()
+    for i, tile in enumerate(tiles):
+        Image.fromarray(tile).save(root / ("normal" if i < 2 else "tumour") / f"t{i}.png")
+    return tiles, [_pil_resize(t, 6) for t in tiles]
+
+
+@pytest.mark.parametrize("white_first", [True, False])
+def test_a_white_tile_is_colour_in_a_colour_dataset(tmp_path: Path, white_first: bool) -> None:
+    _, expected = _rgb_folder(tmp_path, white_first)
+    images = load_image_folder(tmp_path, image_size=6).split("train").images
+    assert images.shape == (4, 6, 6, 3)
+    np.testing.assert_array_equal(images, np.stack(expected))  # PIL's own RGB resize of each file
+
+
+def test_grey_as_rgb_is_grey_in_a_grey_dataset_and_one_channel_among_colour_is_mixed(tmp_path: Path) -> None:
+    grey = RNG.integers(0, 256, (9, 9), dtype=np.uint8)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(grey).save(tmp_path / "a" / "l.png")
+    Image.fromarray(np.repeat(grey[..., None], 3, axis=2)).save(tmp_path / "a" / "rgb.png")
+    images, _ = load_unlabeled_folder(tmp_path / "a", image_size=6)
+    np.testing.assert_array_equal(images, np.stack([_pil_resize(grey, 6)] * 2))
+    Image.fromarray(RNG.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(tmp_path / "a" / "x.png")
+    with pytest.raises(DataError, match=r"\(1 grey-scale, 2 colour; first grey-scale file .*a/l\.png\)"):
+        load_unlabeled_folder(tmp_path / "a", image_size=6)
