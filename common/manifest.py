@@ -128,6 +128,8 @@ def _load(
         fractions=fractions,
         manifest=str(path.resolve()),
         where=where,
+        images=[r.rel if r.frame is None else f"{r.rel} frame {r.frame}" for r in rows],
+        image_where=[r.where(path) for r in rows],
     )
     order = np.argsort(plan.index, kind="stable")
     rows = tuple(rows[i] for i in order.tolist())

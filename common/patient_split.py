@@ -3,7 +3,9 @@
 A patient (a *group*) never lands in two splits. :func:`split_groups` is the generic core (labels,
 groups, fractions, a generator -> a split index per image); :func:`plan_split` adds the manifest's
 ``split`` column and the saved ``data-split.json``, so a split stays the same across rounds, runs and
-restarts, and new patients join without moving old ones.
+restarts, and new patients join without moving old ones. The split file also keeps each image's
+split, so a re-keyed patient (a patient_id column added or changed) keeps its images' split, and a
+change that would move a saved image to another split is refused.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from fedshift.common.io import atomic_write_bytes
 logger = logging.getLogger(__name__)
 
 SPLIT_FILE = "data-split.json"
-SPLIT_FILE_VERSION = 1
+SPLIT_FILE_VERSION = 2  # 2: also each image's split (files of version 1 are read)
 DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
 FIX_RESPLIT = (
     f"delete {SPLIT_FILE} to make a new split (its test patients were seen before: metrics on a new "
@@ -112,32 +114,71 @@ class SplitPlan:
     manifest: str
     new_patients: int = 0
     changed: bool = field(default=True)  # False: the saved file already says exactly this
+    images: dict[str, str] = field(default_factory=dict)  # image id -> split name, saved plus this manifest's
 
 
 def split_file(state_dir: Path) -> Path:
     return Path(state_dir) / SPLIT_FILE
 
 
-def read_saved_split(state_dir: Path | None) -> dict[str, str]:
-    """The saved patient -> split map of ``state_dir`` (empty when none is saved)."""
+def _read_split_file(state_dir: Path | None) -> tuple[dict[str, str], dict[str, str]]:
+    """The saved patient -> split and image -> split maps of ``state_dir`` (empty when none is saved)."""
     if state_dir is None or not split_file(state_dir).is_file():
-        return {}
+        return {}, {}
     path = split_file(state_dir)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        patients = data["patients"]
-        ok = isinstance(patients, dict) and all(v in SPLITS for v in patients.values())
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        patients, images = data["patients"], data.get("images", {})
+        ok = all(isinstance(m, dict) and all(v in SPLITS for v in m.values()) for m in (patients, images))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(
             f"Expected {path} to be a split file written by fedshift, but it cannot be read ({exc}); "
             f"restore it from a backup, or {FIX_RESPLIT}"
         ) from exc
     if not ok:
         raise DataError(
-            f"Expected {path} to map patient ids to one of {list(SPLITS)}, but it holds other values; "
-            f"restore it from a backup, or {FIX_RESPLIT}"
+            f"Expected {path} to map patient ids and images to one of {list(SPLITS)}, but it holds other "
+            f"values; restore it from a backup, or {FIX_RESPLIT}"
         )
-    return {str(k): str(v) for k, v in patients.items()}
+    return {str(k): str(v) for k, v in patients.items()}, {str(k): str(v) for k, v in images.items()}
+
+
+def read_saved_split(state_dir: Path | None) -> dict[str, str]:
+    """The saved patient -> split map of ``state_dir`` (empty when none is saved)."""
+    return _read_split_file(state_dir)[0]
+
+
+def _fixed_by_images(
+    patients: list[str], images: list[str], saved: Mapping[str, str], saved_images: Mapping[str, str]
+) -> dict[str, int]:
+    """Saved patients' splits, and for a patient not saved (re-keyed) the split its saved images share."""
+    fixed = {p: SPLITS.index(s) for p, s in saved.items()}
+    seen: dict[str, set[str]] = {}
+    for patient, image in zip(patients, images or [""] * len(patients), strict=True):
+        if patient not in saved and image in saved_images:
+            seen.setdefault(patient, set()).add(saved_images[image])
+    fixed.update({p: SPLITS.index(next(iter(s))) for p, s in seen.items() if len(s) == 1})
+    return fixed
+
+
+def _check_images_not_moved(
+    index: np.ndarray,
+    patients: list[str],
+    images: list[str],
+    saved_images: Mapping[str, str],
+    image_where: Sequence[str],
+    path: Path,
+) -> None:
+    """Refuse a split that puts a saved image in another split than the saved one."""
+    for i, (patient, image) in enumerate(zip(patients, images, strict=True)):
+        was, now = saved_images.get(image), SPLITS[int(index[i])]
+        if was is not None and was != now:
+            raise DataError(
+                f"Expected image '{image}' ({image_where[i]}, patient '{patient}') to stay in split "
+                f"'{was}' as saved in {path}, but the split would move it to '{now}' (its patient's "
+                f"images are saved in different splits, or the row's split changed); give the patient's "
+                f"rows their saved split in a split column, or {FIX_RESPLIT}"
+            )
 
 
 def _check_not_moved(
@@ -162,36 +203,41 @@ def plan_split(
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     manifest: str = "",
     where: Mapping[str, str] | None = None,
+    images: Sequence[str] | None = None,
+    image_where: Sequence[str] | None = None,
 ) -> SplitPlan:
     """The split of a manifest's images: its ``split`` column when given, else the saved split for
-    known patients and :func:`split_groups` for new ones. A patient the saved split puts elsewhere is
-    refused; ``where`` names each patient's first row for that message."""
+    known patients (a patient not saved: its saved images' split) and :func:`split_groups` for new
+    ones. A patient, or an image (``images``: one id per image), that the saved split puts elsewhere is
+    refused; ``where`` names each patient's first row, ``image_where`` each image's row."""
     fracs = check_fractions(fractions)
-    patients = np.asarray(patients).astype(str)
-    saved = read_saved_split(state_dir)
-    where = where or {p: f"patient {p}" for p in patients.tolist()}
+    ids = np.asarray(patients).astype(str).tolist()
+    images = list(images) if images is not None else []
+    saved, saved_images = _read_split_file(state_dir)
+    where = where or {p: f"patient {p}" for p in ids}
     path = split_file(state_dir) if state_dir is not None else Path(SPLIT_FILE)
     if split_column is not None:
-        wanted = {p: str(s) for p, s in zip(patients.tolist(), split_column, strict=True)}
+        wanted = {p: str(s) for p, s in zip(ids, split_column, strict=True)}
         _check_not_moved(wanted, saved, where, path)
         index = np.asarray([SPLITS.index(str(s)) for s in split_column], dtype=np.int64)
         source, new = "column", sum(p not in saved for p in wanted)
     else:
-        fixed = {p: SPLITS.index(s) for p, s in saved.items()}
-        index = split_groups(labels, patients, fracs, np.random.default_rng(seed), fixed=fixed)
-        new = len({p for p in patients.tolist() if p not in saved})
-        known = len(set(patients.tolist())) - new
+        fixed = _fixed_by_images(ids, images, saved, saved_images)
+        index = split_groups(labels, np.asarray(ids), fracs, np.random.default_rng(seed), fixed=fixed)
+        new = len({p for p in ids if p not in fixed})
+        known = len(set(ids)) - new
         source = "new" if not known else ("saved" if not new else "saved+new")
-    if saved and not set(saved) & set(patients.tolist()):
+    if images:
+        _check_images_not_moved(index, ids, images, saved_images, image_where or images, path)
+    if saved and not set(saved) & set(ids) and not set(saved_images) & set(images):
         logger.warning(
             "None of the %d patients saved in %s is in %s: every patient is split anew (patient ids "
             "changed? then old test images may land in training; delete the file if the data is new)",
-            len(saved),
-            path,
-            manifest or "the manifest",
+            *(len(saved), path, manifest or "the manifest"),
         )
-    merged = dict(saved)
-    merged.update({p: SPLITS[i] for p, i in zip(patients.tolist(), index.tolist(), strict=True)})
+    merged, merged_images = dict(saved), dict(saved_images)
+    merged.update({p: SPLITS[i] for p, i in zip(ids, index.tolist(), strict=True)})
+    merged_images.update({m: SPLITS[i] for m, i in zip(images, index.tolist(), strict=True)})
     return SplitPlan(
         index=index,
         patients=merged,
@@ -200,12 +246,13 @@ def plan_split(
         fractions=fracs,
         manifest=manifest,
         new_patients=new,
-        changed=merged != saved,
+        changed=merged != saved or merged_images != saved_images,
+        images=merged_images,
     )
 
 
 def save_split(state_dir: Path, plan: SplitPlan) -> Path:
-    """Write ``plan``'s patient -> split map to ``state_dir/data-split.json`` (atomically)."""
+    """Write ``plan``'s patient and image -> split maps to ``state_dir/data-split.json``, atomically."""
     path = split_file(state_dir)
     if not plan.changed and path.is_file():
         return path
@@ -215,6 +262,7 @@ def save_split(state_dir: Path, plan: SplitPlan) -> Path:
         "seed": plan.seed,
         "fractions": list(plan.fractions),
         "patients": dict(sorted(plan.patients.items())),
+        "images": dict(sorted(plan.images.items())),
     }
     atomic_write_bytes(path, (json.dumps(payload, indent=1) + "\n").encode("utf-8"))
     logger.info(

@@ -242,14 +242,78 @@ def test_a_corrupt_split_file_is_refused(tmp_path: Path) -> None:
         load_manifest(manifest, image_size=8, state_dir=state, cache_dir=tmp_path / "cache")
 
 
-def test_a_manifest_sharing_no_saved_patient_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def _image_splits(dataset_splits: dict, rows: Sequence[tuple[str, str, str, str | None]]) -> list[str]:  # type: ignore[type-arg]
+    """Each row's split, from the dataset's patients (a patient's images share one split)."""
+    by_patient = _assignment(dataset_splits)
+    return [by_patient[patient] for _, _, patient, _ in rows]
+
+
+def test_removing_the_patient_column_keeps_each_image_split(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     state, cache = tmp_path / "state", tmp_path / "cache"
-    manifest = _write_manifest(tmp_path, _rows(6))
-    load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache)
-    # the same files without the patient_id column: every patient id (now the path) is new
-    text = manifest.read_text().splitlines()
-    manifest.write_text("path,label\n" + "".join(",".join(r.split(",")[:2]) + "\n" for r in text[1:]))
+    rows = _rows(6)
+    manifest = _write_manifest(tmp_path, rows)
+    before = _image_splits(
+        load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache).splits, rows
+    )
+    saved = json.loads((state / SPLIT_FILE).read_text())
+    assert saved["images"] == {f: s for (f, *_), s in zip(rows, before, strict=True)}
+    # the same files without the patient_id column: each image is its own patient, and keeps its split
+    manifest.write_text("path,label\n" + "".join(f"{f},{lab}\n" for f, lab, _, _ in rows))
     with caplog.at_level("WARNING"):
-        load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache)
-    assert any("None of the 6 patients saved" in r.getMessage() for r in caplog.records)
+        data = load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache)
+    assert not any("None of the" in r.getMessage() for r in caplog.records)
+    assert _image_splits(data.splits, [(f, lab, f, None) for f, lab, _, _ in rows]) == before
     assert len(json.loads((state / SPLIT_FILE).read_text())["patients"]) == 6 + 12
+    # a manifest of other files entirely shares nothing with the saved split: warned
+    other = _write_manifest(tmp_path, _rows(6, start=50), name="other.csv")
+    with caplog.at_level("WARNING"):
+        load_manifest(other, image_size=8, state_dir=state, cache_dir=cache)
+    assert any("None of the 18 patients saved" in r.getMessage() for r in caplog.records)
+
+
+def test_adding_patient_id_that_would_move_an_image_is_refused(tmp_path: Path) -> None:
+    state, cache = tmp_path / "state", tmp_path / "cache"
+    rows = _rows(20)  # 2 images per patient
+    manifest = tmp_path / "m.csv"
+    _write_manifest(tmp_path, rows)
+    manifest.write_text("path,label\n" + "".join(f"{f},{lab}\n" for f, lab, _, _ in rows))
+    load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache)  # each image its own patient
+    saved_bytes = (state / SPLIT_FILE).read_bytes()
+    images = json.loads(saved_bytes)["images"]
+    straddling = [p for p in range(20) if images[f"p{p}_0.png"] != images[f"p{p}_1.png"]]
+    assert straddling  # some patients' two images were split apart: adding patient_id would move one
+    _write_manifest(tmp_path, rows)  # now with the patient_id column
+    with pytest.raises(DataError) as err:
+        load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache)
+    msg = str(err.value)
+    first = min(straddling)
+    assert f"patient 'P{first}'" in msg and f"image 'p{first}_" in msg and "\n" not in msg
+    assert "saved split in a split column" in msg and f"delete {SPLIT_FILE}" in msg
+    assert (state / SPLIT_FILE).read_bytes() == saved_bytes  # nothing written
+
+
+def test_re_keyed_patients_keep_their_images_split(tmp_path: Path) -> None:
+    state, cache = tmp_path / "state", tmp_path / "cache"
+    rows = _rows(12)
+    manifest = _write_manifest(tmp_path, rows)
+    before = _image_splits(
+        load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache).splits, rows
+    )
+    # one batch re-pseudonymised: P0..P5 get new ids, the others keep theirs
+    rekeyed = [(f, lab, f"X{p[1:]}" if int(p[1:]) < 6 else p, s) for f, lab, p, s in rows]
+    _write_manifest(tmp_path, rekeyed)
+    data = load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache)
+    assert _image_splits(data.splits, rekeyed) == before
+    # merging two patients of different splits into one id would move an image: refused
+    a, b = next((i, j) for i in range(0, 24, 2) for j in range(0, 24, 2) if before[i] != before[j])
+    merged = [
+        (f, lab, rekeyed[a][2] if k in (b, b + 1) else p, s) for k, (f, lab, p, s) in enumerate(rekeyed)
+    ]
+    _write_manifest(tmp_path, merged)
+    with pytest.raises(DataError) as err:
+        load_manifest(manifest, image_size=8, state_dir=state, cache_dir=cache)
+    moved = {rows[a][0], rows[a + 1][0], rows[b][0], rows[b + 1][0]}
+    assert f"patient '{rekeyed[a][2]}'" in str(err.value) and "stay in split" in str(err.value)
+    assert any(f"image '{f}'" in str(err.value) for f in moved)
