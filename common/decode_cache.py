@@ -1,9 +1,10 @@
 """A decode cache: every image file decoded and resized once, then read back from disk.
 
 One entry per file, ``<cache_dir>/<hash of the manifest path>/<image_size>px-v<DECODER_VERSION>/<key>.npy``;
-the key hashes the file's path, size and ``mtime_ns``, the frame and the settings, so a changed file, or
-changed settings, decode again and nothing else does. Files are decoded one at a time straight into the
-cache (a full-resolution image is alive only while it is decoded); entries are written atomically, an
+the key hashes the file's path, size, ``mtime_ns``, ``ctime_ns`` and inode, the frame and the settings,
+so a changed file (also one copied with its old mtime), or changed settings, decode again and nothing
+else does. Files are decoded one at a time straight into the cache (a full-resolution image is alive
+only while it is decoded); entries are written atomically, an
 unreadable entry is decoded again, and entries of files no longer listed (or changed) are pruned, as are
 the entries of older decoder versions. Other image sizes keep their entries (a check at one size does
 not evict training's). An entry is ``(S, S)`` grey, ``(S, S, 1)`` grey-as-RGB (an RGB file with equal
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedshift.common.dicom import error_reason
 from fedshift.common.errors import DataError
 from fedshift.common.image_files import COLOUR, GREY, GREY_AS_RGB, mixed_error, read_image_kind
 from fedshift.common.io import atomic_write_bytes
@@ -62,7 +64,8 @@ def manifest_dir(cache_dir: Path, manifest: str | Path, image_size: int) -> Path
 
 
 def entry_key(file: Path, image_size: int, frame: int | None) -> str:
-    """The entry name of ``file`` under these settings (its path, size and mtime_ns included)."""
+    """The entry name of ``file`` under these settings: its path, size, mtime_ns, ctime_ns (set by the
+    system on any write, even when a copy keeps the mtime) and inode included."""
     try:
         st = file.stat()
     except OSError as exc:
@@ -70,7 +73,8 @@ def entry_key(file: Path, image_size: int, frame: int | None) -> str:
             f"Expected {file} to be a readable file, but it cannot be read ({exc}); "
             "restore the file or remove its row"
         ) from exc
-    text = f"{file.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{image_size}\0{frame}\0{DECODER_VERSION}"
+    stamp = f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}"
+    text = f"{file.resolve()}\0{stamp}\0{image_size}\0{frame}\0{DECODER_VERSION}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32] + ".npy"
 
 
@@ -93,7 +97,14 @@ def _store_entry(path: Path, array: np.ndarray, kind: str) -> None:
     buffer = io.BytesIO()
     stored = array[..., None] if kind == GREY_AS_RGB else array
     np.save(buffer, np.ascontiguousarray(stored), allow_pickle=False)
-    atomic_write_bytes(path, buffer.getvalue())
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as exc:
+        raise DataError(
+            f"Expected to write the decode cache in {path.parent}, but it is not writable "
+            f"({error_reason(exc)}); make the folder writable for this user, or put the cache elsewhere "
+            "(the site's state dir, or XDG_CACHE_HOME without one)"
+        ) from exc
 
 
 def _progress(total: int, label: str):  # type: ignore[no-untyped-def]

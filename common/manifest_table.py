@@ -83,6 +83,11 @@ def _open_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
         raise DataError(
             f"Expected {path} to be a readable manifest, but it is not ({exc}); check the path"
         ) from exc
+    if not text.strip():
+        raise DataError(
+            f"Expected a header line and at least one data row in {path}, but it is empty; "
+            "list one image per row under a header (path,label)"
+        )
     first = text.split("\n", 1)[0]
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ("," if "," in first or ";" not in first else ";")
     reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
@@ -221,12 +226,14 @@ def read_manifest(
             )
         rel, split, frame = _row_fields(path, where, cells, columns)
         file = Path(os.path.normpath(base / rel))
-        if str(file) in seen:
+        key = f"{file}\0{frame}"  # one row per image: a file once, or each frame of it once
+        if key in seen:
+            image = f"'{rel}'" if frame is None else f"frame {frame} of '{rel}'"
             raise DataError(
-                f"Expected each file once in {path}, but {where} repeats '{rel}' of {seen[str(file)]}; "
+                f"Expected each image once in {path}, but {where} repeats {image} of {seen[key]}; "
                 "remove the duplicate row"
             )
-        seen[str(file)] = where
+        seen[key] = where
         if not file.is_file():
             raise DataError(
                 f"Expected the file '{rel}' of {where} to exist, but there is no {file}; "

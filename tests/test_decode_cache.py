@@ -4,6 +4,7 @@ changed settings decode everything, and the pixels read back equal a fresh decod
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,35 @@ def test_a_grey_manifest_stored_as_rgb_stays_grey(tmp_path: Path) -> None:
     for _ in range(2):  # cold, then from the cache
         images, _ = _decode(files, tmp_path / "cache")
         np.testing.assert_array_equal(images, expected)
+
+
+def test_a_same_size_rewrite_that_keeps_its_mtime_is_decoded_again(tmp_path: Path) -> None:
+    from fedshift.common.dicom import write_dicom
+
+    file, cache = tmp_path / "a.dcm", tmp_path / "cache"
+    write_dicom(file, np.zeros((32, 32), np.uint8))
+    st = file.stat()
+    _decode([file], cache)
+    time.sleep(0.05)  # past the kernel's coarse ctime clock tick
+    write_dicom(tmp_path / "b.dcm", np.full((32, 32), 200, np.uint8))
+    with file.open("r+b") as f:  # rewritten in place (same inode, same size), as a copy tool would
+        f.write((tmp_path / "b.dcm").read_bytes())
+    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))  # cp -p / rsync -a / tar keep the old mtime
+    assert (file.stat().st_size, file.stat().st_mtime_ns, file.stat().st_ino) == (
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ino,
+    )
+    images, stats = _decode([file], cache)
+    assert (stats.decoded, stats.cached) == (1, 0) and np.all(images == 200)
+
+
+def test_an_unwritable_cache_dir_is_one_line_naming_it(tmp_path: Path) -> None:
+    files = _files(tmp_path, 2)
+    (tmp_path / "blocker").write_text("a file where the cache folder should be")
+    cache = tmp_path / "blocker" / "cache"
+    with pytest.raises(DataError) as err:
+        _decode(files, cache)
+    msg = str(err.value)
+    assert "decode cache in" in msg and str(cache) in msg and "make the folder writable" in msg
+    assert "XDG_CACHE_HOME" in msg and "\n" not in msg

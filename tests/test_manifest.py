@@ -274,13 +274,11 @@ def test_grey_and_colour_mixed(tmp_path: Path) -> None:
     assert "grey-scale and colour images mixed" in msg and "c1.png" in msg
 
 
-@pytest.mark.parametrize("text", ["", "path,label\n", "path,label\n\n ,\n"])
+@pytest.mark.parametrize("text", ["", "\n \n", "path,label\n", "path,label\n\n ,\n"])
 def test_empty_manifest(tmp_path: Path, text: str) -> None:
     msg = _error(tmp_path, text)
-    if text:
-        assert "at least one data row" in msg and "one image per row" in msg
-    else:
-        assert "a 'path' column" in msg
+    assert "at least one data row" in msg and "one image per row" in msg
+    assert ("but it is empty" in msg) == (not text.strip())
 
 
 def test_patient_in_two_splits(tmp_path: Path) -> None:
@@ -304,3 +302,12 @@ def test_other_malformed_rows(tmp_path: Path) -> None:
     (tmp_path / "latin.csv").write_bytes("path,label\nf0.png,caf\xe9\n".encode("latin-1"))
     with pytest.raises(DataError, match="UTF-8"):
         read_manifest(tmp_path / "latin.csv")
+
+
+def test_two_frames_of_one_file_are_two_rows(tmp_path: Path) -> None:
+    frames = np.arange(3 * 8 * 8, dtype=np.uint8).reshape(3, 8, 8)
+    write_dicom(tmp_path / "cine.dcm", frames, photometric="MONOCHROME2")
+    manifest = _csv(tmp_path, "path,label,frame,split\ncine.dcm,a,0,train\ncine.dcm,b,2,train\n")
+    np.testing.assert_array_equal(_load(manifest).split("train").images, frames[[0, 2]])
+    msg = _error(tmp_path, "path,label,frame\ncine.dcm,a,1\ncine.dcm,b,1\n")
+    assert "row 2 (line 3 of m.csv) repeats frame 1 of 'cine.dcm' of row 1 (line 2 of m.csv)" in msg
