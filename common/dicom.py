@@ -134,22 +134,26 @@ def _check_decoder(header: Dataset, path: Path) -> None:
         )
 
 
-def _frame_index(header: Dataset, path: Path, frame: int | None) -> int:
-    """The 0-based frame to read: refuses a multi-frame file without ``frame`` and a frame out of range."""
-    n = int(_number(header, "NumberOfFrames", path) or 1)
+def check_frame(n: int, frame: int | None, path: Path, unit: str = "frame") -> int:
+    """The 0-based frame (or page, ``unit``) of a file of ``n``: a file of several needs ``frame``."""
     if frame is None:
         if n > 1:
             raise DataError(
-                f"Expected one image in {path}, but it has {n} frames; choose one with the manifest's "
+                f"Expected one image in {path}, but it has {n} {unit}s; choose one with the manifest's "
                 f"'frame' column (or frame=0..{n - 1})"
             )
         return 0
     if isinstance(frame, bool) or not isinstance(frame, int | np.integer) or not 0 <= frame < n:
         raise DataError(
-            f"Expected a frame in 0..{n - 1} for {path} ({n} frame{'s' * (n > 1)}), but got {frame!r}; "
+            f"Expected a frame in 0..{n - 1} for {path} ({n} {unit}{'s' * (n > 1)}), but got {frame!r}; "
             "fix the manifest's 'frame' value"
         )
     return int(frame)
+
+
+def _frame_index(header: Dataset, path: Path, frame: int | None) -> int:
+    """The 0-based frame to read: refuses a multi-frame file without ``frame`` and a frame out of range."""
+    return check_frame(int(_number(header, "NumberOfFrames", path) or 1), frame, path)
 
 
 def _decode(path: Path, index: int) -> np.ndarray:

@@ -23,7 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fedshift.common.dicom import DICOM_SUFFIXES, error_reason, has_dicom_preamble, minmax_uint8, read_dicom
+from fedshift.common.dicom import (
+    DICOM_SUFFIXES,
+    check_frame,
+    error_reason,
+    has_dicom_preamble,
+    minmax_uint8,
+    read_dicom,
+)
 from fedshift.common.errors import ConfigError, DataError
 
 PIL_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
@@ -43,20 +50,9 @@ def is_image_file(path: Path) -> bool:
 
 def _pil_frame(im: object, path: Path, frame: int | None) -> None:
     """Seek a multi-page image (TIFF) to ``frame``; refuse several pages without one."""
-    n = int(getattr(im, "n_frames", 1))
-    if frame is None:
-        if n > 1:
-            raise DataError(
-                f"Expected one image in {path}, but it has {n} pages; choose one with the manifest's "
-                f"'frame' column (or frame=0..{n - 1})"
-            )
-        return
-    if isinstance(frame, bool) or not isinstance(frame, int | np.integer) or not 0 <= frame < n:
-        raise DataError(
-            f"Expected a frame in 0..{n - 1} for {path} ({n} page{'s' * (n > 1)}), but got {frame!r}; "
-            "fix the manifest's 'frame' value"
-        )
-    im.seek(int(frame))  # type: ignore[attr-defined]
+    index = check_frame(int(getattr(im, "n_frames", 1)), frame, path, "page")
+    if frame is not None:
+        im.seek(index)  # type: ignore[attr-defined]
 
 
 def _pil_pixels(path: Path, frame: int | None) -> np.ndarray:

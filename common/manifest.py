@@ -18,20 +18,14 @@ import numpy as np
 
 from fedshift.common.data import SPLITS, Dataset, ImageSet, check_two_classes
 from fedshift.common.decode_cache import DecodeStats, decode_cached, default_cache_dir
-from fedshift.common.errors import ConfigError, DataError
+from fedshift.common.errors import DataError
+from fedshift.common.image_files import check_image_size
 from fedshift.common.manifest_table import Manifest, ManifestRow, read_manifest, report_once
 from fedshift.common.patient_split import DEFAULT_FRACTIONS, SplitPlan, plan_split, save_split
 
 __all__ = ["ManifestSummary", "check_manifest", "load_manifest", "manifest_images", "read_manifest"]
 
 logger = logging.getLogger(__name__)
-
-
-def _check_size(image_size: int) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(
-            f"Expected image_size to be a positive integer, but got {image_size!r}; pass e.g. 64"
-        )
 
 
 def _decode_rows(
@@ -103,7 +97,7 @@ def _load(
     min_classes: int,
 ) -> _Loaded:
     """Read, split (not saved) and decode a manifest; raises before anything but the cache is written."""
-    _check_size(image_size)
+    image_size = check_image_size(image_size)
     manifest = read_manifest(path, class_names, min_classes)
     assert manifest.class_names is not None  # labels are required here
     rows = manifest.rows
@@ -210,7 +204,7 @@ def manifest_images(
     None (no label column, or an empty one) and the class names or None. No split is made: ``split``
     given and a split column present, only that split's rows; else every row. One class is fine."""
     path = Path(path)
-    _check_size(image_size)
+    image_size = check_image_size(image_size)
     manifest = read_manifest(path, class_names, min_classes=1, labelled=False)
     rows = manifest.rows
     if split is not None and manifest.has_split:

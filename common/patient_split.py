@@ -66,8 +66,9 @@ def split_groups(
     """A split index per image (0 train, 1 val, 2 test); every group's images share one split.
 
     Stratified per class: each group goes, largest first (ties shuffled by ``rng``), to the split whose
-    image count of the group's majority label is furthest below ``fraction * n_class``. With one image
-    per group each class's count per split is within +/-1 of its target. ``fixed`` groups keep their
+    image count of the group's majority label is furthest below ``fraction * n_class``. With groups of one
+    label each class's image count per split is within the largest group's size of its target (+/-1
+    with one image per group). ``fixed`` groups keep their
     split and count toward the targets.
     """
     labels, groups = np.asarray(labels, dtype=np.int64), np.asarray(groups).astype(str)

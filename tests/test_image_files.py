@@ -12,6 +12,7 @@ from fedshift.common.dicom import write_dicom
 from fedshift.common.errors import ConfigError, DataError
 from fedshift.common.image_files import IMAGE_SUFFIXES, is_image_file, read_image, stack_images
 from fedshift.common.image_folders import load_image_folder, load_unlabeled_folder
+from fedshift.common.manifest import load_manifest, manifest_images
 
 RNG = np.random.default_rng(7)
 
@@ -146,9 +147,19 @@ def test_folders_read_tiff_and_dicom_and_refuse_mixed(tmp_path: Path) -> None:
 
 def test_image_size_is_checked(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "z.png")
-    for bad in (0, -3, 2.5, True):
-        with pytest.raises(ConfigError, match="image_size to be a positive integer"):
-            read_image(tmp_path / "z.png", bad)  # type: ignore[arg-type]
+    (tmp_path / "m.csv").write_text("path,label\nz.png,a\nz2.png,b\n")
+    Image.fromarray(np.ones((4, 4), np.uint8)).save(tmp_path / "z2.png")
+    readers = (
+        lambda size: read_image(tmp_path / "z.png", size),
+        lambda size: load_unlabeled_folder(tmp_path, image_size=size),
+        lambda size: load_image_folder(tmp_path, image_size=size),
+        lambda size: load_manifest(tmp_path / "m.csv", image_size=size, cache_dir=tmp_path / "c"),
+        lambda size: manifest_images(tmp_path / "m.csv", size, cache_dir=tmp_path / "c"),
+    )
+    for read in readers:  # one check, check_image_size, for every reader
+        for bad in (0, -3, 2.5, True, "64"):
+            with pytest.raises(ConfigError, match=rf"image_size to be a positive integer, but got {bad!r}"):
+                read(bad)
 
 
 def _rgb_folder(root: Path, white_first: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
