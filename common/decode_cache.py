@@ -63,6 +63,17 @@ def manifest_dir(cache_dir: Path, manifest: str | Path, image_size: int) -> Path
     return Path(cache_dir) / digest / f"{image_size}px-v{DECODER_VERSION}"
 
 
+def latest_cached_size(cache_dir: Path, manifest: str | Path) -> int | None:
+    """The image size whose entries (this decoder version) for ``manifest`` were written most recently."""
+    parent = manifest_dir(cache_dir, manifest, 1).parent
+    sizes = []
+    for folder in parent.glob(f"*px-v{DECODER_VERSION}") if parent.is_dir() else ():
+        size = folder.name.split("px-", 1)[0]
+        if folder.is_dir() and size.isdigit() and any(folder.glob("*.npy")):
+            sizes.append((folder.stat().st_mtime_ns, int(size)))
+    return max(sizes)[1] if sizes else None
+
+
 def entry_key(file: Path, image_size: int, frame: int | None) -> str:
     """The entry name of ``file`` under these settings: its path, size, mtime_ns, ctime_ns (set by the
     system on any write, even when a copy keeps the mtime) and inode included."""

@@ -222,3 +222,19 @@ def test_an_unwritable_cache_dir_is_one_line_naming_it(tmp_path: Path) -> None:
     msg = str(err.value)
     assert "decode cache in" in msg and str(cache) in msg and "make the folder writable" in msg
     assert "XDG_CACHE_HOME" in msg and "\n" not in msg
+
+
+def test_latest_cached_size_is_the_last_written(tmp_path: Path) -> None:
+    files, cache, manifest = _files(tmp_path, 3), tmp_path / "cache", tmp_path / "m.csv"
+    assert decode_cache.latest_cached_size(cache, manifest) is None
+    _decode(files, cache, size=16)
+    time.sleep(0.05)
+    _decode(files, cache, size=24)
+    assert decode_cache.latest_cached_size(cache, manifest) == 24
+    time.sleep(0.05)
+    _decode(files, cache, size=16)  # warm at 16: nothing written, 24 stays the latest
+    assert decode_cache.latest_cached_size(cache, manifest) == 24
+    Image.fromarray(np.zeros((30, 20), np.uint8)).save(files[0])  # changed: decoded again at 16 px
+    _decode(files, cache, size=16)
+    assert decode_cache.latest_cached_size(cache, manifest) == 16
+    assert decode_cache.latest_cached_size(cache, tmp_path / "other.csv") is None
