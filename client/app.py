@@ -151,7 +151,7 @@ def train(msg: Message, fed: FederationConfig, site: SiteSettings, model: Fedshi
 def evaluate_split(msg: Message, fed: FederationConfig, site: SiteSettings, model: FedshiftModel) -> Message:
     """The aggregate metrics of the split ``msg`` asks for (label-shift corrected when the run says so)."""
     split = split_of(msg)  # one of the site's eval-splits: the egress guard refused any other
-    dataset = load_site_data(site)
+    dataset = load_site_data(site, fed.model)
     data = dataset.split(split)
     device = device_for(site.device)
     shift = fed.shift

@@ -293,7 +293,7 @@ def final_model_reply(
     num_sites = int(config.get(NUM_SITES_KEY, 0)) if config is not None else 0  # type: ignore[arg-type]
     run_id = str(msg.metadata.run_id)
     correction, note = _label_shift_state(fed, site, run_id)
-    data = load_site_data(site)
+    data = load_site_data(site, fed.model)
     card = site_card(fed, site, run_id, num_sites, note, data.class_names)
     reference = None
     if SPLIT_VAL in data.splits and len(data.split(SPLIT_VAL)):  # the federation's TTA reference, kept here

@@ -47,6 +47,7 @@ from fedshift.common.data import make_synthetic_cxr, to_tensor
 from fedshift.common.errors import ConfigError
 from fedshift.common.model import FedshiftModel
 from fedshift.common.privacy import Mechanism
+from fedshift.common.synthetic_colour import make_synthetic_colour
 
 logger = logging.getLogger(__name__)
 
@@ -238,15 +239,17 @@ def site_fisher(
     if config.fisher_source == "none":
         return unit_fisher(params), "none", None
     generator = torch.Generator().manual_seed(seed)
-    if config.fisher_source == "public":
-        images = make_synthetic_cxr(config.fisher_samples, seed=seed).split("train").images
+    channels = model.config.in_chans
+    if config.fisher_source == "public":  # public images of the model's kind: SYNTHETIC X-rays or H&E patches
+        make = make_synthetic_colour if channels == 3 else make_synthetic_cxr
+        images = make(config.fisher_samples, seed=seed).split("train").images
         fisher = fisher_diagonal(
-            model, params, to_tensor(images, size), labels=config.fisher_labels, generator=generator
+            model, params, to_tensor(images, size, channels), labels=config.fisher_labels, generator=generator
         )
         return fisher, FISHER_PUBLIC, None
     rng = np.random.default_rng(seed)
     chosen = rng.permutation(len(train_images))[: config.fisher_samples]
-    inputs = to_tensor(train_images[np.sort(chosen)], size)
+    inputs = to_tensor(train_images[np.sort(chosen)], size, channels)
     if not private:
         fisher = fisher_diagonal(model, params, inputs, labels=config.fisher_labels, generator=generator)
         return fisher, FISHER_LOCAL, None

@@ -26,7 +26,7 @@ from fedshift.client.site import SiteSettings, load_site_data
 from fedshift.client.site_statistics import round_mechanisms, training_objective
 from fedshift.client.training import Objective, TrainStats, resolve_device, train_local
 from fedshift.common.config import FederationConfig
-from fedshift.common.data import ImageSet, check_channels, check_classes
+from fedshift.common.data import ImageSet
 from fedshift.common.model import FedshiftModel
 from fedshift.common.privacy import Mechanism
 from fedshift.common.protocol import MECHANISM_DP_SGD, MECHANISM_NONE, PrivacyReport, round_of
@@ -96,10 +96,7 @@ def plan_training(msg: Message, fed: FederationConfig, site: SiteSettings, model
             site.name,
             server_round,
         )
-    dataset = load_site_data(site)
-    train = dataset.split("train")
-    check_channels(train.images, model.config.in_chans, f"{site.name}'s data ({site.data_path})")
-    check_classes(dataset, model.config.num_classes, f"{site.name}'s data ({site.data_path})")
+    train = load_site_data(site, model.config).split("train")  # data the model cannot take: refused here
     dp, releases = (
         (None, Releases()) if ledger is None else _reserve(fed, site, ledger, len(train), msg, seed)
     )

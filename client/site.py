@@ -19,9 +19,10 @@ import torch
 
 from fedshift.client.integrity import bind_key
 from fedshift.common.config import RELEASE_PRIVACY_KEYS, FederationConfig, PrivacyConfig
-from fedshift.common.data import Dataset, load_dataset
+from fedshift.common.data import MANIFEST_SUFFIXES, Dataset, check_fits, load_dataset
 from fedshift.common.errors import ConfigError, PrivacyError
 from fedshift.common.io import atomic_write_bytes
+from fedshift.common.model import ModelConfig
 from fedshift.common.settings import Setting, check_known
 
 logger = logging.getLogger(__name__)
@@ -213,16 +214,35 @@ def _warn_ignored(site: str, ignored: tuple[tuple[str, Any], ...]) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(path: str, mtime_ns: int, state_dir: str, image_size: int) -> Dataset:
+def _load_cached(path: str, version: tuple[int, ...], state_dir: str, image_size: int) -> Dataset:
     return load_dataset(Path(path), image_size=image_size, state_dir=Path(state_dir))
 
 
-def load_site_data(settings: SiteSettings) -> Dataset:
+def _version(path: Path) -> tuple[int, ...]:
+    """What a change of the site's data changes: the file's stat; for a manifest also every listed file's."""
+    if not path.exists():
+        return (0,)
+    files = [path]
+    if path.suffix.lower() in MANIFEST_SUFFIXES:
+        from fedshift.common.manifest import read_manifest
+
+        files += [row.file for row in read_manifest(path).rows]
+    stats = [f.stat() for f in files]
+    return tuple(v for st in stats for v in (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
+
+
+def load_site_data(settings: SiteSettings, model: ModelConfig | None = None) -> Dataset:
     """The site's dataset (an ``.npz``, or a manifest: its patient-level split kept and its images decoded
-    once under the state dir), read once per process (re-read when the file changes)."""
+    once under the state dir), read once per process (again when it or a listed file changes).
+
+    With the run's ``model``, data the model cannot take (other channels, more classes) is refused in one
+    line: the stages load it before they charge any privacy.
+    """
     path = settings.data_path
-    mtime = path.stat().st_mtime_ns if path.exists() else 0
-    return _load_cached(str(path), mtime, str(settings.state_dir), settings.image_size)
+    dataset = _load_cached(str(path), _version(path), str(settings.state_dir), settings.image_size)
+    if model is not None:
+        check_fits(dataset, model.in_chans, model.num_classes, f"{settings.name}'s data ({path})")
+    return dataset
 
 
 def load_local_state(state_dir: Path) -> dict[str, torch.Tensor] | None:

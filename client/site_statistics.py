@@ -129,6 +129,7 @@ def _release(
         )
         logger.error("%s: %s", site.name, reason)
         return refusal(msg, site.name, STATUS_STATISTICS_LOST, reason)
+    train = load_site_data(site, fed.model).split("train")  # data the model cannot take: refused, uncharged
     try:  # round 0 or a refresh before a round of this run, each after the last: before any charge
         for release in planned:
             check_round(
@@ -148,7 +149,6 @@ def _release(
     except BudgetExhaustedError as exc:
         logger.warning("%s: %s", site.name, exc)
         return refusal_for(msg, site.name, exc)
-    train = load_site_data(site).split("train")
     out: dict[str, Any] = {RELEASE_SIZE: len(train)}
     names = {r.mechanism for r in planned}
     if MECHANISM_DP_LABEL_COUNTS in names:

@@ -450,14 +450,21 @@ def check_channels(images: np.ndarray, expected: int, where: str = "the data") -
         )
 
 
-def check_classes(data: Dataset, num_classes: int, where: str = "the data") -> None:
-    """:class:`DataError` unless every label of ``data`` is below ``num_classes`` (the run config's)."""
+def check_fits(data: Dataset, channels: int, num_classes: int, where: str = "the data") -> None:
+    """:class:`DataError` unless a model of ``channels`` and ``num_classes`` (the run config's) can take
+    ``data``: its images have those channels, its labels are below ``num_classes``, and class names (not
+    indices) name every class, so that each class has one index at every site."""
+    first = next((s for s in data.splits.values() if len(s)), None)
+    if first is not None:
+        check_channels(first.images, channels, where)
     top = max((int(s.labels.max()) for s in data.splits.values() if len(s)), default=-1)
-    if top >= num_classes:
+    named = data.class_names != default_class_names(data.num_classes)
+    if top >= num_classes or (named and data.num_classes != num_classes):
         raise DataError(
-            f"Expected at most {num_classes} classes for this model (num-classes = {num_classes}), but "
-            f"{where} has {data.num_classes} ({', '.join(data.class_names)}); set num-classes = "
-            f"{data.num_classes} in the run config, or relabel the data"
+            f"Expected the {num_classes} classes of this model (num-classes = {num_classes}), but {where} "
+            f"has {data.num_classes} ({', '.join(data.class_names)}); set num-classes = {data.num_classes} "
+            "in the run config, or label the rows with class indices 0..num-classes-1 (names must name every "
+            "class, so that each class has one index at every site)"
         )
 
 

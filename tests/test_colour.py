@@ -350,3 +350,26 @@ def test_a_site_with_grey_data_refuses_a_colour_run_before_any_privacy_is_charge
     assert "\n" not in message and "site-0's data" in message
     assert "image-channels = 3" in message and "set image-channels = 1" in message
     assert PrivacyLedger.at(site_dir).entries == ()
+
+
+def test_a_public_fisher_of_a_colour_model_is_taken_on_public_colour_images() -> None:
+    from fedshift.client.ewc import FISHER_PUBLIC, shared_parameters, site_fisher
+    from fedshift.client.fisher import fisher_diagonal
+    from fedshift.common.config import EWCConfig
+    from fedshift.common.data import to_tensor
+
+    model = build_model(ModelConfig(image_size=32, in_chans=3))
+    config = EWCConfig(fisher_source="public", fisher_samples=8)
+    fisher, label, _ = site_fisher(config, model, np.zeros((0, 32, 32, 3), np.uint8), private=False, seed=5)
+    images = make_synthetic_colour(8, seed=5).split("train").images  # the public images, independently drawn
+    params = shared_parameters(model)
+    expected = fisher_diagonal(
+        model,
+        params,
+        to_tensor(images, 32, 3),
+        labels=config.fisher_labels,
+        generator=torch.Generator().manual_seed(5),
+    )
+    assert label == FISHER_PUBLIC and sorted(fisher) == sorted(expected)
+    for key, value in fisher.items():
+        torch.testing.assert_close(value, expected[key])

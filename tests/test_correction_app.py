@@ -22,6 +22,7 @@ from fedshift.client.egress import BOOKKEEPING, METRIC, read_egress_log
 from fedshift.client.ledger import PrivacyLedger
 from fedshift.client.site_statistics import RELEASE_FILE, own_release
 from fedshift.common.config import FederationConfig
+from fedshift.common.data import Dataset, load_npz, save_npz
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.common.privacy import epsilon
 from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
@@ -119,6 +120,24 @@ def test_statistics_stage_charges_first_and_sends_only_dp_statistics(tmp_path: P
     assert np.asarray(again["label-counts"]).tolist() == counts.tolist()
     assert len(PrivacyLedger.at(site_dir).entries) == 2
     assert json.loads((site_dir / RELEASE_FILE).read_text())["run"] == "1"
+
+
+@pytest.mark.parametrize("colour_run", [True, False])
+def test_data_the_model_cannot_take_is_refused_before_the_statistics_are_charged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, colour_run: bool
+) -> None:
+    site_dir = _site(tmp_path)  # grey images in a colour run, or 3 classes of grey images in a binary one
+    if not colour_run:
+        data = load_npz(site_dir / "data.npz")
+        data.split("train").labels[:3] = 2
+        save_npz(site_dir / "data.npz", Dataset(data.splits, ("normal", "lesion", "effusion"), "s", True))
+    config = _run_config(tmp_path, **({"image-channels": 3} if colour_run else {}))
+    needle = "image-channels = 1" if colour_run else "num-classes = 3"
+    reply = call_client_app(make_client_app(), _release_message(), config)
+    assert reply.has_error() and not reply.has_content()
+    message = next(r.getMessage() for r in caplog.records if needle in r.getMessage())
+    assert "\n" not in message and "site-0's data" in message
+    assert PrivacyLedger.at(site_dir).entries == ()  # nothing charged: the site can join a fixed run
 
 
 def test_release_lost_after_its_charge_is_refused_not_redrawn(tmp_path: Path) -> None:
