@@ -101,3 +101,26 @@ def test_simulated_site_reads_its_own_site_toml(tmp_path: Path) -> None:
         PrivacyError, match="Expected node-config 'dp-epsilon' to be a number, but got 'lots'"
     ):
         SiteSettings.from_node_config({"partition-id": 1}, fed)
+
+
+def test_a_manifest_site_reloads_when_a_listed_image_changes(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from fedshift.client.site import load_site_data
+    from fedshift.common.data import make_synthetic_cxr
+    from fedshift.simulations.manifest_export import export_manifest
+
+    manifest = export_manifest(make_synthetic_cxr(30, seed=2), tmp_path / "export", fmt="png")
+    site = SiteSettings("site-a", manifest, tmp_path / "state", "cpu", image_size=28)
+    first = load_site_data(site)
+    assert load_site_data(site) is first  # read once per process
+    changed = tmp_path / "export" / "images" / "train" / "000003.png"
+    Image.fromarray(np.full((28, 28), 7, np.uint8)).save(changed)  # same name, new pixels; manifest untouched
+    again = load_site_data(site)
+    assert again is not first
+
+    def flat(data: object) -> int:  # images that are all 7: the new file's pixels
+        return sum(int((img == 7).all()) for s in data.splits.values() for img in s.images)  # type: ignore[attr-defined]
+
+    assert (flat(first), flat(again)) == (0, 1)
