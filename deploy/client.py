@@ -46,6 +46,7 @@ from fedshift.client.ledger import chain_legacy_ledger, open_ledger, verify_site
 from fedshift.client.site import SiteSettings, load_site_data
 from fedshift.common.config import FederationConfig
 from fedshift.common.data import MANIFEST_SUFFIXES
+from fedshift.common.decode_cache import default_cache_dir, latest_cached_size
 from fedshift.common.errors import ConfigError, FedshiftError
 from fedshift.common.manifest import check_manifest
 from fedshift.common.privacy import check_budget
@@ -85,11 +86,11 @@ def check_site(settings: ClientSettings) -> SiteCheck:
         site = SiteSettings.from_node_config(settings.node_config, FederationConfig())
     except FedshiftError as exc:
         raise ConfigError(f"[site] in {path}: {exc}") from None
+    spent = _check_state_dir(site, path)  # first: a manifest's check writes its decode cache there
     splits, notes = _check_site_data(site, path)
     n_train = splits["train"]
     privacy = site.privacy
     _check_privacy(site, n_train, path)
-    spent = _check_state_dir(site, path)
     return SiteCheck(
         train=n_train,
         splits=splits,
@@ -126,7 +127,9 @@ def _check_site_data(site: SiteSettings, path: Path) -> tuple[dict[str, int], tu
     notes: tuple[str, ...] = ()
     try:
         if data_path.suffix.lower() in MANIFEST_SUFFIXES:
-            found = check_manifest(data_path, image_size=site.image_size, state_dir=site.state_dir)
+            # at the size of the site's last run (its cache stays warm for the next), else the default
+            size = latest_cached_size(default_cache_dir(site.state_dir), data_path) or site.image_size
+            found = check_manifest(data_path, image_size=size, state_dir=site.state_dir)
             splits, notes = {k: sum(v) for k, v in found.counts.items()}, tuple(found.lines())
         else:
             splits = {k: len(v) for k, v in load_site_data(site).splits.items()}

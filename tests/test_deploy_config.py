@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from fedshift.common.cli import main
-from fedshift.common.data import load_npz
+from fedshift.common.data import load_dataset, load_npz
 from fedshift.deploy.server import resume_point
 from fedshift.simulations.manifest_export import export_manifest
 from fedshift.tests.deploy_support import toml, write_site_toml
@@ -102,6 +102,9 @@ def test_a_manifest_site_is_checked_file_by_file_and_split_per_patient(
     assert not (tmp_path / "state" / "data-split.json").exists()  # the check saves no split: training does
     assert main(["client", "--config", str(path), "--check"]) == 0
     assert "(0 decoded, 90 from the cache)" in capsys.readouterr().out  # decoded once, for the site's runs
+    load_dataset(tmp_path / "export" / "manifest.csv", image_size=32, state_dir=tmp_path / "state")  # a run
+    assert main(["client", "--config", str(path), "--check"]) == 0  # a restart checks at the last run's size
+    assert "(0 decoded, 90 from the cache)" in capsys.readouterr().out
 
     (tmp_path / "export" / "images" / "val" / "000004.dcm").unlink()
     one_line_error(
