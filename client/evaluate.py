@@ -50,7 +50,9 @@ def run_bundle(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.model)
     config = bundle.model_config
     prior = parse_prior(args.prior, config.num_classes)
-    data = read_images(args.data, args.split, config.image_size, config.num_classes, bundle.class_names)
+    data = read_images(
+        args.data, args.split, config.image_size, config.num_classes, bundle.class_names, bundle.path.parent
+    )
     if data.labels is None:
         raise DataError(
             f"Expected labelled images in {args.data} (an .npz split or a folder root/<class>/), but they "

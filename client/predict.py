@@ -79,8 +79,10 @@ def read_images(
     image_size: int,
     num_classes: int,
     class_names: tuple[str, ...] | None = None,
+    state_dir: Path | None = None,
 ) -> Images:
-    """An unlabeled folder of images, a labelled folder (``<class>/`` or ``<split>/<class>/``) or an .npz.
+    """An unlabeled folder of images, a labelled folder (``<class>/`` or ``<split>/<class>/``), an .npz or a
+    manifest (every row; a split column's or ``state_dir``'s saved split's ``split`` when it has one).
 
     Folder images are named by their paths relative to ``path``; their class folders
     are the model's ``class_names`` by name, or (``None``) its classes in sorted order.
@@ -95,7 +97,7 @@ def read_images(
     if p.suffix.lower() == ".npz" and not p.is_dir():  # labels optional, any classes
         return _npz_images(p, split, num_classes, class_names)
     if p.suffix.lower() in loaders.MANIFEST_SUFFIXES and not p.is_dir():  # labels optional; no split made
-        return _manifest_images(p, split, image_size, num_classes, class_names)
+        return _manifest_images(p, split, image_size, num_classes, class_names, state_dir)
     dataset = loaders.load_dataset(p, image_size=image_size, require=split)
     if p.is_dir() and split not in dataset.splits:  # root/<class>/ images: one split, whatever its name
         split = next(iter(dataset.splits))
@@ -128,14 +130,20 @@ def _npz_images(path: Path, split: str, num_classes: int, class_names: tuple[str
 
 
 def _manifest_images(
-    path: Path, split: str, image_size: int, num_classes: int, class_names: tuple[str, ...] | None
+    path: Path,
+    split: str,
+    image_size: int,
+    num_classes: int,
+    class_names: tuple[str, ...] | None,
+    state_dir: Path | None,
 ) -> Images:
-    """A manifest's rows (only ``split``'s when it has a split column), ids their paths, labels if given
-    (mapped by the model's class names)."""
+    """A manifest's rows (only ``split``'s when it has a split column, or when the site that trained on it
+    saved its split in ``state_dir``), ids their paths, labels if given (mapped by the model's classes)."""
     from fedshift.common.data import default_class_names
     from fedshift.common.manifest import manifest_images
 
     images, ids, labels, names = manifest_images(path, image_size, split=split, class_names=class_names)
+    images, ids, labels = _saved_split_rows(path, split, state_dir, images, ids, labels)
     named = names is not None and names != default_class_names(len(names))  # class names, not indices
     if labels is not None and class_names is None and named and len(names or ()) != num_classes:
         raise DataError(
@@ -150,6 +158,32 @@ def _manifest_images(
         )
     chosen = class_names or (names if names is not None and len(names) == num_classes else None)
     return Images(images, ids, labels, chosen or default_class_names(num_classes))
+
+
+def _saved_split_rows(
+    path: Path,
+    split: str,
+    state_dir: Path | None,
+    images: np.ndarray,
+    ids: list[str],
+    labels: np.ndarray | None,
+) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+    """Only the rows the site's saved split puts in ``split``, for a manifest without a split column that the
+    site trained on (every row otherwise: new patients)."""
+    from fedshift.common.manifest import read_manifest
+    from fedshift.common.patient_split import read_saved_image_splits
+
+    saved = read_saved_image_splits(state_dir)
+    if not saved or read_manifest(path, min_classes=1, labelled=False).has_split or not set(ids) & set(saved):
+        return images, ids, labels
+    keep = [i for i, row in enumerate(ids) if saved.get(row) == split]
+    if not keep:
+        raise DataError(
+            f"Expected rows of {path} in the site's saved '{split}' split ({state_dir}), but none is; pass "
+            "another --split"
+        )
+    logger.info("%d of %d rows of %s: the site's saved '%s' split", len(keep), len(ids), path, split)
+    return images[keep], [ids[i] for i in keep], None if labels is None else labels[keep]
 
 
 def _model_labels(
@@ -317,7 +351,9 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.model)
     config = bundle.model_config
     prior = parse_prior(prior_arg, config.num_classes)
-    data = read_images(args.images, args.split, config.image_size, config.num_classes, bundle.class_names)
+    data = read_images(
+        args.images, args.split, config.image_size, config.num_classes, bundle.class_names, bundle.path.parent
+    )
     device = device_for(args.device)
     result = predict_bundle(bundle, data.images, device, prior=prior, tta=args.tta, threshold=threshold)
     table = predictions_csv(data, result)

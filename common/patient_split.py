@@ -149,6 +149,11 @@ def read_saved_split(state_dir: Path | None) -> dict[str, str]:
     return _read_split_file(state_dir)[0]
 
 
+def read_saved_image_splits(state_dir: Path | None) -> dict[str, str]:
+    """The saved image (a manifest row's path) -> split map of ``state_dir`` (empty when none is saved)."""
+    return _read_split_file(state_dir)[1]
+
+
 def _fixed_by_images(
     patients: list[str], images: list[str], saved: Mapping[str, str], saved_images: Mapping[str, str]
 ) -> dict[str, int]:

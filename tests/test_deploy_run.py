@@ -105,9 +105,24 @@ def test_tls_federation_with_enrolled_sites_runs_two_rounds(federation: Federati
     # the manifest site trained on its DICOMs, decoded once into its state dir, split at patient level
     state = federation.state_dir(MANIFEST_SITE)
     split = json.loads((state / "data-split.json").read_text())
-    assert len(list((state / "decode-cache").rglob("*.npy"))) == 90
+    assert len(list((state / "decode-cache").rglob("32px-*/*.npy"))) == 90  # the run's size (+ the check's)
     assert _patients_per_split(split) == {"train": 27, "val": 9, "test": 9}  # 45 patients of 2 images
     assert results["final_test"][MANIFEST_SITE]["n"] == 18
+    # its bundle predicts on the manifest's rows of the site's saved test split (the 18 images it tested on)
+    predicted = fedshift(
+        "predict",
+        "--model",
+        str(state),
+        "--images",
+        f"data/{MANIFEST_SITE}/manifest.csv",
+        "--out",
+        "p.csv",
+        cwd=federation.root,
+    )
+    assert predicted.returncode == 0, predicted.stderr
+    rows = (federation.root / "p.csv").read_text().splitlines()[1:]
+    tested = {image for image, where in split["images"].items() if where == "test"}
+    assert len(rows) == 18 and {r.split(",")[0] for r in rows} == tested
 
     # the node config reached the ClientApp: the state went where site.toml said
     for site in SITES:
