@@ -11,6 +11,7 @@ import argparse
 import csv
 import io
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -100,12 +101,18 @@ def _run(args: argparse.Namespace) -> int:
             f"Expected --out {args.out} to be a new or empty folder, but it holds files; pick another"
         )
     dataset = load_dataset(args.data)
-    manifest = export_manifest(
+    partial = args.out.with_name(f".{args.out.name}.partial")  # written whole, then renamed: nothing half-made
+    shutil.rmtree(partial, ignore_errors=True)
+    export_manifest(
         dataset,
-        args.out,
+        partial,
         fmt=args.format,
         images_per_patient=args.images_per_patient,
         with_split=not args.no_split,
     )
+    if args.out.exists():
+        args.out.rmdir()
+    partial.rename(args.out)
+    manifest = args.out / "manifest.csv"
     print(f"{sum(len(s) for s in dataset.splits.values())} images of {dataset.label} -> {manifest}")
     return 0
