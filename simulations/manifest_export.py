@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
             f"Expected --out {args.out} to be a new or empty folder, but it holds files; pick another"
         )
     dataset = load_dataset(args.data)
-    partial = args.out.with_name(f".{args.out.name}.partial")  # written whole, then renamed: nothing half-made
+    partial = args.out.with_name(f".{args.out.name}.partial")  # written whole, then renamed
     shutil.rmtree(partial, ignore_errors=True)
     export_manifest(
         dataset,
