@@ -474,13 +474,12 @@ def to_tensor(images: np.ndarray, image_size: int, channels: int | None = None) 
     import torch
     import torch.nn.functional as F
 
+    from fedshift.common.image_files import check_image_size
+
     check_images(images)
     if channels is not None:
         check_channels(images, channels)
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(
-            f"Expected image_size to be a positive integer, but got {image_size!r}; pass e.g. 64"
-        )
+    image_size = check_image_size(image_size)
     x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)
     x = x.permute(0, 3, 1, 2).contiguous() if images.ndim == 4 else x.unsqueeze(1)
     if images.shape[1:3] != (image_size, image_size) and len(images):
