@@ -18,7 +18,7 @@ from scipy.ndimage import gaussian_filter
 
 from fedshift.common.data import SPLITS, Dataset, ImageSet
 from fedshift.common.errors import ConfigError, DataError
-from fedshift.common.patient_split import group_labels, split_groups
+from fedshift.common.patient_split import check_fractions, group_labels, split_groups
 from fedshift.common.stain import stain_jitter
 
 logger = logging.getLogger(__name__)
@@ -454,21 +454,6 @@ def _split_counts(m: int, fractions: Sequence[float]) -> list[int]:
     return counts
 
 
-def _check_split_fractions(split_fractions: Sequence[float]) -> tuple[float, ...]:
-    fr = tuple(float(f) for f in split_fractions)
-    if (
-        len(fr) != 3
-        or any(not math.isfinite(f) or f < 0 for f in fr)
-        or abs(sum(fr) - 1.0) > 1e-6
-        or fr[0] <= 0
-    ):
-        raise ConfigError(
-            f"Expected split_fractions to be three non-negative numbers (train > 0) summing to 1, "
-            f"but got {split_fractions!r}; use e.g. (0.6, 0.2, 0.2)"
-        )
-    return fr
-
-
 def _site_splits(
     pool: ImageSet,
     spec: SiteSpec,
@@ -548,7 +533,7 @@ def simulate_sites(
 ) -> list[SimulatedSite]:
     """Draw disjoint images for every site, apply its scanner and split it (stratified). A pool with patient
     ids draws and splits whole patients: a patient is at one site, in one split."""
-    fractions = _check_split_fractions(split_fractions)
+    fractions = check_fractions(split_fractions)
     if not specs:
         raise ConfigError("Expected at least one site spec, but got none; build them with plan_sites")
     names = [s.name for s in specs]

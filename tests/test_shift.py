@@ -300,7 +300,7 @@ def test_simulate_applies_profile_and_is_reproducible() -> None:
 def test_simulate_rejects_bad_inputs() -> None:
     pool = _signature_pool(50, 50)
     specs = plan_sites(2, pool_counts=[50, 50])
-    with pytest.raises(ConfigError, match="split_fractions"):
+    with pytest.raises(ConfigError, match="split fractions"):
         simulate_sites(
             pool,
             specs,
