@@ -372,11 +372,8 @@ def save_npz(path: str | Path, dataset: Dataset) -> None:
 # ------------------------------------------------------------------ synthetic CXR
 
 
-def make_synthetic_cxr(n: int, prevalence: float = 0.5, size: int = 28, seed: int = 0) -> Dataset:
-    """SYNTHETIC chest-X-ray-like images; label 1 = a soft bright opacity in one lung.
-
-    Exactly ``round(n * prevalence)`` positives, shuffled; deterministic for a seed.
-    """
+def check_synthetic(n: int, prevalence: float, size: int) -> None:
+    """:class:`ConfigError` unless a synthetic generator can make ``n`` images of side ``size``."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(
             f"Expected the number of synthetic images to be a positive integer, but got {n!r}; "
@@ -386,6 +383,14 @@ def make_synthetic_cxr(n: int, prevalence: float = 0.5, size: int = 28, seed: in
         raise ConfigError(f"Expected prevalence to be in [0, 1], but got {prevalence!r}; pass e.g. 0.5")
     if isinstance(size, bool) or not isinstance(size, int) or size < 8:
         raise ConfigError(f"Expected size to be an integer >= 8, but got {size!r}; pass e.g. 28")
+
+
+def make_synthetic_cxr(n: int, prevalence: float = 0.5, size: int = 28, seed: int = 0) -> Dataset:
+    """SYNTHETIC chest-X-ray-like images; label 1 = a soft bright opacity in one lung.
+
+    Exactly ``round(n * prevalence)`` positives, shuffled; deterministic for a seed.
+    """
+    check_synthetic(n, prevalence, size)
     images, labels = render_synthetic_cxr(n, prevalence, size, seed)
     positives = round(n * prevalence)
     logger.info("Generated %d SYNTHETIC chest X-rays (%d with lesion), size %d", n, positives, size)

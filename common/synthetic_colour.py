@@ -12,8 +12,7 @@ import logging
 
 import numpy as np
 
-from fedshift.common.data import CLASS_NAMES_BINARY, Dataset, ImageSet
-from fedshift.common.errors import ConfigError
+from fedshift.common.data import CLASS_NAMES_BINARY, Dataset, ImageSet, check_synthetic
 from fedshift.common.stain import hed_to_rgb
 
 logger = logging.getLogger(__name__)
@@ -92,15 +91,7 @@ def make_synthetic_colour(n: int, prevalence: float = 0.5, size: int = 28, seed:
 
     Exactly ``round(n * prevalence)`` positives, shuffled; deterministic for a seed.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(
-            f"Expected the number of synthetic images to be a positive integer, but got {n!r}; "
-            "pass e.g. --synthetic-n 2000"
-        )
-    if not 0.0 <= float(prevalence) <= 1.0:
-        raise ConfigError(f"Expected prevalence to be in [0, 1], but got {prevalence!r}; pass e.g. 0.5")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-        raise ConfigError(f"Expected size to be an integer >= 8, but got {size!r}; pass e.g. 28")
+    check_synthetic(n, prevalence, size)
     images, labels = render_synthetic_colour(n, prevalence, size, seed)
     logger.info("Generated %d SYNTHETIC H&E patches (%d atypical), size %d", n, int(labels.sum()), size)
     return Dataset(
