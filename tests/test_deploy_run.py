@@ -6,7 +6,6 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -106,9 +105,12 @@ def test_tls_federation_with_enrolled_sites_runs_two_rounds(federation: Federati
     state = federation.state_dir(MANIFEST_SITE)
     split = json.loads((state / "data-split.json").read_text())
     assert len(list((state / "decode-cache").rglob("32px-*/*.npy"))) == 90  # the run's size (+ the check's)
-    assert _patients_per_split(split) == {"train": 27, "val": 9, "test": 9}  # 45 patients of 2 images
-    assert results["final_test"][MANIFEST_SITE]["n"] == 18
-    # its bundle predicts on the manifest's rows of the site's saved test split (the 18 images it tested on)
+    # 46 patients (2 images each; one each in val and test has 1), split 60/20/20 by images per class
+    assert sum(_per_split(split["patients"]).values()) == 46
+    images = _per_split(split["images"])
+    assert all(abs(images[s] - 90 * f) <= 2 for s, f in (("train", 0.6), ("val", 0.2), ("test", 0.2)))
+    assert results["final_test"][MANIFEST_SITE]["n"] == images["test"]  # it tested on its saved test split
+    # its bundle predicts on the manifest's rows of that split
     predicted = fedshift(
         "predict",
         "--model",
@@ -122,7 +124,7 @@ def test_tls_federation_with_enrolled_sites_runs_two_rounds(federation: Federati
     assert predicted.returncode == 0, predicted.stderr
     rows = (federation.root / "p.csv").read_text().splitlines()[1:]
     tested = {image for image, where in split["images"].items() if where == "test"}
-    assert len(rows) == 18 and {r.split(",")[0] for r in rows} == tested
+    assert len(rows) == images["test"] and {r.split(",")[0] for r in rows} == tested
 
     # the node config reached the ClientApp: the state went where site.toml said
     for site in SITES:
@@ -135,7 +137,7 @@ def test_tls_federation_with_enrolled_sites_runs_two_rounds(federation: Federati
     print(f"normal run: {elapsed:.0f} s")
 
 
-def _patients_per_split(saved: dict[str, Any]) -> dict[str, int]:
-    """Patients per split in a site's saved split."""
-    splits = list(saved["patients"].values())
+def _per_split(saved: dict[str, str]) -> dict[str, int]:
+    """Patients (or images) per split in a site's saved split map."""
+    splits = list(saved.values())
     return {s: splits.count(s) for s in ("train", "val", "test")}
