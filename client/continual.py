@@ -118,12 +118,12 @@ def fisher_reply(msg: Message, fed: FederationConfig, site: SiteSettings, model:
     source = fed.ewc.fisher_source
     private = site.privacy.enabled
     accounting = PrivacyReport(MECHANISM_NONE)
-    train = load_site_data(site, fed.model).split("train")  # data the model cannot take: refused, uncharged
     if private and source == "dp":
         reserved = _reserve_fisher(msg, fed, site)
         if isinstance(reserved, Message):
             return reserved
         accounting = reserved
+    train = load_site_data(site, fed.model).split("train")
     fisher, label, _release = site_fisher(
         fed.ewc, model, train.images, private=private, seed=seed, secure_rng=site.privacy.secure_rng
     )
@@ -164,6 +164,7 @@ def _reserve_fisher(msg: Message, fed: FederationConfig, site: SiteSettings) -> 
             num_rounds=fed.num_rounds,
             mechanism=MECHANISM_DP_FISHER,
         )
+        load_site_data(site, fed.model)  # data the model cannot take: refused here, before the charge
         [entry] = reserve(
             privacy,
             ledger,

@@ -129,7 +129,6 @@ def _release(
         )
         logger.error("%s: %s", site.name, reason)
         return refusal(msg, site.name, STATUS_STATISTICS_LOST, reason)
-    train = load_site_data(site, fed.model).split("train")  # data the model cannot take: refused, uncharged
     try:  # round 0 or a refresh before a round of this run, each after the last: before any charge
         for release in planned:
             check_round(
@@ -139,6 +138,7 @@ def _release(
                 num_rounds=fed.num_rounds,
                 mechanism=release.mechanism,
             )
+        load_site_data(site, fed.model)  # data the model cannot take: refused here, before the charges
         # the lifetime budget and the per-run cap (dp-epsilon-per-run), then the charges
         reserve(
             privacy, ledger, run_id=run_id, server_round=server_round, charges=planned, what="the statistics"
@@ -149,6 +149,7 @@ def _release(
     except BudgetExhaustedError as exc:
         logger.warning("%s: %s", site.name, exc)
         return refusal_for(msg, site.name, exc)
+    train = load_site_data(site, fed.model).split("train")
     out: dict[str, Any] = {RELEASE_SIZE: len(train)}
     names = {r.mechanism for r in planned}
     if MECHANISM_DP_LABEL_COUNTS in names:
