@@ -96,9 +96,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.out.exists() and any(args.out.iterdir()):
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise ConfigError(
-            f"Expected --out {args.out} to be a new or empty folder, but it holds files; pick another"
+            f"Expected --out {args.out} to be a new or empty folder, but it is a file or holds files; "
+            "pick another"
         )
     dataset = load_dataset(args.data)
     partial = args.out.with_name(f".{args.out.name}.partial")  # written whole, then renamed
