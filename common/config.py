@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fedshift.common import settings
+from fedshift.common.aggregation_config import AggregationConfig
 from fedshift.common.backbones import list_backbones
 from fedshift.common.ewc_config import (
     ANCHORS,
@@ -38,6 +39,7 @@ __all__ = [
     "LABEL_MODES",
     "RELEASE_PRIVACY_KEYS",
     "RUN_CONFIG_MAXIMUM",
+    "AggregationConfig",
     "EWCConfig",
     "FederationConfig",
     "ModelConfig",
@@ -171,6 +173,9 @@ class FederationConfig:
     shift: ShiftConfig = field(
         default_factory=ShiftConfig, metadata=SECTION
     )  # label-shift correction, domain alignment
+    aggregation: AggregationConfig = field(
+        default_factory=AggregationConfig, metadata=SECTION
+    )  # server: the aggregation rule, the update norm bound, secure aggregation
 
     def __post_init__(self) -> None:
         check_fields(self)
