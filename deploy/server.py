@@ -10,7 +10,7 @@ State directory (``[server] state-dir``)::
 
     superlink.db            # the SuperLink's persistent state (enrolled nodes, runs)
     flwr/config.toml        # FLWR_HOME of the flwr commands the coordinator runs (loopback address)
-    enrolled.json           # {site: {"node-id", "key-sha256", "key"}}: the ServerApp's node id -> site map
+    enrolled.json           # {site: {"node-id", "key-sha256", "key"[, "max-num-examples"]}}: node id -> site
     proxy/nginx.conf        # the public port's proxy (Fleet API only)
     app/pyproject.toml      # the Flower app submitted (components and run-config defaults)
     run-config.toml         # this federation's run config ([federation] + resume-from)
@@ -351,6 +351,8 @@ class Coordinator:
                     )
             fingerprint = public_key_fingerprint(path)
             enrolled[site] = {"node-id": node_id, "key-sha256": fingerprint, "key": str(path)}
+            if site in self.settings.weight_caps:  # [hospitals] max-num-examples, read by the ServerApp
+                enrolled[site]["max-num-examples"] = str(self.settings.weight_caps[site])
             logger.info("Enrolled %s (%s): node %s", site, path.name, node_id)
         atomic_write_json(self.paths.enrolled, enrolled)
         return enrolled

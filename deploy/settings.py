@@ -12,6 +12,7 @@
 
     [hospitals]                       # enrolled sites: name = public SuperNode key
     hospital-a = "certs/nodes/hospital-a.pub"
+    hospital-b = { key = "certs/nodes/hospital-b.pub", max-num-examples = 500 }  # a cap on its weight
 
     [federation]                      # run config of the fedshift ServerApp (kebab-case keys)
     num-server-rounds = 10
@@ -40,7 +41,7 @@ import ipaddress
 import numbers
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,10 @@ CONNECTION_KEYS = {
     "runtime-port": "local port of the SuperNode's Runtime API (distinct per SuperNode on one machine)",
     "log-file": "the daemon's log file (default <state-dir>/logs/fedshift-client.log)",
     "enrollment-timeout": "seconds a refused key is retried before the daemon exits with code 3",
+}
+HOSPITAL_KEYS = {
+    "key": "the hospital's public SuperNode key (OpenSSH, from fedshift keygen)",
+    "max-num-examples": "the largest FedAvg weight (num-examples) this hospital's reply may carry",
 }
 
 
@@ -128,7 +133,7 @@ def _string(table: Mapping[str, Any], key: str, name: str, path: Path, default: 
 def _hint(name: str, key: str) -> str:
     if name == "site":
         return NODE_SETTINGS[key].help if key in NODE_SETTINGS else key
-    return {**SERVER_KEYS, **CONNECTION_KEYS}.get(key, "see deploy/README.md")
+    return {**SERVER_KEYS, **CONNECTION_KEYS, **HOSPITAL_KEYS}.get(key, "see deploy/README.md")
 
 
 def _path(table: Mapping[str, Any], key: str, name: str, path: Path, default: str | None = None) -> Path:
@@ -206,6 +211,7 @@ class ServerSettings:
     run_config: dict[str, Any]  # [federation], checked by FederationConfig.from_run_config
     poll_seconds: float  # status poll interval
     local_port: int | None = None  # the SuperLink's own port on 127.0.0.1; None: a free one at each start
+    weight_caps: dict[str, int] = field(default_factory=dict)  # site -> its max-num-examples, where set
 
     @property
     def run_dir(self) -> Path:
@@ -244,13 +250,11 @@ class ServerSettings:
             ca, cert, key = (
                 _existing_file(server, k, "server", path) for k in ("ca-cert", "server-cert", "server-key")
             )
-        hospitals = {}
-        for site, key_path in _table(doc, "hospitals", path, required=not insecure).items():
-            try:
-                check_site_name(site)
-            except ConfigError as exc:
-                raise ConfigError(f"[hospitals] in {path}: {exc}") from None
-            hospitals[site] = _existing_file({site: key_path}, site, "hospitals", path)
+        hospitals, weight_caps = {}, {}
+        for site, entry in _table(doc, "hospitals", path, required=not insecure).items():
+            hospitals[site], cap = _hospital(site, entry, path)
+            if cap is not None:
+                weight_caps[site] = cap
         if not insecure and not hospitals:
             raise ConfigError(
                 f"Expected at least one enrolled site in [hospitals] of {path}, but got none; "
@@ -263,7 +267,29 @@ class ServerSettings:
             FederationConfig.from_run_config(federation)
         except FedshiftError as exc:
             raise ConfigError(f"[federation] in {path}: {exc}") from None
-        return cls(path, host, port, state_dir, ca, cert, key, hospitals, federation, float(poll), local_port)
+        settings = (path, host, port, state_dir, ca, cert, key, hospitals, federation, float(poll))
+        return cls(*settings, local_port, weight_caps)
+
+
+def _hospital(site: str, entry: Any, path: Path) -> tuple[Path, int | None]:
+    """One ``[hospitals]`` entry: ``"key.pub"`` or ``{ key = "key.pub", max-num-examples = 500 }``."""
+    try:
+        check_site_name(site)
+    except ConfigError as exc:
+        raise ConfigError(f"[hospitals] in {path}: {exc}") from None
+    if not isinstance(entry, dict):
+        return _existing_file({site: entry}, site, "hospitals", path), None
+    name = f"hospitals.{site}"
+    _unknown(entry, HOSPITAL_KEYS, name, path)
+    key = _existing_file(entry, "key", name, path)
+    if "max-num-examples" not in entry:
+        return key, None
+    declared = setting_of(FederationConfig, "max-num-examples")
+    try:
+        cap = check_value(declared, entry["max-num-examples"], f"[{name}] in {path}")
+    except FedshiftError as exc:
+        raise ConfigError(str(exc)) from None
+    return key, int(cap)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 In deployment the coordinator's enrollment (run config ``enrollment``: the
 ``enrolled.json`` that ``fedshift server`` writes, ``{site: {"node-id": "<id>", ...}}``)
 maps every enrolled node id to its site; a reply from any other node is refused,
-and a name a reply puts in its ``site`` record is ignored. In a simulation there
+and a name a reply puts in its ``site`` record is ignored. A site's entry may
+also carry ``"max-num-examples"`` (its ``[hospitals]`` cap on the weight it claims). In a simulation there
 is no enrollment: the first node id to claim a name binds it for the rest of the
 run, and another node claiming a taken name is refused (it would overwrite the
 first site's row in the history).
@@ -30,17 +31,7 @@ _FIX = "re-run `fedshift server` to enroll the hospitals again, or unset run con
 def load_enrollment(path: str | Path) -> dict[int, str]:
     """Node id -> site name from an ``enrolled.json``; :class:`ConfigError` when it cannot be used."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"Expected run config enrollment to name a readable JSON file, but {str(path)!r} is not "
-            f"({type(err).__name__}); {_FIX}"
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"Expected {str(path)!r} to hold {{site: {{'node-id': ...}}}}, but it does not; {_FIX}"
-        )
+    data = _read(path)
     sites: dict[int, str] = {}
     for site, entry in data.items():
         node = entry.get("node-id") if isinstance(entry, dict) else None
@@ -58,6 +49,40 @@ def load_enrollment(path: str | Path) -> dict[int, str]:
     return sites
 
 
+def load_weight_caps(path: str | Path) -> dict[str, int]:
+    """Site -> its ``max-num-examples`` from an ``enrolled.json``, for the sites that have one."""
+    path = Path(path)
+    caps: dict[str, int] = {}
+    for site, entry in _read(path).items():
+        cap = entry.get("max-num-examples") if isinstance(entry, dict) else None
+        if cap is None:
+            continue
+        text = str(cap) if isinstance(cap, int | str) and not isinstance(cap, bool) else ""
+        if not text.isdigit() or int(text) < 1:
+            raise ConfigError(
+                f"Expected site {site!r} in {str(path)!r} to have a whole max-num-examples >= 1, but got "
+                f"{cap!r}; {_FIX}"
+            )
+        caps[str(site)] = int(text)
+    return caps
+
+
+def _read(path: Path) -> dict[str, object]:
+    """The JSON object of an ``enrolled.json``; :class:`ConfigError` when it is none."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"Expected run config enrollment to name a readable JSON file, but {str(path)!r} is not "
+            f"({type(err).__name__}); {_FIX}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"Expected {str(path)!r} to hold {{site: {{'node-id': ...}}}}, but it does not; {_FIX}"
+        )
+    return data
+
+
 def claimed_name(msg: Message) -> str | None:
     """The name a reply puts in its ``site`` record (the sender's word only), if any."""
     if msg.has_error():
@@ -70,8 +95,14 @@ def claimed_name(msg: Message) -> str | None:
 class SiteNames:
     """Node id -> site name for one federation: enrolled, or bound by the first claim."""
 
-    def __init__(self, enrolled: Mapping[int, str] | None = None, source: str = "") -> None:
+    def __init__(
+        self,
+        enrolled: Mapping[int, str] | None = None,
+        source: str = "",
+        weight_caps: Mapping[str, int] | None = None,
+    ) -> None:
         self.enrolled = dict(enrolled) if enrolled is not None else None
+        self.weight_caps = dict(weight_caps or {})  # site -> its [hospitals] max-num-examples
         self.source = source  # where the enrollment came from (for messages)
         self._bound: dict[int, str] = dict(self.enrolled or {})  # node id -> name
         self._owner: dict[str, int] = {name: node for node, name in self._bound.items()}
@@ -82,7 +113,11 @@ class SiteNames:
         """The enrollment of ``path``; claim-binding names when ``path`` is empty."""
         if not path:
             return cls()
-        return cls(load_enrollment(path), source=str(path))
+        return cls(load_enrollment(path), source=str(path), weight_caps=load_weight_caps(path))
+
+    def max_num_examples(self, name: str) -> int | None:
+        """The cap on the weight site ``name`` may claim (its ``[hospitals]`` max-num-examples), if any."""
+        return self.weight_caps.get(name)
 
     def name_of(self, node: int) -> str:
         """The site name of ``node`` (for logs and history), ``node-<id>`` when it has none."""
