@@ -62,6 +62,39 @@ def bound_update(
     return clipped, None
 
 
+def adam_update_bound(
+    learning_rate: float, steps: int, num_values: int, betas: tuple[float, float] = (0.9, 0.999)
+) -> float:
+    """The largest L2 norm an honest site's update can have after ``steps`` AdamW steps from a fresh state.
+
+    Whatever the gradients (DP-SGD's clipped and noised ones included), step t
+    moves each coordinate by at most ``lr * B_t`` with
+    ``B_t = (1 - b1) / sqrt(1 - b2) * sqrt(sum_{j<t} (b1**2 / b2)**j) * sqrt(1 - b2**t) / (1 - b1**t)``
+    (Cauchy-Schwarz on Adam's two moving averages; ``B_1 = 1``), so the update of
+    ``num_values`` coordinates is at most ``lr * sqrt(num_values) * sum_t B_t``.
+    ``learning_rate`` is the largest of the parameter groups'; weight decay 0
+    (fedshift's AdamW). A bound for update-norm-bound that no honest site can exceed.
+    """
+    beta1, beta2 = betas
+    if not 0 <= beta1 < 1 or not 0 < beta2 < 1 or beta1**2 >= beta2:
+        raise ValueError(f"Expected Adam betas with 0 <= b1 < 1, 0 < b2 < 1 and b1**2 < b2, but got {betas}")
+    if learning_rate <= 0 or steps < 0 or num_values < 0:
+        raise ValueError(
+            f"Expected learning_rate > 0, steps >= 0 and num_values >= 0, but got "
+            f"{learning_rate}, {steps}, {num_values}"
+        )
+    t = np.arange(1, steps + 1, dtype=np.float64)
+    ratio = beta1**2 / beta2
+    per_step = (
+        (1 - beta1)
+        / np.sqrt(1 - beta2)
+        * np.sqrt((1 - ratio**t) / (1 - ratio))
+        * np.sqrt(1 - beta2**t)
+        / (1 - beta1**t)
+    )
+    return float(learning_rate * np.sqrt(num_values) * per_step.sum())
+
+
 def rule_strategy(cfg: AggregationConfig, **fedavg_kwargs: Any) -> FedAvg:
     """Flower's strategy for ``cfg.rule``: FedAvg (mean), FedMedian (median), FedTrimmedAvg (trimmed-mean).
 

@@ -9,7 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedshift.common.aggregation_config import AggregationConfig
-from fedshift.server.robust import bound_update, rule_strategy, update_norm
+from fedshift.server.robust import adam_update_bound, bound_update, rule_strategy, update_norm
 
 SHAPES = {"lora.down": (4, 6), "lora.up": (6, 4), "head.bias": (2,)}
 KWARGS = {"weighted_by_key": "num-examples", "arrayrecord_key": "arrays", "min_train_nodes": 2}
@@ -135,3 +135,45 @@ def test_median_of_five_ignores_one_update_a_thousand_times_too_large() -> None:
         for median in (got[k], clean[k]):
             assert np.all(median >= honest[1] - 1e-6) and np.all(median <= honest[2] + 1e-6)
     assert update_norm(mean, clean) > 50 * update_norm(got, clean)
+
+
+def _adamw_steps(gradients: np.ndarray, lr: float) -> np.ndarray:
+    """The displacement of each AdamW step (torch, fresh state, no weight decay) for rows of gradients."""
+    import torch
+
+    param = torch.zeros(gradients.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.AdamW([param], lr=lr, weight_decay=0.0, eps=1e-300)
+    moves = []
+    for g in gradients:
+        before = param.detach().clone()
+        param.grad = torch.as_tensor(g, dtype=torch.float64)
+        optimizer.step()
+        moves.append((param.detach() - before).numpy())
+    return np.array(moves)
+
+
+def test_adam_bound_is_reached_by_its_worst_gradients_and_holds_for_others() -> None:
+    lr, steps = 1e-3, 20
+    beta1, beta2 = 0.9, 0.999
+    # Cauchy-Schwarz is tight for g_k = (b1/b2)**(T-k): step T then moves exactly lr * B_T
+    worst = np.array([[(beta1 / beta2) ** (steps - k)] for k in range(1, steps + 1)])
+    last_step = abs(_adamw_steps(worst, lr)[-1, 0])
+    per_step = adam_update_bound(lr, steps, 1) - adam_update_bound(lr, steps - 1, 1)
+    assert last_step == pytest.approx(per_step, rel=1e-9)
+    assert adam_update_bound(lr, 1, 400) == pytest.approx(lr * 20)  # the first step: lr * sign(g)
+    # random gradients of any scale (DP noise included) never move the parameters further
+    rng = np.random.default_rng(0)
+    d = 50
+    for scale in (1e-6, 1.0, 1e6):
+        for kind in ("normal", "heavy", "same-sign"):
+            if kind == "normal":
+                g = rng.normal(size=(steps, d))
+            elif kind == "heavy":
+                g = rng.standard_cauchy(size=(steps, d))
+            else:
+                g = np.abs(rng.normal(size=(steps, d)))
+            moved = np.linalg.norm(_adamw_steps(scale * g, lr).sum(axis=0))
+            assert moved <= adam_update_bound(lr, steps, d) * (1 + 1e-9)
+    assert adam_update_bound(lr, 0, d) == 0.0
+    with pytest.raises(ValueError, match="betas"):
+        adam_update_bound(lr, 3, d, betas=(0.99, 0.9))
