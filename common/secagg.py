@@ -343,8 +343,9 @@ class SecAggServer:
             u1 -= short
         if len(u1) < self.threshold:
             raise SecAggError(
-                f"Expected at least t={self.threshold} sites to send their shares, but {len(u1)} of "
-                f"{len(self._keys)} did; the round cannot be aggregated securely (fewer live sites than t)"
+                f"Expected at least t={self.threshold} sites to send their shares, but {len(complete)} of "
+                f"{len(self._keys)} did ({len(u1)} with t holders among them); the round cannot be "
+                "aggregated securely (fewer live sites than t)"
             )
         self._u1 = frozenset(u1)
         self.stage = "routed"
@@ -375,7 +376,12 @@ class SecAggServer:
 
     def aggregate(self, revealed: Mapping[int, Mapping[int, bytes]]) -> np.ndarray:
         """Stage 3: holder -> {peer: share} in; the dequantised sum over U2 out (float64), within
-        :func:`quantisation_bound` of the sum of the clipped vectors."""
+        :func:`quantisation_bound` (clip range, |U0|, |U2|) of the sum of the clipped vectors."""
+        total = self.unmask_sum(revealed)
+        return dequantise(total, self.params.clip_range, len(self._keys), len(self._u2))
+
+    def unmask_sum(self, revealed: Mapping[int, Mapping[int, bytes]]) -> np.ndarray:
+        """Stage 3 in the field: sum_{u in U2} q(x_u) mod 2**32 (uint32), the masks rebuilt and removed."""
         check_stage(self.stage, "requested", "aggregate")
         answered = node_ids(revealed, "the unmask replies") & self._u2
         t = self.threshold
@@ -400,14 +406,14 @@ class SecAggServer:
                     total -= mask
                 else:
                     total += mask
-        self.stage = "done"
+        self.stage, self._total = "done", np.zeros(0, dtype=np.uint32)
         logger.info(
             "Secure aggregation round %d: the sum of %d sites unmasked (%d dropped after sharing)",
             self.params.round,
             len(self._u2),
             len(self._u1 - self._u2),
         )
-        return dequantise(total, self.params.clip_range, len(self._keys), len(self._u2))
+        return total
 
     def _rebuild(
         self, v: int, kind: int, revealed: Mapping[int, Mapping[int, bytes]], answered: frozenset[int]
