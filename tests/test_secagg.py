@@ -393,3 +393,20 @@ def test_malformed_replies_are_left_out_not_summed() -> None:
     assert u2 == frozenset(rnd.ids) - {a, b} and dropped == {b}
     total = rnd.server.unmask_sum({u: rnd.clients[u].unmask(u2, dropped) for u in u2})
     assert np.array_equal(total, rnd.quantised_sum(u2))
+
+
+def test_cost_benchmark_counts_bytes_by_closed_form() -> None:
+    from fedshift.common.shamir import SHARE_BYTES
+    from fedshift.simulations.benchmarks.secagg_cost import ID_BYTES, one_round
+
+    sealed = 12 + 2 * SHARE_BYTES + 16  # nonce, the two shares, the GCM tag
+    for n, k, drop in ((5, 0, 0), (12, 4, 1)):
+        row = one_round(n, k, 1000, drop)
+        degree = k or n - 1
+        assert row["holders"] == degree + 1 and row["threshold"] == threshold(degree + 1, 0.6)
+        assert row["sent_bytes"]["setup"] == 64
+        assert row["sent_bytes"]["share"] == degree * (ID_BYTES + sealed)
+        assert row["sent_bytes"]["mask"] == 4 * 1000 == row["plain_float32_bytes"]
+        assert row["dropped"] == drop
+        assert row["max_error"] <= row["quantisation_bound"]
+    assert one_round(5, 0, 1000, 0)["sent_bytes"]["unmask"] == 5 * (ID_BYTES + 1 + SHARE_BYTES)
