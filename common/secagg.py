@@ -79,6 +79,18 @@ SEED_SHARE, KEY_SHARE = 1, 2  # the first byte of a revealed share: a self-mask 
 _STATE_VERSION = 1
 
 
+def _secret(value: bytes | None, what: str) -> bytes:
+    if value is None:
+        raise SecAggError(
+            f"Expected this site's {what} for this stage, but its state holds none (used, or a state not "
+            "written by SecAggClient.to_bytes); the round is refused"
+        )
+    return value
+
+
+_CLIENT_STAGES = ("new", "keys", "shared", "received", "masked")
+
+
 class SecAggClient:
     """One site's side of one round. Its whole state (private keys included) round-trips through
     :meth:`to_bytes` / :meth:`from_bytes`; private keys and the seed are dropped once used."""
@@ -115,8 +127,8 @@ class SecAggClient:
     def share(self, keys: Mapping[int, PublicKeys]) -> dict[int, bytes]:
         """Stage 1: the keys of all of U0 (this site's included) in; neighbour -> its sealed shares out."""
         check_stage(self.stage, "keys", "share")
-        assert self._c_sk is not None and self._s_sk is not None
-        own = PublicKeys(c=public_of(self._c_sk), s=public_of(self._s_sk))
+        c_sk, s_sk = _secret(self._c_sk, "share key"), _secret(self._s_sk, "mask key")
+        own = PublicKeys(c=public_of(c_sk), s=public_of(s_sk))
         nodes = node_ids(keys, "the server's key list")
         if keys.get(self.node_id) != own:
             raise SecAggError(
@@ -128,19 +140,18 @@ class SecAggClient:
         self._seed = secrets.token_bytes(KEY_BYTES)
         holders = self.neighbours | {self.node_id}
         t = self.threshold
-        seeds, s_keys = shamir.split(self._seed, holders, t), shamir.split(self._s_sk, holders, t)
+        seeds, s_keys = shamir.split(self._seed, holders, t), shamir.split(s_sk, holders, t)
         self._held = {self.node_id: (seeds[self.node_id], s_keys[self.node_id])}
         sealed = {}
         for v in sorted(self.neighbours):
             plain = seeds[v] + s_keys[v]
-            sealed[v] = seal(self._c_sk, self._keys[v].c, self.params.round, self.node_id, v, plain)
+            sealed[v] = seal(c_sk, self._keys[v].c, self.params.round, self.node_id, v, plain)
         self.stage = "shared"
         return sealed
 
     def receive(self, ciphertexts: Mapping[int, bytes], u1: Collection[int]) -> None:
         """Stage 2: the shares sealed to this site (sender -> ciphertext) and U1 in; each one checked."""
         check_stage(self.stage, "shared", "receive")
-        assert self._c_sk is not None
         u1_ids = node_ids(u1, "U1")
         if not u1_ids <= set(self._keys) or self.node_id not in u1_ids:
             raise SecAggError(
@@ -158,17 +169,15 @@ class SecAggClient:
                 f"Expected at least t={self.threshold} of site {self.node_id}'s holders in U1, but only "
                 f"{len(expected) + 1} are; too few sites stayed for the round"
             )
-        for v in sorted(expected):
-            self._held[v] = self._open(v, bytes(ciphertexts[v]))
+        opened = {v: self._open(v, bytes(ciphertexts[v])) for v in sorted(expected)}  # all, or none kept
+        self._held.update(opened)
         self._u1, self._c_sk = u1_ids, None
         self.stage = "received"
 
     def _open(self, sender: int, sealed: bytes) -> tuple[bytes, bytes]:
-        assert self._c_sk is not None
+        c_sk = _secret(self._c_sk, "share key")
         try:
-            plain = open_seal(
-                self._c_sk, self._keys[sender].c, self.params.round, sender, self.node_id, sealed
-            )
+            plain = open_seal(c_sk, self._keys[sender].c, self.params.round, sender, self.node_id, sealed)
         except (InvalidTag, ValueError):
             raise SecAggError(
                 f"Expected the shares from site {sender} sealed to site {self.node_id} for round "
@@ -181,7 +190,7 @@ class SecAggClient:
     def mask(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """Stage 2: float64 1-D ``x`` -> q(x) + PRG(b_u) + the pairwise masks, uint32 (once per round)."""
         check_stage(self.stage, "received", "mask")
-        assert self._seed is not None and self._s_sk is not None
+        seed, s_sk = _secret(self._seed, "self-mask seed"), _secret(self._s_sk, "mask key")
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 1 or not np.isfinite(x).all():
             raise SecAggError(
@@ -189,9 +198,9 @@ class SecAggClient:
             )
         rng = np.random.default_rng() if rng is None else rng
         y = quantise(x, self.params.clip_range, len(self._keys), rng)
-        y += prg(self._seed, x.size)
+        y += prg(seed, x.size)
         for v in sorted(self.neighbours & self._u1):
-            mask = prg(pair_seed(self._s_sk, self._keys[v].s, self.params.round, self.node_id, v), x.size)
+            mask = prg(pair_seed(s_sk, self._keys[v].s, self.params.round, self.node_id, v), x.size)
             if self.node_id < v:
                 y += mask
             else:
@@ -256,6 +265,8 @@ class SecAggClient:
                 raise ValueError(state["version"])
             client = cls(int(state["node_id"]), SecAggParams(**state["params"]))
             client.stage = str(state["stage"])
+            if client.stage not in _CLIENT_STAGES:
+                raise ValueError(client.stage)
             for name in ("c_sk", "s_sk", "seed"):
                 setattr(client, f"_{name}", bytes.fromhex(state[name]) if name in state else None)
             client._keys = {

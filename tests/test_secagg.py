@@ -4,6 +4,7 @@ and every refusal (consistency check, tampering, too few sites) holds."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Collection
@@ -377,7 +378,8 @@ def test_the_server_keeps_only_the_sum_of_masked_vectors() -> None:
     assert len(arrays) == 1 and not any(np.array_equal(arrays[0], m) for m in masked.values())
 
 
-def test_malformed_replies_are_left_out_not_summed() -> None:
+def test_malformed_replies_are_left_out_not_summed(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     rnd = Round(5, _params())
     per_site = rnd.server.add_keys({u: c.setup() for u, c in rnd.clients.items()})
     shares = {u: c.share(per_site[u]) for u, c in rnd.clients.items()}
@@ -391,8 +393,15 @@ def test_malformed_replies_are_left_out_not_summed() -> None:
     masked[b] = masked[b].astype(np.int64)  # the wrong dtype
     u2, dropped = rnd.server.unmask_request(masked)
     assert u2 == frozenset(rnd.ids) - {a, b} and dropped == {b}
-    total = rnd.server.unmask_sum({u: rnd.clients[u].unmask(u2, dropped) for u in u2})
+    revealed = {u: rnd.clients[u].unmask(u2, dropped) for u in u2}
+    total = rnd.server.unmask_sum(revealed)
     assert np.array_equal(total, rnd.quantised_sum(u2))
+    assert sum("left out" in r.getMessage() for r in caplog.records) == 2
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    secrets_seen = [v.hex()[:16] for r in revealed.values() for v in r.values()]
+    secrets_seen += [c.hex()[:16] for r in shares.values() for c in r.values()]
+    assert not [h for h in secrets_seen if h in logged]  # no share, seal or key, and no vector, is logged
+    assert not re.search(r"(?=[0-9a-f]*[a-f])[0-9a-f]{16,}|\[\s*\d+[\s,]+\d+", logged)  # hex, arrays
 
 
 def test_cost_benchmark_counts_bytes_by_closed_form() -> None:
