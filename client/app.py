@@ -28,6 +28,13 @@ from fedshift.client.continual import fisher_reply
 from fedshift.client.correction import evaluate_with_shift, source_prior_for
 from fedshift.client.egress import EgressPolicy, egress_guard
 from fedshift.client.round import plan_training, run_training
+from fedshift.client.secure_aggregation import (
+    begin_masking,
+    masked_arrays,
+    setup_reply,
+    share_reply,
+    unmask_reply,
+)
 from fedshift.client.site import (
     SiteSettings,
     load_local_state,
@@ -49,6 +56,10 @@ from fedshift.common.protocol import (
     METRICS_KEY,
     PRIVACY_KEY,
     SAMPLES_PER_SECOND_KEY,
+    SECAGG_MASKED_KEY,
+    SECAGG_SETUP_QUERY,
+    SECAGG_SHARE_QUERY,
+    SECAGG_UNMASK_QUERY,
     SITE_KEY,
     SPLIT_VAL,
     WEIGHT_KEY,
@@ -78,7 +89,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
 
     @app.train()
     def train_(msg: Message, context: Context) -> Message:
-        return train(msg, *_prepare(msg, settings(context)))
+        return train(msg, *_prepare(msg, settings(context)), context=context)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
@@ -99,6 +110,21 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
         """The end-of-phase Fisher at the final global adapters (run config ewc-consolidate)."""
         return fisher_reply(msg, *_prepare(msg, settings(context)))
 
+    @app.query(SECAGG_SETUP_QUERY)
+    def secagg_setup(msg: Message, context: Context) -> Message:
+        """Secure aggregation, before a round: this round's keys (client/secure_aggregation.py)."""
+        return setup_reply(msg, context, *settings(context))
+
+    @app.query(SECAGG_SHARE_QUERY)
+    def secagg_share(msg: Message, context: Context) -> Message:
+        """Secure aggregation, before a round: the shares of this site's secrets, sealed to its neighbours."""
+        return share_reply(msg, context, *settings(context))
+
+    @app.query(SECAGG_UNMASK_QUERY)
+    def secagg_unmask(msg: Message, context: Context) -> Message:
+        """Secure aggregation, after a round: the shares that unmask the survivors' sum."""
+        return unmask_reply(msg, context, *settings(context))
+
     @app.query(FINAL_MODEL_QUERY)
     def final_model(msg: Message, context: Context) -> Message:
         """The final global adapters: the site writes its model bundle (:mod:`fedshift.client.bundle`)."""
@@ -107,13 +133,24 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
     return app
 
 
-def train(msg: Message, fed: FederationConfig, site: SiteSettings, model: FedshiftModel) -> Message:
-    """One training round: planned and charged, trained, the shared adapters sent (or a refusal)."""
+def train(
+    msg: Message,
+    fed: FederationConfig,
+    site: SiteSettings,
+    model: FedshiftModel,
+    context: Context | None = None,
+) -> Message:
+    """One training round: planned and charged, trained, the shared adapters sent (or a refusal).
+
+    With secure aggregation (which needs the node's ``context``, where the round's secrets live) the
+    adapters leave masked (:mod:`fedshift.client.secure_aggregation`).
+    """
     server_round = round_of(msg)
     device = device_for(site.device)
     # progressive unfreezing: only the levels this round opens train (all of them when off)
     model.freeze_for_training(fed.train.trainable_depth(server_round))
     try:
+        secure = begin_masking(msg, _context(context)) if fed.aggregation.secure else None
         plan = plan_training(msg, fed, site, model)
     except (RoundRefusedError, BudgetExhaustedError) as exc:
         doing = "refused" if isinstance(exc, RoundRefusedError) else "not training"
@@ -139,13 +176,25 @@ def train(msg: Message, fed: FederationConfig, site: SiteSettings, model: Fedshi
     shared = {k: v.cpu() for k, v in model.shared_state_dict().items()}
     content = RecordDict(
         {
-            ARRAYS_KEY: ArrayRecord(shared),
             METRICS_KEY: metrics,
             SITE_KEY: site_record(site.name),
             PRIVACY_KEY: ConfigRecord(report.to_record()),
         }
     )
+    if secure is None:
+        content[ARRAYS_KEY] = ArrayRecord(shared)
+    else:
+        numpy = {k: v.numpy() for k, v in shared.items()}
+        content[SECAGG_MASKED_KEY] = masked_arrays(
+            msg, _context(context), secure, fed, numpy, stats.num_examples
+        )
     return Message(content, reply_to=msg)
+
+
+def _context(context: Context | None) -> Context:
+    if context is None:  # a caller outside the ClientApp (a test) that runs secure aggregation
+        raise ValueError("secure aggregation needs the node's Flower context")
+    return context
 
 
 def evaluate_split(msg: Message, fed: FederationConfig, site: SiteSettings, model: FedshiftModel) -> Message:

@@ -77,6 +77,13 @@ from fedshift.common.protocol import (
     PRIVACY_FIELDS,
     PRIVACY_KEY,
     REASON_FIELD,
+    SECAGG_C_KEYS_FIELD,
+    SECAGG_KEY,
+    SECAGG_MASKED_KEY,
+    SECAGG_NODES_FIELD,
+    SECAGG_S_KEYS_FIELD,
+    SECAGG_SEALED_FIELD,
+    SECAGG_SHARES_FIELD,
     SITE_ERROR,
     SITE_KEY,
     SITE_NAME_FIELD,
@@ -119,6 +126,15 @@ FISHER_RELEASES = {
     MECHANISM_UNIT: "no data (F = 1)",
     MECHANISM_NONE: UNPROTECTED,
 }
+# secure aggregation's protocol items (a query stage's record): what each one is
+SECAGG_ITEMS = {
+    SECAGG_C_KEYS_FIELD: "secure aggregation: this round's public key (sealing)",
+    SECAGG_S_KEYS_FIELD: "secure aggregation: this round's public key (masks)",
+    SECAGG_NODES_FIELD: "secure aggregation: the peers the items below belong to",
+    SECAGG_SEALED_FIELD: "secure aggregation: Shamir shares, each sealed to its holder (AES-GCM)",
+    SECAGG_SHARES_FIELD: "secure aggregation: revealed shares (a survivor's seed or a dropped site's key)",
+}
+MASKED = "masked by secure aggregation"  # added to the mechanism of a masked update
 METRIC = "aggregate-metric (allowed by site config)"
 BOOKKEEPING = "protocol bookkeeping"
 
@@ -184,13 +200,14 @@ def inspect_reply(content: RecordDict, policy: EgressPolicy) -> tuple[list[dict[
             else:
                 blocked.append(f"{name} (a Fisher released by {declared!r} while this site requires DP)")
             continue
-        if name != ARRAYS_KEY:
+        if name not in (ARRAYS_KEY, SECAGG_MASKED_KEY):
             blocked.append(f"{name} (undeclared array record)")
             continue
+        masked = f", {MASKED}" if name == SECAGG_MASKED_KEY else ""
         if declared == MECHANISM_DP_SGD:
-            items.extend(_array_items(record, name, MECHANISM_DP_SGD))
+            items.extend(_array_items(record, name, MECHANISM_DP_SGD + masked))
         elif declared == MECHANISM_NONE and not policy.dp_required:
-            items.extend(_array_items(record, name, UNPROTECTED))
+            items.extend(_array_items(record, name, UNPROTECTED + masked))
         else:
             blocked.append(f"{name} (adapters without DP-SGD while this site requires it)")
     for name, metrics in content.metric_records.items():
@@ -206,6 +223,9 @@ def inspect_reply(content: RecordDict, policy: EgressPolicy) -> tuple[list[dict[
             if name == STATISTICS_KEY and key in DP_STATISTICS:  # checked against the ledger by the guard
                 size = _value_bytes(value)
                 items.append({"record": name, "key": key, "bytes": size, MECHANISM_FIELD: DP_STATISTICS[key]})
+            elif name == SECAGG_KEY and key in SECAGG_ITEMS:
+                size = _value_bytes(value)
+                items.append({"record": name, "key": key, "bytes": size, MECHANISM_FIELD: SECAGG_ITEMS[key]})
             elif key in BOOKKEEPING_KEYS.get(name, frozenset()):
                 items.append(
                     {"record": name, "key": key, "bytes": _value_bytes(value), MECHANISM_FIELD: BOOKKEEPING}

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedshift.common.errors import ConfigError
 from fedshift.common.settings import check_fields, setting
+
+if TYPE_CHECKING:
+    from fedshift.common.secagg import SecAggParams
 
 # aggregation rule -> what it does
 AGGREGATIONS = {
@@ -92,3 +96,15 @@ class AggregationConfig:
                 "'reject': the server cannot see an update to reject it; set update-norm-action = \"clip\" "
                 "(each site clips its own update to the bound before masking it)"
             )
+
+
+def secagg_params(cfg: AggregationConfig, server_round: int) -> SecAggParams:
+    """One round's protocol parameters, the same at the server and at every site (from the run config)."""
+    from fedshift.common.secagg import SecAggParams
+
+    return SecAggParams(
+        round=server_round,
+        threshold_fraction=cfg.secagg_threshold,
+        neighbours=cfg.secagg_neighbours,
+        clip_range=cfg.secagg_clip_range,
+    )

@@ -174,3 +174,37 @@ PRIVACY_FIELDS = frozenset(f.name.replace("_", "-") for f in fields(PrivacyRepor
 
 FINAL_MODEL_QUERY = "final_model"  # message-type suffix of the final-model stage ("query.final_model")
 NUM_SITES_KEY = "num-sites"  # config of the final-model stage: how many sites took part in the run
+
+# Secure aggregation (SecAgg+): the three query stages around a training round, and their records
+SECAGG_SETUP_QUERY = "secagg_setup"  # message-type suffix: a site makes its round keys, sends the public ones
+SECAGG_SHARE_QUERY = "secagg_share"  # a site secret-shares its self-mask seed and key among its neighbours
+SECAGG_UNMASK_QUERY = "secagg_unmask"  # a site reveals the shares that unmask the survivors' sum
+SECAGG_KEY = "secagg"  # ConfigRecord: one stage's protocol data (public keys, sealed shares, node lists)
+SECAGG_MASKED_KEY = "secagg-masked"  # ArrayRecord of a training reply: the masked update (uint32 field)
+SECAGG_MASKED_FIELD = "masked"  # its one array
+SECAGG_NODES_FIELD = "nodes"  # node ids (as strings: they do not fit a signed int64) of the lists below
+SECAGG_C_KEYS_FIELD = "c-keys"  # X25519 public keys that seal the shares, one per node
+SECAGG_S_KEYS_FIELD = "s-keys"  # X25519 public keys of the pairwise masks, one per node
+SECAGG_SEALED_FIELD = "sealed"  # AES-GCM sealed shares, one per node (to it, or from it)
+SECAGG_U1_FIELD = "u1"  # the sites whose shares the server routed: each masks against these only
+SECAGG_SURVIVORS_FIELD = "survivors"  # the sites whose masked updates arrived
+SECAGG_DROPPED_FIELD = "dropped"  # the sites that shared but sent no masked update
+SECAGG_SHARES_FIELD = "shares"  # the revealed shares, one per node of SECAGG_NODES_FIELD
+SECAGG_WEIGHT_SCALE_FIELD = "weight-scale"  # the round's total num-examples: each site scales by its share
+
+
+def secagg_nodes(record: ConfigRecord, field: str) -> list[int]:
+    """A node list of a secure-aggregation record (node ids travel as strings)."""
+    values: Any = record.get(field, [])
+    return [int(str(n)) for n in values]
+
+
+def secagg_node_field(nodes: Any) -> list[str]:
+    """Node ids as a secure-aggregation record carries them."""
+    return [str(n) for n in nodes]
+
+
+def secagg_bytes(record: ConfigRecord, field: str) -> list[bytes]:
+    """A list of byte strings (keys, sealed or revealed shares) of a secure-aggregation record."""
+    values: Any = record.get(field, [])
+    return [bytes(v) for v in values]

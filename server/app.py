@@ -150,6 +150,8 @@ def make_strategy(
         train_records=anchor_records(cfg, shared),
         names=SiteNames.from_file(cfg.enrollment),  # node id -> site; the names in replies are only claims
         max_num_examples=cfg.max_num_examples,
+        aggregation=cfg.aggregation,
+        reply_timeout=cfg.reply_timeout,
     )
 
 

@@ -5,6 +5,7 @@ Only ``configure_*`` and ``aggregate_*`` are overridden: the round loop stays Fl
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -12,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedshift.common.aggregation_config import AggregationConfig
 from fedshift.common.checkpoint import save_checkpoint
 from fedshift.common.model import ModelConfig
 from fedshift.common.protocol import (
@@ -25,6 +27,7 @@ from fedshift.common.protocol import (
     METRICS_KEY,
     PRIVACY_KEY,
     REASON_FIELD,
+    SECAGG_MASKED_KEY,
     STATUS_BUDGET_EXHAUSTED,
     STATUS_FIELD,
     STATUS_KEY,
@@ -32,7 +35,10 @@ from fedshift.common.protocol import (
     UNDECLARED,
     WEIGHT_KEY,
 )
+from fedshift.common.update_vector import unflatten, vector_length
 from fedshift.server.enrollment import SiteNames
+from fedshift.server.robust import bound_update, rule_strategy
+from fedshift.server.secure_aggregation import SecAggError, SecureRound
 from fedshift.server.validation import (
     MAX_NUM_EXAMPLES,
     ArraySpec,
@@ -122,14 +128,22 @@ class AdapterFedAvg(FedAvg):
         train_records: Mapping[str, ArrayRecord] | None = None,
         names: SiteNames | None = None,
         max_num_examples: int = MAX_NUM_EXAMPLES,
+        aggregation: AggregationConfig | None = None,
+        reply_timeout: float = 3600.0,
     ) -> None:
-        super().__init__(
-            min_train_nodes=min_nodes,
-            min_evaluate_nodes=min_nodes,
-            min_available_nodes=min_nodes,
-            weighted_by_key=WEIGHT_KEY,
-            arrayrecord_key=ARRAYS_KEY,
-        )
+        flower = {
+            "min_train_nodes": min_nodes,
+            "min_evaluate_nodes": min_nodes,
+            "min_available_nodes": min_nodes,
+            "weighted_by_key": WEIGHT_KEY,
+            "arrayrecord_key": ARRAYS_KEY,
+        }
+        super().__init__(**flower)  # type: ignore[arg-type]
+        self.aggregation = aggregation if aggregation is not None else AggregationConfig()
+        self.rule = rule_strategy(self.aggregation, **flower)  # the arithmetic: mean, median, trimmed mean
+        self.reply_timeout = reply_timeout
+        self._global: dict[str, Any] = {}  # the round's global adapters (numpy), the updates' reference
+        self._secure: SecureRound | None = None  # the round's secure aggregation (secure-aggregation)
         self.expected = expected
         self.checkpoint_dir = Path(checkpoint_dir)
         self.model_config = model_config
@@ -147,6 +161,7 @@ class AdapterFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """FedAvg's sampling, minus the sites whose privacy budget is spent."""
         server_round += self.round_offset
+        self._global = {k: v.numpy() for k, v in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
         keep = [m for m in messages if m.metadata.dst_node_id not in self.exhausted]
         for msg in keep:
@@ -159,7 +174,32 @@ class AdapterFedAvg(FedAvg):
                 if m.metadata.dst_node_id in self.exhausted
             )
             logger.info("Round %d: left out %s (privacy budget spent)", server_round, left_out)
+        if self.aggregation.secure and keep:
+            keep = self._secure_setup(server_round, grid, keep)
         return keep
+
+    def max_weight(self, name: str) -> int:
+        """The largest num-examples ``name`` may claim: max-num-examples, or its enrolled cap when lower."""
+        own = getattr(self.names, "max_num_examples", lambda _: None)(name)
+        return min(self.max_num_examples, own) if own is not None else self.max_num_examples
+
+    def _secure_setup(self, server_round: int, grid: Grid, messages: list[Message]) -> list[Message]:
+        """Secure aggregation's stages before training; no training message when the round is refused."""
+        self._secure = SecureRound(
+            grid, self.aggregation, self.reply_timeout, self.names, server_round, self.max_weight
+        )
+        try:
+            return self._secure.prepare(messages)
+        except SecAggError as exc:
+            self._secure_refused(server_round, str(exc))
+            return []
+
+    def _secure_refused(self, server_round: int, reason: str) -> None:
+        logger.error("Round %d: secure aggregation refused, nothing aggregated: %s", server_round, reason)
+        self.history.refused.append(
+            {"round": server_round, "stage": "secure-aggregation", "site": None, REASON_FIELD: reason}
+        )
+        self._secure = None
 
     def _accept(self, server_round: int, replies: Iterable[Message], stage: str) -> list[tuple[str, Message]]:
         """The replies to aggregate, each with its site's name; every other reply is logged and recorded.
@@ -179,13 +219,37 @@ class AdapterFedAvg(FedAvg):
                 continue
             if problem is None:
                 problem = reply_problem(
-                    msg, self.expected, with_arrays=stage == TRAIN, max_weight=self.max_num_examples
+                    msg,
+                    self.expected,
+                    with_arrays=stage == TRAIN,
+                    max_weight=self.max_weight(name),
+                    masked_length=vector_length(self.expected_arrays()) if self._masked(stage) else None,
                 )
+            if problem is None and self._masked(stage):
+                problem = self._claim_problem(msg)
             if problem is None:
                 checked.append((name, msg))
             else:
                 self._reject(server_round, stage, msg, name, problem)
         return checked
+
+    def _masked(self, stage: str) -> bool:
+        return stage == TRAIN and self._secure is not None
+
+    def expected_arrays(self) -> dict[str, Any]:
+        """The round's global adapters (every update's reference)."""
+        return self._global
+
+    def _claim_problem(self, msg: Message) -> str | None:
+        """Why a masked reply's weight is not the one its site claimed at setup, or ``None``."""
+        assert self._secure is not None
+        claimed = self._secure.weight_of(msg.metadata.src_node_id)
+        weight = msg.content.metric_records[METRICS_KEY].get(WEIGHT_KEY)
+        if claimed is None:
+            return "a masked update from a site that did not set up secure aggregation this round"
+        if weight != claimed:
+            return f"claims {WEIGHT_KEY} {weight!r}, but claimed {claimed} at secure aggregation's setup"
+        return None
 
     def _for_flower(self, server_round: int, stage: str, good: list[tuple[str, Message]]) -> list[Message]:
         """The accepted replies as Flower's FedAvg averages them: every reply's arrays, the shared metrics.
@@ -237,7 +301,8 @@ class AdapterFedAvg(FedAvg):
         privacy = {}
         for name, msg in good:
             site_metrics = metrics_of(msg)
-            site_metrics["bytes-sent"] = float(msg.content.array_records[ARRAYS_KEY].count_bytes())
+            sent = msg.content.array_records.get(ARRAYS_KEY) or msg.content.array_records[SECAGG_MASKED_KEY]
+            site_metrics["bytes-sent"] = float(sent.count_bytes())
             per_site[name] = site_metrics
             privacy[name] = _privacy_of(msg)
             if privacy[name].get(MECHANISM_FIELD) != MECHANISM_DP_SGD and name not in self._warned_no_dp:
@@ -245,7 +310,13 @@ class AdapterFedAvg(FedAvg):
                 logger.warning("%s sends adapters WITHOUT differential privacy (%s)", name, privacy[name])
         self.history.train[server_round] = per_site
         self.history.privacy[server_round] = privacy
-        arrays, metrics = super().aggregate_train(server_round, self._for_flower(server_round, TRAIN, good))
+        if self._secure is not None:
+            arrays, metrics = self._secure_aggregate(server_round, good)
+        else:
+            bounded = self._bounded(server_round, good)
+            arrays, metrics = self.rule.aggregate_train(
+                server_round, self._for_flower(server_round, TRAIN, bounded)
+            )
         if arrays is None:
             return None, metrics
         problem = arrays_problem(arrays, self.expected)  # checked before anything is written
@@ -264,6 +335,48 @@ class AdapterFedAvg(FedAvg):
             extra={"sites": sorted(per_site), "history": self.history.to_dict()},
         )
         return arrays, metrics
+
+    def _bounded(self, server_round: int, good: list[tuple[str, Message]]) -> list[tuple[str, Message]]:
+        """The replies within update-norm-bound: clipped to it, or the rest rejected (update-norm-action)."""
+        cfg = self.aggregation
+        if cfg.norm_bound == 0:
+            return good
+        kept = []
+        for name, msg in good:
+            update = {k: v.numpy() for k, v in msg.content.array_records[ARRAYS_KEY].items()}
+            arrays, problem = bound_update(update, self._global, cfg.norm_bound, cfg.norm_action)
+            if arrays is None:
+                self._reject(server_round, TRAIN, msg, name, str(problem))
+                continue
+            if any(arrays[k] is not update[k] for k in update):
+                logger.warning("Round %d: the update of %s clipped to update-norm-bound", server_round, name)
+                view = copy.copy(msg)  # the reply itself stays as it came (the history's)
+                view.content = RecordDict(
+                    {
+                        METRICS_KEY: msg.content.metric_records[METRICS_KEY],
+                        ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                    }
+                )
+                msg = view
+            kept.append((name, msg))
+        return kept
+
+    def _secure_aggregate(
+        self, server_round: int, good: list[tuple[str, Message]]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The global adapters plus the unmasked weighted mean update, and the replies' metrics."""
+        secure, self._secure = self._secure, None
+        assert secure is not None
+        copies, _ = aggregation_view(good, with_arrays=False)
+        metrics = self.train_metrics_aggr_fn([m.content for m in copies], WEIGHT_KEY) if copies else None
+        try:
+            mean = secure.average({msg.metadata.src_node_id: msg for _, msg in good})
+        except SecAggError as exc:
+            self._secure = secure
+            self._secure_refused(server_round, str(exc))
+            return None, metrics
+        arrays = unflatten(mean, self._global)
+        return ArrayRecord({k: Array(v) for k, v in arrays.items()}), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

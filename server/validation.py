@@ -18,7 +18,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedshift.common.config import FederationConfig
-from fedshift.common.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
+from fedshift.common.protocol import (
+    ARRAYS_KEY,
+    METRICS_KEY,
+    SECAGG_MASKED_FIELD,
+    SECAGG_MASKED_KEY,
+    WEIGHT_KEY,
+)
 
 # the default cap on a reply's FedAvg weight (run config max-num-examples, 1e6): above the largest
 # public chest X-ray collections (MIMIC-CXR ~377k, CheXpert ~224k images), so no real site reaches
@@ -106,8 +112,13 @@ def reply_problem(
     *,
     with_arrays: bool = True,
     max_weight: int = MAX_NUM_EXAMPLES,
+    masked_length: int | None = None,
 ) -> str | None:
-    """Why ``msg`` must not be aggregated, or ``None`` when it is fine."""
+    """Why ``msg`` must not be aggregated, or ``None`` when it is fine.
+
+    With ``masked_length`` (secure aggregation) the reply carries one masked vector of that
+    length in the field (uint32) instead of the adapter tensors.
+    """
     if msg.has_error():
         return f"the site reported an error: {msg.error.reason}"
     content = msg.content
@@ -117,9 +128,27 @@ def reply_problem(
     problem = weight_problem(record.get(WEIGHT_KEY), max_weight) or metrics_problem(record)
     if problem is not None or not with_arrays:
         return problem
+    if masked_length is not None:
+        return masked_problem(content, masked_length)
     if len(content.array_records) != 1 or ARRAYS_KEY not in content.array_records:
         return f"expected one ArrayRecord {ARRAYS_KEY!r}, got {sorted(content.array_records)}"
     return arrays_problem(content.array_records[ARRAYS_KEY], expected)
+
+
+def masked_problem(content: RecordDict, length: int) -> str | None:
+    """Why ``content`` does not hold exactly one masked update of ``length`` field elements, or ``None``."""
+    if len(content.array_records) != 1 or SECAGG_MASKED_KEY not in content.array_records:
+        return f"expected one ArrayRecord {SECAGG_MASKED_KEY!r}, got {sorted(content.array_records)}"
+    record = content.array_records[SECAGG_MASKED_KEY]
+    if list(record) != [SECAGG_MASKED_FIELD]:
+        return f"expected the masked update {SECAGG_MASKED_FIELD!r} alone, got {sorted(record)[:3]}"
+    spec = ArraySpec((length,), "uint32")
+    data, problem = decode(SECAGG_MASKED_FIELD, record[SECAGG_MASKED_FIELD])
+    if data is None:
+        return problem
+    if tuple(data.shape) != spec.shape or str(data.dtype) != spec.dtype:
+        return f"the masked update is {data.dtype}{list(data.shape)}, expected {spec.dtype}[{length}]"
+    return None
 
 
 def arrays_problem(arrays: ArrayRecord, expected: Mapping[str, ArraySpec]) -> str | None:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from fedshift.common import settings
 from fedshift.common.config import FederationConfig, add_arguments, run_config_from_arguments
 from fedshift.common.errors import ConfigError
+from fedshift.simulations.attacks import ATTACKS, parse_attacks
 from fedshift.simulations.experiment import ExperimentSpec
 
 Spec = TypeVar("Spec", bound=ExperimentSpec)
@@ -89,6 +90,17 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "align-refresh",
         "align-tta",
     ),
+    "aggregation": (
+        "aggregation",
+        "trim-fraction",
+        "update-norm-bound",
+        "update-norm-action",
+        "max-num-examples",
+        "secure-aggregation",
+        "secagg-threshold",
+        "secagg-clip-range",
+        "secagg-neighbours",
+    ),
 }
 
 GROUP_HELP = {
@@ -97,6 +109,10 @@ GROUP_HELP = {
         "Each site's ledger lives in <out>/sites/site-k/.",
     ),
     "EWC": ("EWC (a Fisher-weighted pull towards each round's global adapters)", None),
+    "aggregation": (
+        "aggregation at the server: robust rules, the update norm bound and secure aggregation",
+        "Secure aggregation (SecAgg+) shows the server only the sum of the sites' updates.",
+    ),
     "label shift and alignment": (
         "label-shift correction and domain alignment",
         "Post-hoc prior correction at each site (DP label counts), and feature alignment in training.",
@@ -206,6 +222,14 @@ def add_experiment_arguments(
                 help=f"{_declared('ewc-lambda').help} (with --continual: one or more, e.g. 1,10,100, "
                 "default 10); run-config ewc-lambda",
             )
+    parser.add_argument(
+        "--attack",
+        action="append",
+        default=[],
+        metavar="KIND[:VALUE]@site-k",
+        help="simulation only: one site alters its training replies; repeatable or comma-separated: "
+        + "; ".join(ATTACKS.values()),
+    )
     parser.add_argument("--out", type=Path, help=f"run directory (default: runs/{command}-<time>)")
 
 
@@ -234,6 +258,13 @@ def experiment_spec(
 ) -> Spec:
     """The runner's :class:`ExperimentSpec` (``cls``, or a preset's subclass) of the options."""
     several = args.epsilon is not None and len(args.epsilon) > 1
+    attacks = parse_attacks(args.attack, args.sites)
+    if attacks and fed.aggregation.secure:
+        raise ConfigError(
+            f"Expected --attack without secure aggregation, but got {', '.join(map(str, attacks))} with "
+            "secure-aggregation = true: an attack alters a site's plain update, which leaves the site "
+            "masked; drop --attack or --secure-aggregation"
+        )
     return cls(
         out_dir=out,
         data=args.data,
@@ -245,6 +276,7 @@ def experiment_spec(
         synthetic_n=args.synthetic_n,
         synthetic_colour=args.synthetic_colour,
         site_epsilons=tuple(args.epsilon) if several else None,
+        attacks=attacks,
         federation=fed,
         **more,
     )
