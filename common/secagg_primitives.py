@@ -119,16 +119,17 @@ class SecAggParams:
     """One round's protocol parameters, the same at the server and at every site."""
 
     round: int  # the federation's round: bound into every key, seal and mask
-    threshold_fraction: float  # t = ceil(fraction * holders), at least 2 (:func:`threshold`)
+    threshold_fraction: float  # in (0.5, 1]: t = ceil(fraction * holders), at least 2 (:func:`threshold`)
     neighbours: int  # k: the peers holding each site's shares; 0 = all other sites; even
     clip_range: float  # r: each coordinate is clipped to [-r, r] before quantisation
 
     def __post_init__(self) -> None:
         if not 0 <= self.round < 2**64:
             raise SecAggError(f"Expected a round in [0, 2**64), but got {self.round}")
-        if not 0 < self.threshold_fraction <= 1:
+        if not 0.5 < self.threshold_fraction <= 1:
             raise SecAggError(
-                f"Expected a threshold fraction in (0, 1], but got {self.threshold_fraction}; e.g. 0.6"
+                f"Expected a threshold fraction in (0.5, 1], but got {self.threshold_fraction}: at most half "
+                "would let a server that lies about who dropped rebuild both secrets of a site; e.g. 0.6"
             )
         if self.neighbours < 0 or self.neighbours % 2:
             raise SecAggError(

@@ -196,7 +196,7 @@ def test_consistency_check_refuses_both_shares_of_one_peer() -> None:
 
 
 def test_tampered_or_misbound_shares_are_refused() -> None:
-    rnd = Round(4, _params(fraction=0.5))
+    rnd = Round(4, _params(fraction=0.51))
     per_site = rnd.server.add_keys({u: c.setup() for u, c in rnd.clients.items()})
     shares = {u: c.share(per_site[u]) for u, c in rnd.clients.items()}
     a, b, c = rnd.ids[:3]
@@ -352,7 +352,7 @@ def test_threshold_values() -> None:
     [
         ("neighbours", 3, "even number"),
         ("clip_range", 0.0, "clip range"),
-        ("threshold_fraction", 0, "(0, 1]"),
+        ("threshold_fraction", 0.5, "(0.5, 1]"),
     ],
 )
 def test_bad_params_are_refused(field: str, value: float, needle: str) -> None:
