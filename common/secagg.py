@@ -16,10 +16,11 @@ Per round, for sites with int node ids (U0: those that sent keys at setup):
 Everything refuses with :class:`SecAggError` rather than revealing more than the sum. Nothing here logs
 a share, a key or a vector.
 
-Protects against a server that follows the protocol but reads everything it routes (and may lie about
-who dropped: the consistency check and t > half the holders stop it rebuilding both secrets of a site),
-colluding with fewer than t sites. Not against a server that swaps the public keys it routes (the keys
-are not signed by the sites), nor against a site sending a wrong but well-formed vector.
+Protects against a server that follows the protocol but reads everything it routes, with up to t - 1
+sites colluding. A server that also lies about who dropped gets both secrets of a site only with at
+least 2t - (k + 1) colluding holders (each honest holder reveals one kind of share per peer; t > half
+the holders). Not against a server that swaps the public keys it routes (the sites do not sign them),
+nor against a site sending a wrong but well-formed vector.
 """
 
 from __future__ import annotations
