@@ -419,3 +419,20 @@ def test_cost_benchmark_counts_bytes_by_closed_form() -> None:
         assert row["dropped"] == drop
         assert row["max_error"] <= row["quantisation_bound"]
     assert one_round(5, 0, 1000, 0)["sent_bytes"]["unmask"] == 5 * (ID_BYTES + 1 + SHARE_BYTES)
+
+
+def test_a_corrupt_revealed_share_is_detected_not_summed() -> None:
+    rnd = Round(4, _params(fraction=1.0), d=200)  # t = 4: every share is used
+    per_site = rnd.server.add_keys({u: c.setup() for u, c in rnd.clients.items()})
+    routed = rnd.server.route({u: c.share(per_site[u]) for u, c in rnd.clients.items()})
+    for u in rnd.ids:
+        rnd.clients[u].receive(routed[u], rnd.server.u1)
+    masked = {u: rnd.clients[u].mask(rnd.xs[u]) for u in rnd.ids}
+    u2, dropped = rnd.server.unmask_request(masked)
+    revealed = {u: rnd.clients[u].unmask(u2, dropped) for u in u2}
+    a, b = rnd.ids[:2]
+    share = revealed[a][b]
+    revealed[a][b] = share[:-1] + bytes([share[-1] ^ 1])  # one bit of a's share of b's seed
+    with pytest.raises(SecAggError, match=f"Site {b}'s self-mask seed.*a share is corrupt") as info:
+        rnd.server.aggregate(revealed)
+    assert "\n" not in str(info.value)
