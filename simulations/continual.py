@@ -106,7 +106,7 @@ def _phase_b(
     before: Mapping[str, Mapping[str, float]],
 ) -> dict[str, Any]:
     """One phase-B run from phase A's adapters, and what it did to the phase-A sites."""
-    server_b, seconds_b = federate(config, sites_b, root, spec.site_epsilons)
+    server_b, seconds_b = federate(config, sites_b, root, spec.site_epsilons, attacks=spec.attacks)
     phase_a = spec.out_dir / "phase-a"
     after = evaluate_sites(root / "server" / "checkpoint", sites_a, phase_a / "sites", config.device)
     return {
@@ -141,7 +141,9 @@ def run_continual(
     fed: FederationConfig = spec.federation
     out = spec.out_dir
     phase_a = replace(fed, ewc=replace(fed.ewc, lam=0.0, consolidate=True))
-    server_a, seconds_a = federate(phase_a, sites_a, out / "phase-a", spec.site_epsilons)
+    server_a, seconds_a = federate(
+        phase_a, sites_a, out / "phase-a", spec.site_epsilons, attacks=spec.attacks
+    )
     checkpoint_a = out / "phase-a" / "server" / "checkpoint"
     before = evaluate_sites(checkpoint_a, sites_a, out / "phase-a" / "sites", fed.device)
     variants = {"no EWC": replace(fed, init_checkpoint=str(checkpoint_a), ewc=replace(fed.ewc, lam=0.0))}

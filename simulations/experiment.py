@@ -29,6 +29,7 @@ from fedshift.common.io import as_jsonable, atomic_write_json
 from fedshift.common.model import FedshiftModel, build_model
 from fedshift.common.synthetic_colour import make_synthetic_colour
 from fedshift.server.app import RESULTS_FILE
+from fedshift.simulations.attacks import Attack, attack_mods
 from fedshift.simulations.baseline import local_only
 from fedshift.simulations.engine import run_flower_simulation
 from fedshift.simulations.report import (
@@ -72,6 +73,7 @@ class ExperimentSpec:
     dp_reference: bool = True  # with DP on: also run the same configuration without DP
     site_epsilons: tuple[float, ...] | None = None  # one privacy budget per site (its site.toml)
     unseen_sites: int | None = None  # hospitals that never train and join at the end; None: 1 on real data
+    attacks: tuple[Attack, ...] = ()  # simulated sites that alter their training replies (--attack)
     federation: FederationConfig = field(default_factory=FederationConfig)
 
 
@@ -139,12 +141,14 @@ def federate(
     site_epsilons: tuple[float, ...] | None = None,
     *,
     every_site: bool = False,
+    attacks: Sequence[Attack] = (),
 ) -> tuple[dict[str, Any], float]:
     """Write the sites under ``root/sites``, run the Flower simulation; the server's results, seconds.
 
     ``site_epsilons`` gives each site its own budget, in its ``site.toml`` (as a
     hospital would set it in its own configuration). Rounds wait for at most
-    ``fed.min_nodes`` sites, or for every site with ``every_site``.
+    ``fed.min_nodes`` sites, or for every site with ``every_site``. ``attacks``
+    alter their sites' training replies (:mod:`fedshift.simulations.attacks`).
     """
     if site_epsilons is not None and len(site_epsilons) != len(sites):
         raise ConfigError(f"Expected one budget per site ({len(sites)}), but got {len(site_epsilons)}")
@@ -161,7 +165,9 @@ def federate(
         min_nodes=len(sites) if every_site else min(fed.min_nodes, len(sites)),
     )
     t0 = time.time()
-    run_flower_simulation(fed, len(sites))
+    if attacks:
+        logger.warning("Attacks in this simulation: %s", ", ".join(map(str, attacks)))
+    run_flower_simulation(fed, len(sites), attack_mods(attacks))
     seconds = time.time() - t0
     results_path = Path(fed.run_dir) / RESULTS_FILE
     if not results_path.is_file():
@@ -251,11 +257,13 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
 def _federations(spec: ExperimentSpec, sites: list[SimulatedSite]) -> _Runs:
     fed, privacy = spec.federation, spec.federation.privacy
     budgets = spec.site_epsilons if privacy.enabled else None
-    runs = _Runs(*federate(fed, sites, spec.out_dir, budgets))
+    runs = _Runs(*federate(fed, sites, spec.out_dir, budgets, attacks=spec.attacks))
     if privacy.enabled and spec.dp_reference:
         logger.info("Same configuration without DP, for reference (%s)", spec.out_dir / "no-dp")
         no_dp = replace(fed, privacy=replace(privacy, enabled=False))
-        runs.reference, runs.reference_seconds = federate(no_dp, sites, spec.out_dir / "no-dp")
+        runs.reference, runs.reference_seconds = federate(
+            no_dp, sites, spec.out_dir / "no-dp", attacks=spec.attacks
+        )
     return runs
 
 
@@ -303,6 +311,7 @@ def _report(
         "synthetic": sites[0].data.synthetic,
         "sites": [site_summary(s) for s in sites],
         "privacy": _privacy_report(spec, sites, server),
+        "attacks": [str(a) for a in spec.attacks],
         "federated_test": server["final_test"],
         "federated_no_dp_test": reference["final_test"] if reference else None,
         "local_only_test": local,
@@ -340,6 +349,8 @@ def _add_text(report: dict[str, Any], spec: ExperimentSpec, data_label: str, run
         "local": runs.local,
     }
     label = data_label
+    if spec.attacks:
+        label += f"; ATTACKED: {', '.join(map(str, spec.attacks))}"
     if privacy.enabled:
         label += (
             f"; dp = federated with DP-SGD (epsilon <= {_budgets(spec, privacy.epsilon)} per site), "

@@ -97,7 +97,9 @@ def compare_finetunes(spec: ExperimentSpec, finetunes: Sequence[str]) -> dict[st
         model = build_model(config.model)
         trainable = sum(p.numel() for p in model.trainable_parameters())
         logger.info("Fine-tuning %s: %s trainable parameters", name, f"{trainable:,}")
-        server, seconds = federate(config, sites, spec.out_dir / name, spec.site_epsilons)
+        server, seconds = federate(
+            config, sites, spec.out_dir / name, spec.site_epsilons, attacks=spec.attacks
+        )
         rows.append(finetune_row(name, server, trainable, seconds))
     report = {
         "data": label,

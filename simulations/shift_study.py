@@ -234,7 +234,9 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
     for name, cfg in configs.items():
-        runs[name], seconds[name] = federate(cfg, sites, out / name, budgets, every_site=True)
+        runs[name], seconds[name] = federate(
+            cfg, sites, out / name, budgets, every_site=True, attacks=spec.attacks
+        )
     names = [s.spec.name for s in sites]
     prevalence = {s.spec.name: float(site_summary(s)["prevalence"] or 0.0) for s in sites}  # type: ignore[arg-type]
     measures = _measures(spec, runs, names, prevalence)
