@@ -79,6 +79,8 @@ class AggregationConfig:
         help="secure aggregation: how many peers share each site's secrets (SecAgg+'s graph); "
         "0 = every other site",
         minimum=0,
+        allowed=lambda v: v % 2 == 0,
+        what="an even number >= 0 (half the neighbours on each side of the ring)",
         fix="e.g. 0 (all) or an even number such as 10 for large federations",
     )
 

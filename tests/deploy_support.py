@@ -103,9 +103,13 @@ class Federation:
         min_nodes: int,
         enrolled: tuple[str, ...] = SITES,
         manifest_sites: tuple[str, ...] = (),
+        run_config: dict[str, Any] | None = None,
+        site_values: dict[str, Any] | None = None,
     ) -> None:
         """``manifest_sites``: hospitals whose data-path is a CSV manifest of DICOM files (two images per
-        patient, no split column: the site splits it at patient level) instead of an ``.npz``."""
+        patient, no split column: the site splits it at patient level) instead of an ``.npz``.
+        ``run_config``: more keys of the coordinator's ``[federation]`` table; ``site_values``: of every
+        hospital's ``[site]`` table."""
         self.root = root
         self.manifest_sites = manifest_sites
         self.port = free_port()
@@ -123,7 +127,12 @@ class Federation:
         )
         assert made.returncode == 0, made.stderr
         hospitals = {site: f"certs/nodes/{site}.pub" for site in enrolled}
-        federation = {**TINY_FEDERATION, "num-server-rounds": rounds, "min-nodes": min_nodes}
+        federation = {
+            **TINY_FEDERATION,
+            "num-server-rounds": rounds,
+            "min-nodes": min_nodes,
+            **(run_config or {}),
+        }
         server = {
             "address": f"127.0.0.1:{self.port}",
             "state-dir": "coordinator",
@@ -140,7 +149,7 @@ class Federation:
             if site in manifest_sites:
                 pooled = load_npz(root / "data" / f"{site}.npz")
                 export_manifest(pooled, root / "data" / site, images_per_patient=2, with_split=False)
-            self.write_site_config(site, key=site)
+            self.write_site_config(site, key=site, **(site_values or {}))
 
     def write_site_config(self, site: str, *, key: str, **site_values: Any) -> Path:
         connection = {

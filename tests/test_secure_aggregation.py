@@ -1,4 +1,4 @@
-"""Secure aggregation in a real Flower simulation (Ray): the same federation with and without it, and dropouts."""
+"""Secure aggregation in a real Flower simulation (Ray): one federation with and without it; dropouts."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _run(root: Path, secure: bool, mods: tuple = ()) -> dict:  # type: ignore[ty
 
 
 def test_secure_aggregation_matches_plain_fedavg(tmp_path: Path) -> None:
-    """Same seed, DP on: the secure run's adapters and AUCs match the plain run's (only quantisation differs)."""
+    """Same seed, DP on: the secure run's adapters and AUCs match the plain run's (quantisation aside)."""
     plain = _run(tmp_path / "plain", secure=False)
     secure = _run(tmp_path / "secure", secure=True)
     a = load_checkpoint(tmp_path / "plain" / "server" / "checkpoint").arrays
@@ -111,7 +111,11 @@ def test_dropouts_after_masking_and_before_are_recovered(tmp_path: Path) -> None
 
     def drop_plain(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
         rnd = msg.content.config_records["config"].get("server-round")
-        if context.node_config.get("partition-id") == 1 and rnd == 2 and str(msg.metadata.message_type) == "train":
+        if (
+            context.node_config.get("partition-id") == 1
+            and rnd == 2
+            and str(msg.metadata.message_type) == "train"
+        ):
             raise ConnectionError("the site went offline")
         return call_next(msg, context)
 
