@@ -39,8 +39,9 @@ def bound_update(
 ) -> tuple[dict[str, np.ndarray] | None, str | None]:
     """An update held to ``bound``: (arrays, None) within it, else rejected (None, reason) or clipped.
 
-    ``bound`` 0 is off. A clipped update is ``reference + delta * bound / norm``
-    in each tensor's own dtype, so its norm is the bound.
+    ``bound`` 0 is off. Within the bound (or off) the dict holds the very arrays
+    given (``is`` tells a clipped update from a kept one). A clipped update is
+    ``reference + delta * bound / norm`` in each tensor's own dtype, so its norm is the bound.
     """
     if action not in (REJECT, CLIP):
         raise ValueError(f"Expected update-norm-action to be {REJECT!r} or {CLIP!r}, but got {action!r}")
