@@ -180,7 +180,7 @@ class AdapterFedAvg(FedAvg):
 
     def max_weight(self, name: str) -> int:
         """The largest num-examples ``name`` may claim: max-num-examples, or its enrolled cap when lower."""
-        own = getattr(self.names, "max_num_examples", lambda _: None)(name)
+        own = self.names.max_num_examples(name)
         return min(self.max_num_examples, own) if own is not None else self.max_num_examples
 
     def _secure_setup(self, server_round: int, grid: Grid, messages: list[Message]) -> list[Message]:
