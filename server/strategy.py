@@ -100,6 +100,17 @@ def _privacy_of(msg: Message) -> dict[str, Any]:
     return {k: v for k, v in record.items()} if record is not None else {MECHANISM_FIELD: UNDECLARED}
 
 
+def _claim_problem(secure: SecureRound, msg: Message) -> str | None:
+    """Why a masked reply's weight is not the one its site claimed at setup, or ``None``."""
+    claimed = secure.weight_of(msg.metadata.src_node_id)
+    weight = msg.content.metric_records[METRICS_KEY].get(WEIGHT_KEY)
+    if claimed is None:
+        return "a masked update from a site that did not set up secure aggregation this round"
+    if weight != claimed:
+        return f"claims {WEIGHT_KEY} {weight!r}, but claimed {claimed} at secure aggregation's setup"
+    return None
+
+
 def metrics_of(msg: Message) -> dict[str, float]:
     """A checked reply's metrics as floats (lists, which a check refuses, left out)."""
     record = msg.content.metric_records[METRICS_KEY]
@@ -209,6 +220,7 @@ class AdapterFedAvg(FedAvg):
         over its metric keys (see :meth:`_for_flower`).
         """
         checked: list[tuple[str, Message]] = []
+        secure = self._secure if stage == TRAIN else None  # masked updates this round
         for msg in replies:
             name, problem = self.names.resolve(msg)
             if problem is None and any(n == name for n, _ in checked):
@@ -223,33 +235,15 @@ class AdapterFedAvg(FedAvg):
                     self.expected,
                     with_arrays=stage == TRAIN,
                     max_weight=self.max_weight(name),
-                    masked_length=vector_length(self.expected_arrays()) if self._masked(stage) else None,
+                    masked_length=vector_length(self._global) if secure is not None else None,
                 )
-            if problem is None and self._masked(stage):
-                problem = self._claim_problem(msg)
+            if problem is None and secure is not None:
+                problem = _claim_problem(secure, msg)
             if problem is None:
                 checked.append((name, msg))
             else:
                 self._reject(server_round, stage, msg, name, problem)
         return checked
-
-    def _masked(self, stage: str) -> bool:
-        return stage == TRAIN and self._secure is not None
-
-    def expected_arrays(self) -> dict[str, Any]:
-        """The round's global adapters (every update's reference)."""
-        return self._global
-
-    def _claim_problem(self, msg: Message) -> str | None:
-        """Why a masked reply's weight is not the one its site claimed at setup, or ``None``."""
-        assert self._secure is not None
-        claimed = self._secure.weight_of(msg.metadata.src_node_id)
-        weight = msg.content.metric_records[METRICS_KEY].get(WEIGHT_KEY)
-        if claimed is None:
-            return "a masked update from a site that did not set up secure aggregation this round"
-        if weight != claimed:
-            return f"claims {WEIGHT_KEY} {weight!r}, but claimed {claimed} at secure aggregation's setup"
-        return None
 
     def _for_flower(self, server_round: int, stage: str, good: list[tuple[str, Message]]) -> list[Message]:
         """The accepted replies as Flower's FedAvg averages them: every reply's arrays, the shared metrics.
@@ -310,8 +304,9 @@ class AdapterFedAvg(FedAvg):
                 logger.warning("%s sends adapters WITHOUT differential privacy (%s)", name, privacy[name])
         self.history.train[server_round] = per_site
         self.history.privacy[server_round] = privacy
-        if self._secure is not None:
-            arrays, metrics = self._secure_aggregate(server_round, good)
+        secure, self._secure = self._secure, None
+        if secure is not None:
+            arrays, metrics = self._secure_aggregate(server_round, secure, good)
         else:
             bounded = self._bounded(server_round, good)
             arrays, metrics = self.rule.aggregate_train(
@@ -362,17 +357,14 @@ class AdapterFedAvg(FedAvg):
         return kept
 
     def _secure_aggregate(
-        self, server_round: int, good: list[tuple[str, Message]]
+        self, server_round: int, secure: SecureRound, good: list[tuple[str, Message]]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The global adapters plus the unmasked weighted mean update, and the replies' metrics."""
-        secure, self._secure = self._secure, None
-        assert secure is not None
         copies, _ = aggregation_view(good, with_arrays=False)
         metrics = self.train_metrics_aggr_fn([m.content for m in copies], WEIGHT_KEY) if copies else None
         try:
             mean = secure.average({msg.metadata.src_node_id: msg for _, msg in good})
         except SecAggError as exc:
-            self._secure = secure
             self._secure_refused(server_round, str(exc))
             return None, metrics
         arrays = unflatten(mean, self._global)
