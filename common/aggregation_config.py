@@ -43,7 +43,7 @@ class AggregationConfig:
         0.0,
         help="server: the largest L2 norm of a site's update (its adapters minus the global ones); 0 = off",
         minimum=0,
-        fix="e.g. 5.0 (an honest DP update is a few clip norms), or 0 to turn the bound off",
+        fix="e.g. lr * steps * sqrt(shared values) (server.robust.adam_update_bound), or 0 to turn it off",
     )
     norm_action: str = setting(
         "update-norm-action",
