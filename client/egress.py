@@ -83,7 +83,10 @@ from fedshift.common.protocol import (
     SECAGG_NODES_FIELD,
     SECAGG_S_KEYS_FIELD,
     SECAGG_SEALED_FIELD,
+    SECAGG_SETUP_QUERY,
+    SECAGG_SHARE_QUERY,
     SECAGG_SHARES_FIELD,
+    SECAGG_UNMASK_QUERY,
     SITE_ERROR,
     SITE_KEY,
     SITE_NAME_FIELD,
@@ -97,6 +100,9 @@ from fedshift.common.protocol import (
     round_of,
     split_of,
 )
+from fedshift.common.secagg import SEALED_BYTES
+from fedshift.common.secagg_primitives import KEY_BYTES
+from fedshift.common.shamir import SHARE_BYTES
 from fedshift.common.shift_statistics import STATISTICS_KEY
 
 logger = logging.getLogger(__name__)
@@ -135,6 +141,22 @@ SECAGG_ITEMS = {
     SECAGG_SHARES_FIELD: "secure aggregation: revealed shares (a survivor's seed or a dropped site's key)",
 }
 MASKED = "masked by secure aggregation"  # added to the mechanism of a masked update
+# each protocol stage's record: the fields it may carry and the size of each of their byte strings
+_REVEALED_BYTES = 1 + SHARE_BYTES  # the kind byte, then the share
+SECAGG_STAGES = {
+    f"{MessageType.QUERY}.{SECAGG_SETUP_QUERY}": {
+        SECAGG_C_KEYS_FIELD: KEY_BYTES,
+        SECAGG_S_KEYS_FIELD: KEY_BYTES,
+    },
+    f"{MessageType.QUERY}.{SECAGG_SHARE_QUERY}": {
+        SECAGG_NODES_FIELD: None,
+        SECAGG_SEALED_FIELD: SEALED_BYTES,
+    },
+    f"{MessageType.QUERY}.{SECAGG_UNMASK_QUERY}": {
+        SECAGG_NODES_FIELD: None,
+        SECAGG_SHARES_FIELD: _REVEALED_BYTES,
+    },
+}
 METRIC = "aggregate-metric (allowed by site config)"
 BOOKKEEPING = "protocol bookkeeping"
 
@@ -372,6 +394,32 @@ def _answer(
     return call_next(msg, context), {"repeat": False}
 
 
+def secagg_problems(msg: Message, content: RecordDict) -> list[str]:
+    """Secure aggregation's items that do not belong in a reply to ``msg``: a protocol record outside its
+    stage, a field of another stage, a key or share of the wrong size, setup keys other than one of each,
+    a masked update outside a training reply (blocked)."""
+    kind = str(msg.metadata.message_type)
+    problems = []
+    if SECAGG_MASKED_KEY in content.array_records and kind != MessageType.TRAIN:
+        problems.append(f"{SECAGG_MASKED_KEY} (a masked update in a reply to {kind})")
+    record = content.config_records.get(SECAGG_KEY)
+    if record is None:
+        return problems
+    fields = SECAGG_STAGES.get(kind)
+    if fields is None:
+        return [*problems, f"{SECAGG_KEY} (secure aggregation's record in a reply to {kind})"]
+    for key, value in record.items():
+        size = fields.get(key, -1)
+        items = value if isinstance(value, list) else [value]
+        if size == -1 or (
+            size is not None and any(not isinstance(v, bytes) or len(v) != size for v in items)
+        ):
+            problems.append(f"{SECAGG_KEY}.{key} (not a {kind} field of {size} bytes each)")
+        elif size == KEY_BYTES and len(items) != 1:
+            problems.append(f"{SECAGG_KEY}.{key} (expected one key, got {len(items)})")
+    return problems
+
+
 def _checked(
     msg: Message, reply: Message, site: str, state_dir: Path, policy: EgressPolicy
 ) -> tuple[Message, list[dict[str, Any]], list[str], dict[str, Any]]:
@@ -383,7 +431,7 @@ def _checked(
         return reply, [], [], {"error": SITE_ERROR}
     withheld = withhold_metrics(reply.content, policy)
     items, blocked = inspect_reply(reply.content, policy)
-    blocked += uncharged_statistics(items, state_dir, msg)
+    blocked += uncharged_statistics(items, state_dir, msg) + secagg_problems(msg, reply.content)
     if blocked:
         logger.error("%s: egress guard blocked %s; sending a refusal instead", site, blocked)
         reason = f"egress guard blocked {len(blocked)} item(s): {blocked}"

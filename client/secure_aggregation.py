@@ -49,7 +49,7 @@ from fedshift.common.protocol import (
     secagg_nodes,
     site_record,
 )
-from fedshift.common.secagg import PublicKeys, SecAggClient
+from fedshift.common.secagg import PublicKeys, SecAggClient, SecAggError
 from fedshift.common.update_vector import clip_to_norm, flatten_update
 
 logger = logging.getLogger(__name__)
@@ -123,8 +123,11 @@ def begin_masking(msg: Message, context: Context) -> SecAggClient:
         )
     record = msg.content.config_records[SECAGG_KEY]
     senders = secagg_nodes(record, SECAGG_NODES_FIELD)
-    sealed = dict(zip(senders, secagg_bytes(record, SECAGG_SEALED_FIELD), strict=True))
-    client.receive(sealed, secagg_nodes(record, SECAGG_U1_FIELD))
+    try:
+        sealed = dict(zip(senders, secagg_bytes(record, SECAGG_SEALED_FIELD), strict=True))
+        client.receive(sealed, secagg_nodes(record, SECAGG_U1_FIELD))
+    except (SecAggError, ValueError) as exc:  # a tampered or mis-routed share, a repeated message
+        raise RoundRefusedError(f"secure aggregation cannot go on in round {server_round}: {exc}") from None
     return client
 
 

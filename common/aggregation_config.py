@@ -59,11 +59,12 @@ class AggregationConfig:
     secagg_threshold: float = setting(
         "secagg-threshold",
         0.6,
-        help="secure aggregation: the fraction of a round's sites that must stay for the sum to be "
-        "recovered (Shamir threshold t = ceil(fraction * sites), at least 2)",
+        help="secure aggregation: the fraction of each site's share holders (itself and its neighbours: "
+        "all the round's sites with secagg-neighbours 0) that must stay for the sum to be "
+        "recovered (Shamir threshold t = ceil(fraction * holders), at least 2)",
         above=0.5,
         maximum=1,
-        fix="e.g. 0.6; above 0.5 so that no minority of sites with the server can unmask anyone",
+        fix="e.g. 0.6; above 0.5, a majority of each site's holders",
     )
     secagg_clip_range: float = setting(
         "secagg-clip-range",

@@ -16,11 +16,15 @@ Per round, for sites with int node ids (U0: those that sent keys at setup):
 Everything refuses with :class:`SecAggError` rather than revealing more than the sum. Nothing here logs
 a share, a key or a vector.
 
-Protects against a server that follows the protocol but reads everything it routes, with up to t - 1
-sites colluding. A server that also lies about who dropped gets both secrets of a site only with at
-least 2t - (k + 1) colluding holders (each honest holder reveals one kind of share per peer; t > half
-the holders). Not against a server that swaps the public keys it routes (the sites do not sign them),
-nor against a site sending a wrong but well-formed vector.
+Protects against a server that follows the protocol but reads everything it routes (semi-honest), with
+up to t - 1 sites colluding. NOT against a server that deviates: one that tells different sites
+different survivor and dropped lists (no site can compare its view with the others') can rebuild one
+site's seed from some holders and its neighbours' mask keys from others, and so unmask that site's
+update with no site colluding; the per-peer check here stops it only for the same holder. Bell et al.'s
+malicious-server variant closes this with a signed consistency round (every survivor signs the list, and
+no one reveals before t signatures on the same list), which needs keys the server cannot forge (the
+sites' enrolment keys); it is not built. Nor against a server that swaps the public keys it routes
+(the sites do not sign them), nor against a site sending a wrong but well-formed vector.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ class SecAggParams:
         if not 0.5 < self.threshold_fraction <= 1:
             raise SecAggError(
                 f"Expected a threshold fraction in (0.5, 1], but got {self.threshold_fraction}: at most half "
-                "would let a server that lies about who dropped rebuild both secrets of a site; e.g. 0.6"
+                "would let two disjoint groups of holders each rebuild one secret of a site; e.g. 0.6"
             )
         if self.neighbours < 0 or self.neighbours % 2:
             raise SecAggError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -49,6 +50,30 @@ from fedshift.server.validation import weight_problem
 logger = logging.getLogger(__name__)
 
 
+T = TypeVar("T")
+_NODE_IDS = 2**64  # Flower's node ids are unsigned 64-bit
+
+
+def _public_keys(record: ConfigRecord) -> PublicKeys:
+    """A setup reply's record: one sealing key and one mask key (:class:`PublicKeys` checks their size)."""
+    c, s = secagg_bytes(record, SECAGG_C_KEYS_FIELD), secagg_bytes(record, SECAGG_S_KEYS_FIELD)
+    if len(c) != 1 or len(s) != 1:
+        raise ValueError(f"expected one key of each kind, got {len(c)} and {len(s)}")
+    return PublicKeys(c=c[0], s=s[0])
+
+
+def _per_node(field: str) -> Callable[[ConfigRecord], dict[int, bytes]]:
+    """The parser of a record that gives one byte string of ``field`` per node id."""
+
+    def parse(record: ConfigRecord) -> dict[int, bytes]:
+        nodes = secagg_nodes(record, SECAGG_NODES_FIELD)
+        if any(not 0 <= n < _NODE_IDS for n in nodes) or len(set(nodes)) != len(nodes):
+            raise ValueError("node ids outside 0..2**64-1 or repeated")
+        return dict(zip(nodes, secagg_bytes(record, field), strict=True))
+
+    return parse
+
+
 class SecureRound:
     """One round's SecAgg+ between the server and the sites it sampled."""
 
@@ -67,13 +92,19 @@ class SecureRound:
         self.weights: dict[int, int] = {}  # node -> num-examples it claimed at setup
         self.scale = 1.0  # the round's total weight: each site sends weight / scale times its update
 
-    def _ask(self, contents: Mapping[int, RecordDict], stage: str) -> dict[int, ConfigRecord]:
-        """Send each node its content for ``stage``; the protocol record of every usable reply."""
+    def _ask(
+        self, contents: Mapping[int, RecordDict], stage: str, parse: Callable[[ConfigRecord], T]
+    ) -> dict[int, T]:
+        """Send each node its content for ``stage``; every usable reply's protocol record, parsed.
+
+        A reply that is not usable (an error, a refusal, a record ``parse`` refuses) leaves out its
+        site, logged; the round goes on without it.
+        """
         messages = [
             Message(content, dst_node_id=node, message_type=f"{MessageType.QUERY}.{stage}")
             for node, content in contents.items()
         ]
-        usable: dict[int, ConfigRecord] = {}
+        usable: dict[int, T] = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
             node = reply.metadata.src_node_id
             name, problem = self.names.resolve(reply)
@@ -88,23 +119,24 @@ class SecureRound:
                 problem = (
                     f"the site sent no protocol record ({dict(status) if status is not None else 'nothing'})"
                 )
+            if problem is None and stage == SECAGG_SETUP_QUERY:
+                problem = self._note_weight(node, name, reply)
+            if problem is None:
+                try:
+                    usable[node] = parse(reply.content.config_records[SECAGG_KEY])
+                except (SecAggError, ValueError, TypeError, IndexError, OverflowError) as exc:
+                    problem = f"its protocol record is malformed ({exc})"
             if problem is not None:
                 logger.warning("Round %d %s: left out %s: %s", self.round, stage, name, problem)
-                continue
-            usable[node] = reply.content.config_records[SECAGG_KEY]
-            if stage == SECAGG_SETUP_QUERY:
-                self._note_weight(node, name, reply, usable)
         return usable
 
-    def _note_weight(self, node: int, name: str, reply: Message, usable: dict[int, ConfigRecord]) -> None:
+    def _note_weight(self, node: int, name: str, reply: Message) -> str | None:
         metrics = reply.content.metric_records.get(METRICS_KEY)
         weight = metrics.get(WEIGHT_KEY) if metrics is not None else None
         problem = weight_problem(weight, self.max_weight(name))
-        if problem is not None:
-            logger.warning("Round %d secure aggregation: left out %s: %s", self.round, name, problem)
-            del usable[node]
-            return
-        self.weights[node] = int(weight)  # type: ignore[arg-type]
+        if problem is None:
+            self.weights[node] = int(weight)  # type: ignore[arg-type]
+        return problem
 
     def _content(self, record: Mapping[str, object]) -> RecordDict:
         return RecordDict(
@@ -120,13 +152,7 @@ class SecureRound:
         Raises :class:`SecAggError` when too few sites are left to go on.
         """
         nodes = [m.metadata.dst_node_id for m in messages]
-        setup = self._ask({n: self._content({}) for n in nodes}, SECAGG_SETUP_QUERY)
-        keys = {
-            n: PublicKeys(
-                c=secagg_bytes(r, SECAGG_C_KEYS_FIELD)[0], s=secagg_bytes(r, SECAGG_S_KEYS_FIELD)[0]
-            )
-            for n, r in setup.items()
-        }
+        keys = self._ask({n: self._content({}) for n in nodes}, SECAGG_SETUP_QUERY, _public_keys)
         wanted = self.server.add_keys(keys)  # node -> the peers' keys it needs
         share_contents = {}
         for node, peers in wanted.items():
@@ -138,13 +164,7 @@ class SecureRound:
                     SECAGG_S_KEYS_FIELD: [peers[p].s for p in order],
                 }
             )
-        shared = self._ask(share_contents, SECAGG_SHARE_QUERY)
-        sealed = {
-            n: dict(
-                zip(secagg_nodes(r, SECAGG_NODES_FIELD), secagg_bytes(r, SECAGG_SEALED_FIELD), strict=True)
-            )
-            for n, r in shared.items()
-        }
+        sealed = self._ask(share_contents, SECAGG_SHARE_QUERY, _per_node(SECAGG_SEALED_FIELD))
         routed = self.server.route(sealed)  # recipient -> {sender: sealed share}
         u1 = sorted(self.server.u1)
         self.scale = float(sum(self.weights[n] for n in u1))
@@ -188,13 +208,8 @@ class SecureRound:
             SECAGG_SURVIVORS_FIELD: secagg_node_field(sorted(survivors)),
             SECAGG_DROPPED_FIELD: secagg_node_field(sorted(dropped)),
         }
-        answers = self._ask({n: self._content(record) for n in sorted(survivors)}, SECAGG_UNMASK_QUERY)
-        revealed = {
-            n: dict(
-                zip(secagg_nodes(r, SECAGG_NODES_FIELD), secagg_bytes(r, SECAGG_SHARES_FIELD), strict=True)
-            )
-            for n, r in answers.items()
-        }
+        contents = {n: self._content(record) for n in sorted(survivors)}
+        revealed = self._ask(contents, SECAGG_UNMASK_QUERY, _per_node(SECAGG_SHARES_FIELD))
         total = self.server.aggregate(revealed)
         weight = sum(self.weights[n] for n in survivors) / self.scale
         logger.info(

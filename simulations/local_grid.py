@@ -65,12 +65,15 @@ class LocalGrid:
 
 
 def one_round(
-    run_config: dict[str, Any], nodes: int, drop: Callable[[int, Message], bool] = online
+    run_config: dict[str, Any],
+    nodes: int,
+    drop: Callable[[int, Message], bool] = online,
+    grid_class: type[LocalGrid] | None = None,
 ) -> tuple[AdapterFedAvg, float]:
     """Training round 1 of the sites under the run config's ``sites-root`` through the real strategy
     (its checkpoint in ``run-dir``); the strategy after it and the round's wall-clock seconds."""
     fed = FederationConfig.from_run_config(run_config)
-    grid = LocalGrid(run_config, nodes, drop)
+    grid = (grid_class or LocalGrid)(run_config, nodes, drop)
     arrays = ArrayRecord(build_model(fed.model).shared_state_dict())
     strategy = AdapterFedAvg(
         expected=expected_specs(arrays),

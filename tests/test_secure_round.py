@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedshift.common.aggregation_config import AggregationConfig
 from fedshift.common.checkpoint import load_checkpoint
@@ -108,3 +108,51 @@ def test_a_plain_update_in_a_secure_round_is_rejected(tmp_path: Path) -> None:
 def test_robust_rules_are_refused_with_secure_aggregation(rule: str) -> None:
     with pytest.raises(Exception, match="needs every site's update"):
         AggregationConfig(secure=True, rule=rule)
+
+
+def test_a_malformed_protocol_reply_leaves_out_its_site_only(tmp_path: Path) -> None:
+    """A setup reply without keys (as a site running other code could send) costs that site the round,
+    not the federation: the others' sum is still unmasked."""
+    from fedshift.common.protocol import SECAGG_C_KEYS_FIELD, SECAGG_KEY, SECAGG_SETUP_QUERY
+
+    class Tampering(LocalGrid):
+        def send_and_receive(self, messages: Any, timeout: float | None = None) -> list[Message]:
+            replies = super().send_and_receive(messages, timeout)
+            for reply in replies:
+                kind = str(reply.metadata.message_type)
+                if reply.metadata.src_node_id == FIRST_NODE + 1 and kind.endswith(SECAGG_SETUP_QUERY):
+                    reply.content.config_records[SECAGG_KEY][SECAGG_C_KEYS_FIELD] = []
+            return replies
+
+    _sites(tmp_path, 3)
+    strategy, _ = one_round(_run_config(tmp_path, True), 3, grid_class=Tampering)
+    assert sorted(strategy.history.train[1]) == ["site-0", "site-2"]
+    assert load_checkpoint(tmp_path / "ckpt").round == 1
+
+
+def test_the_egress_guard_holds_secure_aggregation_items_to_their_stage() -> None:
+    from flwr.app import MessageType
+
+    from fedshift.client.egress import secagg_problems
+    from fedshift.common.protocol import (
+        SECAGG_C_KEYS_FIELD,
+        SECAGG_KEY,
+        SECAGG_NODES_FIELD,
+        SECAGG_S_KEYS_FIELD,
+        SECAGG_SETUP_QUERY,
+        SECAGG_SHARES_FIELD,
+    )
+
+    def reply(kind: str, record: dict[str, Any]) -> list[str]:
+        msg = Message(RecordDict(), dst_node_id=1, message_type=kind)
+        return secagg_problems(msg, RecordDict({SECAGG_KEY: ConfigRecord(record)}))
+
+    unmask = f"{MessageType.QUERY}.{SECAGG_UNMASK_QUERY}"
+    setup = f"{MessageType.QUERY}.{SECAGG_SETUP_QUERY}"
+    assert reply(unmask, {SECAGG_NODES_FIELD: ["3"], SECAGG_SHARES_FIELD: [bytes(67)]}) == []
+    # a 32-byte secret (a private key) where a revealed share belongs is blocked
+    assert reply(unmask, {SECAGG_NODES_FIELD: ["3"], SECAGG_SHARES_FIELD: [bytes(32)]}) != []
+    assert reply(setup, {SECAGG_C_KEYS_FIELD: [bytes(32)], SECAGG_S_KEYS_FIELD: [bytes(32)]}) == []
+    assert reply(setup, {SECAGG_C_KEYS_FIELD: [bytes(32)] * 2, SECAGG_S_KEYS_FIELD: [bytes(32)]}) != []
+    assert reply(setup, {SECAGG_SHARES_FIELD: [bytes(67)]}) != []  # another stage's field
+    assert reply(MessageType.EVALUATE, {SECAGG_C_KEYS_FIELD: [bytes(32)]}) != []  # outside the protocol
