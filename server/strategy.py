@@ -291,26 +291,28 @@ class AdapterFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         good = self._accept(server_round, replies, TRAIN)
-        per_site = {}
-        privacy = {}
+        privacy = {}  # every accepted reply's: its site spent the budget even if the bound rejects it
         for name, msg in good:
-            site_metrics = metrics_of(msg)
-            sent = msg.content.array_records.get(ARRAYS_KEY) or msg.content.array_records[SECAGG_MASKED_KEY]
-            site_metrics["bytes-sent"] = float(sent.count_bytes())
-            per_site[name] = site_metrics
             privacy[name] = _privacy_of(msg)
             if privacy[name].get(MECHANISM_FIELD) != MECHANISM_DP_SGD and name not in self._warned_no_dp:
                 self._warned_no_dp.add(name)
                 logger.warning("%s sends adapters WITHOUT differential privacy (%s)", name, privacy[name])
+        secure, self._secure = self._secure, None
+        kept = good if secure is not None else self._bounded(server_round, good)
+        per_site = {}  # the sites whose updates are aggregated
+        for name, msg in kept:
+            site_metrics = metrics_of(msg)
+            sent = msg.content.array_records.get(ARRAYS_KEY) or msg.content.array_records[SECAGG_MASKED_KEY]
+            site_metrics["bytes-sent"] = float(sent.count_bytes())
+            per_site[name] = site_metrics
         self.history.train[server_round] = per_site
         self.history.privacy[server_round] = privacy
-        secure, self._secure = self._secure, None
         if secure is not None:
             arrays, metrics = self._secure_aggregate(server_round, secure, good)
         else:
-            bounded = self._bounded(server_round, good)
+            self._warn_no_trim(server_round, len(kept))
             arrays, metrics = self.rule.aggregate_train(
-                server_round, self._for_flower(server_round, TRAIN, bounded)
+                server_round, self._for_flower(server_round, TRAIN, kept)
             )
         if arrays is None:
             return None, metrics
@@ -330,6 +332,18 @@ class AdapterFedAvg(FedAvg):
             extra={"sites": sorted(per_site), "history": self.history.to_dict()},
         )
         return arrays, metrics
+
+    def _warn_no_trim(self, server_round: int, count: int) -> None:
+        cut = int(self.aggregation.trim_fraction * count)  # Flower's FedTrimmedAvg cuts int(beta * n) per end
+        if self.aggregation.rule == "trimmed-mean" and cut == 0:
+            logger.warning(
+                "Round %d: trimmed-mean with trim-fraction %g cuts nothing from %d updates (a plain "
+                "unweighted mean); raise trim-fraction to at least %g",
+                server_round,
+                self.aggregation.trim_fraction,
+                count,
+                1 / max(count, 1),
+            )
 
     def _bounded(self, server_round: int, good: list[tuple[str, Message]]) -> list[tuple[str, Message]]:
         """The replies within update-norm-bound: clipped to it, or the rest rejected (update-norm-action)."""

@@ -195,7 +195,8 @@ def aggregation_view(
         record = msg.content.metric_records[METRICS_KEY]
         content = RecordDict({METRICS_KEY: MetricRecord({k: record[k] for k in record if k in shared})})
         if with_arrays:
-            content[ARRAYS_KEY] = msg.content.array_records[ARRAYS_KEY]
+            arrays = msg.content.array_records[ARRAYS_KEY]  # a new record: Flower's FedTrimmedAvg empties it
+            content[ARRAYS_KEY] = ArrayRecord({k: arrays[k] for k in arrays})
         view = copy.copy(msg)  # the reply's metadata; its own content stays as it came
         view.content = content
         copies.append(view)
