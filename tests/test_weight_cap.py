@@ -64,7 +64,9 @@ class _FakeFlwr:
 
 def test_the_table_form_carries_its_cap_to_the_server_app(tmp_path: Path, certs: Path) -> None:
     key_b = certs / "nodes" / "hospital-b.pub"
-    settings = ServerSettings.load(_federation(tmp_path, certs, f'{{ key = "{key_b}", max-num-examples = 500 }}'))
+    settings = ServerSettings.load(
+        _federation(tmp_path, certs, f'{{ key = "{key_b}", max-num-examples = 500 }}')
+    )
     assert settings.hospitals == {"hospital-a": certs / "nodes" / "hospital-a.pub", "hospital-b": key_b}
     assert settings.weight_caps == {"hospital-b": 500}  # the string form has none
 
