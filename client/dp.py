@@ -188,6 +188,9 @@ class PrivateTraining:
     steps: int
     secure_rng: bool = False
     seed: int = 0
+    # the training-set size the plan was made for: the expected batch size is ``sample_rate`` of it
+    # (None: the size :meth:`attach` is given). Fixed in advance, it keeps the scaling data-independent.
+    num_examples: int | None = None
     _source: RandomSource | None = field(default=None, init=False, repr=False)
     _gsm: GradSampleModule | None = field(default=None, init=False, repr=False)
     _optimizer: _SourcedDPOptimizer | None = field(default=None, init=False, repr=False)
@@ -225,7 +228,7 @@ class PrivateTraining:
             optimizer=optimizer,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.clip_norm,
-            expected_batch_size=max(1, round(self.sample_rate * num_examples)),
+            expected_batch_size=max(1, round(self.sample_rate * (self.num_examples or num_examples))),
             loss_reduction="mean",
             source=self.source,
         )
@@ -443,6 +446,7 @@ def plan_round(
         steps=steps,
         secure_rng=privacy.secure_rng,
         seed=seed,
+        num_examples=num_examples,
     )
 
 

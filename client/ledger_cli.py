@@ -43,6 +43,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedshift.client.audit import audit_line, latest_audit
     from fedshift.client.integrity import bind_key
     from fedshift.client.ledger import LEDGER_FILE, format_ledger, open_ledger, verify_site
 
@@ -65,9 +66,11 @@ def run(args: argparse.Namespace) -> int:
             f"to be the site's state directory holding {LEDGER_FILE}, or that file itself)"
         )
     verified = verify_site(state_dir)
+    audit = latest_audit(state_dir)
     if not args.json:
         print(format_ledger(ledger, delta))
         print(verified)
+        print(audit_line(audit))
         return 0
     if delta is None and ledger.entries:
         delta = ledger.entries[-1].delta
@@ -78,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         "epsilon": 0.0 if delta is None else ledger.epsilon(delta),
         "entries": [e.to_dict() for e in ledger.entries],
         "integrity": verified,
+        "audit": audit,
     }
     print(json.dumps(report, indent=2))
     return 0

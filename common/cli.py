@@ -23,6 +23,7 @@ COMMANDS = {
     "export": "fedshift.client.export",
     "predict": "fedshift.client.predict",
     "ledger": "fedshift.client.ledger_cli",
+    "audit": "fedshift.client.audit_cli",
     "shift-study": "fedshift.simulations.shift_study_cli",
     "export-manifest": "fedshift.simulations.manifest_export",
     "certs": "fedshift.deploy.cli",

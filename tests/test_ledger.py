@@ -626,8 +626,9 @@ def test_cli_table_total_matches_the_ledger(tmp_path: Path, capsys: pytest.Captu
     assert float(delta) == DELTA and accountant == "rdp" and int(n) == len(HISTORY)
     assert abs(float(eps) - ledger.epsilon(DELTA)) <= 1e-3
     assert out.count("dp-sgd") == len(HISTORY)
-    table, verified = out.rstrip("\n").rsplit("\n", 1)
+    table, verified, audit = out.rstrip("\n").rsplit("\n", 2)
     assert table == format_ledger(ledger)
+    assert audit == "privacy audit: none yet (fedshift audit)"
     key = tmp_path.with_name(tmp_path.name + ".integrity-key")
     assert verified.startswith(f"integrity verified with key {key} ")
     assert "ledger 3 entries chained (anchor 3)" in verified
