@@ -35,7 +35,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -191,6 +191,8 @@ class PrivateTraining:
     # the training-set size the plan was made for: the expected batch size is ``sample_rate`` of it
     # (None: the size :meth:`attach` is given). Fixed in advance, it keeps the scaling data-independent.
     num_examples: int | None = None
+    # the clipping-and-noise optimizer (a test's fault injection subclasses it; no setting reaches it)
+    optimizer_class: ClassVar[type[_SourcedDPOptimizer]] = _SourcedDPOptimizer
     _source: RandomSource | None = field(default=None, init=False, repr=False)
     _gsm: GradSampleModule | None = field(default=None, init=False, repr=False)
     _optimizer: _SourcedDPOptimizer | None = field(default=None, init=False, repr=False)
@@ -224,7 +226,7 @@ class PrivateTraining:
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Wrap ``model`` for per-sample gradients and ``optimizer`` for clipping and noise."""
         self._gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
-        self._optimizer = _SourcedDPOptimizer(
+        self._optimizer = self.optimizer_class(
             optimizer=optimizer,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.clip_norm,

@@ -9,12 +9,10 @@ import json
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from opacus import GradSampleModule
 from sklearn.metrics import roc_auc_score
 
 from fedshift.client.audit import (
@@ -246,17 +244,7 @@ class _UnclippedOptimizer(_SourcedDPOptimizer):
 
 
 class _Unclipped(PrivateTraining):
-    def attach(self, model: Any, optimizer: Any, num_examples: int) -> tuple[Any, Any]:
-        self._gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
-        self._optimizer = _UnclippedOptimizer(
-            optimizer=optimizer,
-            noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.clip_norm,
-            expected_batch_size=max(1, round(self.sample_rate * (self.num_examples or num_examples))),
-            loss_reduction="mean",
-            source=self.source,
-        )
-        return self._gsm, self._optimizer
+    optimizer_class = _UnclippedOptimizer
 
 
 FAULTS: dict[str, TrainingHook] = {
