@@ -11,9 +11,10 @@ and nothing is charged: the round runs outside any federation.
 The attacker sees what the coordinator would see: the global model it sent and the shared
 tensors the site releases after the round. It scores each canary by the alignment of the
 released update with the canary's own gradient at the global model (white box, last
-iterate), after removing the canaries' mean gradient, which every canary shares. The
-scores give an epsilon lower bound at 95% confidence by the one-run theorem
-(:mod:`fedshift.common.audit_bound`) and a membership-inference AUC (scikit-learn's).
+iterate), after removing the canaries' mean gradient and their top principal directions,
+which the site's data shares with every canary. The scores give an epsilon lower bound at 95%
+confidence by the one-run theorem (:mod:`fedshift.common.audit_bound`) and a
+membership-inference AUC (scikit-learn's).
 
 A lower bound above the claimed epsilon is evidence of a bug in the DP path (noise of the
 wrong scale, clipping that does not clip, a tensor that escapes it). A bound below it
