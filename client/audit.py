@@ -84,11 +84,9 @@ class Canaries:
     kind: str
 
 
-def make_canaries(
-    train: ImageSet, m: int, kind: str, num_classes: int, rng: np.random.Generator
-) -> tuple[ImageSet, Canaries]:
-    """The audit's base data (the site's training split) and ``m`` canaries of ``kind``, each included
-    with probability 1/2.
+def make_canaries(train: ImageSet, m: int, kind: str, num_classes: int, rng: np.random.Generator) -> Canaries:
+    """``m`` canaries of ``kind`` for the audited training images ``train``, each included with
+    probability 1/2.
 
     ``mislabelled``: copies of ``m`` of the site's own training images (drawn without replacement)
     with another class's label; ``noise``: images of uniform random pixels (the site's image shape)
@@ -114,15 +112,15 @@ def make_canaries(
     else:
         images = rng.integers(0, 256, size=(m, *train.images.shape[1:]), dtype=np.uint8)
         labels = rng.integers(0, num_classes, size=m).astype(np.int64)
-    return train, Canaries(images, labels, rng.random(m) < 0.5, kind)
+    return Canaries(images, labels, rng.random(m) < 0.5, kind)
 
 
-def with_canaries(base: ImageSet, canaries: Canaries) -> ImageSet:
-    """The audit's throw-away training set: ``base`` and the included canaries (the site's data untouched)."""
+def with_canaries(train: ImageSet, canaries: Canaries) -> ImageSet:
+    """The audit's throw-away training set: ``train`` and the included canaries (``train`` untouched)."""
     keep = canaries.included
     return ImageSet(
-        np.concatenate([base.images, canaries.images[keep]]),
-        np.concatenate([base.labels, canaries.labels[keep]]),
+        np.concatenate([train.images, canaries.images[keep]]),
+        np.concatenate([train.labels, canaries.labels[keep]]),
     )
 
 
@@ -211,11 +209,11 @@ def run_audit(
     rng = np.random.default_rng(seed)
     if 0 < audit_size < len(train):
         train = train.subset(np.sort(rng.choice(len(train), size=audit_size, replace=False)))
-    base, birds = make_canaries(train, canaries, kind, model.config.num_classes, rng)
-    data = with_canaries(base, birds)
+    birds = make_canaries(train, canaries, kind, model.config.num_classes, rng)
+    data = with_canaries(train, birds)
     # the round's plan is fixed before the coin flips are looked at: from the expected size
     # its sampling and noise draw from a stream of their own, not the one that initialised the model
-    plan = _plan(fed, site, len(base) + canaries // 2, zlib.crc32(f"audit-noise:{seed}".encode()))
+    plan = _plan(fed, site, len(train) + canaries // 2, zlib.crc32(f"audit-noise:{seed}".encode()))
     model.freeze_for_training(fed.train.trainable_depth(1))
     initial = copy.deepcopy(model)  # what the coordinator sent (the global model of round 1)
     # the shared tensors this round trains (frozen ones never move: no signal, only dimensions)
@@ -223,7 +221,7 @@ def run_audit(
     before = _numpy(model, names)
     used = plan if plan is None or training_hook is None else training_hook(plan)
     logger.info(
-        "%s: auditing one round on %d images + %d of %d %s canaries", site.name, len(base),
+        "%s: auditing one round on %d images + %d of %d %s canaries", site.name, len(train),
         int(birds.included.sum()), canaries, kind,
     )  # fmt: skip
     train_local(model, data, fed.train, device, seed=seed, private=used, objective=cross_entropy)
@@ -238,7 +236,7 @@ def run_audit(
         kind=kind,
         canaries=canaries,
         included=int(birds.included.sum()),
-        train_size=len(base),
+        train_size=len(train),
         private=plan is not None,
         claimed_epsilon=claimed,
         delta=privacy.delta,
@@ -376,7 +374,13 @@ def latest_audit(state_dir: Path) -> dict[str, Any] | None:
         if missing:
             logger.warning("skipping audit %s: it lacks %s", path, ", ".join(missing))
             continue
-        return dict(audit, path=str(path))
+        audit = dict(audit, path=str(path))
+        try:
+            audit_line(audit)  # the values it shows are numbers
+        except (TypeError, ValueError) as exc:
+            logger.warning("skipping audit %s: a value is not what an audit writes (%s)", path, exc)
+            continue
+        return audit
     return None
 
 

@@ -45,18 +45,18 @@ def _images(n: int, seed: int = 0) -> ImageSet:
 def test_mislabelled_canaries_are_relabelled_copies_and_half_go_in() -> None:
     train = _images(400)
     before = train.images.copy()
-    base, birds = make_canaries(train, 200, "mislabelled", 2, np.random.default_rng(0))
-    assert base is train and np.array_equal(train.images, before)  # the site's data untouched
+    birds = make_canaries(train, 200, "mislabelled", 2, np.random.default_rng(0))
+    assert np.array_equal(train.images, before)  # the site's data untouched
     # each canary is one of the site's images, with the other class's label
     index = {img.tobytes(): i for i, img in enumerate(train.images)}
     sources = [index[img.tobytes()] for img in birds.images]
     assert len(set(sources)) == 200
     assert np.all(birds.labels == 1 - train.labels[sources])
     assert 80 <= birds.included.sum() <= 120  # Binomial(200, 1/2): 4.2 standard deviations
-    data = with_canaries(base, birds)
+    data = with_canaries(train, birds)
     assert len(data) == 400 + birds.included.sum()
     assert np.array_equal(data.images[400:], birds.images[birds.included])
-    noise = make_canaries(train, 50, "noise", 2, np.random.default_rng(1))[1]
+    noise = make_canaries(train, 50, "noise", 2, np.random.default_rng(1))
     assert noise.images.shape == (50, 28, 28) and set(noise.labels) <= {0, 1}
 
 
@@ -154,6 +154,7 @@ def test_the_latest_audit_is_read_back_and_a_bound_above_the_claim_is_flagged(tm
     _result(tmp_path, created="2026-12-01T00:00:00", epsilon_lower_bound=0.1)
     _result(tmp_path, created="2026-12-02T00:00:00", epsilon_lower_bound=1.7)
     (tmp_path / AUDITS_DIR / "audit-2026-12-03T00.json").write_text("{broken")
+    _result(tmp_path, created="2026-12-04T00:00:00", mia_auc="high")  # a value of the wrong type
     latest = latest_audit(tmp_path)
     assert latest is not None and latest["epsilon_lower_bound"] == 1.7
     line = audit_line(latest)
