@@ -2,12 +2,13 @@
 
 Layout of a checkpoint directory::
 
-    checkpoint.json                 # manifest: round, model config, file name, sha256
-    adapters-round-0003.safetensors # the shared tensors of that round
+    checkpoint.json                     # manifest: round, model config, file names, sha256s
+    adapters-round-0003.safetensors     # the shared tensors of that round
+    server-state-round-0003.safetensors # the server optimizer's moments (only when it has any)
 
-The tensor file of a round is written first, under its own name; the manifest
+The tensor files of a round are written first, under their own names; the manifest
 is then replaced atomically, and older tensor files are removed. A crash at any
-moment leaves a manifest that points at a complete file.
+moment leaves a manifest that points at complete files.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "checkpoint.json"
 FORMAT = "fedshift-checkpoint/1"
+_FILES = ("adapters-round-*.safetensors", "server-state-round-*.safetensors")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class Checkpoint:
     model: ModelConfig  # how to rebuild the model the adapters belong to
     arrays: dict[str, np.ndarray]  # shared tensors by name
     extra: dict[str, Any]  # free-form metadata (e.g. run id)
+    state: dict[str, np.ndarray] = field(default_factory=dict)  # server optimizer moments, dtype as saved
 
 
 def save_checkpoint(
@@ -47,8 +50,10 @@ def save_checkpoint(
     model: ModelConfig,
     server_round: int,
     extra: dict[str, Any] | None = None,
+    state: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """Save ``arrays`` as the checkpoint of ``server_round``; returns the manifest path."""
+    """Save ``arrays`` (as float32) and ``state`` (in its own dtype, exactly) as the checkpoint of
+    ``server_round``; returns the manifest path. ``state`` is the server's optimizer moments."""
     from safetensors.numpy import save
 
     directory = Path(directory)
@@ -56,20 +61,25 @@ def save_checkpoint(
     blob = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()})
     name = f"adapters-round-{server_round:04d}.safetensors"
     atomic_write_bytes(directory / name, blob)
-    atomic_write_json(
-        directory / MANIFEST,
-        {
-            "format": FORMAT,
-            "round": server_round,
-            "model": model.to_dict(),
-            "file": name,
-            "sha256": hashlib.sha256(blob).hexdigest(),
-            "extra": extra or {},
-        },
-    )
-    for old in directory.glob("adapters-round-*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "round": server_round,
+        "model": model.to_dict(),
+        "file": name,
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "extra": extra or {},
+    }
+    if state:
+        state_blob = save({k: np.ascontiguousarray(v) for k, v in state.items()})
+        manifest["state_file"] = f"server-state-round-{server_round:04d}.safetensors"
+        manifest["state_sha256"] = hashlib.sha256(state_blob).hexdigest()
+        atomic_write_bytes(directory / manifest["state_file"], state_blob)
+    atomic_write_json(directory / MANIFEST, manifest)
+    kept = {name, manifest.get("state_file")}
+    for pattern in _FILES:
+        for old in directory.glob(pattern):
+            if old.name not in kept:
+                old.unlink(missing_ok=True)
     logger.debug("Checkpoint of round %d written to %s", server_round, directory)
     return directory / MANIFEST
 
@@ -88,6 +98,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     try:
         manifest = json.loads(manifest_path.read_text())
         blob = (directory / manifest["file"]).read_bytes()
+        state_blob = (directory / manifest["state_file"]).read_bytes() if "state_file" in manifest else None
         model = ModelConfig.from_dict(manifest["model"])
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
         raise CheckpointError(
@@ -101,9 +112,15 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
             f"Expected {manifest['file']!r} to match the sha256 in {MANIFEST}, but it does not; "
             "the checkpoint is corrupt"
         )
+    if state_blob is not None and hashlib.sha256(state_blob).hexdigest() != manifest.get("state_sha256"):
+        raise CheckpointError(
+            f"Expected {manifest['state_file']!r} to match the sha256 in {MANIFEST}, but it does not; "
+            "the checkpoint is corrupt"
+        )
     return Checkpoint(
         round=int(manifest["round"]),
         model=model,
         arrays=dict(load(blob)),
         extra=dict(manifest.get("extra", {})),
+        state=dict(load(state_blob)) if state_blob is not None else {},
     )

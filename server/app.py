@@ -39,6 +39,7 @@ from fedshift.common.shift_statistics import GLOBAL_KEY, GlobalStatistics
 from fedshift.server.ask import ask_sites
 from fedshift.server.consolidation import anchor_records, consolidate, initial_arrays
 from fedshift.server.enrollment import SiteNames, wait_for_enrolled
+from fedshift.server.server_optimizer import ServerOptimizerState, ServerParams, restored_state
 from fedshift.server.statistics import collect_statistics, statistics_summary, with_refresh
 from fedshift.server.strategy import AdapterFedAvg, RunHistory, metrics_of
 from fedshift.server.validation import expected_specs, reply_problem
@@ -55,14 +56,15 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     With ``resume-from`` set, the federation continues from that checkpoint: its
     adapters are the starting point, its history is kept, and rounds go on from
     its round + 1 (a round that was interrupted runs again in full; the sites
-    charge it under the new run id, as the data is used again).
+    charge it under the new run id, as the data is used again). The server
+    optimizer continues from the checkpoint's moments.
     """
     started = time.time()
     run_dir = Path(cfg.run_dir)
     model = build_model(cfg.model)
     shared = model.shared_state_dict()
-    initial, done, history = starting_point(cfg, shared)
-    strategy = make_strategy(cfg, initial, shared, done, history)
+    initial, done, history, server_state = starting_point(cfg, shared)
+    strategy = make_strategy(cfg, initial, shared, done, history, server_state)
     wait_for_enrolled(grid.get_node_ids, strategy.names, cfg.enrolled_wait)
     statistics = collect_statistics(grid, initial, cfg, str(grid.run.run_id), names=strategy.names)
     arrays = run_rounds(grid, with_refresh(strategy, cfg, statistics), initial, cfg, done)
@@ -92,21 +94,25 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
 
 def starting_point(
     cfg: FederationConfig, shared: Mapping[str, torch.Tensor]
-) -> tuple[ArrayRecord, int, RunHistory | None]:
-    """The adapters the first round starts from, the rounds already done and their history.
+) -> tuple[ArrayRecord, int, RunHistory | None, ServerOptimizerState | None]:
+    """The adapters the first round starts from, the rounds already done, their history and the server
+    optimizer's state.
 
-    With ``resume-from``: the checkpoint's adapters, round and history; with
-    ``init-checkpoint``: an earlier phase's adapters; else the model's own.
+    With ``resume-from``: the checkpoint's adapters, round, history and optimizer
+    state; with ``init-checkpoint``: an earlier phase's adapters (a fresh
+    optimizer); else the model's own.
     """
     if cfg.resume_from:
         checkpoint = load_resume_point(cfg, shared)
         done = checkpoint.round
         history = RunHistory.from_dict(checkpoint.extra.get("history", {}), up_to_round=done)
+        state = restored_state(ServerParams.from_config(cfg.aggregation), checkpoint, cfg.resume_from)
         logger.info("Resuming from %s: %d of %d rounds done", cfg.resume_from, done, cfg.num_rounds)
-        return ArrayRecord({k: torch.from_numpy(checkpoint.arrays[k].copy()) for k in shared}), done, history
+        arrays = ArrayRecord({k: torch.from_numpy(checkpoint.arrays[k].copy()) for k in shared})
+        return arrays, done, history, state
     if cfg.init_checkpoint:
-        return initial_arrays(cfg, shared), 0, None
-    return ArrayRecord(dict(shared)), 0, None
+        return initial_arrays(cfg, shared), 0, None, None
+    return ArrayRecord(dict(shared)), 0, None, None
 
 
 def load_resume_point(cfg: FederationConfig, shared: Mapping[str, Any]) -> Checkpoint:
@@ -137,8 +143,10 @@ def make_strategy(
     shared: Mapping[str, torch.Tensor],
     done: int,
     history: RunHistory | None,
+    server_state: ServerOptimizerState | None = None,
 ) -> AdapterFedAvg:
-    """The run's FedAvg: rounds numbered on from ``done``, sites named by the enrollment."""
+    """The run's FedAvg: rounds numbered on from ``done``, sites named by the enrollment, the server
+    optimizer from ``server_state`` (a fresh one when ``None``)."""
     return AdapterFedAvg(
         expected=expected_specs(initial),
         checkpoint_dir=Path(cfg.run_dir) / CHECKPOINT_DIR,
@@ -152,6 +160,7 @@ def make_strategy(
         max_num_examples=cfg.max_num_examples,
         aggregation=cfg.aggregation,
         reply_timeout=cfg.reply_timeout,
+        server_state=server_state,
     )
 
 

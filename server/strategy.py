@@ -1,4 +1,4 @@
-"""FedAvg over the shared adapters, with reply validation, checkpoints and a history.
+"""FedAvg over the shared adapters, with reply validation, a server optimizer, checkpoints and a history.
 
 Only ``configure_*`` and ``aggregate_*`` are overridden: the round loop stays Flower's.
 """
@@ -39,6 +39,7 @@ from fedshift.common.update_vector import unflatten, vector_length
 from fedshift.server.enrollment import SiteNames
 from fedshift.server.robust import bound_update, rule_strategy
 from fedshift.server.secure_aggregation import SecAggError, SecureRound
+from fedshift.server.server_optimizer import META_KEY, ServerOptimizerState, ServerParams, server_step
 from fedshift.server.validation import (
     MAX_NUM_EXAMPLES,
     ArraySpec,
@@ -120,6 +121,11 @@ def metrics_of(msg: Message) -> dict[str, float]:
 class AdapterFedAvg(FedAvg):
     """FedAvg that validates every reply, checkpoints every round and keeps a history.
 
+    The aggregation rule's result on the accepted replies is then stepped by the
+    server optimizer (server-optimizer: fedavg takes it as is), and the
+    optimizer's state is saved with the round's adapters; ``server_state``
+    continues a resumed federation's.
+
     A resumed federation (``first_round`` > 1) numbers its rounds on from the
     checkpoint: Flower's loop counts 1, 2, ... and every ``configure_*`` /
     ``aggregate_*`` adds ``first_round - 1``, so sites, checkpoints, history and
@@ -141,6 +147,7 @@ class AdapterFedAvg(FedAvg):
         max_num_examples: int = MAX_NUM_EXAMPLES,
         aggregation: AggregationConfig | None = None,
         reply_timeout: float = 3600.0,
+        server_state: ServerOptimizerState | None = None,
     ) -> None:
         flower = {
             "min_train_nodes": min_nodes,
@@ -152,6 +159,10 @@ class AdapterFedAvg(FedAvg):
         super().__init__(**flower)  # type: ignore[arg-type]
         self.aggregation = aggregation if aggregation is not None else AggregationConfig()
         self.rule = rule_strategy(self.aggregation, **flower)  # the arithmetic: mean, median, trimmed mean
+        self.server_params = ServerParams.from_config(self.aggregation)  # then the step: server-optimizer
+        self.server_state = (
+            server_state if server_state is not None else ServerOptimizerState(self.server_params.name)
+        )
         self.reply_timeout = reply_timeout
         self._global: dict[str, Any] = {}  # the round's global adapters (numpy), the updates' reference
         self._secure: SecureRound | None = None  # the round's secure aggregation (secure-aggregation)
@@ -316,7 +327,11 @@ class AdapterFedAvg(FedAvg):
             )
         if arrays is None:
             return None, metrics
-        problem = arrays_problem(arrays, self.expected)  # checked before anything is written
+        problem = arrays_problem(arrays, self.expected)  # checked before the step and anything written
+        state = self.server_state
+        if problem is None:
+            arrays, state = self._server_step(arrays)
+            problem = arrays_problem(arrays, self.expected)  # a step that overflowed is refused too
         if problem is not None:
             logger.error(
                 "Round %d: the aggregate is unusable (%s); no checkpoint written, the previous adapters stay",
@@ -329,9 +344,24 @@ class AdapterFedAvg(FedAvg):
             {k: v.numpy() for k, v in arrays.items()},
             self.model_config,
             server_round,
-            extra={"sites": sorted(per_site), "history": self.history.to_dict()},
+            extra={
+                "sites": sorted(per_site),
+                "history": self.history.to_dict(),
+                META_KEY: state.to_meta(self.server_params),
+            },
+            state=state.to_arrays(),
         )
+        self.server_state = state  # only once the round is written: a refused round keeps the old state
         return arrays, metrics
+
+    def _server_step(self, aggregate: ArrayRecord) -> tuple[ArrayRecord, ServerOptimizerState]:
+        """The new global adapters from the round's (checked) aggregate, and the optimizer's next state."""
+        if self.server_params.name == "fedavg":  # the aggregate as is
+            return aggregate, self.server_state
+        new, state = server_step(
+            self.server_params, self.server_state, self._global, {k: v.numpy() for k, v in aggregate.items()}
+        )
+        return ArrayRecord({k: Array(v) for k, v in new.items()}), state
 
     def _warn_no_trim(self, server_round: int, count: int) -> None:
         cut = int(self.aggregation.trim_fraction * count)  # Flower's FedTrimmedAvg cuts int(beta * n) per end
