@@ -416,8 +416,8 @@ class _Sites:
         elif kind == MessageType.EVALUATE:
             records["metrics"] = metrics
         elif msg.content.config_records.get("config", ConfigRecord()).get("stage") == "statistics":
-            release = {"label-counts": [30.0, 10.0]}
-            records |= {"dp-statistics": ConfigRecord(release), "metrics": metrics}  # type: ignore[dict-item]
+            release: dict[str, Any] = {"label-counts": [30.0, 10.0]}
+            records |= {"dp-statistics": ConfigRecord(release), "metrics": metrics}
         return Message(RecordDict(records), reply_to=msg)
 
 
