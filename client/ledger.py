@@ -60,7 +60,7 @@ class PrivacyLedger:
     the file under the lock first.
     """
 
-    def __init__(self, path: str | Path, *, accountant: str = "rdp") -> None:
+    def __init__(self, path: str | Path, *, accountant: str = privacy.DEFAULT_ACCOUNTANT) -> None:
         if accountant not in privacy.ACCOUNTANTS:
             raise PrivacyError(
                 f"Expected the ledger's accountant to be one of {sorted(privacy.ACCOUNTANTS)}, "
@@ -71,7 +71,7 @@ class PrivacyLedger:
         self._entries: tuple[LedgerEntry, ...] = self._load()
 
     @classmethod
-    def at(cls, state_dir: str | Path, *, accountant: str = "rdp") -> PrivacyLedger:
+    def at(cls, state_dir: str | Path, *, accountant: str = privacy.DEFAULT_ACCOUNTANT) -> PrivacyLedger:
         """The ledger of the site whose state directory is ``state_dir``."""
         return cls(Path(state_dir) / LEDGER_FILE, accountant=accountant)
 

@@ -29,6 +29,7 @@ Mechanism = tuple[float, float, int]
 _ALPHAS: list[float] = [float(a) for a in RDPAccountant.DEFAULT_ALPHAS]  # Opacus's RDP orders
 MAX_DELTA = 1e-5  # the delta rule: delta <= min(1 / n_train, 1e-5)
 
+DEFAULT_ACCOUNTANT = "prv"
 ACCOUNTANTS: dict[str, Callable[[], IAccountant]] = {
     "rdp": RDPAccountant,
     "prv": PRVAccountant,
@@ -38,6 +39,7 @@ ACCOUNTANTS: dict[str, Callable[[], IAccountant]] = {
 def register_accountant(name: str, factory: Callable[[], IAccountant]) -> None:
     """Make another Opacus-style accountant selectable by ``name``."""
     ACCOUNTANTS[name] = factory
+    _accountant_epsilon.cache_clear()
 
 
 def create_accountant(name: str) -> IAccountant:
@@ -62,15 +64,17 @@ def _checked(history: Iterable[Mechanism]) -> list[Mechanism]:
     return out
 
 
-def _merged(history: list[Mechanism]) -> list[Mechanism]:
-    """Consecutive entries with the same (sigma, q) as one: what ``RDPAccountant.step`` keeps."""
-    out: list[Mechanism] = []
-    for sigma, q, steps in history:
-        if out and out[-1][:2] == (sigma, q):
-            out[-1] = (sigma, q, out[-1][2] + steps)
-        else:
-            out.append((sigma, q, steps))
-    return out
+def _composed(history: list[Mechanism]) -> tuple[Mechanism, ...]:
+    """Every entry with the same (sigma, q) as one, in a canonical order.
+
+    Composition does not depend on the order of the mechanisms, so a ledger whose
+    rounds alternate with other releases (label counts, moments, a Fisher) is
+    accounted as a handful of distinct mechanisms, whatever its length.
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, q, n in history:
+        steps[(sigma, q)] = steps.get((sigma, q), 0) + n
+    return tuple(sorted((sigma, q, n) for (sigma, q), n in steps.items()))
 
 
 @functools.lru_cache(maxsize=256)
@@ -79,23 +83,33 @@ def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
     return np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=_ALPHAS))
 
 
-def epsilon(history: Iterable[Mechanism], delta: float, accountant: str = "rdp") -> float:
+def epsilon(history: Iterable[Mechanism], delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
     """The epsilon, at ``delta``, of running every mechanism in ``history`` (composition).
 
     For ``rdp`` this is exactly what a fresh ``RDPAccountant`` with this history
     returns, with the per-step RDP of each (sigma, q) cached: RDP composes by
-    addition, so a long ledger costs one evaluation per distinct mechanism.
+    addition, so a long ledger costs one evaluation per distinct mechanism. Any
+    other accountant gets the history with equal mechanisms merged (:func:`_composed`),
+    and its answer is cached per (history, delta).
     """
-    checked = _merged(_checked(history))
+    checked = _composed(_checked(history))
     if not checked:
         return 0.0
     if ACCOUNTANTS.get(accountant) is RDPAccountant:
         rdp = sum(steps * _rdp_per_step(sigma, q) for sigma, q, steps in checked)
         eps, _ = get_privacy_spent(orders=_ALPHAS, rdp=rdp, delta=delta)
         return float(eps)
+    create_accountant(accountant)  # an unknown name: the error that names the choices
+    return _accountant_epsilon(checked, delta, accountant)
+
+
+@functools.lru_cache(maxsize=1024)
+def _accountant_epsilon(history: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
     acc = create_accountant(accountant)
-    acc.history = checked
-    return float(acc.get_epsilon(delta=delta))
+    acc.history = list(history)
+    with warnings.catch_warnings():  # PRV's overflow warnings at extreme histories; it then reports inf
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(acc.get_epsilon(delta=delta))
 
 
 def check_budget(eps: float, delta: float, n_train: int | None = None) -> None:
@@ -130,7 +144,7 @@ def noise_for_budget(
     steps: int,
     *,
     history: Sequence[Mechanism] = (),
-    accountant: str = "rdp",
+    accountant: str = DEFAULT_ACCOUNTANT,
     tolerance: float = 2e-3,
     max_sigma: float = 1e3,
     budget_name: str = "dp-epsilon",
@@ -159,9 +173,22 @@ def noise_for_budget(
             f"multiplier {max_sigma:g} (beyond it updates are mostly noise); the site sits out: plan fewer "
             f"rounds or steps, or raise {budget_name} if the site's governance allows it"
         )
-    low, high = 0.0, 1.0
-    while eps_at(high) > budget:
-        low, high = high, high * 2
+    if ACCOUNTANTS.get(accountant) is RDPAccountant:
+        low, high = 0.0, 1.0
+        while eps_at(high) > budget:
+            low, high = high, high * 2
+    else:
+        # start from RDP's answer (fast, and an upper bound up to the accountant's own error): the
+        # tight accountant's sigma lies a little below it, where it is quick to evaluate; far below,
+        # at small sigma and many steps, PRV takes a minute per evaluation
+        high = noise_for_budget(
+            budget, delta, sample_rate, steps, history=history, accountant="rdp", max_sigma=max_sigma
+        ).noise_multiplier
+        while eps_at(high) > budget:
+            high *= 1.25
+        low = high / 1.25
+        while eps_at(low) <= budget:
+            low, high = low / 1.25, low
     while high - low > tolerance:
         mid = (low + high) / 2
         if eps_at(mid) > budget:

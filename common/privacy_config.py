@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from fedshift.common.errors import PrivacyError
-from fedshift.common.privacy import ACCOUNTANTS, MAX_DELTA, check_budget
+from fedshift.common.privacy import ACCOUNTANTS, DEFAULT_ACCOUNTANT, MAX_DELTA, check_budget
 from fedshift.common.settings import check_fields, keys_of, setting, to_run_config, with_values
 
 _PER_RUN_FIX = (
@@ -55,7 +55,11 @@ class PrivacyConfig:
         error=PrivacyError,
     )
     accountant: str = setting(
-        "dp-accountant", "rdp", help="Opacus privacy accountant", choices=ACCOUNTANTS, error=PrivacyError
+        "dp-accountant",
+        DEFAULT_ACCOUNTANT,
+        help="Opacus privacy accountant: prv (tight, the default) or rdp",
+        choices=ACCOUNTANTS,
+        error=PrivacyError,
     )
     secure_rng: bool = setting(
         "dp-secure-rng",

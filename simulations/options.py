@@ -100,6 +100,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "secagg-threshold",
         "secagg-clip-range",
         "secagg-neighbours",
+        "server-optimizer",
+        "server-learning-rate",
+        "server-momentum",
+        "server-tau",
     ),
 }
 
@@ -110,7 +114,7 @@ GROUP_HELP = {
     ),
     "EWC": ("EWC (a Fisher-weighted pull towards each round's global adapters)", None),
     "aggregation": (
-        "aggregation at the server: robust rules, the update norm bound and secure aggregation",
+        "aggregation at the server: robust rules, the update norm bound, secure aggregation, server optimizer",
         "Secure aggregation (SecAgg+) shows the server only the sum of the sites' updates.",
     ),
     "label shift and alignment": (

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from flwr.app import Context, Message, RecordDict
 
 from fedshift.common.data import Dataset, make_synthetic_cxr, save_npz
@@ -69,3 +70,27 @@ def perturbed_model(image_size: int, seed: int, noise_seed: int) -> Any:
         for param in m.trainable_parameters():
             param.add_(0.05 * torch.randn(param.shape, generator=generator))
     return m
+
+
+def assert_tight_and_sound(ledger: Any, delta: float = 1e-5) -> float:
+    """A ledger kept with the default (PRV) accountant: what a fresh Opacus PRVAccountant gives for its
+    history, never below the PLD epsilon of Google's ``dp-accounting`` (an independent implementation,
+    pessimistic), and never above Opacus's RDP. Returns the PLD epsilon."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    history = ledger.history()
+    assert ledger.accountant == "prv"
+    prv = PRVAccountant()
+    prv.history = list(history)
+    pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+    for sigma, q, steps in history:
+        pld.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    rdp = RDPAccountant()
+    rdp.history = list(history)
+    tight, reported = float(pld.get_epsilon(delta)), ledger.epsilon(delta)
+    assert reported == pytest.approx(prv.get_epsilon(delta), abs=1e-6)
+    assert tight <= reported <= rdp.get_epsilon(delta)
+    assert reported - tight < 0.05  # tight: within PRV's own error of the PLD value
+    return tight

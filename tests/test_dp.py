@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant
 from scipy import stats
 from torch import nn
 
@@ -166,6 +166,36 @@ def test_noise_for_budget_is_tight_and_counts_history() -> None:
     assert with_history.epsilon_before == pytest.approx(epsilon([(3.0, 0.05, 100)], 1e-5))
 
 
+@pytest.mark.parametrize("budget", [1.0, 8.0])
+def test_the_default_accountant_is_tight_and_needs_less_noise_than_rdp(budget: float) -> None:
+    """The issue's history: sigma 1.01, q 0.099, 110 steps; and planning at both accountants."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    assert PrivacyConfig().accountant == "prv"
+    history = [(1.01, 0.099, 110)]
+    pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+    pld.compose(dp_accounting.PoissonSampledDpEvent(0.099, dp_accounting.GaussianDpEvent(1.01)), 110)
+    tight = pld.get_epsilon(1e-5)
+    assert tight <= epsilon(history, 1e-5) < tight + 0.05 < epsilon(history, 1e-5, "rdp") - 0.5
+    prv = noise_for_budget(budget, 1e-5, 0.099, 110)
+    rdp = noise_for_budget(budget, 1e-5, 0.099, 110, accountant="rdp")
+    assert prv.epsilon_planned <= budget < epsilon([(prv.noise_multiplier - 2e-3, 0.099, 110)], 1e-5)
+    assert prv.noise_multiplier < 0.95 * rdp.noise_multiplier  # less noise for the same budget
+
+
+def test_composition_is_accounted_whatever_the_order_of_the_releases() -> None:
+    """A ledger whose rounds alternate with other releases: the same epsilon as its mechanisms grouped,
+    and the same as a fresh Opacus PRV accountant fed the entries one by one."""
+    rounds = [(1.2, 0.1, 10), (4.0, 1.0, 1)] * 5
+    grouped = [(1.2, 0.1, 50), (4.0, 1.0, 5)]
+    reference = PRVAccountant()
+    reference.history = list(rounds)
+    assert epsilon(rounds, 1e-5) == pytest.approx(epsilon(grouped, 1e-5), abs=1e-9)
+    assert epsilon(rounds, 1e-5) == pytest.approx(reference.get_epsilon(1e-5), abs=0.02)
+    assert epsilon(rounds, 1e-5, "rdp") == pytest.approx(epsilon(grouped[::-1], 1e-5, "rdp"), abs=1e-9)
+
+
 def test_plan_round_spends_the_budget_over_the_run_then_refuses(tmp_path: Path) -> None:
     privacy = PrivacyConfig(enabled=True, epsilon=3.0, delta=1e-5)
     ledger = PrivacyLedger.at(tmp_path)
@@ -190,8 +220,8 @@ def test_plan_round_spends_the_budget_over_the_run_then_refuses(tmp_path: Path) 
         assert entry.epsilon == pytest.approx(planned_after, abs=1e-9)
         sigmas.append(dp.noise_multiplier)
     assert len(set(sigmas)) == 1  # fixed within a run
-    reference = RDPAccountant()
-    reference.history = [(sigmas[0], 0.1, 10)] * 4
+    reference = PRVAccountant()
+    reference.history = [(sigmas[0], 0.1, 40)]
     assert ledger.epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), abs=1e-6)
     assert ledger.epsilon(1e-5) > 3.0 - 0.05  # the planned run uses (almost) all of it
     with pytest.raises(RoundRefusedError, match="already trained"):  # checked before the data is read

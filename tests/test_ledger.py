@@ -96,7 +96,7 @@ def _opacus_epsilon(
 
 
 def test_epsilon_equals_a_fresh_opacus_rdp_accountant(tmp_path: Path) -> None:
-    ledger = PrivacyLedger.at(tmp_path)
+    ledger = PrivacyLedger.at(tmp_path, accountant="rdp")
     entries = _charge_all(ledger, HISTORY)
     for k, entry in enumerate(entries, start=1):  # each entry: epsilon of the ledger up to it
         assert entry.epsilon == pytest.approx(_opacus_epsilon(RDPAccountant, HISTORY[:k], DELTA), abs=1e-6)
@@ -106,14 +106,14 @@ def test_epsilon_equals_a_fresh_opacus_rdp_accountant(tmp_path: Path) -> None:
         )
     assert ledger.history() == HISTORY
     # reopened from disk: the same entries and history
-    again = PrivacyLedger.at(tmp_path)
+    again = PrivacyLedger.at(tmp_path, accountant="rdp")
     assert again.entries == ledger.entries
     assert again.history() == HISTORY
     assert 0 < entries[0].epsilon < entries[1].epsilon < entries[2].epsilon
 
 
 def test_epsilon_if_is_what_the_next_charge_records(tmp_path: Path) -> None:
-    ledger = PrivacyLedger.at(tmp_path)
+    ledger = PrivacyLedger.at(tmp_path, accountant="rdp")
     _charge_all(ledger, HISTORY[:2])
     planned = ledger.epsilon_if(1.3, 0.03, 25, DELTA)
     assert planned == pytest.approx(_opacus_epsilon(RDPAccountant, [*HISTORY[:2], (1.3, 0.03, 25)], DELTA))
@@ -176,7 +176,7 @@ def test_ledger_epsilon_equals_the_closed_form_at_integer_orders(
 
 
 def test_ledger_epsilon_equals_get_privacy_spent_over_summed_rdp(tmp_path: Path) -> None:
-    ledger = PrivacyLedger.at(tmp_path)
+    ledger = PrivacyLedger.at(tmp_path, accountant="rdp")
     _charge_all(ledger, HISTORY)
     orders = RDPAccountant.DEFAULT_ALPHAS
     rdp = sum(
@@ -623,7 +623,7 @@ def test_cli_table_total_matches_the_ledger(tmp_path: Path, capsys: pytest.Captu
     match = _TOTAL.search(out)
     assert match, out
     eps, delta, accountant, n = match.groups()
-    assert float(delta) == DELTA and accountant == "rdp" and int(n) == len(HISTORY)
+    assert float(delta) == DELTA and accountant == "prv" and int(n) == len(HISTORY)
     assert abs(float(eps) - ledger.epsilon(DELTA)) <= 1e-3
     assert out.count("dp-sgd") == len(HISTORY)
     table, verified, audit = out.rstrip("\n").rsplit("\n", 2)
@@ -645,7 +645,7 @@ def test_cli_json_matches_the_entries(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["ledger", str(tmp_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["entries"] == [e.to_dict() for e in ledger.entries]
-    assert report["accountant"] == "rdp" and report["delta"] == DELTA
+    assert report["accountant"] == "prv" and report["delta"] == DELTA
     assert report["epsilon"] == pytest.approx(ledger.epsilon(DELTA), abs=1e-12)
 
 

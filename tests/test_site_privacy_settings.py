@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant
 
 from fedshift.client.app import make_client_app
 from fedshift.client.dp import Release, check_allowance, plan_round, reserve
@@ -212,7 +212,7 @@ def test_the_run_configs_privacy_values_do_not_reach_a_deployed_site(
         "dp": True,
         "dp-noise-multiplier": 0.1,
         "dp-clip-norm": 20.0,
-        "dp-accountant": "prv",
+        "dp-accountant": "rdp",
         "dp-epsilon": 500.0,
     }
     run_config = site_run_config(tmp_path, num_rounds=3, **coordinator)
@@ -233,20 +233,20 @@ def test_the_run_configs_privacy_values_do_not_reach_a_deployed_site(
         num_rounds=3,
     )
     ledger = PrivacyLedger.at(site_dir)
-    assert ledger.accountant == "rdp"
+    assert ledger.accountant == "prv"
     [entry] = ledger.entries
     assert entry.noise_multiplier == pytest.approx(reference.noise_multiplier, abs=1e-12)
-    assert entry.noise_multiplier > 1.0  # nowhere near the coordinator's 0.1
+    assert entry.noise_multiplier > 0.9  # nowhere near the coordinator's 0.1
     privacy = reply.content.config_records["privacy"]
     assert privacy["noise-multiplier"] == entry.noise_multiplier  # what DP-SGD ran with
-    assert (privacy["clip-norm"], privacy["accountant"], privacy["secure-rng"]) == (1.0, "rdp", True)
+    assert (privacy["clip-norm"], privacy["accountant"], privacy["secure-rng"]) == (1.0, "prv", True)
     assert privacy["budget-epsilon"] == 8.0
-    opacus = RDPAccountant()
+    opacus = PRVAccountant()
     opacus.history = ledger.history()
     assert entry.epsilon == pytest.approx(opacus.get_epsilon(1e-5), abs=1e-6)
     ignored = [r.getMessage() for r in caplog.records if "ignoring the run config" in r.getMessage()]
     assert len(ignored) == 1  # once, however often the settings are read
-    for value in ("dp-noise-multiplier=0.1", "dp-clip-norm=20.0", "dp-accountant='prv'", "dp-epsilon=500.0"):
+    for value in ("dp-noise-multiplier=0.1", "dp-clip-norm=20.0", "dp-accountant='rdp'", "dp-epsilon=500.0"):
         assert value in ignored[0]
 
 
@@ -442,14 +442,14 @@ def test_the_per_run_cap_bounds_each_run_and_the_lifetime_budget_all_of_them(tmp
         return sigma
 
     def opacus(history: list[tuple[float, float, int]]) -> float:
-        """A fresh Opacus RDP accountant's epsilon (equal consecutive (sigma, q) merged, as step() does)."""
+        """A fresh Opacus PRV accountant's epsilon (the default; equal consecutive (sigma, q) merged)."""
         merged: list[tuple[float, float, int]] = []
         for sigma, q, steps in history:
             if merged and merged[-1][:2] == (sigma, q):
                 merged[-1] = (sigma, q, merged[-1][2] + steps)
             else:
                 merged.append((sigma, q, steps))
-        accountant = RDPAccountant()
+        accountant = PRVAccountant()
         accountant.history = merged
         return float(accountant.get_epsilon(1e-5))
 
@@ -518,11 +518,12 @@ def test_site_config_checks_of_the_daemon(tmp_path: Path, capsys: pytest.Capture
     path = _site_toml(tmp_path, **{"dp-epsilon-per-run": 2.0})
     assert main(["client", "--config", str(path), "--check"]) == 0
     capsys.readouterr()
-    ledger = PrivacyLedger.at(tmp_path / "state")  # the site's ledger, kept with rdp (the default)
+    # the site's ledger, started with rdp (the default before prv)
+    ledger = PrivacyLedger.at(tmp_path / "state", accountant="rdp")
     ledger.charge(
         run_id="1", round=1, mechanism="dp-sgd", noise_multiplier=1.0, sample_rate=0.5, steps=2, delta=1e-5
     )
-    path = _site_toml(tmp_path, **{"dp-accountant": "prv"})
+    path = _site_toml(tmp_path)  # the default accountant (prv) now: refused, naming the ledger's own
     one_line_error(
         main(["client", "--config", str(path), "--check"]),
         capsys.readouterr().err,
