@@ -114,7 +114,7 @@ GROUP_HELP = {
     ),
     "EWC": ("EWC (a Fisher-weighted pull towards each round's global adapters)", None),
     "aggregation": (
-        "aggregation at the server: robust rules, the update norm bound, secure aggregation, server optimizer",
+        "aggregation at the server: robust rules, update norm bound, secure aggregation, server optimizer",
         "Secure aggregation (SecAgg+) shows the server only the sum of the sites' updates.",
     ),
     "label shift and alignment": (
