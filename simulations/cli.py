@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"Expected --sites to be a positive integer, but got {args.sites}")
     fed = federation(args, {"min-nodes": min(2, args.sites)}, args.sites)
     out = run_directory(args, "simulate")
-    _check_model(fed, args.finetune)
+    check_model(fed, args.finetune)
     spec = experiment_spec(
         args,
         fed,
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_model(fed: Any, finetunes: tuple[str, ...]) -> None:
+def check_model(fed: Any, finetunes: tuple[str, ...]) -> None:
     """Fail on a bad backbone or device before any data is simulated or Ray is started.
 
     Inside Ray these would only surface as failed replies from every site. On the CPU

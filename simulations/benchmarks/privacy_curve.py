@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every run of the curve; writes the JSON and the plot into ``--out``; the report."""
-    from fedshift.client.training import configure_threads, resolve_device
+    from fedshift.simulations.cli import check_model
     from fedshift.simulations.experiment import ExperimentSpec, run_experiment
     from fedshift.simulations.options import experiment_spec, federation, run_directory
 
@@ -278,8 +278,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fed = replace(fed, seed=seed, model=replace(fed.model, seed=seed))
             if math.isinf(epsilon):  # explicitly without DP, whatever the defaults
                 fed = replace(fed, privacy=replace(fed.privacy, enabled=False))
-            if resolve_device(fed.device).type == "cpu":
-                configure_threads()  # the local-only baseline trains in this process
+            check_model(fed, args.finetune)  # and the thread count: the local-only baseline trains here
             run_dir = out / f"seed-{seed}" / ("no-dp" if math.isinf(epsilon) else f"epsilon-{epsilon:g}")
             spec = experiment_spec(
                 budget,
