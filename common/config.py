@@ -27,7 +27,7 @@ from fedshift.common.ewc_config import (
     is_number,
 )
 from fedshift.common.finetune import FINETUNE_CHOICES
-from fedshift.common.model import ModelConfig
+from fedshift.common.model import HEAD_INITS, ModelConfig
 from fedshift.common.privacy_config import PrivacyConfig
 from fedshift.common.settings import SECTION, Setting, all_settings, check_fields, setting
 from fedshift.common.shift_config import ShiftConfig
@@ -110,6 +110,14 @@ settings.declare(
             ModelConfig.finetune,
             "fine-tuning: which parts of the backbone train",
             choices=FINETUNE_CHOICES,
+        ),
+        "head_init": Setting(
+            "head-init",
+            str,
+            "random",
+            "the head's initial weights: random (torch's default) or zero (no random logits to unlearn; "
+            "data-independent, so it costs no privacy)",
+            choices=HEAD_INITS,
         ),
     },
 )

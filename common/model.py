@@ -39,6 +39,11 @@ from fedshift.common.finetune import DEFAULT_FINETUNE, backbone_regions, check_f
 
 logger = logging.getLogger(__name__)
 
+HEAD_INITS: dict[str, str] = {  # ModelConfig.head_init
+    "random": "torch's default (uniform, scaled by fan-in)",
+    "zero": "zero weights and bias: no random logits to unlearn; data-independent, so free under DP",
+}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -54,6 +59,7 @@ class ModelConfig:
     local_norm: bool = True  # FedBN-style: norm affine parameters of the adapted stages stay at the site
     seed: int = 0  # seeds the initial shared parameters
     finetune: str = DEFAULT_FINETUNE  # adapters, linear-probe, partial, norm-only or full
+    head_init: str = "random"  # the head's initial weights: random (torch's default) or zero
 
     def __post_init__(self) -> None:
         check_finetune(self.finetune)
@@ -63,6 +69,7 @@ class ModelConfig:
             "adapter_rank": self.adapter_rank >= 0,
             "adapter_stages": self.adapter_stages >= 0,
             "in_chans": self.in_chans in (1, 3),
+            "head_init": self.head_init in HEAD_INITS,
         }
         keys = {"in_chans": "image-channels (1 or 3)"}
         for name, ok in checks.items():
@@ -123,6 +130,9 @@ class FedshiftModel(nn.Module):
         self.input_adapter = InputAdapter(mean, std, in_chans=config.in_chans)
         self.backbone = backbone
         self.head = nn.Linear(int(cast(Any, backbone).num_features), config.num_classes)
+        if config.head_init == "zero":  # data-independent, so free under DP: no random logits to unlearn
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
         self._setup_strategy(backbone, config)
         self.train(False)
 

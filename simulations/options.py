@@ -55,6 +55,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "lr-decay",
         "unfreeze-every",
         "local-norm",
+        "head-init",
     ),
     "differential privacy": (
         "dp-delta",

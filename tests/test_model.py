@@ -142,3 +142,18 @@ def test_placement_and_rank_are_configurable() -> None:
     assert deeper.shared_state_dict()[f"backbone.{deeper.adapted_layers[0]}.lora_down.weight"].shape[0] == 8
     with pytest.raises(ConfigError, match="adapter-stages"):
         build_model(ModelConfig(adapter_stages=99))
+
+
+def test_a_zero_head_starts_every_prediction_at_one_half_and_keeps_the_rest() -> None:
+    random_head = build_model(ModelConfig(image_size=32))
+    zero = build_model(ModelConfig(image_size=32, head_init="zero"))
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        probs = torch.softmax(zero(x), dim=1)
+        assert torch.equal(probs, torch.full_like(probs, 0.5))
+        # the same backbone, adapters and input adapter: only the head differs
+        assert torch.allclose(zero.forward_features(x), random_head.forward_features(x))
+    assert random_head.head.weight.abs().sum() > 0
+    assert ModelConfig.from_dict(ModelConfig(head_init="zero").to_dict()).head_init == "zero"
+    with pytest.raises(ConfigError, match="head-init"):
+        ModelConfig(head_init="ones")
