@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message
-from opacus.accountants import RDPAccountant
 
 from fedshift.common.checkpoint import load_checkpoint
 from fedshift.common.cli import main
@@ -20,6 +19,7 @@ from fedshift.common.data import load_npz
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.simulations.engine import run_flower_simulation
 from fedshift.simulations.experiment import ExperimentSpec, build_sites
+from fedshift.tests.helpers import assert_tight_and_sound
 
 pytestmark = pytest.mark.slow
 
@@ -207,9 +207,7 @@ def test_dp_simulation_budget_ledger_and_egress(tmp_path: Path) -> None:
     for name in ("site-1", "site-2"):
         ledger = PrivacyLedger.at(tmp_path / "sites" / name)
         assert [e.round for e in ledger.entries] == [1, 2]
-        reference = RDPAccountant()
-        reference.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries]
-        assert ledger.epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), abs=1e-6)
+        assert_tight_and_sound(ledger)  # rounds run by Ray: PRV, never below dp-accounting's PLD
         assert ledger.epsilon(1e-5) <= budget
         reported = [history["privacy"][r][name]["epsilon"] for r in ("1", "2")]
         assert reported == pytest.approx([e.epsilon for e in ledger.entries], abs=1e-12)
