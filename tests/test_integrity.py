@@ -229,7 +229,7 @@ def _v1_ledger(tmp_path: Path) -> tuple[dict[str, Any], PrivacyLedger]:
     v1 = {
         "format": "fedshift-privacy-ledger",
         "version": 1,
-        "accountant": "rdp",
+        "accountant": ledger.accountant,
         "entries": entries,
         "sha256": hashlib.sha256(canonical.encode()).hexdigest(),
     }
