@@ -109,7 +109,8 @@ def _accountant_epsilon(history: tuple[Mechanism, ...], delta: float, accountant
     acc.history = list(history)
     with warnings.catch_warnings():  # PRV's overflow warnings at extreme histories; it then reports inf
         warnings.simplefilter("ignore", RuntimeWarning)
-        return float(acc.get_epsilon(delta=delta))
+        eps = float(acc.get_epsilon(delta=delta))
+    return math.inf if math.isnan(eps) else eps  # never "within budget" by a failed comparison
 
 
 def check_budget(eps: float, delta: float, n_train: int | None = None) -> None:
@@ -180,14 +181,21 @@ def noise_for_budget(
     else:
         # start from RDP's answer (fast, and an upper bound up to the accountant's own error): the
         # tight accountant's sigma lies a little below it, where it is quick to evaluate; far below,
-        # at small sigma and many steps, PRV takes a minute per evaluation
-        high = noise_for_budget(
-            budget, delta, sample_rate, steps, history=history, accountant="rdp", max_sigma=max_sigma
-        ).noise_multiplier
+        # at small sigma and many steps, PRV takes a minute per evaluation. RDP may find no room where
+        # this accountant does (its epsilon of the history is larger): then start at max_sigma, which fits.
+        try:
+            high = noise_for_budget(
+                budget, delta, sample_rate, steps, history=history, accountant="rdp", max_sigma=max_sigma
+            ).noise_multiplier
+        except BudgetExhaustedError:
+            high = max_sigma
         while eps_at(high) > budget:
-            high *= 1.25
+            high = min(high * 1.25, max_sigma)
         low = high / 1.25
         while eps_at(low) <= budget:
+            if low < tolerance:  # no noise at all would fit: the search's floor
+                low = 0.0
+                break
             low, high = low / 1.25, low
     while high - low > tolerance:
         mid = (low + high) / 2

@@ -184,6 +184,16 @@ def test_the_default_accountant_is_tight_and_needs_less_noise_than_rdp(budget: f
     assert prv.noise_multiplier < 0.95 * rdp.noise_multiplier  # less noise for the same budget
 
 
+def test_a_site_with_room_under_prv_but_none_under_rdp_is_planned_not_refused() -> None:
+    history = [(1.01, 0.099, 110)]  # PRV 7.18, RDP 8.02: room left only under the tight accountant
+    assert epsilon(history, 1e-5, "rdp") > 8.0 > epsilon(history, 1e-5)
+    with pytest.raises(BudgetExhaustedError):
+        noise_for_budget(8.0, 1e-5, 0.099, 10, history=history, accountant="rdp", max_sigma=10.0)
+    plan = noise_for_budget(8.0, 1e-5, 0.099, 10, history=history, max_sigma=10.0)
+    assert plan.epsilon_planned <= 8.0
+    assert plan.epsilon_before == pytest.approx(epsilon(history, 1e-5))
+
+
 def test_composition_is_accounted_whatever_the_order_of_the_releases() -> None:
     """A ledger whose rounds alternate with other releases: the same epsilon as its mechanisms grouped,
     and the same as a fresh Opacus PRV accountant fed the entries one by one."""
