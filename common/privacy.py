@@ -193,7 +193,7 @@ def noise_for_budget(
             high = min(high * 1.25, max_sigma)
         low = high / 1.25
         while eps_at(low) <= budget:
-            if low < tolerance:  # no noise at all would fit: the search's floor
+            if low < tolerance:  # even (almost) no noise fits the budget: the search's floor
                 low = 0.0
                 break
             low, high = low / 1.25, low
