@@ -92,7 +92,7 @@ def test_site_at_its_budget_refuses_and_sends_no_update(tmp_path: Path) -> None:
     )
     spent = ledger.epsilon(1e-5)
     before = (site_dir / "privacy-ledger.json").read_bytes()
-    config = _run_config(tmp_path, **{"dp": True, "dp-epsilon": spent + 0.01})
+    config = _run_config(tmp_path, **{"dp": True, "dp-epsilon": spent + 0.001})
     reply = call_client_app(make_client_app(), _train_message(1), config)
     status = reply.content.config_records["status"]
     assert status["status"] == "budget-exhausted"
