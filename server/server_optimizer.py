@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -57,13 +57,7 @@ class ServerParams:
         return cls(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum, cfg.server_tau)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "learning_rate": self.learning_rate,
-            "momentum": self.momentum,
-            "tau": self.tau,
-            "beta2": self.beta2,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
