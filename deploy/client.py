@@ -19,8 +19,15 @@ error reply). Both log into one file and are kept running:
   coordinator may still be enrolling its sites; refused for longer than
   ``[connection] enrollment-timeout`` seconds, it is a configuration problem:
   the daemon stops with exit code 3 and says so;
-- if the site runner exits, it is restarted (after the same growing pause);
+- if the site runner exits, it is restarted (after the same growing pause); one
+  that gave up a hung message (exit :data:`~fedshift.deploy.site_runner.EXIT_TASK_TIMEOUT`)
+  is restarted at once;
 - SIGTERM (systemd, docker stop) stops the SuperNode and the site runner.
+
+The daemon keeps its own state in ``<state-dir>/daemon.json`` (atomic writes,
+read by ``fedshift client --status``): its pid, the SuperNode's and the site
+runner's pids, restarts and last exits, and when the coordinator last refused
+this site's key.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ import secrets
 import stat
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +56,13 @@ from fedshift.common.config import FederationConfig
 from fedshift.common.data import MANIFEST_SUFFIXES
 from fedshift.common.decode_cache import default_cache_dir, latest_cached_size
 from fedshift.common.errors import ConfigError, FedshiftError
+from fedshift.common.io import atomic_write_json
 from fedshift.common.manifest import check_manifest
 from fedshift.common.privacy import check_budget
 from fedshift.deploy.flwr_cli import executable, flower_env
 from fedshift.deploy.processes import Child
 from fedshift.deploy.settings import ClientSettings
+from fedshift.deploy.site_runner import EXIT_TASK_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +75,44 @@ MIN_BACKOFF, MAX_BACKOFF = 2.0, 60.0
 # flower-supernode's words when the SuperLink refuses its key (it then exits with code 1)
 NOT_ENROLLED = "[code: 2004] Failed to activate SuperNode"
 EXIT_NOT_ENROLLED = 3
+DAEMON_FILE = "daemon.json"  # in the state dir: the daemon's view of its children (fedshift client --status)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class DaemonState:
+    """What ``<state-dir>/daemon.json`` says; written atomically at every change (a failed write is
+    logged, never fatal)."""
+
+    path: Path
+    pid: int = field(default_factory=os.getpid)
+    started: str = field(default_factory=_now)
+    supernode: dict[str, Any] = field(default_factory=lambda: {"state": "starting", "pid": None})
+    supernode_restarts: int = 0
+    runner: dict[str, Any] = field(default_factory=lambda: {"state": "starting", "pid": None})
+    runner_restarts: int = 0
+    last_not_enrolled: str | None = None  # when the coordinator last refused this site's key
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "started": self.started,
+            "supernode": self.supernode,
+            "supernode-restarts": self.supernode_restarts,
+            "runner": self.runner,
+            "runner-restarts": self.runner_restarts,
+            "last-not-enrolled": self.last_not_enrolled,
+            "updated": _now(),
+        }
+
+    def write(self) -> None:
+        try:
+            atomic_write_json(self.path, self.to_dict())
+        except OSError as exc:
+            logger.warning("Could not write the daemon's state file %s: %s", self.path, exc)
 
 
 @dataclass(frozen=True)
@@ -291,16 +339,24 @@ def runner_argv(settings: ClientSettings, runtime_secret: Path | None = None) ->
         "fedshift.deploy.site_runner",
         "--runtime-api-address",
         f"127.0.0.1:{settings.runtime_port}",
+        "--state-dir",
+        str(settings.state_dir),
     ]
+    timeout = getattr(settings, "task_timeout", None)  # [connection] task-timeout, where settings has it
+    if timeout is not None:
+        argv += ["--task-timeout", repr(float(timeout))]
     return [*argv, "--runtime-secret-file", str(runtime_secret)] if runtime_secret is not None else argv
 
 
 class _Runner:
     """The site runner child, restarted (after a growing pause) whenever it exits."""
 
-    def __init__(self, settings: ClientSettings, runtime_secret: Path | None) -> None:
+    def __init__(
+        self, settings: ClientSettings, runtime_secret: Path | None, state: DaemonState | None = None
+    ) -> None:
         self.settings = settings
         self.runtime_secret = runtime_secret
+        self.state = state
         self.child: Child | None = None
         self.backoff = MIN_BACKOFF
         self.restart_at = 0.0
@@ -316,16 +372,26 @@ class _Runner:
             self.child = None
             if time.monotonic() - self.started > 10 * MAX_BACKOFF:
                 self.backoff = MIN_BACKOFF
-            logger.warning(
-                "The site runner exited with code %s; restarting it in %.0f s (log: %s)",
-                code,
-                self.backoff,
-                self.settings.log_file,
-            )
-            self.restart_at = time.monotonic() + self.backoff
-            self.backoff = min(MAX_BACKOFF, self.backoff * 2)
+            if code == EXIT_TASK_TIMEOUT:  # it answered a hung message with an error: a clean one now
+                logger.warning(
+                    "The site runner gave up a hung message (over its task timeout) and exited; "
+                    "starting a clean one now (log: %s)",
+                    self.settings.log_file,
+                )
+                self.restart_at = time.monotonic()
+            else:
+                logger.warning(
+                    "The site runner exited with code %s; restarting it in %.0f s (log: %s)",
+                    code,
+                    self.backoff,
+                    self.settings.log_file,
+                )
+                self.restart_at = time.monotonic() + self.backoff
+                self.backoff = min(MAX_BACKOFF, self.backoff * 2)
+            self._record("down", None, last_exit={"code": code, "at": _now()})
         if time.monotonic() >= self.restart_at:
             self.started = time.monotonic()
+            restart = self.state is not None and self.state.runner.get("last-exit") is not None
             self.child = Child(
                 "fedshift site runner",
                 runner_argv(self.settings, self.runtime_secret),
@@ -333,11 +399,20 @@ class _Runner:
                 env=flower_env(),
                 cwd=self.settings.state_dir,
             )
+            if self.state is not None and restart:
+                self.state.runner_restarts += 1
+            self._record("up", self.child.pid)
+
+    def _record(self, state: str, pid: int | None, **extra: Any) -> None:
+        if self.state is not None:
+            self.state.runner = {**self.state.runner, "state": state, "pid": pid, **extra}
+            self.state.write()
 
     def stop(self) -> None:
         if self.child is not None:
             self.child.stop()
             self.child = None
+            self._record("stopped", None)
 
 
 def _log_since(path: Path, offset: int) -> str:
@@ -361,28 +436,47 @@ def run_daemon(settings: ClientSettings, *, insecure: bool = False) -> int:
     node_config = write_node_config(settings)
     runtime_secret = write_runtime_secret(settings)
     argv = supernode_argv(settings, node_config, insecure, runtime_secret)
-    runner = _Runner(settings, runtime_secret)
+    state = DaemonState(settings.state_dir / DAEMON_FILE)
+    state.write()
+    runner = _Runner(settings, runtime_secret, state)
     try:
-        return _supervise(settings, argv, runner)
+        return _supervise(settings, argv, runner, state)
     finally:
         runner.stop()
+        state.supernode = {**state.supernode, "state": "stopped", "pid": None}
+        state.write()
         runtime_secret.unlink(missing_ok=True)
 
 
-def _supervise(settings: ClientSettings, argv: list[str], runner: _Runner) -> int:
+def _supervise(
+    settings: ClientSettings, argv: list[str], runner: _Runner, state: DaemonState | None = None
+) -> int:
     backoff = MIN_BACKOFF
     refused_since: float | None = None
+    starts = 0
     while True:
         offset = settings.log_file.stat().st_size if settings.log_file.exists() else 0
         child = Child("flower-supernode", argv, settings.log_file, env=flower_env(), cwd=settings.state_dir)
         started = time.monotonic()
+        if state is not None:
+            state.supernode_restarts = starts
+            state.supernode = {**state.supernode, "state": "up", "pid": child.pid, "since": _now()}
+            state.write()
+        starts += 1
         try:
             while child.poll() is None:
                 runner.check()
                 time.sleep(0.5)
         finally:
             code = child.stop()
-        if NOT_ENROLLED in _log_since(settings.log_file, offset):
+        not_enrolled = NOT_ENROLLED in _log_since(settings.log_file, offset)
+        if state is not None:
+            exit_info = {"code": code, "at": _now()}
+            state.supernode = {**state.supernode, "state": "down", "pid": None, "last-exit": exit_info}
+            if not_enrolled:
+                state.last_not_enrolled = _now()
+            state.write()
+        if not_enrolled:
             refused_since = refused_since if refused_since is not None else started
             waited = time.monotonic() - refused_since
             if waited >= settings.enrollment_timeout:

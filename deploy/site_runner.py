@@ -25,6 +25,20 @@ carries only :data:`~fedshift.common.protocol.SITE_ERROR`, no text from the site
 
 Because the process lives across messages and runs, torch, timm and the
 ClientApp's per-process caches (the frozen backbone) stay warm.
+
+A hung message: the ClientApp runs in a worker thread; one that has not
+answered after ``--task-timeout`` seconds (default :data:`DEFAULT_TASK_TIMEOUT`)
+is answered with the generic SITE_ERROR, its task is ended as failed, and this
+process exits with :data:`EXIT_TASK_TIMEOUT` (a hung torch thread cannot be
+stopped): the daemon starts a clean runner at once. The late thread's reply is
+never sent. The privacy ledger is untouched by this: a charge the ClientApp
+made before it hung stays (the ledger may over-report, never under-report), and
+the round it was for is not charged again: a repeated round is refused by the
+ledger's order check before any charge.
+
+The runner keeps its health in ``<state-dir>/site-runner.json`` (atomic
+writes; read by ``fedshift client --status``): pid, start time, idle or busy,
+messages served, the last message and the last error.
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ import argparse
 import hashlib
 import io
 import logging
+import os
 import sys
 import threading
 import time
@@ -40,6 +55,7 @@ import tomllib
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +82,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 
 import fedshift
 from fedshift.client.egress import site_error  # the runner loads fedshift.client.app (and this) anyway
+from fedshift.common.io import atomic_write_json
 from fedshift.common.protocol import APP_REFUSED, SITE_ERROR
 
 # run as ``python -m``, this module is __main__; its log lines still carry its package name
@@ -81,6 +98,108 @@ TASK_TYPES = (TaskType.CLIENT_APP, TaskType.AGENT_APP)
 POLL_SECONDS = 0.5
 CLAIMS = frozenset({"/flwr.proto.Runtime/AcquireTask"})  # what the SuperNode's secret protects
 RUNTIME_TIMEOUT = 120.0  # seconds a task's Runtime API calls retry a lost connection
+DEFAULT_TASK_TIMEOUT = 1800.0  # seconds one ClientApp message may run before it is answered with an error
+TASK_TIMEOUT_ENV = "FEDSHIFT_TASK_TIMEOUT"  # overrides the default (the --task-timeout flag wins)
+EXIT_TASK_TIMEOUT = 75  # the runner's exit after a hung message: the daemon restarts a clean one at once
+HEALTH_FILE = "site-runner.json"  # in the state directory
+
+
+class TaskTimeoutError(Exception):
+    """The ClientApp did not answer a message within the task timeout."""
+
+
+def call_with_timeout(call: Callable[[], Message], timeout: float) -> Message:
+    """``call()`` in a worker thread; its reply, its exception, or :class:`TaskTimeoutError` after
+    ``timeout`` seconds (the thread is left behind: the caller ends the process)."""
+    outcome: list[Message | BaseException] = []
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # handed to the caller's thread, which logs it
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="fedshift-clientapp", daemon=True).start()
+    if not done.wait(timeout):
+        raise TaskTimeoutError(f"the ClientApp did not answer within {timeout:g} s")
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunnerHealth:
+    """What ``<state-dir>/site-runner.json`` says about this runner; each change is written atomically.
+
+    A write that fails (a full disk) is logged and never fails a task.
+    """
+
+    path: Path | None  # None: kept in memory only
+    task_timeout: float = DEFAULT_TASK_TIMEOUT
+    pid: int = field(default_factory=os.getpid)
+    started: str = field(default_factory=_now)
+    state: str = "starting"  # starting, idle, busy, stopped, timed-out
+    messages: int = 0  # messages answered (refusals and errors included)
+    errors: int = 0  # of them, answered with an error
+    current: dict[str, Any] | None = None  # the message in flight: run, type, since
+    last_message: dict[str, Any] | None = None  # run, type, seconds, outcome, finished
+    last_error: dict[str, Any] | None = None  # run, type, error, at
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "started": self.started,
+            "state": self.state,
+            "messages": self.messages,
+            "errors": self.errors,
+            "current": self.current,
+            "last-message": self.last_message,
+            "last-error": self.last_error,
+            "task-timeout": self.task_timeout,
+            "fedshift-version": fedshift.__version__,
+            "updated": _now(),
+        }
+
+    def set_state(self, state: str) -> None:
+        self.state = state
+        self.write()
+
+    def busy(self, run_id: int, message_type: str) -> None:
+        self.state, self.current = "busy", {"run": run_id, "type": message_type, "since": _now()}
+        self.write()
+
+    def done(self, run_id: int, message_type: str, seconds: float, outcome: str, error: str = "") -> None:
+        """A message answered: ``outcome`` is ok, error, refused or timed-out."""
+        self.messages += 1
+        self.current = None
+        self.last_message = {
+            "run": run_id,
+            "type": message_type,
+            "seconds": round(seconds, 3),
+            "outcome": outcome,
+            "finished": _now(),
+        }
+        if outcome != "ok":
+            self.errors += 1
+            self.last_error = {"run": run_id, "type": message_type, "error": error or outcome, "at": _now()}
+        self.state = "timed-out" if outcome == "timed-out" else "idle"
+        self.write()
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        try:
+            atomic_write_json(self.path, self.to_dict())
+        except OSError as exc:
+            logger.warning("Could not write the runner's health file %s: %s", self.path, exc)
 
 
 def check_app(fab: Fab, run: Run, task_type: str = TaskType.CLIENT_APP) -> str | None:
@@ -170,6 +289,9 @@ class SiteRunner:
     secret: bytes | None = None  # signs task claims (the daemon's runtime secret)
     app: ClientApp | None = None  # the installed fedshift.client.app:app, imported once (warm)
     verdicts: dict[tuple[int, str], str | None] = field(default_factory=dict)  # (run, sha256) -> refusal
+    task_timeout: float = DEFAULT_TASK_TIMEOUT  # seconds one message may run
+    health: RunnerHealth = field(default_factory=lambda: RunnerHealth(None))
+    timed_out: bool = False  # a message hung: serve() returns, and the process must end
 
     def load(self) -> ClientApp:
         if self.app is None:
@@ -178,19 +300,28 @@ class SiteRunner:
             self.app = app
         return self.app
 
+    def handle(self, message: Message, context: Context) -> Message:
+        """The approved ClientApp's reply to ``message``; :class:`TaskTimeoutError` past the timeout."""
+        app = self.load()
+        return call_with_timeout(lambda: app(message=message, context=context), self.task_timeout)
+
     def serve(self, stop: threading.Event | None = None) -> None:
-        """Poll for tasks until ``stop`` is set (forever without one)."""
+        """Poll for tasks until ``stop`` is set (forever without one) or a message hangs."""
         self.load()
+        self.health.task_timeout = self.task_timeout
         poller = runtime_client(self.runtime_api_address, secret=self.secret)
         logger.info(
-            "Site runner up: taking ClientApp tasks from %s; approved app %s (fedshift %s)",
+            "Site runner up: taking ClientApp tasks from %s; approved app %s (fedshift %s); "
+            "task timeout %g s",
             self.runtime_api_address,
             APPROVED_CLIENTAPP,
             fedshift.__version__,
+            self.task_timeout,
         )
+        self.health.set_state("idle")
         unreachable_since: float | None = None
         try:
-            while stop is None or not stop.is_set():
+            while (stop is None or not stop.is_set()) and not self.timed_out:
                 try:
                     res = poller.AcquireTask(AcquireTaskRequest(supported_task_types=list(TASK_TYPES)))
                     unreachable_since = None
@@ -208,6 +339,8 @@ class SiteRunner:
                     time.sleep(POLL_SECONDS)
         finally:
             poller.close()
+            if not self.timed_out:
+                self.health.set_state("stopped")
 
     def run_task(self, token: str, task_type: str) -> None:
         """One task: pull its message, check the app, run it (or refuse), push the reply."""
@@ -218,26 +351,39 @@ class SiteRunner:
         context: Context | None = None
         reply: Message | None = None
         status, details = SubStatus.FAILED, SITE_ERROR
+        run_id, kind, outcome, error = 0, "", "error", ""
+        started = time.monotonic()
         try:
             message, context, run, fab = pull_task_input(client)
+            run_id, kind = run.run_id, str(message.metadata.message_type)
+            self.health.busy(run_id, kind)
+            started = time.monotonic()
             refused = self.verdict(run, fab, task_type)
             if refused is not None:
                 reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=APP_REFUSED), reply_to=message)
-                details = APP_REFUSED
+                details, outcome, error = APP_REFUSED, "refused", APP_REFUSED
             else:
-                started = time.monotonic()
-                reply = self.load()(message=message, context=context)
-                status, details = SubStatus.COMPLETED, ""
-                logger.info(
-                    "Run %d: %s message done in %.1f s",
-                    run.run_id,
-                    message.metadata.message_type,
-                    time.monotonic() - started,
-                )
+                reply = self.handle(message, context)
+                status, details, outcome = SubStatus.COMPLETED, "", "ok"
+                logger.info("Run %d: %s message done in %.1f s", run_id, kind, time.monotonic() - started)
         except RunNotRunningException:
             logger.info("The run of this task stopped; dropping it")
-        except Exception:  # the site logs everything; the coordinator learns nothing
+            error = "the run stopped"
+        except TaskTimeoutError as exc:
+            self.timed_out = True
+            outcome, error = "timed-out", str(exc)
+            logger.error(
+                "Run %d: the %s message hung: %s; it is answered with a generic error, and this runner "
+                "exits (code %d) so that the daemon starts a clean one",
+                run_id,
+                kind,
+                exc,
+                EXIT_TASK_TIMEOUT,
+            )
+            reply = site_error(message) if message is not None else None
+        except Exception as exc:  # the site logs everything; the coordinator learns nothing
             logger.exception("The ClientApp failed; the coordinator gets a generic error")
+            error = f"{type(exc).__name__}: {exc}"
             if message is not None:
                 reply = site_error(message)
         finally:
@@ -254,6 +400,8 @@ class SiteRunner:
                 if heartbeat.is_running:
                     heartbeat.stop()
                 client.close()
+                if message is not None:
+                    self.health.done(run_id, kind, time.monotonic() - started, outcome, error)
 
     def verdict(self, run: Run, fab: Fab, task_type: str) -> str | None:
         """The refusal reason (``None``: approved), decided and logged once per run and bundle."""
@@ -306,7 +454,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, host:port")
     parser.add_argument("--runtime-secret-file", type=Path, help="the secret that signs task claims")
+    parser.add_argument(
+        "--task-timeout",
+        type=float,
+        help=f"seconds one message may run before it is answered with an error and the runner restarts "
+        f"(default: ${TASK_TIMEOUT_ENV}, else {DEFAULT_TASK_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--state-dir", type=Path, help=f"where {HEALTH_FILE} is kept (default: the working directory)"
+    )
     args = parser.parse_args(argv)
+    timeout = args.task_timeout if args.task_timeout is not None else _env_timeout(parser)
+    if not timeout > 0 or timeout == float("inf"):
+        parser.error(f"--task-timeout must be a positive number of seconds, but got {timeout:g}")
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
@@ -316,10 +476,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.captureWarnings(True)
     try:
         secret = args.runtime_secret_file.read_bytes() if args.runtime_secret_file is not None else None
-        SiteRunner(args.runtime_api_address, secret).serve()
+        health = RunnerHealth((args.state_dir or Path.cwd()) / HEALTH_FILE, task_timeout=timeout)
+        runner = SiteRunner(args.runtime_api_address, secret, task_timeout=timeout, health=health)
+        runner.serve()
     except KeyboardInterrupt:
         return 0
+    if runner.timed_out:  # the hung thread cannot be stopped: end the process, not just the main thread
+        logging.shutdown()
+        os._exit(EXIT_TASK_TIMEOUT)
     return 0
+
+
+def _env_timeout(parser: argparse.ArgumentParser) -> float:
+    value = os.environ.get(TASK_TIMEOUT_ENV)
+    if value is None:
+        return DEFAULT_TASK_TIMEOUT
+    try:
+        return float(value)
+    except ValueError:
+        parser.error(f"${TASK_TIMEOUT_ENV} must be a number of seconds, but is {value!r}; unset it or fix it")
 
 
 if __name__ == "__main__":
