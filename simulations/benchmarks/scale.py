@@ -1,0 +1,609 @@
+"""Many sites: seconds per round and memory against the number of sites, deployed and simulated.
+
+    python -m fedshift.simulations.benchmarks.scale [--supernodes 5,10,20] [--rounds 5]
+        [--sim-sites 10,50,100] [--sim-rounds 3] [--out scale.json]
+
+**Deployment** (``--supernodes``): for each N, a real federation on loopback, as the runbook sets it
+up: ``fedshift certs``, one ``fedshift server`` (SuperLink, TLS, node authentication, the public
+port's proxy, the ServerApp) and N ``fedshift client`` daemons (each a SuperNode and its warm site
+runner), on the tiny federation of the deployment tests (32 px, 60 training images per site, DP-SGD).
+**Simulation** (``--sim-sites``): for each N, the Ray simulation that ``fedshift simulate`` runs
+(:func:`fedshift.simulations.experiment.federate`), with small SYNTHETIC sites and DP-SGD.
+
+Per run it measures the seconds between consecutive rounds' checkpoints (a round = training plus its
+validation; the first round is timed from the run's start and also holds the start-up), and memory
+sampled every ``--sample-seconds`` from ``/proc``: RSS and PSS (shared pages split between the
+processes that share them, so sums do not count torch's libraries twice) of the coordinator's
+process tree (``fedshift server`` and everything below it), of each hospital's tree, and of the
+simulation's (this process and Ray's). Every process a run starts carries a marker in its
+environment; after the run the processes still holding it are counted (``leftover``: must be 0) and
+killed. The JSON also fits seconds per round and memory against N (``fit``: the slope per site and
+how much the per-site cost grows from the smallest to the largest N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedshift.common.errors import ConfigError, FedshiftError
+
+logger = logging.getLogger(__name__)
+
+TAG = "FEDSHIFT_SCALE_RUN"  # environment marker of every process a run starts
+SITE_PREFIX = "site-"
+SERVER_TIMEOUT = 3600.0  # seconds a deployed federation may take before the run is stopped
+MIB = 1024 * 1024
+MEMORY_MARGIN = 1.15  # on the predicted memory of a larger deployed federation
+
+
+# ------------------------------------------------------------------ processes and memory, from /proc
+
+
+def _read_kib(path: str, keys: Sequence[str]) -> dict[str, int]:
+    """``{key: value in KiB}`` of ``key:  N kB`` lines (``/proc/<pid>/status``, ``smaps_rollup``)."""
+    found: dict[str, int] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in keys:
+                    found[name] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
+
+
+KINDS = (  # a process's kind in the memory breakdown: the first of these its command line holds
+    "site_runner",
+    "flwr-serverapp",
+    "flwr-clientapp",
+    "flower-superexec",
+    "flower-superlink",
+    "flower-supernode",
+    "nginx",
+    "raylet",
+    "gcs_server",
+    "ray::",
+    "fedshift server",
+    "fedshift client",
+)
+
+
+def kind_of(pid: int) -> str:
+    command = command_of(pid)
+    return next((k for k in KINDS if k in command), "other")
+
+
+def memory_of(pids: Iterable[int]) -> tuple[int, int, dict[str, int]]:
+    """Summed RSS and PSS (bytes) of ``pids``, and PSS per process kind; a process that is gone counts 0."""
+    rss = pss = 0
+    kinds: dict[str, int] = {}
+    for pid in pids:
+        status = _read_kib(f"/proc/{pid}/status", ("VmRSS",))
+        rollup = _read_kib(f"/proc/{pid}/smaps_rollup", ("Pss",))
+        own = rollup.get("Pss", status.get("VmRSS", 0)) * 1024  # no smaps_rollup: RSS is the bound
+        rss += status.get("VmRSS", 0) * 1024
+        pss += own
+        if own:
+            kind = kind_of(pid)
+            kinds[kind] = kinds.get(kind, 0) + own
+    return rss, pss, kinds
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Live processes (but this one) whose environment holds ``TAG=tag``."""
+    marker = f"{TAG}={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0"):
+            from fedshift.common.proctree import alive
+
+            if alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
+def command_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
+    except OSError:
+        return "?"
+
+
+def reap_tagged(tag: str, wait: float = 10.0) -> list[str]:
+    """The processes still carrying ``tag`` after ``wait`` s (their command lines); then killed."""
+    deadline = time.monotonic() + wait
+    left = tagged_processes(tag)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = tagged_processes(tag)
+    commands = [f"{pid}: {command_of(pid)}" for pid in left]
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    if commands:
+        logger.error("Left behind (now killed): %s", commands)
+    return commands
+
+
+@dataclass
+class Peak:
+    rss: int = 0
+    pss: int = 0
+    samples: list[float] = field(default_factory=list)  # PSS in MiB, one per sample
+    kinds: dict[str, int] = field(default_factory=dict)  # peak PSS per process kind
+
+    def add(self, rss: int, pss: int, kinds: dict[str, int]) -> None:
+        self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
+        self.samples.append(pss / MIB)
+        for kind, value in kinds.items():
+            self.kinds[kind] = max(self.kinds.get(kind, 0), value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "peak_rss_mib": self.rss / MIB,
+            "peak_pss_mib": self.pss / MIB,
+            "mean_pss_mib": statistics.fmean(self.samples) if self.samples else 0.0,
+            "peak_pss_mib_by_process": {k: v / MIB for k, v in sorted(self.kinds.items())},
+        }
+
+
+class Sampler:
+    """A thread that samples the memory of named groups of processes every ``interval`` s."""
+
+    def __init__(self, groups: Callable[[], dict[str, list[int]]], interval: float) -> None:
+        self.groups, self.interval = groups, interval
+        self.peaks: dict[str, Peak] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scale-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> None:
+        for name, pids in self.groups().items():
+            self.peaks.setdefault(name, Peak()).add(*memory_of(pids))
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class RoundClock:
+    """A thread noting when each round's checkpoint appears (its manifest's ``round``)."""
+
+    def __init__(self, checkpoint_dir: Path, interval: float = 0.25) -> None:
+        self.manifest = checkpoint_dir / "checkpoint.json"
+        self.interval = interval
+        self.started = time.monotonic()
+        self.times: dict[int, float] = {}  # round -> seconds since started
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scale-rounds", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                done = int(json.loads(self.manifest.read_text())["round"])
+            except (OSError, ValueError, KeyError, TypeError):
+                done = 0
+            if done and done not in self.times:
+                self.times[done] = time.monotonic() - self.started
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RoundClock:
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, Any]:
+        """Rounds seen, the first round's seconds (with start-up), the later rounds' seconds each."""
+        rounds = sorted(self.times)
+        gaps = [self.times[b] - self.times[a] for a, b in itertools.pairwise(rounds)]
+        return {
+            "rounds_seen": len(rounds),
+            "first_round_s": self.times[rounds[0]] if rounds else None,
+            "round_s": gaps,
+            "s_per_round": statistics.median(gaps) if gaps else None,
+        }
+
+
+# ------------------------------------------------------------------ deployment: N real SuperNodes
+
+
+def site_names(n: int) -> list[str]:
+    return [f"{SITE_PREFIX}{k:03d}" for k in range(n)]
+
+
+def write_deployment(root: Path, n: int, rounds: int) -> tuple[list[str], dict[str, str]]:
+    """Certificates, ``federation.toml`` and one ``<site>.toml`` (and its data) per hospital in ``root``,
+    as :class:`fedshift.tests.deploy_support.Federation` writes them; the sites and the environment."""
+    from fedshift.tests.deploy_support import TINY_FEDERATION, fedshift, free_port, toml, write_site_data
+
+    root.mkdir(parents=True, exist_ok=True)
+    sites = site_names(n)
+    made = fedshift("certs", "--out", "certs", "--hosts", "localhost", "--sites", ",".join(sites), cwd=root)
+    if made.returncode != 0:
+        raise RuntimeError(f"fedshift certs failed: {made.stderr.strip()}")
+    port = free_port()
+    server = {
+        "address": f"127.0.0.1:{port}",
+        "state-dir": "coordinator",
+        "ca-cert": "certs/ca.crt",
+        "server-cert": "certs/server.crt",
+        "server-key": "certs/server.key",
+        "poll-seconds": 2.0,
+    }
+    federation = {**TINY_FEDERATION, "num-server-rounds": rounds, "min-nodes": n}
+    hospitals = {site: f"certs/nodes/{site}.pub" for site in sites}
+    (root / "federation.toml").write_text(
+        toml({"server": server, "hospitals": hospitals, "federation": federation})
+    )
+    for k, site in enumerate(sites):
+        write_site_data(root / "data" / f"{site}.npz", seed=k)
+        connection = {
+            "superlink": f"localhost:{port}",
+            "ca-cert": "certs/ca.crt",
+            "private-key": f"certs/nodes/{site}.key",
+            "runtime-port": free_port(),
+            "enrollment-timeout": 600.0,
+        }
+        values = {
+            "site-name": site,
+            "data-path": f"data/{site}.npz",
+            "state-dir": f"sites/{site}",
+            "device": "cpu",
+            "dp-epsilon": 50.0,
+        }
+        (root / f"{site}.toml").write_text(toml({"connection": connection, "site": values}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return sites, env
+
+
+def run_deployment(root: Path, n: int, rounds: int, sample_seconds: float) -> dict[str, Any]:
+    """One deployed federation of ``n`` hospitals and ``rounds`` rounds; its measurements."""
+    from fedshift.common.proctree import descendants
+    from fedshift.deploy.processes import Child
+    from fedshift.tests.deploy_support import FEDSHIFT
+
+    tag = uuid.uuid4().hex
+    sites, env = write_deployment(root, n, rounds)
+    env[TAG] = tag
+    children: list[Child] = []
+
+    def start(name: str, *args: str) -> Child:
+        child = Child(name, [*FEDSHIFT, *args], root / "logs" / f"{name}.log", env=env, cwd=root)
+        children.append(child)
+        return child
+
+    def groups() -> dict[str, list[int]]:
+        return {child.name: [child.pid, *descendants(child.pid)] for child in children}
+
+    started = time.monotonic()
+    code: int | None = None
+    clock = RoundClock(root / "coordinator" / "run" / "checkpoint")
+    try:
+        with Sampler(groups, sample_seconds) as sampler, clock:
+            server = start("coordinator", "server", "--config", "federation.toml")
+            for site in sites:
+                start(site, "client", "--config", f"{site}.toml")
+            while (code := server.poll()) is None:
+                if time.monotonic() - started > SERVER_TIMEOUT:
+                    raise TimeoutError(f"the federation of {n} sites took over {SERVER_TIMEOUT:.0f} s")
+                time.sleep(1.0)
+    finally:
+        for child in reversed(children):
+            child.stop(timeout=20)
+    seconds = time.monotonic() - started
+    leftover = reap_tagged(tag)
+    results_path = root / "coordinator" / "run" / "results.json"
+    if code != 0 or not results_path.is_file():
+        raise RuntimeError(f"the coordinator exited with {code}; see {root / 'logs' / 'coordinator.log'}")
+    history = json.loads(results_path.read_text())["history"]
+    coordinator = sampler.peaks["coordinator"].to_dict()
+    per_site = [sampler.peaks[s].to_dict() for s in sites]
+    return {
+        "sites": n,
+        "rounds": rounds,
+        "rounds_completed": len(history["train"]),
+        "sites_per_round": [len(history["train"][r]) for r in sorted(history["train"], key=int)],
+        **clock.summary(),
+        "seconds": seconds,
+        "coordinator": coordinator,
+        "site_peak_pss_mib": statistics.fmean(s["peak_pss_mib"] for s in per_site),
+        "site_peak_rss_mib": statistics.fmean(s["peak_rss_mib"] for s in per_site),
+        "site_peak_pss_mib_by_process": {
+            kind: statistics.fmean(s["peak_pss_mib_by_process"].get(kind, 0.0) for s in per_site)
+            for kind in sorted({k for s in per_site for k in s["peak_pss_mib_by_process"]})
+        },
+        "all_sites_peak_pss_mib": sum(s["peak_pss_mib"] for s in per_site),
+        "leftover": len(leftover),
+        "leftover_processes": leftover,
+    }
+
+
+def available_mib() -> float:
+    """``MemAvailable`` of this machine, MiB."""
+    return _read_kib("/proc/meminfo", ("MemAvailable",)).get("MemAvailable", 0) / 1024
+
+
+def memory_shortfall(done: Sequence[dict[str, Any]], n: int) -> dict[str, Any] | None:
+    """Why a federation of ``n`` hospitals would not fit in this machine's free memory, or ``None``.
+
+    Predicted from the largest run so far: its coordinator's peak PSS plus ``n`` times its sites' mean
+    peak PSS (PSS sums count shared pages once), with ``MEMORY_MARGIN`` on top; the first run is
+    not predicted.
+    """
+    if not done:
+        return None
+    last = max(done, key=lambda r: r["sites"])
+    needed = MEMORY_MARGIN * (last["coordinator"]["peak_pss_mib"] + n * last["site_peak_pss_mib"])
+    free = available_mib()
+    if needed <= free:
+        return None
+    return {
+        "sites": n,
+        "needed_mib": needed,
+        "available_mib": free,
+        "reason": (
+            f"needs about {needed / 1024:.1f} GiB ({MEMORY_MARGIN:g} x (coordinator "
+            f"{last['coordinator']['peak_pss_mib']:.0f} MiB + {n} x {last['site_peak_pss_mib']:.0f} MiB "
+            f"per site, measured at {last['sites']} sites)), {free / 1024:.1f} GiB available"
+        ),
+    }
+
+
+# ------------------------------------------------------------------ simulation: N virtual sites in Ray
+
+
+def run_simulation(root: Path, n: int, rounds: int, sample_seconds: float) -> dict[str, Any]:
+    """One Ray simulation of ``n`` small SYNTHETIC sites (about 60 images each); its measurements."""
+    from fedshift.common.config import FederationConfig, PrivacyConfig, TrainConfig
+    from fedshift.common.model import ModelConfig
+    from fedshift.common.proctree import descendants
+    from fedshift.simulations.experiment import ExperimentSpec, build_sites, federate
+
+    fed = FederationConfig(
+        num_rounds=rounds,
+        min_nodes=n,
+        model=ModelConfig(image_size=32),
+        train=TrainConfig(local_epochs=1, batch_size=30),
+        privacy=PrivacyConfig(enabled=True, epsilon=50.0, delta=1e-5),
+    )
+    sites, _ = build_sites(ExperimentSpec(out_dir=root, sites=n, synthetic_n=100 * n, federation=fed))
+    tag = uuid.uuid4().hex
+    previous = os.environ.get(TAG)
+    os.environ[TAG] = tag  # Ray's processes inherit it
+    me = os.getpid()
+    started = time.monotonic()
+    clock = RoundClock(root / "server" / "checkpoint")
+    try:
+        with Sampler(lambda: {"simulation": [me, *descendants(me)]}, sample_seconds) as sampler, clock:
+            results, _ = federate(fed, sites, root, every_site=True)
+    finally:
+        if previous is None:
+            os.environ.pop(TAG, None)
+        else:
+            os.environ[TAG] = previous
+    seconds = time.monotonic() - started
+    leftover = reap_tagged(tag)
+    history = results["history"]
+    return {
+        "sites": n,
+        "rounds": rounds,
+        "rounds_completed": len(history["train"]),
+        "sites_per_round": [len(history["train"][r]) for r in sorted(history["train"], key=int)],
+        "train_images_per_site": statistics.fmean(len(s.data.splits["train"]) for s in sites),
+        **clock.summary(),
+        "seconds": seconds,
+        "memory": sampler.peaks["simulation"].to_dict(),
+        "leftover": len(leftover),
+        "leftover_processes": leftover,
+    }
+
+
+# ------------------------------------------------------------------ growth against N
+
+
+def fit(rows: Sequence[dict[str, Any]], value: Callable[[dict[str, Any]], float | None]) -> dict[str, Any]:
+    """Least squares ``value = a + b * N`` over the rows, and how the cost of one more site grows.
+
+    ``marginal_growth`` is the slope between the two largest N over the slope between the two smallest
+    (three sizes or more): about 1 when the cost is linear in N, (N3 - N1) / (N2 - N0)-ish above 1 when
+    it is quadratic (2.5 for N = 10, 50, 100), meaningless when the slopes are about 0 (a flat cost).
+    """
+    points = sorted((float(r["sites"]), v) for r in rows if (v := value(r)) is not None)
+    if len({x for x, _ in points}) < 2:
+        return {"points": points}
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+    slopes = [(y1 - y0) / (x1 - x0) for (x0, y0), (x1, y1) in itertools.pairwise(points) if x1 > x0]
+    growth = slopes[-1] / slopes[0] if len(slopes) >= 2 and slopes[0] > 0 else None
+    return {
+        "points": points,
+        "intercept": my - b * mx,
+        "per_site": b,
+        "marginal_per_site": slopes,
+        "marginal_growth": growth,
+    }
+
+
+def fits(rows: Sequence[dict[str, Any]], memory: Callable[[dict[str, Any]], float]) -> dict[str, Any]:
+    return {"s_per_round": fit(rows, lambda r: r["s_per_round"]), "peak_pss_mib": fit(rows, memory)}
+
+
+# ------------------------------------------------------------------ the command
+
+
+def _sizes(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if text.strip() in ("", "0"):
+        return ()
+    if not values or min(values) < 1:
+        raise ConfigError(
+            f"Expected {option} to be comma-separated site counts >= 1 (or 0 to skip), but got {text!r}; "
+            "pass e.g. 5,10,20"
+        )
+    return tuple(sorted(set(values)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fedshift.simulations.benchmarks.scale",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--supernodes", default="5,10,20", help="deployed federations' sizes (0: none)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of each deployed federation")
+    parser.add_argument("--sim-sites", default="10,50,100", help="simulated federations' sizes (0: none)")
+    parser.add_argument("--sim-rounds", type=int, default=3, help="rounds of each simulated federation")
+    parser.add_argument("--sample-seconds", type=float, default=1.0, help="memory sampling period")
+    parser.add_argument("--work", type=Path, default=Path("scale-runs"), help="folder for the runs")
+    parser.add_argument("--out", type=Path, default=Path("scale.json"))
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _check(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    supernodes, sim_sites = _sizes(args.supernodes, "--supernodes"), _sizes(args.sim_sites, "--sim-sites")
+    for name in ("rounds", "sim_rounds"):
+        if getattr(args, name) < 1:
+            raise ConfigError(
+                f"Expected --{name.replace('_', '-')} to be a whole number >= 1, "
+                f"but got {getattr(args, name)}"
+            )
+    if args.sample_seconds <= 0:
+        raise ConfigError(f"Expected --sample-seconds > 0, but got {args.sample_seconds}")
+    if args.work.exists() and any(args.work.iterdir()):
+        raise ConfigError(
+            f"Expected --work to be a new or empty folder, but {args.work} holds files; pick another"
+        )
+    return supernodes, sim_sites
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"{'run':<11} {'N':>4} {'rounds':>6} {'s/round':>8} {'1st s':>7} {'coord/sim PSS MiB':>18} "
+        f"{'site PSS MiB':>13} {'left':>5}"
+    ]
+    for row in report["deployment"]:
+        lines.append(
+            f"{'deployment':<11} {row['sites']:>4} {row['rounds_completed']:>6} "
+            f"{_fmt(row['s_per_round']):>8} {_fmt(row['first_round_s']):>7} "
+            f"{row['coordinator']['peak_pss_mib']:>18.0f} "
+            f"{row['site_peak_pss_mib']:>13.0f} {row['leftover']:>5}"
+        )
+    for row in report["simulation"]:
+        lines.append(
+            f"{'simulation':<11} {row['sites']:>4} {row['rounds_completed']:>6} "
+            f"{_fmt(row['s_per_round']):>8} {_fmt(row['first_round_s']):>7} "
+            f"{row['memory']['peak_pss_mib']:>18.0f} {'-':>13} "
+            f"{row['leftover']:>5}"
+        )
+    for row in report["deployment_skipped"]:
+        lines.append(f"{'deployment':<11} {row['sites']:>4} skipped: {row['reason']}")
+    for kind, fitted in report["fit"].items():
+        for what, f in fitted.items():
+            if "per_site" in f:
+                lines.append(
+                    f"{kind} {what}: {f['intercept']:.2f} + {f['per_site']:.3f} * N; one more site costs "
+                    f"x{_fmt(f['marginal_growth'], '.2f')} at the largest N of what it does at the "
+                    "smallest (1 = linear)"
+                )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from fedshift.client.training import configure_threads
+
+    supernodes, sim_sites = _check(args)
+    configure_threads()
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    deployment: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for n in supernodes:
+        too_big = memory_shortfall(deployment, n)
+        if too_big is not None:
+            logger.warning("Deployment: %d SuperNodes would not fit: %s", n, too_big["reason"])
+            skipped.append(too_big)
+            continue
+        logger.info("Deployment: %d SuperNodes x %d rounds", n, args.rounds)
+        deployment.append(run_deployment(args.work / f"deploy-{n}", n, args.rounds, args.sample_seconds))
+    simulation = []
+    for n in sim_sites:
+        logger.info("Simulation: %d sites x %d rounds", n, args.sim_rounds)
+        simulation.append(run_simulation(args.work / f"sim-{n}", n, args.sim_rounds, args.sample_seconds))
+    report = {
+        "deployment": deployment,
+        "deployment_skipped": skipped,
+        "simulation": simulation,
+        "fit": {
+            "deployment": fits(deployment, lambda r: r["coordinator"]["peak_pss_mib"]),
+            "simulation": fits(simulation, lambda r: r["memory"]["peak_pss_mib"]),
+        },
+        "leftover": sum(r["leftover"] for r in (*deployment, *simulation)),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "seconds": time.time() - started,
+    }
+    args.out.write_text(json.dumps(report, indent=2))
+    print(format_table(report))
+    print(f"Time: {report['seconds']:.0f} s. JSON: {args.out}; runs in {args.work}")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; a mistake in the options ends in one line on stderr and exit code 2."""
+    from fedshift.common.cli import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        run(args)
+    except FedshiftError as exc:
+        print(f"scale: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""The many-sites benchmark: its growth fit, its leftover-process check, its options, and (slow) one
+smallest real run: 2 deployed SuperNodes x 1 round and 3 simulated sites x 2 rounds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedshift.simulations.benchmarks.scale import (
+    MEMORY_MARGIN,
+    TAG,
+    available_mib,
+    fit,
+    main,
+    memory_shortfall,
+    reap_tagged,
+    tagged_processes,
+)
+from fedshift.tests.helpers import one_line_error
+
+
+def test_fit_finds_linear_and_quadratic_growth() -> None:
+    linear = [{"sites": n, "v": 5.0 + 2.0 * n} for n in (10, 50, 100)]
+    got = fit(linear, lambda r: r["v"])
+    assert got["intercept"] == pytest.approx(5.0)
+    assert got["per_site"] == pytest.approx(2.0)
+    assert got["marginal_per_site"] == pytest.approx([2.0, 2.0])
+    assert got["marginal_growth"] == pytest.approx(1.0)
+    # a cost of n^2: one more site costs 60 between 10 and 50 sites, 150 between 50 and 100
+    quadratic = [{"sites": n, "v": float(n * n)} for n in (100, 10, 50)]
+    got = fit(quadratic, lambda r: r["v"])
+    assert got["marginal_per_site"] == pytest.approx([60.0, 150.0])
+    assert got["marginal_growth"] == pytest.approx(2.5)
+    assert fit(linear[:2], lambda r: r["v"])["marginal_growth"] is None  # two sizes: one slope
+    # one size (or a missing value) gives no line
+    assert "per_site" not in fit([{"sites": 3, "v": 1.0}], lambda r: r["v"])
+    assert "per_site" not in fit([{"sites": 3, "v": 1.0}, {"sites": 5, "v": None}], lambda r: r["v"])
+
+
+def test_a_federation_that_would_not_fit_in_memory_is_predicted_from_the_largest_run() -> None:
+    free = available_mib()
+    assert free > 0
+    small = {"sites": 2, "coordinator": {"peak_pss_mib": 1000.0}, "site_peak_pss_mib": 1.0}
+    large = {"sites": 5, "coordinator": {"peak_pss_mib": 1000.0}, "site_peak_pss_mib": free / 10}
+    assert memory_shortfall([], 1000) is None  # nothing measured yet: the first run is made
+    assert memory_shortfall([small], 20) is None  # 1000 MiB + 20 MiB
+    # from the 5-site run: 1000 MiB + 20 x free / 10 = over twice what is free
+    short = memory_shortfall([large, small], 20)
+    assert short is not None and short["sites"] == 20
+    assert short["needed_mib"] == pytest.approx(MEMORY_MARGIN * (1000.0 + 2 * free), rel=1e-6)
+    assert "per site, measured at 5 sites" in short["reason"] and "GiB available" in short["reason"]
+
+
+def test_leftover_processes_are_found_by_their_marker_and_killed() -> None:
+    tag = f"test-{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, TAG: tag}
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # no marker
+    try:
+        assert tagged_processes(tag) == [child.pid]
+        left = reap_tagged(tag, wait=0.5)
+        assert len(left) == 1 and left[0].startswith(f"{child.pid}: ")
+        assert child.wait(timeout=10) != 0  # killed
+        assert tagged_processes(tag) == []
+        assert other.poll() is None  # a process without the marker is left alone
+        assert reap_tagged(tag, wait=0.1) == []
+    finally:
+        for proc in (child, other):
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--supernodes", "two"], "--supernodes"),
+        (["--sim-sites", "-3"], "--sim-sites"),
+        (["--rounds", "0"], "--rounds"),
+        (["--sample-seconds", "0"], "--sample-seconds"),
+    ],
+)
+def test_bad_options_end_in_one_line(
+    argv: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main([*argv, "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o.json")])
+    one_line_error(code, capsys.readouterr().err, needle)
+    assert not (tmp_path / "o.json").exists()
+
+
+@pytest.mark.slow
+def test_smallest_real_run_counts_rounds_memory_and_leaves_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "scale.json"
+    argv = ["--supernodes", "2", "--rounds", "1", "--sim-sites", "3", "--sim-rounds", "2"]
+    assert main([*argv, "--work", str(tmp_path / "runs"), "--out", str(out), "--sample-seconds", "0.5"]) == 0
+    report = json.loads(out.read_text())
+    assert "deployment" in capsys.readouterr().out  # the table
+
+    [deployed] = report["deployment"]
+    assert (deployed["sites"], deployed["rounds_completed"], deployed["rounds_seen"]) == (2, 1, 1)
+    assert deployed["sites_per_round"] == [2]
+    assert deployed["first_round_s"] > 0 and deployed["s_per_round"] is None  # one round: no interval
+    assert 0 < deployed["first_round_s"] < deployed["seconds"]
+    coordinator = deployed["coordinator"]
+    # the ServerApp imports torch: well over 100 MiB; PSS never above RSS
+    assert 100 < coordinator["peak_pss_mib"] <= coordinator["peak_rss_mib"]
+    assert coordinator["peak_pss_mib_by_process"]["flower-superlink"] > 10
+    assert coordinator["peak_pss_mib_by_process"]["flwr-serverapp"] > 100
+    assert 100 < deployed["site_peak_pss_mib"] <= deployed["site_peak_rss_mib"]
+    assert deployed["site_peak_pss_mib_by_process"]["site_runner"] > 100
+    assert deployed["all_sites_peak_pss_mib"] == pytest.approx(2 * deployed["site_peak_pss_mib"])
+    assert deployed["leftover"] == 0 and deployed["leftover_processes"] == []
+
+    [simulated] = report["simulation"]
+    assert (simulated["sites"], simulated["rounds_completed"], simulated["rounds_seen"]) == (3, 2, 2)
+    assert simulated["sites_per_round"] == [3, 3]
+    assert len(simulated["round_s"]) == 1 and simulated["s_per_round"] == simulated["round_s"][0] > 0
+    assert simulated["first_round_s"] + simulated["s_per_round"] < simulated["seconds"]
+    assert 100 < simulated["memory"]["peak_pss_mib"] <= simulated["memory"]["peak_rss_mib"]
+    assert simulated["leftover"] == 0
+    assert report["leftover"] == 0
+    # one size each: no line fitted
+    assert "per_site" not in report["fit"]["simulation"]["s_per_round"]
