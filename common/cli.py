@@ -30,6 +30,7 @@ COMMANDS = {
     "keygen": "fedshift.deploy.cli",
     "server": "fedshift.deploy.cli",
     "client": "fedshift.deploy.cli",
+    "status": "fedshift.deploy.cli",
 }
 
 

@@ -1,13 +1,15 @@
-"""``fedshift certs``, ``keygen``, ``server`` and ``client``: the deployment commands."""
+"""``fedshift certs``, ``keygen``, ``server``, ``client`` and ``status``: the deployment commands."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from fedshift.common.errors import ConfigError
 from fedshift.deploy.certs import DEFAULT_DAYS
 
 logger = logging.getLogger(__name__)
@@ -20,6 +22,7 @@ def register(sub: Any) -> None:
     _register_keygen(sub)
     _register_server(sub)
     _register_client(sub)
+    _register_status(sub)
 
 
 def _register_certs(sub: Any) -> None:
@@ -119,7 +122,37 @@ def _register_client(sub: Any) -> None:
         help="connect WITHOUT TLS and without node authentication (a TLS coordinator refuses it; warns)",
     )
     p.add_argument("--check", action="store_true", help="only check the site config and data, then exit")
+    p.add_argument(
+        "--status",
+        action="store_true",
+        help="only show this site's state, read from its state directory while the daemon runs (or not): "
+        "ledger total and budget, last round, connection, the site runner's health; then exit",
+    )
+    p.add_argument("--json", action="store_true", help="with --status: print it as JSON")
     p.set_defaults(func=_run_client)
+
+
+def _register_status(sub: Any) -> None:
+    p = sub.add_parser(
+        "status",
+        help="show the coordinator's federation: run state, round, every site online or offline, epsilon",
+        description="Read what the coordinator already keeps (runs.jsonl, the SuperLink's run and node "
+        "state, enrolled.json, the last checkpoint's history) and show the run's state, the current "
+        "round, every enrolled site (online or offline, last seen, last round it answered, the last "
+        "epsilon it reported, its refusals) and the last checkpoint. Never writes and never stops "
+        "anything; works while the federation runs. A site is offline once its last heartbeat is more "
+        "than one heartbeat interval (30 s) old. With the coordinator stopped it says so and shows what "
+        "the state files say (the SuperLink's database read-only).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--config", type=Path, required=True, help="federation TOML ([server], [hospitals], [federation])"
+    )
+    p.add_argument("--json", action="store_true", help="print it as JSON (the text shows the same values)")
+    p.add_argument(
+        "--insecure", action="store_true", help="the federation runs with fedshift server --insecure"
+    )
+    p.set_defaults(func=_run_status)
 
 
 def _csv(value: str | None) -> list[str]:
@@ -192,12 +225,31 @@ def _run_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_status(args: argparse.Namespace) -> int:
+    from fedshift.deploy.settings import ServerSettings
+    from fedshift.deploy.status import federation_status, format_status
+
+    status = federation_status(ServerSettings.load(args.config, insecure=args.insecure))
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
 def _run_client(args: argparse.Namespace) -> int:
     from fedshift.deploy.client import check_site, run_daemon
     from fedshift.deploy.processes import StopRequested, stop_on_signals
     from fedshift.deploy.settings import ClientSettings
 
     settings = ClientSettings.load(args.config, insecure=args.insecure)
+    if args.json and not args.status:
+        raise ConfigError("Expected --json only together with --status, but got it alone; add --status")
+    if args.status:
+        if args.check:
+            raise ConfigError("Expected one of --status and --check, but got both; drop one")
+        from fedshift.deploy.site_status import format_site_status, site_status
+
+        status = site_status(settings)
+        print(json.dumps(status, indent=2) if args.json else format_site_status(status))
+        return 0
     found = check_site(settings)
     summary = (
         f"{settings.site_name}: data {settings.data_path} {found.splits}, budget epsilon {found.epsilon:g} "

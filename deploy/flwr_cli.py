@@ -10,14 +10,16 @@ it runs are the ones an operator types::
     FLWR_HOME=<state-dir>/flwr flwr ls fedshift
 
 ``--format json`` answers are parsed; note that ``flwr`` exits 0 even when it
-reports ``"success": false``. The one question ``flwr`` cannot answer, which
-public key each registered node holds (``flwr supernode list`` leaves the keys
-out), is asked with Flower's own Control API client over the same connection
-(:meth:`Flwr.registered_keys`).
+reports ``"success": false``. What ``flwr`` leaves out of its JSON, which public
+key each registered node holds and when each node last sent a heartbeat
+(``flwr supernode list`` has neither), is asked with Flower's own Control API
+client over the same connection (:meth:`Flwr.node_infos`, :meth:`Flwr.run_info`:
+one HTTPS call, no ``flwr`` process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,38 +156,74 @@ class Flwr:
 
     def registered_keys(self) -> dict[int, bytes]:
         """Node id -> public key (DER SubjectPublicKeyInfo) of every node not unregistered;
-        :data:`UNREADABLE_KEY` for a key that does not parse (never a hospital's: unregistered).
+        :data:`UNREADABLE_KEY` for a key that does not parse (never a hospital's: unregistered)."""
+        from flwr.supercore.constant import NodeStatus
 
-        The Control API's ``ListNodes`` (what ``flwr supernode list`` calls),
-        through Flower's client with the connection of ``config.toml``.
+        return {
+            int(node.node_id): _der_key(int(node.node_id), node.public_key)
+            for node in self.node_infos()
+            if node.status != NodeStatus.UNREGISTERED
+        }
+
+    def node_infos(self) -> list[Any]:
+        """Every node the SuperLink holds, as Flower's ``NodeInfo`` (status, heartbeat interval,
+        ``online_until``, public key, ...).
+
+        The Control API's ``ListNodes`` (what ``flwr supernode list`` calls, whose
+        JSON leaves out the keys and the heartbeat facts), through Flower's client
+        with the connection of ``config.toml``.
         """
         from flwr.proto.control_pb2 import ListNodesRequest  # Flower's client, imported only when asked
-        from flwr.supercore.constant import NodeStatus
-        from flwr.supercore.control import ControlHttpClient
-        from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
 
-        connection = tomllib.loads((self.flwr_home / "config.toml").read_text())["superlink"][CONNECTION]
-        ca = connection.get("root-certificates")
+        with self._control("listing the SuperLink's nodes") as client:
+            return list(client.ListNodes(ListNodesRequest()).nodes_info)
+
+    def run_info(self, run_id: int) -> dict[str, str]:
+        """A run's ``status`` as ``flwr list`` writes it (``running``, ``finished:completed``, ...) and its
+        ``pending-at``, ``running-at``, ``finished-at`` times (ISO, empty when not yet), from ``ListRuns``."""
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        with self._control(f"asking for run {run_id}") as client:
+            runs = client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict
+        if run_id not in runs:
+            raise FlwrCommandError(f"the SuperLink holds no run {run_id}")
+        run = runs[run_id]
+        status = run.status.status + (f":{run.status.sub_status}" if run.status.sub_status else "")
+        return {
+            "status": status,
+            "pending-at": run.pending_at,
+            "running-at": run.running_at,
+            "finished-at": run.finished_at,
+        }
+
+    @contextlib.contextmanager
+    def _control(self, what: str) -> Iterator[Any]:
+        """Flower's Control API client on the connection of ``config.toml``; any failure to reach or ask
+        it (no config, httpx, TLS, Flower errors) is one :class:`FlwrCommandError` (Flower's client times
+        a call out after 30 s)."""
         try:
+            from flwr.supercore.control import ControlHttpClient
+            from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+
+            config = tomllib.loads((self.flwr_home / "config.toml").read_text())
+            connection = config["superlink"][CONNECTION]
+            ca = connection.get("root-certificates")
             client = ControlHttpClient.from_server_address(
                 connection["address"],
                 insecure=bool(connection.get("insecure", False)),
                 root_certificates=Path(ca).read_bytes() if ca else None,
                 interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
             )
-            try:
-                nodes = client.ListNodes(ListNodesRequest()).nodes_info
-            finally:
-                client.close()
+        except Exception as exc:
+            raise FlwrCommandError(f"{what} failed ({type(exc).__name__}: {exc})") from None
+        try:
+            yield client
+        except FlwrCommandError:
+            raise
         except Exception as exc:  # httpx, TLS and Flower errors alike: one message
-            raise FlwrCommandError(
-                f"listing the SuperLink's nodes failed ({type(exc).__name__}: {exc})"
-            ) from None
-        return {
-            int(node.node_id): _der_key(int(node.node_id), node.public_key)
-            for node in nodes
-            if node.status != NodeStatus.UNREGISTERED
-        }
+            raise FlwrCommandError(f"{what} failed ({type(exc).__name__}: {exc})") from None
+        finally:
+            client.close()
 
     def submit(self, app_dir: Path, run_config: Path) -> int:
         """Start the app in ``app_dir`` with the run config file; the run id."""

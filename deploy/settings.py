@@ -38,6 +38,7 @@ Relative paths are relative to the config file's folder. Every mistake is a
 from __future__ import annotations
 
 import ipaddress
+import math
 import numbers
 import tomllib
 from collections.abc import Mapping
@@ -53,6 +54,7 @@ from fedshift.deploy.certs import check_site_name
 
 DEFAULT_PORT = 9092
 DEFAULT_RUNTIME_PORT = 9094  # flower-supernode's local Runtime API (ClientApp processes connect to it)
+DEFAULT_TASK_TIMEOUT = 1800.0  # seconds one ClientApp message may run in the site runner
 
 SERVER_KEYS = {
     "address": 'host:port of the public HTTPS port (Fleet API only), e.g. "0.0.0.0:9092"',
@@ -70,6 +72,8 @@ CONNECTION_KEYS = {
     "runtime-port": "local port of the SuperNode's Runtime API (distinct per SuperNode on one machine)",
     "log-file": "the daemon's log file (default <state-dir>/logs/fedshift-client.log)",
     "enrollment-timeout": "seconds a refused key is retried before the daemon exits with code 3",
+    "task-timeout": "seconds one ClientApp message may run in the site runner before it gets an error reply "
+    "and the runner restarts",
 }
 HOSPITAL_KEYS = {
     "key": "the hospital's public SuperNode key (OpenSSH, from fedshift keygen)",
@@ -304,6 +308,7 @@ class ClientSettings:
     log_file: Path
     node_config: dict[str, Any]  # [site] with absolute paths: data-path, state-dir, site-name, dp-*, ...
     enrollment_timeout: float = 600.0  # seconds a refused key is retried before giving up
+    task_timeout: float = DEFAULT_TASK_TIMEOUT  # seconds one message may run in the site runner
 
     @property
     def state_dir(self) -> Path:
@@ -365,7 +370,20 @@ class ClientSettings:
                 f"Expected [connection] enrollment-timeout in {path} to be a number of seconds >= 0, "
                 f"but got {timeout!r}; e.g. enrollment-timeout = 600"
             )
-        return cls(path, superlink, ca, key, runtime_port, log_file, site, float(timeout))
+        task_timeout = conn.get("task-timeout", DEFAULT_TASK_TIMEOUT)
+        if (
+            isinstance(task_timeout, bool)
+            or not isinstance(task_timeout, int | float)
+            or not 0 < task_timeout < math.inf
+        ):
+            raise ConfigError(
+                f"Expected [connection] task-timeout in {path} to be a number of seconds > 0, but got "
+                f"{task_timeout!r}; e.g. task-timeout = {DEFAULT_TASK_TIMEOUT:g} (the longest a training "
+                "round may take here)"
+            )
+        return cls(
+            path, superlink, ca, key, runtime_port, log_file, site, float(timeout), float(task_timeout)
+        )
 
 
 def _check_privacy_values(site: Mapping[str, Any], path: Path) -> None:

@@ -146,6 +146,46 @@ def test_bad_site_configs_fail_in_one_line_naming_the_key(
     one_line_error(main(["client", "--config", str(path), "--check"]), capsys.readouterr().err, *needles)
 
 
+@pytest.mark.parametrize("value", ["0", "-5", '"30"', "true", "inf", "nan"])
+def test_a_bad_task_timeout_fails_in_one_line(
+    tmp_path: Path, certs: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    path = _site_toml(tmp_path, certs)
+    path.write_text(path.read_text().replace("[connection]\n", f"[connection]\ntask-timeout = {value}\n"))
+    one_line_error(
+        main(["client", "--config", str(path), "--check"]),
+        capsys.readouterr().err,
+        "[connection] task-timeout",
+        "number of seconds > 0",
+        "task-timeout = 1800",
+    )
+
+
+def test_the_task_timeout_is_read_with_its_default(tmp_path: Path, certs: Path) -> None:
+    from fedshift.deploy.settings import ClientSettings
+
+    path = _site_toml(tmp_path, certs)
+    assert ClientSettings.load(path).task_timeout == 1800.0
+    path.write_text(path.read_text().replace("[connection]\n", "[connection]\ntask-timeout = 90\n"))
+    assert ClientSettings.load(path).task_timeout == 90.0
+
+
+def test_status_flags_of_the_client_are_checked(
+    tmp_path: Path, certs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _site_toml(tmp_path, certs)
+    one_line_error(
+        main(["client", "--config", str(path), "--json"]), capsys.readouterr().err, "--json", "--status"
+    )
+    one_line_error(
+        main(["client", "--config", str(path), "--status", "--check"]),
+        capsys.readouterr().err,
+        "--status",
+        "--check",
+    )
+    assert not (tmp_path / "state").exists()  # refused before anything was read or made
+
+
 def test_unreadable_data_and_malformed_toml(
     tmp_path: Path, certs: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -202,7 +242,7 @@ def test_a_finished_federation_is_not_started_again(tmp_path: Path) -> None:
     assert resume_point(tmp_path / "fresh") is None
 
 
-@pytest.mark.parametrize("command", ["server", "client", "certs", "keygen"])
+@pytest.mark.parametrize("command", ["server", "client", "certs", "keygen", "status"])
 def test_help_documents_every_option(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -210,7 +250,8 @@ def test_help_documents_every_option(command: str, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     options = {
         "server": ["--config", "--insecure", "--check"],
-        "client": ["--config", "--insecure", "--check"],
+        "client": ["--config", "--insecure", "--check", "--status", "--json"],
+        "status": ["--config", "--json", "--insecure"],
         "certs": ["--out", "--hosts", "--sites", "--days", "--force", "--ca-passphrase-file"],
         "keygen": ["--site", "--out", "--force"],
     }[command]
