@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,14 +105,21 @@ class Federation:
         manifest_sites: tuple[str, ...] = (),
         run_config: dict[str, Any] | None = None,
         site_values: dict[str, Any] | None = None,
+        public_host: str | None = None,
+        prefixes: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         """``manifest_sites``: hospitals whose data-path is a CSV manifest of DICOM files (two images per
         patient, no split column: the site splits it at patient level) instead of an ``.npz``.
         ``run_config``: more keys of the coordinator's ``[federation]`` table; ``site_values``: of every
-        hospital's ``[site]`` table."""
+        hospital's ``[site]`` table. ``public_host``: the coordinator's address for the hospitals (in its
+        certificate, ``[server] address`` and every ``[connection] superlink``; default loopback).
+        ``prefixes``: an argv prefix for the processes of ``"server"`` or of a site (e.g. ``ip netns
+        exec NS``: :class:`fedshift.tests.netns_support.Network`)."""
         self.root = root
         self.manifest_sites = manifest_sites
         self.port = free_port()
+        self.public_host = public_host
+        self.prefixes = {name: tuple(prefix) for name, prefix in (prefixes or {}).items()}
         self.daemons: list[Child] = []
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         made = fedshift(
@@ -120,7 +127,7 @@ class Federation:
             "--out",
             "certs",
             "--hosts",
-            "localhost",
+            public_host or "localhost",
             "--sites",
             ",".join((*SITES, "intruder")),
             cwd=root,
@@ -134,7 +141,7 @@ class Federation:
             **(run_config or {}),
         }
         server = {
-            "address": f"127.0.0.1:{self.port}",
+            "address": f"{public_host or '127.0.0.1'}:{self.port}",
             "state-dir": "coordinator",
             "ca-cert": "certs/ca.crt",
             "server-cert": "certs/server.crt",
@@ -151,9 +158,18 @@ class Federation:
                 export_manifest(pooled, root / "data" / site, images_per_patient=2, with_split=False)
             self.write_site_config(site, key=site, **(site_values or {}))
 
-    def write_site_config(self, site: str, *, key: str, **site_values: Any) -> Path:
+    @property
+    def superlink(self) -> str:
+        """The coordinator's public ``host:port``, as the hospitals reach it."""
+        return f"{self.public_host or 'localhost'}:{self.port}"
+
+    def write_site_config(
+        self, site: str, *, key: str, superlink: str | None = None, **site_values: Any
+    ) -> Path:
+        """``site.toml`` for ``site`` (with ``key``'s private key); ``superlink``: another address than
+        :attr:`superlink` (a relay's)."""
         connection = {
-            "superlink": f"localhost:{self.port}",
+            "superlink": superlink or self.superlink,
             "ca-cert": "certs/ca.crt",
             "private-key": f"certs/nodes/{key}.key",
             "runtime-port": free_port(),
@@ -174,18 +190,21 @@ class Federation:
 
     # -- processes
 
-    def start(self, name: str, *args: str) -> Child:
-        child = Child(
-            name, [*FEDSHIFT, *args], self.root / "test-logs" / f"{name}.log", env=self.env, cwd=self.root
-        )
+    def start(self, name: str, *args: str, prefix: Sequence[str] = ()) -> Child:
+        argv = [*prefix, *FEDSHIFT, *args]
+        child = Child(name, argv, self.root / "test-logs" / f"{name}.log", env=self.env, cwd=self.root)
         self.daemons.append(child)
         return child
 
     def start_server(self) -> Child:
-        return self.start(f"server-{len(self.daemons)}", "server", "--config", "federation.toml")
+        name = f"server-{len(self.daemons)}"
+        return self.start(
+            name, "server", "--config", "federation.toml", prefix=self.prefixes.get("server", ())
+        )
 
     def start_client(self, site: str, *extra: str) -> Child:
-        return self.start(f"client-{site}", "client", "--config", f"{site}.toml", *extra)
+        args = ("client", "--config", f"{site}.toml", *extra)
+        return self.start(f"client-{site}", *args, prefix=self.prefixes.get(site, ()))
 
     def stop_all(self) -> None:
         for child in reversed(self.daemons):
