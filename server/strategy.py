@@ -231,10 +231,11 @@ class AdapterFedAvg(FedAvg):
         over its metric keys (see :meth:`_for_flower`).
         """
         checked: list[tuple[str, Message]] = []
+        accepted: set[str] = set()  # the names in checked (a set: one look-up per reply, not a scan)
         secure = self._secure if stage == TRAIN else None  # masked updates this round
         for msg in replies:
             name, problem = self.names.resolve(msg)
-            if problem is None and any(n == name for n, _ in checked):
+            if problem is None and name in accepted:
                 problem = f"a second reply from {name} in this round"
             status = _status_of(msg) if problem is None else None
             if status is not None:
@@ -252,6 +253,7 @@ class AdapterFedAvg(FedAvg):
                 problem = _claim_problem(secure, msg)
             if problem is None:
                 checked.append((name, msg))
+                accepted.add(name)
             else:
                 self._reject(server_round, stage, msg, name, problem)
         return checked

@@ -128,3 +128,32 @@ def test_smallest_real_run_counts_rounds_memory_and_leaves_nothing(
     assert report["leftover"] == 0
     # one size each: no line fitted
     assert "per_site" not in report["fit"]["simulation"]["s_per_round"]
+
+
+# ------------------------------------------------------------------ the server's duplicate check (a set)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_second_reply_of_a_site_is_left_out_and_one_after_a_rejected_first_is_kept(tmp_path: Path) -> None:
+    """AdapterFedAvg finds a site's second reply by a set of the accepted names (not a scan of the accepted
+    replies per reply, which was O(N^2) in the sites): among 100 sites, the second reply of site-7 is left
+    out; site-9's first reply is rejected (NaN), so its second one is the one averaged."""
+    import numpy as np
+
+    from fedshift.tests.test_strategy import _arrays, _reply, make_strategy
+
+    strategy = make_strategy(tmp_path)
+    arrays = {node: _arrays(node) for node in range(1, 101)}
+    nan = {k: np.full_like(v, np.nan) for k, v in arrays[9].items()}
+    replies = [_reply(9, nan, 10)] + [_reply(node, arrays[node], node) for node in range(1, 101)]
+    replies.insert(50, _reply(7, _arrays(1000), 1))  # a second reply from site-7, after its first
+    aggregate, _ = strategy.aggregate_train(1, replies)
+    assert aggregate is not None
+    assert sorted(strategy.history.train[1]) == sorted(f"site-{n}" for n in range(1, 101))
+    rejected = [(r["site"], r["reason"]) for r in strategy.history.rejected]
+    assert [site for site, _ in rejected] == ["site-9", "site-7"]
+    assert rejected[1][1] == "a second reply from site-7 in this round"
+    weights = np.arange(1, 101, dtype=np.float64)
+    for key in arrays[1]:
+        expected = np.average(np.stack([arrays[n][key] for n in range(1, 101)]), axis=0, weights=weights)
+        np.testing.assert_allclose(aggregate[key].numpy(), expected, rtol=1e-5, atol=1e-6)

@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ TAG = "FEDSHIFT_SCALE_RUN"  # environment marker of every process a run starts
 SITE_PREFIX = "site-"
 SERVER_TIMEOUT = 3600.0  # seconds a deployed federation may take before the run is stopped
 MIB = 1024 * 1024
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MEMORY_MARGIN = 1.15  # on the predicted memory of a larger deployed federation
 
 
@@ -105,6 +106,16 @@ def memory_of(pids: Iterable[int]) -> tuple[int, int, dict[str, int]]:
     return rss, pss, kinds
 
 
+def cpu_ticks(pid: int) -> int | None:
+    """User + system CPU time of ``pid`` so far, in clock ticks; ``None`` when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def tagged_processes(tag: str) -> list[int]:
     """Live processes (but this one) whose environment holds ``TAG=tag``."""
     marker = f"{TAG}={tag}".encode()
@@ -153,6 +164,7 @@ class Peak:
     pss: int = 0
     samples: list[float] = field(default_factory=list)  # PSS in MiB, one per sample
     kinds: dict[str, int] = field(default_factory=dict)  # peak PSS per process kind
+    cpu: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # pid -> kind, first, last ticks
 
     def add(self, rss: int, pss: int, kinds: dict[str, int]) -> None:
         self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
@@ -160,12 +172,31 @@ class Peak:
         for kind, value in kinds.items():
             self.kinds[kind] = max(self.kinds.get(kind, 0), value)
 
+    def add_cpu(self, pids: Iterable[int]) -> None:
+        """Note the CPU ticks of ``pids``; a process seen for the first time counts from then (a
+        process started before the run, this one in a simulation, counts only the run's)."""
+        for pid in pids:
+            ticks = cpu_ticks(pid)
+            if ticks is None:
+                continue
+            kind, first, last = self.cpu.get(pid, (kind_of(pid), ticks, ticks))
+            self.cpu[pid] = (kind, first, max(last, ticks))
+
+    def cpu_s(self, kind: str | None = None) -> float:
+        """CPU seconds (user + system) of every process seen (of ``kind``), between its samples."""
+        ticks = sum(last - first for k, first, last in self.cpu.values() if kind in (None, k))
+        return ticks / CLOCK_TICKS
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "peak_rss_mib": self.rss / MIB,
             "peak_pss_mib": self.pss / MIB,
             "mean_pss_mib": statistics.fmean(self.samples) if self.samples else 0.0,
             "peak_pss_mib_by_process": {k: v / MIB for k, v in sorted(self.kinds.items())},
+            "cpu_s": self.cpu_s(),
+            "cpu_s_by_process": {
+                kind: self.cpu_s(kind) for kind in sorted({k for k, *_ in self.cpu.values()})
+            },
         }
 
 
@@ -185,7 +216,9 @@ class Sampler:
 
     def sample(self) -> None:
         for name, pids in self.groups().items():
-            self.peaks.setdefault(name, Peak()).add(*memory_of(pids))
+            peak = self.peaks.setdefault(name, Peak())
+            peak.add(*memory_of(pids))
+            peak.add_cpu(pids)
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -347,6 +380,7 @@ def run_deployment(root: Path, n: int, rounds: int, sample_seconds: float) -> di
             for kind in sorted({k for s in per_site for k in s["peak_pss_mib_by_process"]})
         },
         "all_sites_peak_pss_mib": sum(s["peak_pss_mib"] for s in per_site),
+        "site_cpu_s": statistics.fmean(s["cpu_s"] for s in per_site),  # whole run, start-up included
         "leftover": len(leftover),
         "leftover_processes": leftover,
     }
@@ -386,6 +420,39 @@ def memory_shortfall(done: Sequence[dict[str, Any]], n: int) -> dict[str, Any] |
 # ------------------------------------------------------------------ simulation: N virtual sites in Ray
 
 
+@dataclass
+class SweepMeter:
+    """CPU seconds spent in Flower's ``InMemoryLinkState.get_message_ins`` while it is installed.
+
+    In a simulation, Flower's engine asks the link state for every node's next message every 0.1 s
+    (``vce_api.add_messages_to_queue``), and each ask scans every stored message: N nodes x M
+    messages (M = N during a round) per sweep. This meter is the measurement of that cost.
+    """
+
+    calls: int = 0
+    cpu_s: float = 0.0
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[SweepMeter]:
+        from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+        original = InMemoryLinkState.get_message_ins
+
+        def metered(state: Any, *args: Any, **kwargs: Any) -> Any:
+            start = time.thread_time()
+            try:
+                return original(state, *args, **kwargs)
+            finally:
+                self.cpu_s += time.thread_time() - start
+                self.calls += 1
+
+        InMemoryLinkState.get_message_ins = metered  # type: ignore[method-assign,assignment]
+        try:
+            yield self
+        finally:
+            InMemoryLinkState.get_message_ins = original  # type: ignore[method-assign]
+
+
 def run_simulation(root: Path, n: int, rounds: int, sample_seconds: float) -> dict[str, Any]:
     """One Ray simulation of ``n`` small SYNTHETIC sites (about 60 images each); its measurements."""
     from fedshift.common.config import FederationConfig, PrivacyConfig, TrainConfig
@@ -405,11 +472,17 @@ def run_simulation(root: Path, n: int, rounds: int, sample_seconds: float) -> di
     previous = os.environ.get(TAG)
     os.environ[TAG] = tag  # Ray's processes inherit it
     me = os.getpid()
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     clock = RoundClock(root / "server" / "checkpoint")
+    sweep = SweepMeter()
     try:
-        with Sampler(lambda: {"simulation": [me, *descendants(me)]}, sample_seconds) as sampler, clock:
+        with (
+            Sampler(lambda: {"simulation": [me, *descendants(me)]}, sample_seconds) as sampler,
+            clock,
+            sweep.installed(),
+        ):
             results, _ = federate(fed, sites, root, every_site=True)
+        driver_cpu = time.process_time() - cpu
     finally:
         if previous is None:
             os.environ.pop(TAG, None)
@@ -418,6 +491,16 @@ def run_simulation(root: Path, n: int, rounds: int, sample_seconds: float) -> di
     seconds = time.monotonic() - started
     leftover = reap_tagged(tag)
     history = results["history"]
+    logger.info(
+        "Simulation of %d sites: %.0f s, %s s per round, driver CPU %.1f s, of it %.1f s in "
+        "Flower's link state (%d calls)",
+        n,
+        seconds,
+        _fmt(clock.summary()["s_per_round"]),
+        driver_cpu,
+        sweep.cpu_s,
+        sweep.calls,
+    )
     return {
         "sites": n,
         "rounds": rounds,
@@ -427,6 +510,14 @@ def run_simulation(root: Path, n: int, rounds: int, sample_seconds: float) -> di
         **clock.summary(),
         "seconds": seconds,
         "memory": sampler.peaks["simulation"].to_dict(),
+        # this process: the ServerApp and Flower's engine threads (the sites train in Ray's workers)
+        "driver_cpu_s": driver_cpu,
+        "flower_sweep": {
+            "calls": sweep.calls,
+            "cpu_s": sweep.cpu_s,
+            "cpu_s_per_round": sweep.cpu_s / max(1, rounds),
+            "us_per_call": 1e6 * sweep.cpu_s / max(1, sweep.calls),
+        },
         "leftover": len(leftover),
         "leftover_processes": leftover,
     }
@@ -459,8 +550,17 @@ def fit(rows: Sequence[dict[str, Any]], value: Callable[[dict[str, Any]], float 
     }
 
 
-def fits(rows: Sequence[dict[str, Any]], memory: Callable[[dict[str, Any]], float]) -> dict[str, Any]:
-    return {"s_per_round": fit(rows, lambda r: r["s_per_round"]), "peak_pss_mib": fit(rows, memory)}
+def fits(
+    rows: Sequence[dict[str, Any]],
+    memory: Callable[[dict[str, Any]], float],
+    cpu: Callable[[dict[str, Any]], float],
+) -> dict[str, Any]:
+    """Seconds per round, peak memory and CPU seconds of the run against N."""
+    return {
+        "s_per_round": fit(rows, lambda r: r["s_per_round"]),
+        "peak_pss_mib": fit(rows, memory),
+        "cpu_s": fit(rows, cpu),
+    }
 
 
 # ------------------------------------------------------------------ the command
@@ -577,8 +677,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "deployment_skipped": skipped,
         "simulation": simulation,
         "fit": {
-            "deployment": fits(deployment, lambda r: r["coordinator"]["peak_pss_mib"]),
-            "simulation": fits(simulation, lambda r: r["memory"]["peak_pss_mib"]),
+            # the coordinator's memory and CPU (the sites' own grow with N by construction)
+            "deployment": fits(
+                deployment,
+                lambda r: r["coordinator"]["peak_pss_mib"],
+                lambda r: r["coordinator"]["cpu_s"],
+            ),
+            # the whole simulation's: this process (ServerApp, Flower's engine) and Ray's workers
+            "simulation": fits(
+                simulation, lambda r: r["memory"]["peak_pss_mib"], lambda r: r["memory"]["cpu_s"]
+            ),
         },
         "leftover": sum(r["leftover"] for r in (*deployment, *simulation)),
         "cpus": os.cpu_count(),
