@@ -388,7 +388,7 @@ class _Runner:
                 )
                 self.restart_at = time.monotonic() + self.backoff
                 self.backoff = min(MAX_BACKOFF, self.backoff * 2)
-            self._record("down", None, last_exit={"code": code, "at": _now()})
+            self._record("down", None, {"last-exit": {"code": code, "at": _now()}})
         if time.monotonic() >= self.restart_at:
             self.started = time.monotonic()
             restart = self.state is not None and self.state.runner.get("last-exit") is not None
@@ -403,9 +403,9 @@ class _Runner:
                 self.state.runner_restarts += 1
             self._record("up", self.child.pid)
 
-    def _record(self, state: str, pid: int | None, **extra: Any) -> None:
+    def _record(self, state: str, pid: int | None, extra: dict[str, Any] | None = None) -> None:
         if self.state is not None:
-            self.state.runner = {**self.state.runner, "state": state, "pid": pid, **extra}
+            self.state.runner = {**self.state.runner, "state": state, "pid": pid, **(extra or {})}
             self.state.write()
 
     def stop(self) -> None:

@@ -5,7 +5,7 @@ file) and of the privacy argument with the real ClientApp and a real ledger: a
 message that hangs before or after its charge is answered with the generic
 error, and no round is ever charged twice (a retried round is refused by the
 ledger's order check). The slow tests are the real thing: a message that hangs
-inside the installed ClientApp (its data file is a FIFO nothing writes to) on a
+inside the installed ClientApp (its manifest is a FIFO nothing writes to) on a
 real SuperNode behind a real TLS coordinator, served by a real site runner
 process under the daemon's restart logic; and the cold/warm benchmark at its
 smallest size.
@@ -32,6 +32,8 @@ from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_E
 
 HANG_SERVERAPP = "fedshift.tests.test_site_worker:hang_server"
 RESULTS = ("first.json", "second.json")
+# longer than a fresh runner's first message (the backbone, the manifest's decode) on a loaded 2-core machine
+TASK_TIMEOUT = 15.0
 
 
 # -- the coordinator's side of the real test: an installed ServerApp (the bundle holds no code)
@@ -221,15 +223,16 @@ def site_and_coordinator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
     from fedshift.deploy.settings import ClientSettings, ServerSettings
     from fedshift.tests.deploy_support import Federation, flower_processes_under
 
-    fed = Federation(tmp_path, rounds=1, min_nodes=1, enrolled=("hospital-a",))
+    site = ("hospital-a",)
+    fed = Federation(tmp_path, rounds=1, min_nodes=1, enrolled=site, manifest_sites=site)
     coord = Coordinator(ServerSettings.load(tmp_path / "federation.toml"))
     settings = ClientSettings.load(tmp_path / "hospital-a.toml")
     if hasattr(settings, "task_timeout"):  # [connection] task-timeout, once settings has it
-        settings = dataclasses.replace(settings, task_timeout=4.0)
-    monkeypatch.setenv("FEDSHIFT_TASK_TIMEOUT", "4")  # otherwise the runner reads it here
-    data = Path(str(settings.node_config["data-path"]))
-    fifo = tmp_path / "hanging.npz"
-    os.mkfifo(fifo)  # opening it blocks until a writer comes: the ClientApp hangs reading its data
+        settings = dataclasses.replace(settings, task_timeout=TASK_TIMEOUT)
+    monkeypatch.setenv("FEDSHIFT_TASK_TIMEOUT", str(TASK_TIMEOUT))  # otherwise the runner reads it here
+    data = Path(str(settings.node_config["data-path"]))  # a CSV manifest of DICOM files
+    fifo = data.parent / "hanging.csv"  # beside it: the files it lists resolve the same
+    os.mkfifo(fifo)  # opening it blocks until a writer comes: the ClientApp hangs reading its manifest
     settings.node_config["data-path"] = str(fifo)
     settings.state_dir.mkdir(parents=True)
     supernode: Child | None = None
@@ -275,7 +278,7 @@ def _pump(runner: Any, supernode: Any, done: Any, timeout: float, what: str) -> 
 
 @pytest.mark.slow
 def test_a_hung_message_gets_an_error_reply_and_a_clean_runner_answers_the_next(
-    site_and_coordinator: dict[str, Any], tmp_path: Path
+    site_and_coordinator: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from fedshift.deploy.client import DAEMON_FILE
     from fedshift.deploy.flwr_cli import CONNECTION
@@ -295,17 +298,21 @@ def test_a_hung_message_gets_an_error_reply_and_a_clean_runner_answers_the_next(
 
     _pump(runner, supernode, (out / RESULTS[0]).is_file, 300, "the reply to the hung message")
     first = json.loads((out / RESULTS[0]).read_text())
-    # answered, with the generic error and no text from the site; after the timeout (4 s) plus
-    # Flower's polling, not after Flower gave the task up (no heartbeat for a minute)
+    # answered, with the generic error and no text from the site; after the timeout plus Flower's
+    # polling, not after Flower gave the task up (no task heartbeat for a minute)
     assert first["replies"] == 1 and first["error"] == [ErrorCode.CLIENT_APP_RAISED_EXCEPTION, SITE_ERROR]
-    assert 4.0 <= first["seconds"] < 45, first
+    assert TASK_TIMEOUT <= first["seconds"] < TASK_TIMEOUT + 40, first
+
     # the runner exited with its distinctive code and the daemon's loop started a clean one at once
-    _pump(runner, supernode, lambda: runner.child is not None and runner.child.poll() is None, 30, "restart")
+    def restarted() -> bool:
+        return runner.state.runner.get("last-exit") is not None and runner.child is not None
+
+    _pump(runner, supernode, restarted, 60, "the runner's restart")
     daemon = json.loads((settings.state_dir / DAEMON_FILE).read_text())
     assert daemon["runner"]["last-exit"]["code"] == EXIT_TASK_TIMEOUT and daemon["runner-restarts"] == 1
     log = settings.log_file.read_text()
-    assert "message hung: the ClientApp did not answer within 4 s" in log
-    assert "gave up a hung message" in log
+    assert f"message hung: the ClientApp did not answer within {TASK_TIMEOUT:g} s" in log
+    assert "gave up a hung message" in caplog.text  # the daemon's own line (its log is the test's here)
     assert not list((settings.state_dir).glob("privacy-ledger.json"))  # an evaluation charges nothing
 
     # the data is readable again: the clean runner answers the next message
@@ -314,7 +321,7 @@ def test_a_hung_message_gets_an_error_reply_and_a_clean_runner_answers_the_next(
     (out / "go").write_text("")
     _pump(runner, supernode, (out / RESULTS[1]).is_file, 300, "the reply to the next message")
     second = json.loads((out / RESULTS[1]).read_text())
-    assert "error" not in second and second["metrics"]["num-examples"] == 15, second
+    assert "error" not in second and second["metrics"]["num-examples"] > 0, second
     health = json.loads((settings.state_dir / HEALTH_FILE).read_text())
     assert health["pid"] == runner.child.pid
     assert (health["state"], health["messages"], health["errors"]) == ("idle", 1, 0)
