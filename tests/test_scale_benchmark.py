@@ -16,6 +16,7 @@ from fedshift.simulations.benchmarks.scale import (
     MEMORY_MARGIN,
     TAG,
     available_mib,
+    coordinator_phases,
     fit,
     main,
     memory_shortfall,
@@ -55,6 +56,25 @@ def test_a_federation_that_would_not_fit_in_memory_is_predicted_from_the_largest
     assert short is not None and short["sites"] == 20
     assert short["needed_mib"] == pytest.approx(MEMORY_MARGIN * (1000.0 + 2 * free), rel=1e-6)
     assert "per site, measured at 5 sites" in short["reason"] and "GiB available" in short["reason"]
+
+
+def test_the_coordinators_start_is_timed_from_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "coordinator.log"
+    log.write_text(
+        "10:00:17 INFO    fedshift.deploy.server: SuperLink up at 127.0.0.1:5\n"
+        "10:00:18 INFO    fedshift.deploy.server: Enrolled site-000 (site-000.pub): node 1\n"
+        "10:00:31 INFO    fedshift.deploy.server: Public port 127.0.0.1:9 open: Fleet API only\n"
+        "10:00:32 INFO    fedshift.deploy.server: Submitted the federation as run 7\n"
+    )
+    started = time.mktime((2026, 12, 2, 10, 0, 0, 0, 0, -1))
+    assert coordinator_phases(log, started) == {
+        "superlink_up_s": 17.0,
+        "enrolled_s": 31.0,
+        "submitted_s": 32.0,
+    }
+    assert coordinator_phases(tmp_path / "none.log", started) == dict.fromkeys(
+        ("superlink_up_s", "enrolled_s", "submitted_s")
+    )
 
 
 def test_leftover_processes_are_found_by_their_marker_and_killed() -> None:
@@ -117,6 +137,9 @@ def test_smallest_real_run_counts_rounds_memory_and_leaves_nothing(
     assert deployed["site_peak_pss_mib_by_process"]["site_runner"] > 100
     assert deployed["all_sites_peak_pss_mib"] == pytest.approx(2 * deployed["site_peak_pss_mib"])
     assert deployed["leftover"] == 0 and deployed["leftover_processes"] == []
+    start = deployed["coordinator_start"]
+    assert 0 < start["superlink_up_s"] <= start["enrolled_s"] <= start["submitted_s"] < deployed["seconds"]
+    assert coordinator["cpu_s"] > 1 and deployed["site_cpu_s"] > 1  # torch's import alone is more
 
     [simulated] = report["simulation"]
     assert (simulated["sites"], simulated["rounds_completed"], simulated["rounds_seen"]) == (3, 2, 2)
@@ -124,6 +147,8 @@ def test_smallest_real_run_counts_rounds_memory_and_leaves_nothing(
     assert len(simulated["round_s"]) == 1 and simulated["s_per_round"] == simulated["round_s"][0] > 0
     assert simulated["first_round_s"] + simulated["s_per_round"] < simulated["seconds"]
     assert 100 < simulated["memory"]["peak_pss_mib"] <= simulated["memory"]["peak_rss_mib"]
+    assert simulated["memory"]["cpu_s"] > 1
+    assert simulated["flower_sweep"]["calls"] > 0 and simulated["flower_sweep"]["cpu_s"] > 0
     assert simulated["leftover"] == 0
     assert report["leftover"] == 0
     # one size each: no line fitted

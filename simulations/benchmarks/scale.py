@@ -323,6 +323,31 @@ def write_deployment(root: Path, n: int, rounds: int) -> tuple[list[str], dict[s
     return sites, env
 
 
+COORDINATOR_PHASES = {  # the coordinator's log line that ends each phase of its start
+    "superlink_up_s": "SuperLink up at",
+    "enrolled_s": "Public port",  # enrollment (one flwr command per site) ends as the public port opens
+    "submitted_s": "Submitted the federation",
+}
+
+
+def coordinator_phases(log: Path, started: float) -> dict[str, float | None]:
+    """Seconds from ``started`` (a ``time.time()``) to each of :data:`COORDINATOR_PHASES`, read from the
+    coordinator's log (``HH:MM:SS`` stamps, this day, UTC or local as the log writes them)."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    day = time.localtime(started)
+    found: dict[str, float | None] = {}
+    for key, words in COORDINATOR_PHASES.items():
+        line = next((ln for ln in text.splitlines() if words in ln), "")
+        try:
+            stamp = time.strptime(line[:8], "%H:%M:%S")
+        except ValueError:
+            found[key] = None
+            continue
+        at = time.mktime((*day[:3], stamp.tm_hour, stamp.tm_min, stamp.tm_sec, 0, 0, -1))
+        found[key] = at - started
+    return found
+
+
 def run_deployment(root: Path, n: int, rounds: int, sample_seconds: float) -> dict[str, Any]:
     """One deployed federation of ``n`` hospitals and ``rounds`` rounds; its measurements."""
     from fedshift.common.proctree import descendants
@@ -342,7 +367,7 @@ def run_deployment(root: Path, n: int, rounds: int, sample_seconds: float) -> di
     def groups() -> dict[str, list[int]]:
         return {child.name: [child.pid, *descendants(child.pid)] for child in children}
 
-    started = time.monotonic()
+    started, wall = time.monotonic(), time.time()
     code: int | None = None
     clock = RoundClock(root / "coordinator" / "run" / "checkpoint")
     try:
@@ -372,6 +397,7 @@ def run_deployment(root: Path, n: int, rounds: int, sample_seconds: float) -> di
         "sites_per_round": [len(history["train"][r]) for r in sorted(history["train"], key=int)],
         **clock.summary(),
         "seconds": seconds,
+        "coordinator_start": coordinator_phases(root / "logs" / "coordinator.log", wall),
         "coordinator": coordinator,
         "site_peak_pss_mib": statistics.fmean(s["peak_pss_mib"] for s in per_site),
         "site_peak_rss_mib": statistics.fmean(s["peak_rss_mib"] for s in per_site),
