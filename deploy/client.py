@@ -342,9 +342,7 @@ def runner_argv(settings: ClientSettings, runtime_secret: Path | None = None) ->
         "--state-dir",
         str(settings.state_dir),
     ]
-    timeout = getattr(settings, "task_timeout", None)  # [connection] task-timeout, where settings has it
-    if timeout is not None:
-        argv += ["--task-timeout", repr(float(timeout))]
+    argv += ["--task-timeout", repr(float(settings.task_timeout))]  # [connection] task-timeout
     return [*argv, "--runtime-secret-file", str(runtime_secret)] if runtime_secret is not None else argv
 
 

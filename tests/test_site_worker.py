@@ -208,7 +208,7 @@ def test_a_hung_training_message_is_charged_at_most_once(tmp_path: Path, after: 
 
 
 @pytest.fixture
-def site_and_coordinator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+def site_and_coordinator(tmp_path: Path) -> Iterator[dict[str, Any]]:
     from fedshift.deploy.client import (
         DAEMON_FILE,
         DaemonState,
@@ -227,9 +227,7 @@ def site_and_coordinator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
     fed = Federation(tmp_path, rounds=1, min_nodes=1, enrolled=site, manifest_sites=site)
     coord = Coordinator(ServerSettings.load(tmp_path / "federation.toml"))
     settings = ClientSettings.load(tmp_path / "hospital-a.toml")
-    if hasattr(settings, "task_timeout"):  # [connection] task-timeout, once settings has it
-        settings = dataclasses.replace(settings, task_timeout=TASK_TIMEOUT)
-    monkeypatch.setenv("FEDSHIFT_TASK_TIMEOUT", str(TASK_TIMEOUT))  # otherwise the runner reads it here
+    settings = dataclasses.replace(settings, task_timeout=TASK_TIMEOUT)  # [connection] task-timeout
     data = Path(str(settings.node_config["data-path"]))  # a CSV manifest of DICOM files
     fifo = data.parent / "hanging.csv"  # beside it: the files it lists resolve the same
     os.mkfifo(fifo)  # opening it blocks until a writer comes: the ClientApp hangs reading its manifest
