@@ -93,7 +93,8 @@ def _connection(daemon: dict[str, Any] | None) -> dict[str, Any]:
     if daemon is None:
         return {"daemon": "never started", "daemon-pid": None, "supernode": "down", "supernode-pid": None}
     running = _alive(daemon.get("pid"), DAEMON_CMD)
-    supernode = daemon.get("supernode") if isinstance(daemon.get("supernode"), dict) else {}
+    found = daemon.get("supernode")
+    supernode: dict[str, Any] = found if isinstance(found, dict) else {}
     pid = supernode.get("pid")
     up = running and supernode.get("state") == "up" and _alive(pid, SUPERNODE_CMD)
     return {
