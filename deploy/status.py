@@ -23,8 +23,10 @@ offline at most one heartbeat interval (30 s) after its last heartbeat, and so
 after the kill; Flower's own status (``flower-status``) follows up to one more
 interval later. ``last-seen`` is that last heartbeat while Flower counts the
 node online; once Flower has it offline, Flower keeps only the time it stopped
-counting it (``last_deactivated_at``: the moment of a clean stop, or two
-intervals after the last heartbeat), and ``last-seen`` is that time.
+counting it (``offline-since``: the moment of a clean stop, or two intervals
+after the last heartbeat), and ``last-seen`` is that time less two intervals
+(but not before it came online): exact for a hospital that vanished, early for
+one that stopped cleanly.
 """
 
 from __future__ import annotations
@@ -123,9 +125,27 @@ class NodeFacts:
             # a missed heartbeat (Flower still counts it), or a SuperLink that stopped with it online
             out["offline-since"] = _iso(heartbeat + interval) if live else None
             return {**out, "state": OFFLINE}
-        out["last-seen"] = _iso(self.last_deactivated_at) or _iso(self.last_activated_at)
+        out["last-seen"] = self._alive_at(interval)
         out["offline-since"] = _iso(self.last_deactivated_at)
         return {**out, "state": OFFLINE}
+
+    def _alive_at(self, interval: float) -> str | None:
+        """The latest moment a node Flower has offline is known to have been alive.
+
+        Flower keeps only when it marked the node offline: at a clean stop, or
+        ``HEARTBEAT_PATIENCE`` intervals after a vanished node's last heartbeat,
+        which it cannot tell apart. That time less the two intervals is that
+        last heartbeat for a vanished node (exact) and a moment it was still
+        online for one that stopped (early by up to two intervals); never before
+        it came online.
+        """
+        moments = []
+        with contextlib.suppress(ValueError):
+            moments.append(datetime.fromisoformat(self.last_activated_at).timestamp())
+        with contextlib.suppress(ValueError):
+            offline = datetime.fromisoformat(self.last_deactivated_at).timestamp()
+            moments.append(offline - HEARTBEAT_PATIENCE * interval)
+        return _iso(max(moments)) if moments else None
 
 
 def nodes_from_database(database: Path) -> dict[int, NodeFacts]:

@@ -185,7 +185,7 @@ def _history() -> RunHistory:
 @pytest.fixture
 def coordinator_state(tmp_path: Path) -> Iterator[tuple[ServerSettings, dict[str, Any]]]:
     """A coordinator that ran 2 of 3 rounds and stopped: superlink.db (Flower's code: a stopped with its
-    node online, b offline, c never connected, one revoked node), enrolled.json, runs.jsonl, checkpoint."""
+    node online, b stopped cleanly, c vanished, one revoked node), enrolled.json, runs.jsonl, checkpoint."""
     from flwr.server.superlink.linkstate.linkstate_factory import LinkStateFactory
     from flwr.supercore.object_store.object_store_factory import ObjectStoreFactory
     from flwr.superlink.federation.noop_federation_manager import NoOpFederationManager
@@ -200,8 +200,10 @@ def coordinator_state(tmp_path: Path) -> Iterator[tuple[ServerSettings, dict[str
     nodes = {site: db.create_node("owner", site, site.encode(), 30.0) for site in (*SITES, "revoked")}
     db.activate_node(nodes["hospital-a"], 30.0)
     db.activate_node(nodes["hospital-b"], 30.0)
-    db.deactivate_node(nodes["hospital-b"])
+    db.deactivate_node(nodes["hospital-b"])  # a clean stop
+    db.activate_node(nodes["hospital-c"], 1.0)  # vanishes: Flower marks it offline 2 intervals later
     db.delete_node("owner", nodes["revoked"])
+    time.sleep(2.0 * 1.0 + 0.2)
     facts = {int(n.node_id): n for n in db.get_node_info()}
     (state_dir / "enrolled.json").write_text(json.dumps({s: {"node-id": str(nodes[s])} for s in SITES}))
     runs = [
@@ -262,8 +264,12 @@ def test_a_stopped_coordinator_shows_what_its_files_say(
     assert a["last-seen"] == _iso(fa.last_activated_at)  # it never sent a heartbeat after activating
     fb = facts[nodes["hospital-b"]]
     assert (b["state"], b["flower-status"]) == ("offline", "offline")
-    assert b["last-seen"] == b["offline-since"] == _iso(fb.last_deactivated_at)
-    assert (c["state"], c["last-seen"]) == ("never-connected", None)
+    assert (b["last-seen"], b["offline-since"]) == (_iso(fb.last_activated_at), _iso(fb.last_deactivated_at))
+    # c: Flower marked it offline 2 intervals (2 s) after its last sign of life, which is last-seen
+    fc = facts[nodes["hospital-c"]]
+    assert (c["state"], c["flower-status"]) == ("offline", "offline")
+    assert c["last-seen"] == _iso(fc.last_activated_at)
+    assert c["offline-since"] == _iso(fc.last_deactivated_at) == _iso(_seconds(fc.last_activated_at) + 2.0)
     # what the ServerApp's history says of each site
     assert (a["last-round-answered"], a["epsilon"], a["epsilon-round"], a["budget-epsilon"]) == (
         2,
@@ -479,6 +485,17 @@ def test_status_of_a_running_federation_and_a_killed_hospital(tmp_path: Path) ->
                 assert site_view["runner"]["messages"] >= 1 and site_view["connection"]["supernode"] == "up"
             text = fedshift("client", "--config", f"{site}.toml", "--status", cwd=fed.root)
             assert text.returncode == 0 and f"site {site}" in text.stdout
+
+        # Flower's own status follows: offline 2 intervals after the last heartbeat, later than ours
+        wait_for(
+            "Flower to count it offline",
+            lambda: _statuses(settings)[lost]["flower-status"] == "offline",
+            3 * interval,
+            server,
+        )
+        flower_after = _seconds(_statuses(settings)[lost]["offline-since"]) - killed  # as Flower recorded it
+        assert detected < flower_after <= HEARTBEAT_PATIENCE * interval + 1.0
+        print(f"{lost}: Flower's own status offline {flower_after:.1f} s after the kill")
     finally:
         fed.stop_all()
 
@@ -490,5 +507,9 @@ def test_status_of_a_running_federation_and_a_killed_hospital(tmp_path: Path) ->
     assert stopped["state"] == "stopped" and stopped["coordinator"]["running"] is False
     assert stopped["checkpoint"]["round"] >= 1 and stopped["run"]["run-id"] == live["run"]["run-id"]
     assert {s["site"]: s["state"] for s in stopped["sites"]} == {"hospital-a": "offline", lost: "offline"}
+    # Flower marked the killed site offline 2 intervals after its last heartbeat: that heartbeat is last-seen
+    gone = next(s for s in stopped["sites"] if s["site"] == lost)
+    assert gone["flower-status"] == "offline" and _seconds(gone["last-seen"]) <= killed + 1
+    assert _seconds(gone["offline-since"]) - _seconds(gone["last-seen"]) == HEARTBEAT_PATIENCE * interval
     assert_text_matches(text.stdout, stopped, same_moment=False)
     wait_for("no process left", lambda: flower_processes_under(fed.root) == [], 30)
