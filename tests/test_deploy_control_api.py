@@ -4,9 +4,9 @@ Flower 1.41 serves the Fleet, Control and Runtime APIs on one port. ``fedshift
 server`` binds the SuperLink to loopback and puts a proxy on the public address
 that forwards only the Fleet API (``deploy/proxy.py``). The federation test
 puts the coordinator and an outsider in two network namespaces that it creates
-(a veth pair with addresses of the benchmarking range 198.18.0.0/15, which
-exist only inside them); without root or iproute2 both run on loopback, where
-the public port is the proxy all the same.
+(:class:`fedshift.tests.netns_support.Network`: a bridge, addresses that exist only
+inside them); without root or iproute2 both run on loopback, where the public port
+is the proxy all the same.
 """
 
 from __future__ import annotations
@@ -35,9 +35,8 @@ from fedshift.tests.deploy_support import (
     wait_for,
 )
 from fedshift.tests.helpers import one_line_error
+from fedshift.tests.netns_support import Network, netns_unavailable
 
-PUBLIC_IP = "198.18.92.1"  # the coordinator's "public" address: only inside the test's namespaces
-OUTSIDER_IP = "198.18.92.2"
 # every API but the Fleet API, and paths that try to reach them through the Fleet prefix
 REFUSED_PATHS = (
     "/v1/control/list-runs",
@@ -84,53 +83,22 @@ class Machines:
     kind: str
 
 
-def _netns_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    if shutil.which("ip") is None:
-        return "iproute2 ('ip') is not installed"
-    probe = f"fedshift-probe-{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
-    if made.returncode != 0:
-        return f"ip netns add failed: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], check=False)
-    return None
-
-
 @pytest.fixture
-def machines() -> Iterator[Machines]:
-    """Two namespaces joined by a veth pair (coordinator, outsider); loopback when that is not possible."""
-    reason = _netns_unavailable()
+def machines(tmp_path: Path) -> Iterator[Machines]:
+    """Two namespaces on one bridge (coordinator, outsider); loopback when that is not possible."""
+    reason = netns_unavailable()
     if reason is not None:
         print(f"one machine on loopback ({reason})")
         yield Machines((), (), "localhost", "127.0.0.1", "loopback")
         return
-    pid = os.getpid()
-    coordinator, outsider = f"fedshift-coord-{pid}", f"fedshift-out-{pid}"
-    steps = [
-        ["ip", "netns", "add", coordinator],
-        ["ip", "netns", "add", outsider],
-        ["ip", "-n", coordinator, "link", "add", f"fsc{pid}", "type", "veth", "peer", "name", f"fso{pid}"],
-        ["ip", "-n", coordinator, "link", "set", f"fso{pid}", "netns", outsider],
-        ["ip", "-n", coordinator, "addr", "add", f"{PUBLIC_IP}/30", "dev", f"fsc{pid}"],
-        ["ip", "-n", outsider, "addr", "add", f"{OUTSIDER_IP}/30", "dev", f"fso{pid}"],
-        *(["ip", "-n", ns, "link", "set", dev, "up"] for ns in (coordinator, outsider) for dev in ("lo",)),
-        ["ip", "-n", coordinator, "link", "set", f"fsc{pid}", "up"],
-        ["ip", "-n", outsider, "link", "set", f"fso{pid}", "up"],
-    ]
-    try:
-        for step in steps:
-            subprocess.run(step, check=True, capture_output=True, text=True)
+    with Network.create(("coordinator", "outsider"), tmp_path / "test-logs") as net:
         yield Machines(
-            ("ip", "netns", "exec", coordinator),
-            ("ip", "netns", "exec", outsider),
-            PUBLIC_IP,
-            OUTSIDER_IP,
+            net.prefix("coordinator"),
+            net.prefix("outsider"),
+            net.address("coordinator"),
+            net.address("outsider"),
             "netns",
         )
-    finally:
-        for ns in (coordinator, outsider):  # deleting a namespace removes its end of the veth pair
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
 
 def _flwr(prefix: tuple[str, ...], home: Path, *args: str, cwd: Path) -> dict[str, Any]:
@@ -162,7 +130,7 @@ def test_the_control_api_answers_only_the_coordinator(tmp_path: Path, machines: 
     if machines.kind == "netns":  # the coordinator's certificate names its public address
         made = fedshift("certs", "--out", "certs", "--hosts", host, "--force", cwd=root)
         assert made.returncode == 0, made.stderr
-        config = config.replace(f'address = "127.0.0.1:{port}"', f'address = "{PUBLIC_IP}:{port}"')
+        config = config.replace(f'address = "127.0.0.1:{port}"', f'address = "{host}:{port}"')
     (root / "federation.toml").write_text(config)
     site = fed.write_site_config("hospital-a", key="hospital-a")
     site.write_text(
