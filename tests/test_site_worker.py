@@ -263,6 +263,13 @@ def site_and_coordinator(tmp_path: Path) -> Iterator[dict[str, Any]]:
     assert flower_processes_under(tmp_path) == []
 
 
+def _state(health_file: Path) -> str | None:
+    try:
+        return str(json.loads(health_file.read_text())["state"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _pump(runner: Any, supernode: Any, done: Any, timeout: float, what: str) -> float:
     """Keep the site runner going (as the daemon's loop does) until ``done()``; the seconds it took."""
     started = time.monotonic()
@@ -275,14 +282,20 @@ def _pump(runner: Any, supernode: Any, done: Any, timeout: float, what: str) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("crash", [False, True], ids=["runner-hangs", "runner-killed-mid-message"])
 def test_a_hung_message_gets_an_error_reply_and_a_clean_runner_answers_the_next(
-    site_and_coordinator: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    site_and_coordinator: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture, crash: bool
 ) -> None:
-    from fedshift.deploy.client import DAEMON_FILE
+    """Hung: the runner's timeout answers with SITE_ERROR and it restarts at once (exit 75). Killed
+    mid-message (SIGKILL, no reply pushed): Flower's SuperNode answers for it, once the task's heartbeat
+    has been missing for its patience (2 x 30 s), with its own CLIENT_APP_CRASHED error; the daemon
+    restarts the runner after its pause. Either way the round gets an error reply, not silence."""
+    from fedshift.deploy.client import DAEMON_FILE, MIN_BACKOFF
     from fedshift.deploy.flwr_cli import CONNECTION
     from fedshift.deploy.server import write_app
     from fedshift.deploy.site_runner import EXIT_TASK_TIMEOUT, HEALTH_FILE
     from fedshift.deploy.site_status import format_site_status, site_status
+    from fedshift.tests.deploy_support import kill_tree
 
     s = site_and_coordinator
     settings, runner, supernode = s["settings"], s["runner"], s["supernode"]
@@ -294,12 +307,21 @@ def test_a_hung_message_gets_an_error_reply_and_a_clean_runner_answers_the_next(
     run_config = f"image-size=32 run-dir={json.dumps(str(out))}"
     s["coord"].flwr.call("run", str(app), CONNECTION, "--run-config", run_config)
 
+    health_file = settings.state_dir / HEALTH_FILE
+    if crash:  # as soon as the runner holds the message: a crash, no reply pushed
+        _pump(runner, supernode, lambda: _state(health_file) == "busy", 300, "the runner to take the message")
+        killed_at = time.monotonic()
+        kill_tree(runner.child)
     _pump(runner, supernode, (out / RESULTS[0]).is_file, 300, "the reply to the hung message")
     first = json.loads((out / RESULTS[0]).read_text())
-    # answered, with the generic error and no text from the site; after the timeout plus Flower's
-    # polling, not after Flower gave the task up (no task heartbeat for a minute)
-    assert first["replies"] == 1 and first["error"] == [ErrorCode.CLIENT_APP_RAISED_EXCEPTION, SITE_ERROR]
-    assert TASK_TIMEOUT <= first["seconds"] < TASK_TIMEOUT + 40, first
+    assert first["replies"] == 1, first
+    if crash:  # Flower's words, no text from the site; after the task heartbeat's patience (60 s)
+        assert first["error"] == [ErrorCode.CLIENT_APP_CRASHED, "ClientApp stopped responding."]
+        assert 50 < time.monotonic() - killed_at < 150, first
+    else:  # answered, with the generic error and no text from the site; after the timeout plus Flower's
+        # polling, not after Flower gave the task up (no task heartbeat for a minute)
+        assert first["error"] == [ErrorCode.CLIENT_APP_RAISED_EXCEPTION, SITE_ERROR]
+        assert TASK_TIMEOUT <= first["seconds"] < TASK_TIMEOUT + 40, first
 
     # the runner exited with its distinctive code and the daemon's loop started a clean one at once
     def restarted() -> bool:
@@ -307,10 +329,15 @@ def test_a_hung_message_gets_an_error_reply_and_a_clean_runner_answers_the_next(
 
     _pump(runner, supernode, restarted, 60, "the runner's restart")
     daemon = json.loads((settings.state_dir / DAEMON_FILE).read_text())
-    assert daemon["runner"]["last-exit"]["code"] == EXIT_TASK_TIMEOUT and daemon["runner-restarts"] == 1
+    assert daemon["runner-restarts"] == 1
     log = settings.log_file.read_text()
-    assert f"message hung: the ClientApp did not answer within {TASK_TIMEOUT:g} s" in log
-    assert "gave up a hung message" in caplog.text  # the daemon's own line (its log is the test's here)
+    if crash:
+        assert daemon["runner"]["last-exit"]["code"] == -9
+        assert f"exited with code -9; restarting it in {MIN_BACKOFF:.0f} s" in caplog.text
+    else:
+        assert daemon["runner"]["last-exit"]["code"] == EXIT_TASK_TIMEOUT
+        assert f"message hung: the ClientApp did not answer within {TASK_TIMEOUT:g} s" in log
+        assert "gave up a hung message" in caplog.text  # the daemon's own line (its log: the test's here)
     assert not list((settings.state_dir).glob("privacy-ledger.json"))  # an evaluation charges nothing
 
     # the data is readable again: the clean runner answers the next message
@@ -320,7 +347,7 @@ def test_a_hung_message_gets_an_error_reply_and_a_clean_runner_answers_the_next(
     _pump(runner, supernode, (out / RESULTS[1]).is_file, 300, "the reply to the next message")
     second = json.loads((out / RESULTS[1]).read_text())
     assert "error" not in second and second["metrics"]["num-examples"] > 0, second
-    health = json.loads((settings.state_dir / HEALTH_FILE).read_text())
+    health = json.loads(health_file.read_text())
     assert health["pid"] == runner.child.pid
     assert (health["state"], health["messages"], health["errors"]) == ("idle", 1, 0)
     assert health["last-message"]["type"] == "evaluate" and health["last-message"]["outcome"] == "ok"
@@ -330,7 +357,8 @@ def test_a_hung_message_gets_an_error_reply_and_a_clean_runner_answers_the_next(
     assert status["connection"]["runner-restarts"] == 1
     text = format_site_status(status)
     assert f"runner: idle (pid {runner.child.pid}" in text and "evaluate: ok in" in text
-    print(f"hung message answered in {first['seconds']:.1f} s; the next in {second['seconds']:.1f} s")
+    what = "killed runner's message" if crash else "hung message"
+    print(f"{what} answered in {first['seconds']:.1f} s; the next in {second['seconds']:.1f} s")
 
 
 @pytest.mark.slow
