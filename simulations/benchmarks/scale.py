@@ -49,6 +49,7 @@ SITE_PREFIX = "site-"
 SERVER_TIMEOUT = 3600.0  # seconds a deployed federation may take before the run is stopped
 MIB = 1024 * 1024
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SWEEP_SIZES = (10, 50, 100, 200, 400)  # sites of the link-state sweep's measurement
 MEMORY_MARGIN = 1.15  # on the predicted memory of a larger deployed federation
 
 
@@ -479,6 +480,73 @@ class SweepMeter:
             InMemoryLinkState.get_message_ins = original  # type: ignore[method-assign]
 
 
+def link_state_with_messages(n: int, per_node: int = 1) -> tuple[Any, list[int]]:
+    """Flower's in-memory link state as its simulation sets it up, with ``n`` nodes and ``per_node``
+    messages for each pushed through the ServerApp's grid; the state and the node ids."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.proto.task_pb2 import Task
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+    state: Any = factory.state()  # an InMemoryLinkState
+    state.run_ids[run.run_id] = RunRecord(run=run)  # as flwr.simulation.run_simulation registers it
+    state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)
+    nodes = list(_register_nodes(n, factory))
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    for k in range(per_node):
+        content = [RecordDict({"c": ConfigRecord({"node": node, "k": k})}) for node in nodes]
+        messages = [
+            Message(c, dst_node_id=node, message_type="train") for c, node in zip(content, nodes, strict=True)
+        ]
+        grid.push_messages(messages)
+    return state, nodes
+
+
+def sweep_cost(sizes: Sequence[int], sweeps: int = 5) -> list[dict[str, float]]:
+    """CPU milliseconds of one sweep for every node's next message, Flower's (``get_message_ins`` per
+    node) and fedshift's (:func:`fedshift.simulations.engine.next_messages`), N messages stored."""
+    from fedshift.simulations.engine import SWEEP_PERIOD, next_messages
+
+    rows = []
+    for n in sizes:
+        state, nodes = link_state_with_messages(n)
+        start = time.thread_time()
+        for _ in range(sweeps):
+            for node in nodes:
+                state.get_message_ins(node_id=node, limit=1)
+        flower = (time.thread_time() - start) / sweeps
+        state, nodes = link_state_with_messages(n)
+        wanted = set(nodes)
+        start = time.thread_time()
+        for _ in range(sweeps):
+            next_messages(state, wanted)
+        linear = (time.thread_time() - start) / sweeps
+        rows.append(
+            {
+                "sites": n,
+                "flower_ms": 1e3 * flower,
+                "fedshift_ms": 1e3 * linear,
+                "flower_core_fraction": flower / SWEEP_PERIOD,  # of one core, all the run long
+            }
+        )
+    return rows
+
+
 def run_simulation(root: Path, n: int, rounds: int, sample_seconds: float) -> dict[str, Any]:
     """One Ray simulation of ``n`` small SYNTHETIC sites (about 60 images each); its measurements."""
     from fedshift.common.config import FederationConfig, PrivacyConfig, TrainConfig
@@ -666,6 +734,11 @@ def format_table(report: dict[str, Any]) -> str:
         )
     for row in report["deployment_skipped"]:
         lines.append(f"{'deployment':<11} {row['sites']:>4} skipped: {row['reason']}")
+    for row in report["link_state_sweep"]:
+        lines.append(
+            f"one sweep for every site's next message, {row['sites']} sites: Flower {row['flower_ms']:.2f} "
+            f"ms ({100 * row['flower_core_fraction']:.0f}% of a core), fedshift {row['fedshift_ms']:.2f} ms"
+        )
     for kind, fitted in report["fit"].items():
         for what, f in fitted.items():
             if "per_site" in f:
@@ -695,6 +768,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("Deployment: %d SuperNodes x %d rounds", n, args.rounds)
         deployment.append(run_deployment(args.work / f"deploy-{n}", n, args.rounds, args.sample_seconds))
     simulation = []
+    sweep = sweep_cost(SWEEP_SIZES) if sim_sites else []
     for n in sim_sites:
         logger.info("Simulation: %d sites x %d rounds", n, args.sim_rounds)
         simulation.append(run_simulation(args.work / f"sim-{n}", n, args.sim_rounds, args.sample_seconds))
@@ -702,6 +776,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "deployment": deployment,
         "deployment_skipped": skipped,
         "simulation": simulation,
+        "link_state_sweep": sweep,
         "fit": {
             # the coordinator's memory and CPU (the sites' own grow with N by construction)
             "deployment": fits(
