@@ -104,7 +104,7 @@ def _connection(daemon: dict[str, Any] | None) -> dict[str, Any]:
         "supernode": "up" if up else "down",
         "supernode-pid": pid if up else None,
         "supernode-since": supernode.get("since") if up else None,
-        "supernode-last-exit": supernode.get("last-exit"),
+        "supernode-last-exit": _table(supernode.get("last-exit")),
         "supernode-restarts": daemon.get("supernode-restarts", 0),
         "runner-restarts": daemon.get("runner-restarts", 0),
         "last-not-enrolled": daemon.get("last-not-enrolled"),
@@ -124,9 +124,9 @@ def _runner(health: dict[str, Any] | None) -> dict[str, Any]:
         "started": health.get("started"),
         "messages": health.get("messages", 0),
         "errors": health.get("errors", 0),
-        "current": health.get("current") if alive else None,
-        "last-message": health.get("last-message"),
-        "last-error": health.get("last-error"),
+        "current": _table(health.get("current")) if alive else None,
+        "last-message": _table(health.get("last-message")),
+        "last-error": _table(health.get("last-error")),
         "task-timeout": health.get("task-timeout"),
         "fedshift-version": health.get("fedshift-version"),
         "updated": health.get("updated"),
@@ -202,6 +202,11 @@ def _read(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _table(value: Any) -> dict[str, Any] | None:
+    """A table of a state file, or ``None`` (absent, or not a table: the text never fails on it)."""
+    return value if isinstance(value, dict) else None
 
 
 def _alive(pid: Any, needle: str) -> bool:
