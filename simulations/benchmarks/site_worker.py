@@ -50,7 +50,7 @@ MODULE = "fedshift.simulations.benchmarks.site_worker"  # the cold child runs th
 logger = logging.getLogger(MODULE if __name__ == "__main__" else __name__)
 
 
-def write_site(root: Path, image_size: int) -> dict[str, Any]:
+def write_site(root: Path, image_size: int, device: str = "cpu") -> dict[str, Any]:
     """A deployed site under ``root`` and its spec: node config, run config, the global model's file."""
     import numpy as np
     import torch
@@ -70,14 +70,14 @@ def write_site(root: Path, image_size: int) -> dict[str, Any]:
     save_npz(root / "site.npz", Dataset(splits, ("normal", "lesion"), "synthetic-cxr", True))
     model = ModelConfig(image_size=image_size)
     torch.save(build_model(model).shared_state_dict(), root / "global.pt")
-    fed = FederationConfig(num_rounds=1000, device="cpu", model=model)
+    fed = FederationConfig(num_rounds=1000, device=device, model=model)
     return {
         "arrays": str(root / "global.pt"),
         "run-config": fed.to_run_config(),
         "node-config": {
             "data-path": str(root / "site.npz"),
             "site-name": "bench-site",
-            "device": "cpu",
+            "device": device,  # on a GPU the cold process also builds its CUDA context per message
             "dp-epsilon": 8.0,
         },
     }
@@ -159,8 +159,8 @@ def warm(spec: dict[str, Any], state_dir: Path, rounds: list[int]) -> list[dict[
     return rows
 
 
-def measure(n_cold: int, n_warm: int, image_size: int, root: Path) -> dict[str, Any]:
-    spec = write_site(root, image_size)
+def measure(n_cold: int, n_warm: int, image_size: int, root: Path, device: str = "cpu") -> dict[str, Any]:
+    spec = write_site(root, image_size, device)
     spec_path = root / "spec.json"
     spec_path.write_text(json.dumps(spec))
     rounds = list(range(1, max(n_cold, n_warm + 1) + 1))
@@ -173,6 +173,7 @@ def measure(n_cold: int, n_warm: int, image_size: int, root: Path) -> dict[str, 
     return {
         "message": f"evaluate ({SPLIT} split, 15 images, {image_size} px)",
         "image-size": image_size,
+        "device": device,
         "cold": {
             "messages": len(cold_rows),
             "seconds-per-message": cold_s,
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold", type=int, default=3, help="messages answered cold (one process each)")
     parser.add_argument("--warm", type=int, default=10, help="messages answered warm (after one warm-up)")
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="the site's device: cpu or cuda:N")
     parser.add_argument(
         "--one-message", nargs=3, metavar=("SPEC", "STATE_DIR", "ROUND"), help=argparse.SUPPRESS
     )
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="fedshift-site-worker-") as tmp:
-        result = measure(args.cold, args.warm, args.image_size, Path(tmp))
+        result = measure(args.cold, args.warm, args.image_size, Path(tmp), args.device)
     c, w = result["cold"], result["warm"]
     print(f"{'path':<6} {'messages':>8} {'s/message':>10} {'of it imports':>14} {'first':>7}")
     cold_row = f"{c['messages']:>8} {c['seconds-per-message']:>10.2f} {c['import-seconds']:>14.2f}"
