@@ -151,7 +151,10 @@ def test_smallest_real_run_counts_rounds_memory_and_leaves_nothing(
     assert simulated["first_round_s"] + simulated["s_per_round"] < simulated["seconds"]
     assert 100 < simulated["memory"]["peak_pss_mib"] <= simulated["memory"]["peak_rss_mib"]
     assert simulated["memory"]["cpu_s"] > 1
-    assert simulated["flower_sweep"]["calls"] > 0 and simulated["flower_sweep"]["cpu_s"] > 0
+    # the engine swept for the sites' messages with fedshift's one-pass sweep, never Flower's per-node one
+    sweep = simulated["message_sweep"]
+    assert sweep["fedshift_next_messages"]["calls"] > 10 and sweep["flower_get_message_ins"]["calls"] == 0
+    assert [row["sites"] for row in report["link_state_sweep"]] == [10, 50, 100, 200, 400]
     assert simulated["leftover"] == 0
     assert report["leftover"] == 0
     # one size each: no line fitted

@@ -448,36 +448,54 @@ def memory_shortfall(done: Sequence[dict[str, Any]], n: int) -> dict[str, Any] |
 
 
 @dataclass
-class SweepMeter:
-    """CPU seconds spent in Flower's ``InMemoryLinkState.get_message_ins`` while it is installed.
-
-    In a simulation, Flower's engine asks the link state for every node's next message every 0.1 s
-    (``vce_api.add_messages_to_queue``), and each ask scans every stored message: N nodes x M
-    messages (M = N during a round) per sweep. This meter is the measurement of that cost.
-    """
+class Meter:
+    """Calls of one function and the CPU seconds of the thread that made them, while installed."""
 
     calls: int = 0
     cpu_s: float = 0.0
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator[SweepMeter]:
-        from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    def installed(self, owner: Any, name: str) -> Iterator[Meter]:
+        original = getattr(owner, name)
 
-        original = InMemoryLinkState.get_message_ins
-
-        def metered(state: Any, *args: Any, **kwargs: Any) -> Any:
+        def metered(*args: Any, **kwargs: Any) -> Any:
             start = time.thread_time()
             try:
-                return original(state, *args, **kwargs)
+                return original(*args, **kwargs)
             finally:
                 self.cpu_s += time.thread_time() - start
                 self.calls += 1
 
-        InMemoryLinkState.get_message_ins = metered  # type: ignore[method-assign,assignment]
+        setattr(owner, name, metered)
         try:
             yield self
         finally:
-            InMemoryLinkState.get_message_ins = original  # type: ignore[method-assign]
+            setattr(owner, name, original)
+
+    def to_dict(self, rounds: int) -> dict[str, float]:
+        return {
+            "calls": self.calls,
+            "cpu_s": self.cpu_s,
+            "cpu_s_per_round": self.cpu_s / max(1, rounds),
+            "us_per_call": 1e6 * self.cpu_s / max(1, self.calls),
+        }
+
+
+@contextlib.contextmanager
+def sweep_meters() -> Iterator[dict[str, Meter]]:
+    """Meters on the simulation's sweep for every node's next message: Flower's own (one
+    ``InMemoryLinkState.get_message_ins`` per node, each scanning every stored message) and fedshift's
+    (:func:`fedshift.simulations.engine.next_messages`, one pass), whichever the engine uses."""
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+    from fedshift.simulations import engine
+
+    meters = {"flower_get_message_ins": Meter(), "fedshift_next_messages": Meter()}
+    with (
+        meters["flower_get_message_ins"].installed(InMemoryLinkState, "get_message_ins"),
+        meters["fedshift_next_messages"].installed(engine, "next_messages"),
+    ):
+        yield meters
 
 
 def link_state_with_messages(n: int, per_node: int = 1) -> tuple[Any, list[int]]:
@@ -568,12 +586,11 @@ def run_simulation(root: Path, n: int, rounds: int, sample_seconds: float) -> di
     me = os.getpid()
     started, cpu = time.monotonic(), time.process_time()
     clock = RoundClock(root / "server" / "checkpoint")
-    sweep = SweepMeter()
     try:
         with (
             Sampler(lambda: {"simulation": [me, *descendants(me)]}, sample_seconds) as sampler,
             clock,
-            sweep.installed(),
+            sweep_meters() as sweep,
         ):
             results, _ = federate(fed, sites, root, every_site=True)
         driver_cpu = time.process_time() - cpu
@@ -587,13 +604,13 @@ def run_simulation(root: Path, n: int, rounds: int, sample_seconds: float) -> di
     history = results["history"]
     logger.info(
         "Simulation of %d sites: %.0f s, %s s per round, driver CPU %.1f s, of it %.1f s in "
-        "Flower's link state (%d calls)",
+        "sweeps for the nodes' messages (%d calls)",
         n,
         seconds,
         _fmt(clock.summary()["s_per_round"]),
         driver_cpu,
-        sweep.cpu_s,
-        sweep.calls,
+        sum(m.cpu_s for m in sweep.values()),
+        sum(m.calls for m in sweep.values()),
     )
     return {
         "sites": n,
@@ -606,12 +623,7 @@ def run_simulation(root: Path, n: int, rounds: int, sample_seconds: float) -> di
         "memory": sampler.peaks["simulation"].to_dict(),
         # this process: the ServerApp and Flower's engine threads (the sites train in Ray's workers)
         "driver_cpu_s": driver_cpu,
-        "flower_sweep": {
-            "calls": sweep.calls,
-            "cpu_s": sweep.cpu_s,
-            "cpu_s_per_round": sweep.cpu_s / max(1, rounds),
-            "us_per_call": 1e6 * sweep.cpu_s / max(1, sweep.calls),
-        },
+        "message_sweep": {name: meter.to_dict(rounds) for name, meter in sweep.items()},
         "leftover": len(leftover),
         "leftover_processes": leftover,
     }
