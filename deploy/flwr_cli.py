@@ -2,19 +2,23 @@
 
 ``flwr`` reads its SuperLink connections from ``$FLWR_HOME/config.toml``. The
 coordinator keeps its own ``FLWR_HOME`` in its state directory, with one
-connection named :data:`CONNECTION` (address, CA certificate), so the commands
-it runs are the ones an operator types::
+connection named :data:`CONNECTION` (address, CA certificate), so what it does is
+what an operator types::
 
     FLWR_HOME=<state-dir>/flwr flwr supernode register certs/nodes/hospital-a.pub fedshift
     FLWR_HOME=<state-dir>/flwr flwr run <state-dir>/app fedshift --run-config <state-dir>/run-config.toml
     FLWR_HOME=<state-dir>/flwr flwr ls fedshift
 
-``--format json`` answers are parsed; note that ``flwr`` exits 0 even when it
-reports ``"success": false``. What ``flwr`` leaves out of its JSON, which public
-key each registered node holds and when each node last sent a heartbeat
-(``flwr supernode list`` has neither), is asked with Flower's own Control API
-client over the same connection (:meth:`Flwr.node_infos`, :meth:`Flwr.run_info`:
-one HTTPS call, no ``flwr`` process).
+``flwr run`` (which packs the app bundle) and ``flwr log`` run as ``flwr``
+processes, whose ``--format json`` answers are parsed (``flwr`` exits 0 even
+when it reports ``"success": false``). Everything else, which the coordinator
+asks often (the run's status every ``poll-seconds``), is the same Control API
+call those commands make, through Flower's own Control API client over the same
+connection, in this process: ``RegisterNode``, ``UnregisterNode``,
+``ListNodes`` (with what ``flwr supernode list`` leaves out: each node's public
+key and heartbeat facts), ``ListRuns`` and ``StopRun``. A ``flwr`` process costs
+about a second of CPU to start; on a small coordinator, polled every few
+seconds, that was a large share of a core.
 """
 
 from __future__ import annotations
@@ -49,6 +53,24 @@ UNREADABLE_KEY = b""  # a registered key that does not parse as a public key: ma
 
 class FlwrCommandError(FedshiftError):
     """A ``flwr`` command failed."""
+
+
+def _status(run: Any) -> str:
+    """A run's status as ``flwr list`` writes it: ``running``, ``finished:completed``, ..."""
+    return str(run.status.status) + (f":{run.status.sub_status}" if run.status.sub_status else "")
+
+
+def _public(exc: Exception) -> str:
+    """An error's text, with the SuperLink's public message for an HTTP error (e.g. "Public key
+    already in use."), which ``str()`` of httpx's error leaves out."""
+    import httpx
+    from flwr.supercore.error import FlowerError
+
+    if isinstance(exc, httpx.HTTPStatusError):
+        error = FlowerError.from_json(exc.response.text)
+        text = error.message if error is not None else exc.response.text[:200]
+        return f"{exc.response.status_code}: {text}"
+    return str(exc)
 
 
 def _der_key(node_id: int, pem: bytes) -> bytes:
@@ -139,20 +161,38 @@ class Flwr:
         return answer
 
     def register(self, public_key: Path, name: str) -> str:
-        """Enroll a SuperNode key; ``"already enrolled"`` when the SuperLink knows it already."""
+        """Enroll a SuperNode key (``flwr supernode register``'s ``RegisterNode``); its node id, or
+        ``"already enrolled"`` when the SuperLink holds the key already."""
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from flwr.proto.control_pb2 import RegisterNodeRequest
+        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
         try:
-            answer = self.call("supernode", "register", str(public_key), CONNECTION, "--name", name)
+            key = serialization.load_ssh_public_key(public_key.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise FlwrCommandError(f"registering {public_key} failed: not an OpenSSH key ({exc})") from None
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise FlwrCommandError(f"registering {public_key} failed: not an EC public key")
+        try:
+            with self._control(f"registering {public_key}") as client:
+                res = client.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(key), name=name))
         except FlwrCommandError as exc:
             if ALREADY_ENROLLED in str(exc):
                 return ALREADY_ENROLLED_NOTE
             raise
-        return str(answer.get("node-id"))
+        if not res.node_id:
+            raise FlwrCommandError(f"registering {public_key} failed: the SuperLink gave no node id")
+        return str(res.node_id)
 
     def unregister(self, node_id: int) -> None:
-        self.call("supernode", "unregister", str(node_id), CONNECTION)
+        from flwr.proto.control_pb2 import UnregisterNodeRequest
+
+        with self._control(f"unregistering node {node_id}") as client:
+            client.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
 
     def nodes(self) -> list[dict[str, Any]]:
-        return list(self.call("supernode", "list", CONNECTION).get("nodes", []))
+        """Every node as ``{"node-id", "status"}`` (what ``flwr supernode list --format json`` shows)."""
+        return [{"node-id": int(n.node_id), "status": str(n.status)} for n in self.node_infos()]
 
     def registered_keys(self) -> dict[int, bytes]:
         """Node id -> public key (DER SubjectPublicKeyInfo) of every node not unregistered;
@@ -188,9 +228,8 @@ class Flwr:
         if run_id not in runs:
             raise FlwrCommandError(f"the SuperLink holds no run {run_id}")
         run = runs[run_id]
-        status = run.status.status + (f":{run.status.sub_status}" if run.status.sub_status else "")
         return {
-            "status": status,
+            "status": _status(run),
             "pending-at": run.pending_at,
             "running-at": run.running_at,
             "finished-at": run.finished_at,
@@ -221,7 +260,7 @@ class Flwr:
         except FlwrCommandError:
             raise
         except Exception as exc:  # httpx, TLS and Flower errors alike: one message
-            raise FlwrCommandError(f"{what} failed ({type(exc).__name__}: {exc})") from None
+            raise FlwrCommandError(f"{what} failed ({type(exc).__name__}: {_public(exc)})") from None
         finally:
             client.close()
 
@@ -231,15 +270,24 @@ class Flwr:
         return int(answer["run-id"])
 
     def runs(self) -> list[dict[str, Any]]:
-        return list(self.call("list", CONNECTION).get("runs", []))
+        """Every run as ``{"run-id", "status"}`` (``flwr list``'s ``ListRuns``)."""
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        with self._control("listing the runs") as client:
+            runs = client.ListRuns(ListRunsRequest()).run_dict
+        return [{"run-id": int(run_id), "status": _status(run)} for run_id, run in runs.items()]
 
     def run_status(self, run_id: int) -> str:
         """``pending``, ``starting``, ``running``, ``finished:completed``, ``finished:failed``, ..."""
-        runs = self.call("list", CONNECTION, "--run-id", str(run_id)).get("runs", [])
-        return str(runs[0]["status"]) if runs else "unknown"
+        return self.run_info(run_id)["status"]
 
     def stop(self, run_id: int) -> None:
-        self.call("stop", str(run_id), CONNECTION)
+        """``flwr stop``'s ``StopRun``."""
+        from flwr.proto.control_pb2 import StopRunRequest
+
+        with self._control(f"stopping run {run_id}") as client:
+            if not client.StopRun(StopRunRequest(run_id=run_id)).success:
+                raise FlwrCommandError(f"stopping run {run_id} failed: the SuperLink refused")
 
     def logs(self, run_id: int, timeout: float = 60.0) -> str:
         """The ServerApp's log of a run (plain text)."""

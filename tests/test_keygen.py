@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from fedshift.common.cli import main
+from fedshift.deploy.flwr_cli import ALREADY_ENROLLED_NOTE
 from fedshift.tests.deploy_support import fedshift, free_port, toml
 from fedshift.tests.helpers import one_line_error
 
@@ -145,5 +146,9 @@ def test_keygen_keys_enroll_and_every_other_registered_node_is_unregistered(tmp_
         assert json.loads(enrolled_json.read_text()) == second
         status_again = {int(n["node-id"]): n["status"] for n in coordinator.flwr.nodes()}
         assert sorted(n for n, s in status_again.items() if s != "unregistered") == sorted(ids.values())
+        # a key the SuperLink holds (enrolled, or revoked for good) is never registered a second time
+        for held in ("hospital-a-keys/hospital-a.pub", "stranger-keys/stranger.pub"):
+            assert coordinator.flwr.register(tmp_path / held, "again") == ALREADY_ENROLLED_NOTE
+        assert len(coordinator.flwr.nodes()) == len(status_again)
     finally:
         coordinator.close()
