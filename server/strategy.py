@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -49,6 +50,8 @@ from fedshift.server.validation import (
 )
 
 logger = logging.getLogger(__name__)
+# a refusal kind of the coordinator's own: the site did not answer, and the SuperLink's error reply stood in
+NO_REPLY = "no-reply"
 
 TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE  # a history entry's stage: the message type
 
@@ -177,6 +180,7 @@ class AdapterFedAvg(FedAvg):
         self._warned_no_dp: set[str] = set()
         self.names = names if names is not None else SiteNames()  # node id -> site (enrolled or first claim)
         self.max_num_examples = max_num_examples  # cap on a reply's FedAvg weight (max-num-examples)
+        self._sent: list[Message] = []  # this stage's messages to the sites, as Flower sent them
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -198,6 +202,7 @@ class AdapterFedAvg(FedAvg):
             logger.info("Round %d: left out %s (privacy budget spent)", server_round, left_out)
         if self.aggregation.secure and keep:
             keep = self._secure_setup(server_round, grid, keep)
+        self._sent = keep  # Flower gives each its message id when it sends it (see _flower_error)
         return keep
 
     def max_weight(self, name: str) -> int:
@@ -234,6 +239,11 @@ class AdapterFedAvg(FedAvg):
         accepted: set[str] = set()  # the names in checked (a set: one look-up per reply, not a scan)
         secure = self._secure if stage == TRAIN else None  # masked updates this round
         for msg in replies:
+            lost = self._flower_error(msg)
+            if lost is not None:  # no reply came from the site: Flower answered for it
+                node, name, reason = lost
+                self._refused(server_round, stage, msg, name, NO_REPLY, reason, node=node)
+                continue
             name, problem = self.names.resolve(msg)
             if problem is None and name in accepted:
                 problem = f"a second reply from {name} in this round"
@@ -258,6 +268,20 @@ class AdapterFedAvg(FedAvg):
                 self._reject(server_round, stage, msg, name, problem)
         return checked
 
+    def _flower_error(self, msg: Message) -> tuple[int, str, str] | None:
+        """``(node, site, reason)`` when ``msg`` is the SuperLink's own error reply for a site that did not
+        answer (offline, its upload expired, its ClientApp crashed), named by the message it answers.
+
+        Such a reply comes from the SuperLink's node id, not the site's, so it would otherwise read as an
+        unenrolled sender."""
+        if not msg.has_error() or msg.metadata.src_node_id != SUPERLINK_NODE_ID:
+            return None
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        node = sent_to.get(msg.metadata.reply_to_message_id)
+        if node is None:
+            return None  # not a reply to this stage's messages: left to resolve()
+        return node, self.names.name_of(node), f"{msg.error.reason} (Flower error {msg.error.code})"
+
     def _for_flower(self, server_round: int, stage: str, good: list[tuple[str, Message]]) -> list[Message]:
         """The accepted replies as Flower's FedAvg averages them: every reply's arrays, the shared metrics.
 
@@ -275,9 +299,16 @@ class AdapterFedAvg(FedAvg):
         return copies
 
     def _refused(
-        self, server_round: int, stage: str, msg: Message, name: str, kind: str, reason: str
+        self,
+        server_round: int,
+        stage: str,
+        msg: Message,
+        name: str,
+        kind: str,
+        reason: str,
+        node: int | None = None,  # the site's node (default: the reply's sender)
     ) -> None:
-        node = msg.metadata.src_node_id
+        node = msg.metadata.src_node_id if node is None else node
         logger.warning("Round %d %s: %s sent no update (%s): %s", server_round, stage, name, kind, reason)
         self.history.refused.append(
             {
@@ -419,7 +450,8 @@ class AdapterFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        self._sent = list(super().configure_evaluate(server_round + self.round_offset, arrays, config, grid))
+        return self._sent
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset

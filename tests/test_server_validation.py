@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_ins_message
 from flwr.serverapp.strategy import FedAvg
 
 from fedshift.common.checkpoint import load_checkpoint
@@ -26,7 +27,7 @@ from fedshift.common.errors import ConfigError
 from fedshift.server.app import final_evaluation
 from fedshift.server.consolidation import fisher_problem
 from fedshift.server.enrollment import SiteNames, load_enrollment, wait_for_enrolled
-from fedshift.server.strategy import AdapterFedAvg
+from fedshift.server.strategy import NO_REPLY, AdapterFedAvg
 from fedshift.server.validation import weight_problem
 from fedshift.tests.test_strategy import SHAPES, make_strategy
 
@@ -502,3 +503,32 @@ def test_a_fisher_reply_is_checked_on_its_decoded_data_and_weight(tmp_path: Path
     assert "declares shape (4, 6) but its data has shape (1, 6)" in str(
         fisher_problem(fisher(lying, 10), shape)
     )
+
+
+def test_flowers_own_error_reply_is_a_missing_reply_of_the_site_it_was_sent_to(tmp_path: Path) -> None:
+    """A site that never answers (offline, its upload expired): the SuperLink answers for it from its own
+    node id, which must not read as an unenrolled sender but as that site's missing reply."""
+
+    def answer(msg: Message) -> Message:
+        msg.metadata.__dict__["_message_id"] = msg.object_id  # what Flower's Grid does as it sends it
+        node, rnd = msg.metadata.dst_node_id, int(msg.content["config"]["server-round"])  # type: ignore[arg-type]
+        if node == 3 and rnd == 2:  # Flower's own reply for a message whose answer never arrived
+            return create_message_error_unavailable_ins_message(msg.metadata.message_id, msg.metadata.run_id)
+        evaluating = msg.metadata.message_type == MessageType.EVALUATE
+        return _reply(
+            node, None if evaluating else _arrays(node), 20 * node, message_type=msg.metadata.message_type
+        )
+
+    strategy = make_strategy(tmp_path, min_nodes=2)
+    result = strategy.start(
+        grid=_ScriptedGrid([1, 2, 3], answer),  # type: ignore[arg-type]
+        initial_arrays=ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()}),
+        num_rounds=2,
+        evaluate_config=ConfigRecord({"split": "val"}),
+    )
+    _assert_average(result.arrays, [_arrays(1), _arrays(2)], [20, 40])  # round 2 without site-3
+    assert strategy.history.rejected == []
+    lost = [(r["round"], r["stage"], r["node"], r["site"], r["status"]) for r in strategy.history.refused]
+    assert lost == [(2, "train", 3, "site-3", NO_REPLY), (2, "evaluate", 3, "site-3", NO_REPLY)]
+    assert all("Flower error" in r["reason"] for r in strategy.history.refused)
+    assert sorted(strategy.history.train[2]) == ["site-1", "site-2"]
