@@ -300,7 +300,8 @@ def test_every_site_refuses_a_coordinator_bundle_with_its_own_clientapp(
         assert "carries files besides pyproject.toml" in log
         assert fed.egress(site) == [] and fed.ledger(site) == []
         assert not (fed.state_dir(site) / "site_local.safetensors").exists()
-    assert coord.flwr.run_status(run_id).startswith("finished")
+    # the app's last act was writing its answer: its run finishes right after
+    wait_for("the run to finish", lambda: coord.flwr.run_status(run_id).startswith("finished"), 60)
     # and no other local process can claim a site's tasks: the SuperNode takes claims signed with the
     # daemon's runtime secret only (an unsigned claim is refused; the site runner's own claims pass)
     runtime_port = int(
