@@ -11,6 +11,7 @@ from typing import Any
 
 from fedshift.common.errors import ConfigError
 from fedshift.deploy.certs import DEFAULT_DAYS
+from fedshift.deploy.daemon import file_logging
 
 logger = logging.getLogger(__name__)
 
@@ -192,14 +193,6 @@ def _run_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _file_logging(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    logging.captureWarnings(True)
-
-
 def _run_server(args: argparse.Namespace) -> int:
     from fedshift.deploy.processes import StopRequested, stop_on_signals
     from fedshift.deploy.proxy import nginx_executable
@@ -211,7 +204,7 @@ def _run_server(args: argparse.Namespace) -> int:
     if args.check:
         print(f"{args.config}: OK ({len(settings.hospitals)} hospital(s), run dir {settings.run_dir})")
         return 0
-    _file_logging(settings.state_dir / "logs" / "fedshift-server.log")
+    file_logging(settings.state_dir / "logs" / "fedshift-server.log")
     try:
         with stop_on_signals():
             results = serve(settings, insecure=args.insecure)
@@ -236,7 +229,6 @@ def _run_status(args: argparse.Namespace) -> int:
 
 def _run_client(args: argparse.Namespace) -> int:
     from fedshift.deploy.client import check_site, run_daemon
-    from fedshift.deploy.processes import StopRequested, stop_on_signals
     from fedshift.deploy.settings import ClientSettings
 
     settings = ClientSettings.load(args.config, insecure=args.insecure)
@@ -260,11 +252,7 @@ def _run_client(args: argparse.Namespace) -> int:
         for line in found.data:
             print(f"  {line}")
         return 0
-    _file_logging(settings.log_file)
+    file_logging(settings.log_file)
     logger.info("Starting: %s; connecting to %s", summary, settings.superlink)
-    try:
-        with stop_on_signals():
-            return run_daemon(settings, insecure=args.insecure)
-    except StopRequested as stop:
-        logger.info("Stopped on %s", stop)
-        return 0
+    run_daemon(settings, insecure=args.insecure)  # becomes fedshift.deploy.daemon (exec): no return
+    return 1

@@ -9,25 +9,10 @@ in Flower's ``process`` isolation, and next to it the site runner
 (:mod:`fedshift.deploy.site_runner`): the one process that runs ClientApp code
 here, the *installed* ``fedshift.client.app:app``, and only for a run whose app
 bundle is the coordinator's plain fedshift bundle (any other is refused with an
-error reply). Both log into one file and are kept running:
-
-- the SuperNode reconnects by itself when the coordinator restarts (Flower
-  retries with backoff);
-- if the SuperNode process exits anyway, it is restarted after a pause that
-  grows up to :data:`MAX_BACKOFF`;
-- a key the coordinator refuses (not enrolled) is retried too, since the
-  coordinator may still be enrolling its sites; refused for longer than
-  ``[connection] enrollment-timeout`` seconds, it is a configuration problem:
-  the daemon stops with exit code 3 and says so;
-- if the site runner exits, it is restarted (after the same growing pause); one
-  that gave up a hung message (exit :data:`~fedshift.deploy.site_runner.EXIT_TASK_TIMEOUT`)
-  is restarted at once;
-- SIGTERM (systemd, docker stop) stops the SuperNode and the site runner.
-
-The daemon keeps its own state in ``<state-dir>/daemon.json`` (atomic writes,
-read by ``fedshift client --status``): its pid, the SuperNode's and the site
-runner's pids, restarts and last exits, and when the coordinator last refused
-this site's key.
+error reply). Both log into one file. After the check, this process hands
+over to :mod:`fedshift.deploy.daemon` (``os.execv``: same pid, no torch), which
+keeps both children running, restarts them, stops them on SIGTERM and keeps
+``<state-dir>/daemon.json`` for ``fedshift client --status``.
 """
 
 from __future__ import annotations
@@ -38,9 +23,7 @@ import os
 import secrets
 import stat
 import sys
-import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +39,11 @@ from fedshift.common.config import FederationConfig
 from fedshift.common.data import MANIFEST_SUFFIXES
 from fedshift.common.decode_cache import default_cache_dir, latest_cached_size
 from fedshift.common.errors import ConfigError, FedshiftError
-from fedshift.common.io import atomic_write_json
 from fedshift.common.manifest import check_manifest
 from fedshift.common.privacy import check_budget
-from fedshift.deploy.flwr_cli import executable, flower_env
-from fedshift.deploy.processes import Child
+from fedshift.deploy.daemon import DaemonPlan
+from fedshift.deploy.flwr_cli import executable
 from fedshift.deploy.settings import ClientSettings
-from fedshift.deploy.site_runner import EXIT_TASK_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
@@ -71,48 +52,6 @@ RUNTIME_SECRET = (
     "runtime-secret"  # in the state dir while the daemon runs: signs the site runner's task claims
 )
 REQUIRED_SPLITS = ("train", "val", "test")  # trained on, validated on each round, tested at the end
-MIN_BACKOFF, MAX_BACKOFF = 2.0, 60.0
-# flower-supernode's words when the SuperLink refuses its key (it then exits with code 1)
-NOT_ENROLLED = "[code: 2004] Failed to activate SuperNode"
-EXIT_NOT_ENROLLED = 3
-DAEMON_FILE = "daemon.json"  # in the state dir: the daemon's view of its children (fedshift client --status)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-@dataclass
-class DaemonState:
-    """What ``<state-dir>/daemon.json`` says; written atomically at every change (a failed write is
-    logged, never fatal)."""
-
-    path: Path
-    pid: int = field(default_factory=os.getpid)
-    started: str = field(default_factory=_now)
-    supernode: dict[str, Any] = field(default_factory=lambda: {"state": "starting", "pid": None})
-    supernode_restarts: int = 0
-    runner: dict[str, Any] = field(default_factory=lambda: {"state": "starting", "pid": None})
-    runner_restarts: int = 0
-    last_not_enrolled: str | None = None  # when the coordinator last refused this site's key
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "pid": self.pid,
-            "started": self.started,
-            "supernode": self.supernode,
-            "supernode-restarts": self.supernode_restarts,
-            "runner": self.runner,
-            "runner-restarts": self.runner_restarts,
-            "last-not-enrolled": self.last_not_enrolled,
-            "updated": _now(),
-        }
-
-    def write(self) -> None:
-        try:
-            atomic_write_json(self.path, self.to_dict())
-        except OSError as exc:
-            logger.warning("Could not write the daemon's state file %s: %s", self.path, exc)
 
 
 @dataclass(frozen=True)
@@ -346,152 +285,34 @@ def runner_argv(settings: ClientSettings, runtime_secret: Path | None = None) ->
     return [*argv, "--runtime-secret-file", str(runtime_secret)] if runtime_secret is not None else argv
 
 
-class _Runner:
-    """The site runner child, restarted (after a growing pause) whenever it exits."""
-
-    def __init__(
-        self, settings: ClientSettings, runtime_secret: Path | None, state: DaemonState | None = None
-    ) -> None:
-        self.settings = settings
-        self.runtime_secret = runtime_secret
-        self.state = state
-        self.child: Child | None = None
-        self.backoff = MIN_BACKOFF
-        self.restart_at = 0.0
-        self.started = 0.0
-
-    def check(self) -> None:
-        """Start the runner if it is not running (and its pause is over)."""
-        if self.child is not None:
-            code = self.child.poll()
-            if code is None:
-                return
-            self.child.stop()
-            self.child = None
-            if time.monotonic() - self.started > 10 * MAX_BACKOFF:
-                self.backoff = MIN_BACKOFF
-            if code == EXIT_TASK_TIMEOUT:  # it answered a hung message with an error: a clean one now
-                logger.warning(
-                    "The site runner gave up a hung message (over its task timeout) and exited; "
-                    "starting a clean one now (log: %s)",
-                    self.settings.log_file,
-                )
-                self.restart_at = time.monotonic()
-            else:
-                logger.warning(
-                    "The site runner exited with code %s; restarting it in %.0f s (log: %s)",
-                    code,
-                    self.backoff,
-                    self.settings.log_file,
-                )
-                self.restart_at = time.monotonic() + self.backoff
-                self.backoff = min(MAX_BACKOFF, self.backoff * 2)
-            self._record("down", None, {"last-exit": {"code": code, "at": _now()}})
-        if time.monotonic() >= self.restart_at:
-            self.started = time.monotonic()
-            restart = self.state is not None and self.state.runner.get("last-exit") is not None
-            self.child = Child(
-                "fedshift site runner",
-                runner_argv(self.settings, self.runtime_secret),
-                self.settings.log_file,
-                env=flower_env(),
-                cwd=self.settings.state_dir,
-            )
-            if self.state is not None and restart:
-                self.state.runner_restarts += 1
-            self._record("up", self.child.pid)
-
-    def _record(self, state: str, pid: int | None, extra: dict[str, Any] | None = None) -> None:
-        if self.state is not None:
-            self.state.runner = {**self.state.runner, "state": state, "pid": pid, **(extra or {})}
-            self.state.write()
-
-    def stop(self) -> None:
-        if self.child is not None:
-            self.child.stop()
-            self.child = None
-            self._record("stopped", None)
+def daemon_plan(settings: ClientSettings, *, insecure: bool = False) -> DaemonPlan:
+    """The SuperNode's and the site runner's command lines (node config and a new runtime secret written)."""
+    node_config = write_node_config(settings)
+    runtime_secret = write_runtime_secret(settings)
+    return DaemonPlan(
+        site_name=settings.site_name,
+        state_dir=settings.state_dir,
+        log_file=settings.log_file,
+        enrollment_timeout=float(settings.enrollment_timeout),
+        supernode_argv=supernode_argv(settings, node_config, insecure, runtime_secret),
+        runner_argv=runner_argv(settings, runtime_secret),
+        runtime_secret=runtime_secret,
+    )
 
 
-def _log_since(path: Path, offset: int) -> str:
-    with path.open("rb") as f:
-        f.seek(offset)
-        return f.read().decode(errors="replace")
+def run_daemon(settings: ClientSettings, *, insecure: bool = False) -> None:
+    """Hand this process over to the supervision (:mod:`fedshift.deploy.daemon`); returns only on failure.
 
-
-def run_daemon(settings: ClientSettings, *, insecure: bool = False) -> int:
-    """Run the SuperNode until stopped; the exit code (3: this site's key is not enrolled).
-
-    A refused key is retried (the coordinator may still be enrolling its sites
-    when the SuperNode first connects) until it has been refused for
-    ``enrollment-timeout`` seconds without a break.
+    ``os.execv`` keeps the pid, the open log and the parent (systemd, docker, a
+    test), and drops everything the check loaded (torch, Opacus, the data readers).
     """
     if insecure:
         logger.warning(
             "fedshift client --insecure: no TLS and no node authentication; a coordinator with TLS "
             "(the default) refuses this connection. Use only on a closed test network.",
         )
-    node_config = write_node_config(settings)
-    runtime_secret = write_runtime_secret(settings)
-    argv = supernode_argv(settings, node_config, insecure, runtime_secret)
-    state = DaemonState(settings.state_dir / DAEMON_FILE)
-    state.write()
-    runner = _Runner(settings, runtime_secret, state)
-    try:
-        return _supervise(settings, argv, runner, state)
-    finally:
-        runner.stop()
-        state.supernode = {**state.supernode, "state": "stopped", "pid": None}
-        state.write()
-        runtime_secret.unlink(missing_ok=True)
-
-
-def _supervise(
-    settings: ClientSettings, argv: list[str], runner: _Runner, state: DaemonState | None = None
-) -> int:
-    backoff = MIN_BACKOFF
-    refused_since: float | None = None
-    starts = 0
-    while True:
-        offset = settings.log_file.stat().st_size if settings.log_file.exists() else 0
-        child = Child("flower-supernode", argv, settings.log_file, env=flower_env(), cwd=settings.state_dir)
-        started = time.monotonic()
-        if state is not None:
-            state.supernode_restarts = starts
-            state.supernode = {**state.supernode, "state": "up", "pid": child.pid, "since": _now()}
-            state.write()
-        starts += 1
-        try:
-            while child.poll() is None:
-                runner.check()
-                time.sleep(0.5)
-        finally:
-            code = child.stop()
-        not_enrolled = NOT_ENROLLED in _log_since(settings.log_file, offset)
-        if state is not None:
-            exit_info = {"code": code, "at": _now()}
-            state.supernode = {**state.supernode, "state": "down", "pid": None, "last-exit": exit_info}
-            if not_enrolled:
-                state.last_not_enrolled = _now()
-            state.write()
-        if not_enrolled:
-            refused_since = refused_since if refused_since is not None else started
-            waited = time.monotonic() - refused_since
-            if waited >= settings.enrollment_timeout:
-                logger.error(
-                    "The coordinator refused %s's key for %.0f s (not enrolled); ask the coordinator to "
-                    "add %s's public key to [hospitals] and restart the server, then start this daemon",
-                    settings.site_name,
-                    waited,
-                    settings.site_name,
-                )
-                return EXIT_NOT_ENROLLED
-            reason = "the coordinator refused this site's key (not enrolled yet?)"
-        else:
-            refused_since = None
-            reason = f"flower-supernode exited with code {code}"
-        if time.monotonic() - started > 10 * MAX_BACKOFF:
-            backoff = MIN_BACKOFF
-        logger.warning("%s; retrying in %.0f s (log: %s)", reason, backoff, settings.log_file)
-        time.sleep(backoff)
-        backoff = min(MAX_BACKOFF, backoff * 2)
+    plan = daemon_plan(settings, insecure=insecure)
+    path = plan.write()
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "fedshift.deploy.daemon", str(path)])

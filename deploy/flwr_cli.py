@@ -192,7 +192,7 @@ class Flwr:
 
     def nodes(self) -> list[dict[str, Any]]:
         """Every node as ``{"node-id", "status"}`` (what ``flwr supernode list --format json`` shows)."""
-        return [{"node-id": int(n.node_id), "status": str(n.status)} for n in self.node_infos()]
+        return [{"node-id": str(n.node_id), "status": str(n.status)} for n in self.node_infos()]
 
     def registered_keys(self) -> dict[int, bytes]:
         """Node id -> public key (DER SubjectPublicKeyInfo) of every node not unregistered;

@@ -84,6 +84,7 @@ import fedshift
 from fedshift.client.egress import site_error  # the runner loads fedshift.client.app (and this) anyway
 from fedshift.common.io import atomic_write_json
 from fedshift.common.protocol import APP_REFUSED, SITE_ERROR
+from fedshift.deploy.daemon import EXIT_TASK_TIMEOUT
 
 # run as ``python -m``, this module is __main__; its log lines still carry its package name
 logger = logging.getLogger("fedshift.deploy.site_runner" if __name__ == "__main__" else __name__)
@@ -100,7 +101,6 @@ CLAIMS = frozenset({"/flwr.proto.Runtime/AcquireTask"})  # what the SuperNode's 
 RUNTIME_TIMEOUT = 120.0  # seconds a task's Runtime API calls retry a lost connection
 DEFAULT_TASK_TIMEOUT = 1800.0  # seconds one ClientApp message may run before it is answered with an error
 TASK_TIMEOUT_ENV = "FEDSHIFT_TASK_TIMEOUT"  # overrides the default (the --task-timeout flag wins)
-EXIT_TASK_TIMEOUT = 75  # the runner's exit after a hung message: the daemon restarts a clean one at once
 HEALTH_FILE = "site-runner.json"  # in the state directory
 
 

@@ -22,9 +22,9 @@ from typing import Any
 from fedshift.client.ledger import open_ledger
 from fedshift.common.errors import FedshiftError
 from fedshift.common.privacy_config import PrivacyConfig
+from fedshift.deploy.daemon import DAEMON_FILE
 from fedshift.deploy.settings import ClientSettings
 
-DAEMON_FILE = "daemon.json"  # written by fedshift.deploy.client
 HEALTH_FILE = "site-runner.json"  # written by fedshift.deploy.site_runner
 # what a live process's command line holds, so that a reused pid is not taken for it
 DAEMON_CMD, SUPERNODE_CMD, RUNNER_CMD = "fedshift", "flower-supernode", "fedshift.deploy.site_runner"

@@ -209,14 +209,8 @@ def test_a_hung_training_message_is_charged_at_most_once(tmp_path: Path, after: 
 
 @pytest.fixture
 def site_and_coordinator(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    from fedshift.deploy.client import (
-        DAEMON_FILE,
-        DaemonState,
-        _Runner,
-        supernode_argv,
-        write_node_config,
-        write_runtime_secret,
-    )
+    from fedshift.deploy.client import daemon_plan
+    from fedshift.deploy.daemon import DAEMON_FILE, DaemonState, _Runner
     from fedshift.deploy.flwr_cli import flower_env
     from fedshift.deploy.processes import Child
     from fedshift.deploy.server import Coordinator
@@ -239,12 +233,15 @@ def site_and_coordinator(tmp_path: Path) -> Iterator[dict[str, Any]]:
         coord.start()
         coord.enroll()
         coord.open()
-        secret = write_runtime_secret(settings)
-        argv = supernode_argv(settings, write_node_config(settings), insecure=False, runtime_secret=secret)
+        plan = daemon_plan(settings)  # what fedshift client hands its supervision
         supernode = Child(
-            "flower-supernode", argv, settings.log_file, env=flower_env(), cwd=settings.state_dir
+            "flower-supernode",
+            plan.supernode_argv,
+            settings.log_file,
+            env=flower_env(),
+            cwd=settings.state_dir,
         )
-        runner = _Runner(settings, secret, DaemonState(settings.state_dir / DAEMON_FILE))
+        runner = _Runner(plan, DaemonState(settings.state_dir / DAEMON_FILE))
         yield {
             "coord": coord,
             "settings": settings,
@@ -290,7 +287,7 @@ def test_a_hung_message_gets_an_error_reply_and_a_clean_runner_answers_the_next(
     mid-message (SIGKILL, no reply pushed): Flower's SuperNode answers for it, once the task's heartbeat
     has been missing for its patience (2 x 30 s), with its own CLIENT_APP_CRASHED error; the daemon
     restarts the runner after its pause. Either way the round gets an error reply, not silence."""
-    from fedshift.deploy.client import DAEMON_FILE, MIN_BACKOFF
+    from fedshift.deploy.daemon import DAEMON_FILE, MIN_BACKOFF
     from fedshift.deploy.flwr_cli import CONNECTION
     from fedshift.deploy.server import write_app
     from fedshift.deploy.site_runner import EXIT_TASK_TIMEOUT, HEALTH_FILE
