@@ -194,7 +194,10 @@ def test_a_second_reply_of_a_site_is_left_out_and_one_after_a_rejected_first_is_
 
 
 def _contents(messages: list[Any]) -> list[tuple[int, int]]:
-    return [(int(m.content["c"]["node"]), int(m.content["c"]["k"])) for m in messages]
+    """(the node a message is for, its index k among that node's messages)."""
+    from fedshift.common.protocol import CONFIG_KEY, SERVER_ROUND_KEY
+
+    return [(int(m.metadata.dst_node_id), int(m.content[CONFIG_KEY][SERVER_ROUND_KEY])) for m in messages]
 
 
 @pytest.mark.usefixtures("task_identity")

@@ -82,6 +82,7 @@ KINDS = (  # a process's kind in the memory breakdown: the first of these its co
     "gcs_server",
     "ray::",
     "fedshift server",
+    "fedshift.deploy.daemon",  # what fedshift client becomes after its check (exec: same pid)
     "fedshift client",
 )
 
@@ -515,6 +516,8 @@ def link_state_with_messages(n: int, per_node: int = 1) -> tuple[Any, list[int]]
     from flwr.superlink.federation import NoOpFederationManager
     from flwr.superlink.grid import InMemoryGrid
 
+    from fedshift.common.protocol import CONFIG_KEY, SERVER_ROUND_KEY
+
     factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
     run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
@@ -527,7 +530,8 @@ def link_state_with_messages(n: int, per_node: int = 1) -> tuple[Any, list[int]]
     grid = InMemoryGrid(state_factory=factory)
     grid.set_run(run)
     for k in range(per_node):
-        content = [RecordDict({"c": ConfigRecord({"node": node, "k": k})}) for node in nodes]
+        # any content: the sweep only looks at whom a message is for
+        content = [RecordDict({CONFIG_KEY: ConfigRecord({SERVER_ROUND_KEY: k})}) for _ in nodes]
         messages = [
             Message(c, dst_node_id=node, message_type="train") for c, node in zip(content, nodes, strict=True)
         ]

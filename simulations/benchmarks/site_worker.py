@@ -89,11 +89,11 @@ def _message_and_context(spec: dict[str, Any], state_dir: str, server_round: int
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY
+    from fedshift.common.protocol import ARRAYS_KEY, CONFIG_KEY, SERVER_ROUND_KEY, SPLIT_KEY
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, server_round, 1
     arrays = ArrayRecord(torch.load(spec["arrays"], weights_only=True))
-    config = ConfigRecord({"server-round": server_round, "split": SPLIT})
+    config = ConfigRecord({SERVER_ROUND_KEY: server_round, SPLIT_KEY: SPLIT})
     message = Message(
         RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), dst_node_id=1, message_type=MessageType.EVALUATE
     )
