@@ -76,16 +76,8 @@ class DaemonPlan:
     @classmethod
     def load(cls, path: Path) -> DaemonPlan:
         d = json.loads(path.read_text())
-        secret = d.get("runtime_secret")
-        return cls(
-            site_name=str(d["site_name"]),
-            state_dir=Path(d["state_dir"]),
-            log_file=Path(d["log_file"]),
-            enrollment_timeout=float(d["enrollment_timeout"]),
-            supernode_argv=[str(a) for a in d["supernode_argv"]],
-            runner_argv=[str(a) for a in d["runner_argv"]],
-            runtime_secret=Path(secret) if secret else None,
-        )
+        paths = {k: Path(d[k]) if d[k] else None for k in ("state_dir", "log_file", "runtime_secret")}
+        return cls(**{**d, **paths})
 
 
 @dataclass
@@ -255,6 +247,7 @@ def run(plan: DaemonPlan) -> int:
         state.write()
         if plan.runtime_secret is not None:
             plan.runtime_secret.unlink(missing_ok=True)
+        (plan.state_dir / PLAN_FILE).unlink(missing_ok=True)
 
 
 def file_logging(path: Path) -> None:

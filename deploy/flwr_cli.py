@@ -163,19 +163,16 @@ class Flwr:
     def register(self, public_key: Path, name: str) -> str:
         """Enroll a SuperNode key (``flwr supernode register``'s ``RegisterNode``); its node id, or
         ``"already enrolled"`` when the SuperLink holds the key already."""
-        from cryptography.hazmat.primitives.asymmetric import ec
         from flwr.proto.control_pb2 import RegisterNodeRequest
-        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-        try:
-            key = serialization.load_ssh_public_key(public_key.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise FlwrCommandError(f"registering {public_key} failed: not an OpenSSH key ({exc})") from None
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise FlwrCommandError(f"registering {public_key} failed: not an EC public key")
+        from fedshift.deploy.certs import node_public_key  # checked as Flower checks it (ConfigError)
+
+        pem = serialization.load_der_public_key(node_public_key(public_key)).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )  # the form Flower's RegisterNode takes (flwr's public_key_to_bytes)
         try:
             with self._control(f"registering {public_key}") as client:
-                res = client.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(key), name=name))
+                res = client.RegisterNode(RegisterNodeRequest(public_key=pem, name=name))
         except FlwrCommandError as exc:
             if ALREADY_ENROLLED in str(exc):
                 return ALREADY_ENROLLED_NOTE

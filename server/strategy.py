@@ -238,8 +238,9 @@ class AdapterFedAvg(FedAvg):
         checked: list[tuple[str, Message]] = []
         accepted: set[str] = set()  # the names in checked (a set: one look-up per reply, not a scan)
         secure = self._secure if stage == TRAIN else None  # masked updates this round
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}  # once per stage
         for msg in replies:
-            lost = self._flower_error(msg)
+            lost = self._flower_error(msg, sent_to)
             if lost is not None:  # no reply came from the site: Flower answered for it
                 node, name, reason = lost
                 self._refused(server_round, stage, msg, name, NO_REPLY, reason, node=node)
@@ -268,15 +269,15 @@ class AdapterFedAvg(FedAvg):
                 self._reject(server_round, stage, msg, name, problem)
         return checked
 
-    def _flower_error(self, msg: Message) -> tuple[int, str, str] | None:
+    def _flower_error(self, msg: Message, sent_to: Mapping[str, int]) -> tuple[int, str, str] | None:
         """``(node, site, reason)`` when ``msg`` is the SuperLink's own error reply for a site that did not
-        answer (offline, its upload expired, its ClientApp crashed), named by the message it answers.
+        answer (offline, its upload expired, its ClientApp crashed), named by the message it answers
+        (``sent_to``: this stage's message ids -> the node each was sent to).
 
         Such a reply comes from the SuperLink's node id, not the site's, so it would otherwise read as an
         unenrolled sender."""
         if not msg.has_error() or msg.metadata.src_node_id != SUPERLINK_NODE_ID:
             return None
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         node = sent_to.get(msg.metadata.reply_to_message_id)
         if node is None:
             return None  # not a reply to this stage's messages: left to resolve()
