@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,7 +50,6 @@ from fedshift.deploy.flwr_cli import (
     CONNECTION,
     Flwr,
     FlwrCommandError,
-    executable,
     flower_env,
     write_connection,
 )
@@ -130,9 +130,13 @@ def proxy_config(settings: ServerSettings, paths: Paths, local_port: int, insecu
 
 
 def superlink_argv(settings: ServerSettings, paths: Paths, local_port: int, insecure: bool) -> list[str]:
-    """The ``flower-superlink`` command line: every API on ``127.0.0.1:local_port``, nowhere else."""
+    """The ``flower-superlink`` command line: every API on ``127.0.0.1:local_port``, nowhere else.
+
+    Run through :mod:`fedshift.deploy.superlink` (Flower's SuperLink with a longer SQLite lock wait)."""
     argv = [
-        executable("flower-superlink"),
+        sys.executable,
+        "-m",
+        "fedshift.deploy.superlink",
         "--host",
         LOOPBACK,
         "--port",
