@@ -471,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        force=True,  # importing opacus already called basicConfig (WARNING), which hid the INFO lines
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per Runtime API poll
     logging.captureWarnings(True)
