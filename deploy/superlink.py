@@ -45,7 +45,8 @@ def lengthen_busy_timeout(ms: int = BUSY_TIMEOUT_MS) -> bool:
         isinstance(p, tuple) and len(p) == 2 and p[0] == PRAGMA for p in pragmas
     ):
         return False
-    sql_mixin.SQLITE_PRAGMAS = tuple((k, str(ms)) if k == PRAGMA else (k, v) for k, v in pragmas)
+    lengthened = tuple((k, str(ms)) if k == PRAGMA else (k, v) for k, v in pragmas)
+    setattr(sql_mixin, "SQLITE_PRAGMAS", lengthened)  # noqa: B010 (Flower types it as its own 7 pairs)
     return True
 
 
