@@ -35,6 +35,7 @@ SERVER_OPTIMIZERS = {
 # - fedadam / fedyogi 1e-2: Reddi et al.'s well-performing region (server lr ~1e-2 with tau 1e-3); Adam moves
 #   each coordinate by at most ~lr per round, and an honest fedshift site moves one by at most about
 #   learning-rate 1e-3 x ~10 AdamW steps = 1e-2, so a server step stays the size of one round's local work.
+DEFAULT_SERVER_TAU = 1e-3  # Reddi et al.'s recommended adaptivity, Flower's FedAdam/FedYogi default
 DEFAULT_SERVER_LEARNING_RATE = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2}
 # the robust choices that see individual updates, which secure aggregation hides from the server
 NEEDS_INDIVIDUAL_UPDATES = ("median", "trimmed-mean")
@@ -128,7 +129,7 @@ class AggregationConfig:
     )
     server_tau: float = setting(
         "server-tau",
-        1e-3,
+        DEFAULT_SERVER_TAU,
         help="fedadam/fedyogi: the adaptivity tau added to the root of the second moment (1e-3, Reddi et "
         "al.'s recommended value and Flower's default); larger = closer to server SGD with lr/tau",
         above=0,
@@ -146,6 +147,12 @@ class AggregationConfig:
                 f"{self.server_momentum:g}, but got 'fedavg', which takes the aggregate as is and would "
                 'ignore them; set server-optimizer = "fedavgm" (server-momentum = 0: plain server SGD) or '
                 "leave both keys out"
+            )
+        if self.server_optimizer in ("fedavg", "fedavgm") and self.server_tau != DEFAULT_SERVER_TAU:
+            raise ConfigError(
+                f"Expected run-config 'server-tau' only with server-optimizer fedadam or fedyogi, but got "
+                f"server-tau {self.server_tau:g} with {self.server_optimizer!r}, which has no second moment "
+                'and would ignore it; set server-optimizer = "fedadam" or "fedyogi", or leave server-tau out'
             )
         if self.secure and self.rule in NEEDS_INDIVIDUAL_UPDATES:
             raise ConfigError(

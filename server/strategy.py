@@ -364,8 +364,10 @@ class AdapterFedAvg(FedAvg):
         problem = arrays_problem(arrays, self.expected)  # checked before the step and anything written
         state = self.server_state
         if problem is None:
-            arrays, state = self._server_step(arrays)
-            problem = arrays_problem(arrays, self.expected)  # a step that overflowed is refused too
+            stepped, state = self._server_step(arrays)
+            if stepped is not arrays:  # a step that overflowed is refused too (fedavg: the aggregate as is)
+                problem = arrays_problem(stepped, self.expected)
+            arrays = stepped
         if problem is not None:
             logger.error(
                 "Round %d: the aggregate is unusable (%s); no checkpoint written, the previous adapters stay",

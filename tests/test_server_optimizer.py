@@ -346,6 +346,8 @@ def test_only_the_latest_rounds_files_stay(tmp_path: Path) -> None:
         ({"server-optimizer": "adam"}, "'server-optimizer' to be one of 'fedavg'.*but got 'adam'"),
         ({"server-tau": 0.0}, "'server-tau' to be a finite number > 0, but got 0.0"),
         ({"server-learning-rate": 0.5}, "fedavgm, fedadam or fedyogi.*but got 'fedavg'"),
+        ({"server-tau": 0.01}, "'server-tau' only with.*but got server-tau 0.01 with 'fedavg'"),
+        ({"server-optimizer": "fedavgm", "server-tau": 0.01}, "but got server-tau 0.01 with 'fedavgm'"),
     ],
 )
 def test_bad_server_optimizer_settings_fail_in_one_line(values: dict[str, Any], needle: str) -> None:
