@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,10 +29,9 @@ def _busy_timeout(db: Path) -> int:
 
 
 @pytest.fixture
-def restore_pragmas() -> Iterator[None]:
-    saved = sql_mixin.SQLITE_PRAGMAS
-    yield
-    sql_mixin.SQLITE_PRAGMAS = saved
+def restore_pragmas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's pragmas back after the test (the launcher replaces the module attribute)."""
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
 
 
 @pytest.mark.usefixtures("restore_pragmas")
