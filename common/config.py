@@ -35,6 +35,7 @@ from fedshift.common.train_config import TrainConfig
 
 __all__ = [
     "ANCHORS",
+    "DP_RECIPE",
     "FISHER_SOURCES",
     "LABEL_MODES",
     "RELEASE_PRIVACY_KEYS",
@@ -51,6 +52,7 @@ __all__ = [
     "check_lambda",
     "is_number",
     "run_config_from_arguments",
+    "with_recipe",
 ]
 
 # ModelConfig lives with the model (common/model.py); its run-config keys are declared here
@@ -220,6 +222,20 @@ RELEASE_PRIVACY_KEYS = (
     "align-clip",
     "align-noise-multiplier",
 )
+
+
+# The DP-aware recipe (issue 14): the run-config values a federation with DP-SGD takes unless it sets them;
+# without DP the declared defaults stay. Chosen on SYNTHETIC images and by reasoning, never by tuning on a
+# site's data (that choice would itself depend on private data): the privacy_curve benchmark measures it.
+# - server-optimizer fedavgm: server momentum averages the sites' DP noise over rounds (post-processing,
+#   no privacy cost);
+# - head-init zero: no random logits to unlearn under noisy steps (data-independent, free under DP).
+DP_RECIPE: dict[str, Any] = {"server-optimizer": "fedavgm", "head-init": "zero"}
+
+
+def with_recipe(values: Mapping[str, Any], private: bool) -> dict[str, Any]:
+    """``values`` (run-config keys) over the recipe of a federation with (``private``) or without DP."""
+    return {**(DP_RECIPE if private else {}), **values}
 
 
 def add_arguments(

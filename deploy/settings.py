@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from fedshift.client.site import NODE_LOCATION_KEYS, NODE_SETTINGS, SCREENED_KEYS, SITE_KEYS
-from fedshift.common.config import FederationConfig
+from fedshift.common.config import FederationConfig, with_recipe
 from fedshift.common.errors import ConfigError, FedshiftError
 from fedshift.common.settings import check_value, fail, setting_of
 from fedshift.deploy.certs import check_site_name
@@ -264,7 +264,8 @@ class ServerSettings:
                 f"Expected at least one enrolled site in [hospitals] of {path}, but got none; "
                 'add e.g. hospital-a = "certs/nodes/hospital-a.pub"'
             )
-        federation = dict(_table(doc, "federation", path, required=False))
+        # a hospital trains with DP-SGD unless its own site.toml sets dp = false: the DP-aware recipe
+        federation = with_recipe(_table(doc, "federation", path, required=False), private=True)
         run_dir = federation.get("run-dir", str(state_dir / "run"))
         federation["run-dir"] = str(_path({"run-dir": run_dir}, "run-dir", "federation", path))
         try:

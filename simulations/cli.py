@@ -56,11 +56,12 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedshift.simulations.experiment import ExperimentSpec, run_experiment
-    from fedshift.simulations.options import experiment_spec, federation, run_directory
+    from fedshift.simulations.options import budgets, experiment_spec, federation, reference, run_directory
 
     if args.sites < 1:
         raise ConfigError(f"Expected --sites to be a positive integer, but got {args.sites}")
-    fed = federation(args, {"min-nodes": min(2, args.sites)}, args.sites)
+    preset = {"min-nodes": min(2, args.sites)}
+    fed = federation(args, preset, args.sites)
     out = run_directory(args, "simulate")
     check_model(fed, args.finetune)
     spec = experiment_spec(
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         out,
         ExperimentSpec,
         baseline=not args.no_baseline,
-        dp_reference=not args.no_dp_reference,
+        dp_reference=None if args.no_dp_reference else reference(args, preset, args.sites),
         unseen_sites=args.unseen_sites,
     )
     if args.continual:
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if len(args.finetune) > 1:
         return _compare(spec, args.finetune, out)
     report = run_experiment(spec)
-    _print_report(report, args.epsilon, fed, out)
+    _print_report(report, budgets(args), fed, out)
     return 0
 
 
@@ -116,7 +117,7 @@ def _print_report(report: dict[str, Any], epsilon: tuple[float, ...] | None, fed
         for refusal in report["privacy"]["refused"]:
             print(f"Round {refusal['round']}: {refusal['site']} sent no update: {refusal['reason']}")
     budget = ",".join(f"{e:g}" for e in epsilon) if epsilon is not None else ""
-    label = f"federated with DP (epsilon <= {budget})" if epsilon is not None else "federated"
+    label = f"federated with DP (epsilon <= {budget})" if epsilon is not None else "federated WITHOUT DP"
     print(
         f"\nMean test AUC: {label} {fed_auc:.3f}"
         + (f" | federated without DP {no_dp_auc:.3f}" if no_dp_auc is not None else "")

@@ -70,7 +70,9 @@ class ExperimentSpec:
     synthetic_n: int = 2000  # images generated when no --data is given
     synthetic_colour: bool = False  # without --data: SYNTHETIC H&E-like colour patches, not chest X-rays
     baseline: bool = True  # also train every site alone
-    dp_reference: bool = True  # with DP on: also run the same configuration without DP
+    # with DP on: also run this federation, for reference (the same options without DP, so the non-DP
+    # recipe: fedshift.simulations.options.reference); None = no reference
+    dp_reference: FederationConfig | None = None
     site_epsilons: tuple[float, ...] | None = None  # one privacy budget per site (its site.toml)
     unseen_sites: int | None = None  # hospitals that never train and join at the end; None: 1 on real data
     attacks: tuple[Attack, ...] = ()  # simulated sites that alter their training replies (--attack)
@@ -233,6 +235,12 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
                 "sites": [site_summary(s) for s in sites],
                 "unseen_sites": [site_summary(s) for s in unseen],
                 "run_config": fed.to_run_config(),
+                # the no-DP reference's (<out>/no-dp), when it runs: the same options, the non-DP recipe
+                "reference_run_config": (
+                    spec.dp_reference.to_run_config()
+                    if fed.privacy.enabled and spec.dp_reference is not None
+                    else None
+                ),
                 "quantity_skew": spec.quantity_skew,
                 "dirichlet_alpha": spec.dirichlet_alpha,
             }
@@ -258,11 +266,12 @@ def _federations(spec: ExperimentSpec, sites: list[SimulatedSite]) -> _Runs:
     fed, privacy = spec.federation, spec.federation.privacy
     budgets = spec.site_epsilons if privacy.enabled else None
     runs = _Runs(*federate(fed, sites, spec.out_dir, budgets, attacks=spec.attacks))
-    if privacy.enabled and spec.dp_reference:
-        logger.info("Same configuration without DP, for reference (%s)", spec.out_dir / "no-dp")
-        no_dp = replace(fed, privacy=replace(privacy, enabled=False))
+    if privacy.enabled and spec.dp_reference is not None:
+        logger.info("The same options without DP, for reference (%s)", spec.out_dir / "no-dp")
+        if spec.dp_reference.privacy.enabled:
+            raise ValueError("Expected the DP reference to run without DP")
         runs.reference, runs.reference_seconds = federate(
-            no_dp, sites, spec.out_dir / "no-dp", attacks=spec.attacks
+            spec.dp_reference, sites, spec.out_dir / "no-dp", attacks=spec.attacks
         )
     return runs
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fedshift.common import settings
-from fedshift.common.config import FederationConfig, add_arguments, run_config_from_arguments
+from fedshift.common.config import FederationConfig, add_arguments, run_config_from_arguments, with_recipe
 from fedshift.common.errors import ConfigError
 from fedshift.simulations.attacks import ATTACKS, parse_attacks
 from fedshift.simulations.experiment import ExperimentSpec
@@ -42,6 +42,11 @@ FLAGS: dict[str, list[str]] = {
     "ls-count-noise-multiplier": ["--count-noise", "--ls-count-noise-multiplier"],
     "align-noise-multiplier": ["--align-noise", "--align-noise-multiplier"],
 }
+
+# Private by default (issue 14): these commands run every site with DP-SGD at this budget (and the default
+# dp-delta) unless --epsilon sets another or --no-dp turns DP off; the others only with --epsilon.
+DEFAULT_EPSILON = 8.0
+PRIVATE_BY_DEFAULT = ("simulate",)
 
 # the run-config keys an experiment takes from flags, by option group
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -110,7 +115,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
 
 GROUP_HELP = {
     "differential privacy": (
-        "differential privacy (DP-SGD at every site; on when --epsilon is given)",
+        "differential privacy (DP-SGD at every site; simulate: on by default, --no-dp turns it off)",
         "Each site's ledger lives in <out>/sites/site-k/.",
     ),
     "EWC": ("EWC (a Fisher-weighted pull towards each round's global adapters)", None),
@@ -213,12 +218,21 @@ def add_experiment_arguments(
                 "them on the same sites in one run (--strategy is an alias); run-config finetune",
             )
         elif group == "differential privacy":
+            private = command in PRIVATE_BY_DEFAULT
             g.add_argument(
                 "--epsilon",
                 type=floats,
                 help="privacy budget of every site, e.g. 8, or one per site, e.g. 8,4,8,2 (turns DP-SGD "
-                "on); run-config dp-epsilon",
+                + (f"on; default {DEFAULT_EPSILON:g}" if private else "on")
+                + "); run-config dp-epsilon",
             )
+            g.add_argument(
+                "--no-dp",
+                action="store_true",
+                help="explicitly without DP (the report says so)"
+                + ("" if private else f"; {command} runs without DP unless --epsilon is given"),
+            )
+            parser.set_defaults(private_by_default=private)
         elif group == "EWC":
             g.add_argument(
                 "--ewc-lambda",
@@ -238,31 +252,56 @@ def add_experiment_arguments(
     parser.add_argument("--out", type=Path, help=f"run directory (default: runs/{command}-<time>)")
 
 
+def budgets(args: argparse.Namespace) -> tuple[float, ...] | None:
+    """The sites' privacy budgets of the options (one, or one per site); ``None``: without DP.
+
+    ``--epsilon``, else :data:`DEFAULT_EPSILON` where the command is private by default, unless ``--no-dp``.
+    """
+    if args.no_dp and args.epsilon is not None:
+        raise ConfigError(
+            f"Expected either --epsilon or --no-dp, but got both (--epsilon "
+            f"{','.join(f'{e:g}' for e in args.epsilon)}); drop one"
+        )
+    if args.no_dp:
+        return None
+    if args.epsilon is not None:
+        return tuple(args.epsilon)
+    return (DEFAULT_EPSILON,) if args.private_by_default else None
+
+
 def federation(args: argparse.Namespace, preset: Mapping[str, Any], num_sites: int) -> FederationConfig:
-    """The run config of the options: ``preset`` (values the command derives), then the flags' values."""
-    if args.epsilon is not None and len(args.epsilon) not in (1, num_sites):
+    """The run config of the options: the recipe (with DP: :data:`~fedshift.common.config.DP_RECIPE`), then
+    ``preset`` (values the command derives), then the flags' values."""
+    epsilon = budgets(args)
+    if epsilon is not None and len(epsilon) not in (1, num_sites):
         raise ConfigError(
             f"Expected --epsilon to be one budget or one per site ({num_sites}), but got "
-            f"{len(args.epsilon)} values; pass e.g. --epsilon 8"
+            f"{len(epsilon)} values; pass e.g. --epsilon 8"
         )
     if len(args.ewc_lambda) > 1 and not getattr(args, "continual", False):
         raise ConfigError(
             f"Expected one --ewc-lambda without --continual, but got {len(args.ewc_lambda)} values; pass "
             "one, e.g. --ewc-lambda 10 (several are compared only in the continual scenario)"
         )
-    values = {**preset, **run_config_from_arguments(args)}
+    values = with_recipe({**preset, **run_config_from_arguments(args)}, private=epsilon is not None)
     values["finetune"] = args.finetune[0]
     values["ewc-lambda"] = args.ewc_lambda[0]
-    if args.epsilon is not None:
-        values.update({"dp": True, "dp-epsilon": max(args.epsilon)})
+    if epsilon is not None:
+        values.update({"dp": True, "dp-epsilon": max(epsilon)})
     return FederationConfig.from_run_config(values)  # 0 of dp-epsilon(-per-run) reads as "not set"
+
+
+def reference(args: argparse.Namespace, preset: Mapping[str, Any], num_sites: int) -> FederationConfig:
+    """The federation of the same options without DP (``--no-dp``: the non-DP recipe), DP's reference."""
+    return federation(argparse.Namespace(**{**vars(args), "epsilon": None, "no_dp": True}), preset, num_sites)
 
 
 def experiment_spec(
     args: argparse.Namespace, fed: FederationConfig, out: Path, cls: type[Spec], **more: Any
 ) -> Spec:
     """The runner's :class:`ExperimentSpec` (``cls``, or a preset's subclass) of the options."""
-    several = args.epsilon is not None and len(args.epsilon) > 1
+    epsilon = budgets(args)
+    several = epsilon is not None and len(epsilon) > 1
     attacks = parse_attacks(args.attack, args.sites)
     if attacks and fed.aggregation.secure:
         raise ConfigError(
@@ -280,7 +319,7 @@ def experiment_spec(
         max_per_site=args.max_per_site,
         synthetic_n=args.synthetic_n,
         synthetic_colour=args.synthetic_colour,
-        site_epsilons=tuple(args.epsilon) if several else None,
+        site_epsilons=epsilon if several else None,
         attacks=attacks,
         federation=fed,
         **more,

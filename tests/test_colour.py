@@ -282,7 +282,7 @@ def test_colour_federation_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixt
 
     out = tmp_path / "run"
     args = ["simulate", "--synthetic-colour", "--sites", "3", "--synthetic-n", "900", "--rounds", "2"]
-    args += ["--image-size", "32", "--no-baseline", "--out", str(out)]
+    args += ["--image-size", "32", "--no-baseline", "--no-dp", "--out", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "SYNTHETIC" in printed and "Mean test AUC" in printed

@@ -235,6 +235,36 @@ def test_server_config_checks(tmp_path: Path, certs: Path, capsys: pytest.Captur
     one_line_error(main(["server", "--config", str(path)]), capsys.readouterr().err, "rounds", "kebab-case")
 
 
+def test_the_coordinators_run_config_takes_the_dp_recipe_unless_federation_sets_a_key(
+    tmp_path: Path, certs: Path
+) -> None:
+    """Hospitals run DP-SGD unless their own site.toml says dp = false: the run config is the DP recipe's."""
+    import tomllib
+
+    from fedshift.common.config import DP_RECIPE
+    from fedshift.deploy.server import write_run_config
+    from fedshift.deploy.settings import ServerSettings
+
+    path = _federation_toml(tmp_path, certs)
+    settings = ServerSettings.load(path)
+    assert {k: settings.run_config[k] for k in DP_RECIPE} == {
+        "server-optimizer": "fedavgm",
+        "head-init": "zero",
+    }
+    write_run_config(tmp_path / "run-config.toml", settings, None, None)
+    written = tomllib.loads((tmp_path / "run-config.toml").read_text())
+    assert (written["server-optimizer"], written["head-init"], written["num-server-rounds"]) == (
+        "fedavgm",
+        "zero",
+        3,
+    )
+    path.write_text(
+        path.read_text().replace("num-server-rounds = 3", 'num-server-rounds = 3\nhead-init = "random"')
+    )
+    chosen = ServerSettings.load(path).run_config
+    assert (chosen["server-optimizer"], chosen["head-init"]) == ("fedavgm", "random")
+
+
 def test_a_finished_federation_is_not_started_again(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(ValueError, match="move that folder away"):

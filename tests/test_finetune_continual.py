@@ -17,7 +17,18 @@ from fedshift.common.cli import main
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.simulations.finetune_compare import finetune_row, finetune_table
 
-SMALL = ["--sites", "2", "--rounds", "1", "--synthetic-n", "300", "--image-size", "32", "--no-baseline"]
+SMALL = [
+    "--sites",
+    "2",
+    "--rounds",
+    "1",
+    "--synthetic-n",
+    "300",
+    "--image-size",
+    "32",
+    "--no-baseline",
+    "--no-dp",
+]
 
 
 def test_finetune_row_reads_auc_bytes_and_throughput_from_the_server_results() -> None:

@@ -27,7 +27,8 @@ from fedshift.simulations.unseen import AS_RECEIVED, SITE_SIDE
 pytestmark = pytest.mark.slow
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-FASTER = ["--max-per-site", "150", "--rounds", "2", "--no-baseline"]  # added to the README's simulate, for CI
+# added to the README's simulate, for CI (its DP default is tested in test_simulation.py)
+FASTER = ["--max-per-site", "150", "--rounds", "2", "--no-baseline", "--no-dp"]
 KEYS = ("auc", "accuracy", "log_loss")
 
 

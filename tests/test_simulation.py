@@ -14,11 +14,11 @@ from flwr.app import Array, ArrayRecord, Context, Message
 
 from fedshift.common.checkpoint import load_checkpoint
 from fedshift.common.cli import main
-from fedshift.common.config import FederationConfig, TrainConfig
+from fedshift.common.config import DP_RECIPE, FederationConfig, TrainConfig
 from fedshift.common.data import load_npz
 from fedshift.common.model import ModelConfig, build_model
 from fedshift.simulations.engine import run_flower_simulation
-from fedshift.simulations.experiment import ExperimentSpec, build_sites
+from fedshift.simulations.experiment import ExperimentSpec, build_sites, ledger_epsilons
 from fedshift.tests.helpers import assert_tight_and_sound
 
 pytestmark = pytest.mark.slow
@@ -58,11 +58,23 @@ def _ray_processes() -> list[str]:
 
 
 def test_simulate_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The default command: private (DP-SGD at epsilon 8, the DP recipe), the no-DP reference beside it."""
     out = tmp_path / "run"
     assert main(["simulate", "--sites", "2", *TINY, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "site-0" in printed and "SYNTHETIC" in printed and "Mean test AUC" in printed
     assert "Negative transfer:" in printed
+    assert "federated with DP (epsilon <= 8)" in printed and "federated without DP" in printed
+
+    config = json.loads((out / "config.json").read_text())
+    run, ref = config["run_config"], config["reference_run_config"]
+    assert (run["dp"], run["dp-epsilon"], run["dp-delta"]) == (True, 8.0, 1e-5)
+    assert {k: run[k] for k in DP_RECIPE} == DP_RECIPE  # the DP-aware recipe
+    defaults = FederationConfig().to_run_config()
+    assert ref == {**run, **{k: defaults[k] for k in (*DP_RECIPE, "dp", "dp-epsilon")}}  # only those differ
+    ledgers = ledger_epsilons(out / "sites", 1e-5)
+    assert sorted(ledgers) == ["site-0", "site-1"] and all(0 < e <= 8.0 for e in ledgers.values())
+    assert json.loads((out / "no-dp" / "server" / "results.json").read_text())["final_test"]
 
     report = json.loads((out / "results.json").read_text())
     assert report["synthetic"] is True

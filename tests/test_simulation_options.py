@@ -12,10 +12,18 @@ from pathlib import Path
 import pytest
 
 from fedshift.common.cli import build_parser
-from fedshift.common.config import FederationConfig, ModelConfig, ShiftConfig, TrainConfig
+from fedshift.common.config import (
+    DP_RECIPE,
+    AggregationConfig,
+    FederationConfig,
+    ModelConfig,
+    PrivacyConfig,
+    ShiftConfig,
+    TrainConfig,
+)
 from fedshift.common.settings import all_settings
 from fedshift.simulations.experiment import ExperimentSpec
-from fedshift.simulations.options import FLAGS, GROUPS, experiment_spec, federation
+from fedshift.simulations.options import FLAGS, GROUPS, budgets, experiment_spec, federation, reference
 from fedshift.simulations.shift_study import StudySpec
 
 
@@ -23,12 +31,56 @@ def _parse(*argv: str) -> argparse.Namespace:
     return build_parser().parse_args(list(argv))
 
 
-def test_simulate_defaults_are_the_declared_defaults() -> None:
-    args = _parse("simulate")
+def test_simulate_without_dp_runs_the_declared_defaults() -> None:
+    args = _parse("simulate", "--no-dp")
     fed = federation(args, {"min-nodes": min(2, args.sites)}, args.sites)
     assert fed == FederationConfig()
     spec = experiment_spec(args, fed, Path("out"), ExperimentSpec)
     assert spec == ExperimentSpec(out_dir=Path("out"), federation=FederationConfig())
+
+
+def test_simulate_is_private_by_default_with_the_dp_recipe_and_a_no_dp_reference() -> None:
+    args = _parse("simulate")
+    preset = {"min-nodes": min(2, args.sites)}
+    fed = federation(args, preset, args.sites)
+    # by hand: the declared defaults with DP-SGD at epsilon 8, delta 1e-5, fedavgm and a zero head
+    private = FederationConfig(
+        privacy=PrivacyConfig(enabled=True, epsilon=8.0, delta=1e-5),
+        model=ModelConfig(head_init="zero"),
+        aggregation=AggregationConfig(server_optimizer="fedavgm"),
+    )
+    assert fed == private
+    assert set(DP_RECIPE) == {"server-optimizer", "head-init"}  # what the by-hand config above spells out
+    assert reference(args, preset, args.sites) == FederationConfig()  # --no-dp: the non-DP recipe
+    assert experiment_spec(args, fed, Path("out"), ExperimentSpec).site_epsilons is None  # one budget
+
+
+def test_a_value_the_user_sets_beats_the_dp_recipe_in_both_runs() -> None:
+    args = _parse("simulate", "--server-optimizer", "fedadam", "--head-init", "random", "--epsilon", "2")
+    fed = federation(args, {}, 4)
+    assert (fed.aggregation.server_optimizer, fed.model.head_init, fed.privacy.epsilon) == (
+        "fedadam",
+        "random",
+        2,
+    )
+    ref = reference(args, {}, 4)
+    assert (ref.aggregation.server_optimizer, ref.model.head_init, ref.privacy.enabled) == (
+        "fedadam",
+        "random",
+        False,
+    )
+
+
+def test_epsilon_and_no_dp_together_are_refused() -> None:
+    from fedshift.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"either --epsilon or --no-dp.*--epsilon 8"):
+        federation(_parse("simulate", "--epsilon", "8", "--no-dp"), {}, 4)
+
+
+def test_shift_study_is_private_only_with_epsilon() -> None:
+    args = _parse("shift-study")
+    assert budgets(args) is None and budgets(_parse("shift-study", "--epsilon", "4")) == (4.0,)
 
 
 def test_shift_study_preset_is_the_study_it_replaced() -> None:

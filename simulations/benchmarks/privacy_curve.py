@@ -4,10 +4,11 @@
         --epsilons 1,2,4,8,inf --seeds 0,1,2 --out DIR [any other simulate option]
 
 For every seed the same shifted sites (the seed sets them) are federated by ``fedshift simulate``'s
-runner, :func:`~fedshift.simulations.experiment.run_experiment`: once without DP with the local-only
-baseline (``<out>/seed-S/no-dp``; it is the curve's ``inf`` point), and once with DP-SGD at each finite
-budget (``<out>/seed-S/epsilon-E``, without the runner's own no-DP reference and baseline, which the
-curve already has). The options are simulate's, with its defaults. Writes ``privacy_curve.json`` (per
+runner, :func:`~fedshift.simulations.experiment.run_experiment`: once without DP (``--no-dp``: the
+non-DP recipe) with the local-only baseline (``<out>/seed-S/no-dp``; it is the curve's ``inf`` point),
+and once with DP-SGD at each finite budget (the DP-aware recipe, ``fedshift.common.config.DP_RECIPE``;
+``<out>/seed-S/epsilon-E``, without the runner's own no-DP reference and baseline, which the curve
+already has). The options are simulate's, with its defaults. Writes ``privacy_curve.json`` (per
 budget and seed: the mean per-site test AUC, each site's AUC and its ledger epsilon; the no-DP and
 local-only values per seed; mean and sd over seeds) and ``privacy_curve.png``, and prints the table.
 """
@@ -247,12 +248,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every run of the curve; writes the JSON and the plot into ``--out``; the report."""
     from fedshift.simulations.cli import check_model
     from fedshift.simulations.experiment import ExperimentSpec, run_experiment
-    from fedshift.simulations.options import experiment_spec, federation, run_directory
+    from fedshift.simulations.options import experiment_spec, federation, reference, run_directory
 
     epsilons = parse_epsilons(args.epsilons)
-    if args.epsilon is not None:
+    if args.epsilon is not None or args.no_dp:
+        given = "--no-dp" if args.epsilon is None else f"--epsilon {','.join(map(str, args.epsilon))}"
         raise ConfigError(
-            f"Expected the budgets in --epsilons, but got --epsilon {','.join(map(str, args.epsilon))}; "
+            f"Expected the budgets in --epsilons (inf = without DP), but got {given}; "
             f"pass e.g. --epsilons {_EPSILONS_EXAMPLE}"
         )
     if args.sites < 1:
@@ -271,13 +273,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for seed in args.seeds:
         sites: Any = None
         for epsilon in (math.inf, *(e for e in epsilons if not math.isinf(e))):
-            budget = argparse.Namespace(
-                **{**vars(args), "epsilon": None if math.isinf(epsilon) else (epsilon,)}
-            )
-            fed = federation(budget, preset, args.sites)
+            budget = argparse.Namespace(**{**vars(args), "epsilon": (epsilon,), "no_dp": False})
+            if math.isinf(epsilon):  # simulate's --no-dp run (the non-DP recipe), as simulate's own reference
+                fed = reference(args, preset, args.sites)
+            else:
+                fed = federation(budget, preset, args.sites)
             fed = replace(fed, seed=seed, model=replace(fed.model, seed=seed))
-            if math.isinf(epsilon):  # explicitly without DP, whatever the defaults
-                fed = replace(fed, privacy=replace(fed.privacy, enabled=False))
             check_model(fed, args.finetune)  # and the thread count: the local-only baseline trains here
             run_dir = out / f"seed-{seed}" / ("no-dp" if math.isinf(epsilon) else f"epsilon-{epsilon:g}")
             spec = experiment_spec(
@@ -286,7 +287,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 run_dir,
                 ExperimentSpec,
                 baseline=math.isinf(epsilon),
-                dp_reference=False,
                 unseen_sites=args.unseen_sites,
             )
             logger.info("Seed %d, epsilon %s: %s", seed, epsilon_key(epsilon), run_dir)
