@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedshift.common.config import DP_RECIPE, FederationConfig
 from fedshift.common.errors import ConfigError
 from fedshift.simulations.benchmarks.privacy_curve import (
     CURVE_FILE,
@@ -67,9 +68,12 @@ def test_the_command_refuses_bad_epsilons_in_one_line(
     assert not (tmp_path / "r").exists()  # refused before anything ran
 
 
-def test_the_command_refuses_simulates_epsilon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["--epsilon", "8", "--out", str(tmp_path / "r")])
-    one_line_error(code, capsys.readouterr().err, "--epsilons")
+@pytest.mark.parametrize("flags", [["--epsilon", "8"], ["--no-dp"]])
+def test_the_command_refuses_simulates_epsilon_and_no_dp(
+    flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main([*flags, "--out", str(tmp_path / "r")])
+    one_line_error(code, capsys.readouterr().err, "--epsilons", flags[0])
 
 
 # ------------------------------------------------------------------ aggregation over seeds
@@ -210,3 +214,9 @@ def test_a_tiny_curve_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert local["mean_auc"] == no_dp_run["mean_test_auc"]["local_only"]
     assert local["site_auc"] == {s: m["auc"] for s, m in no_dp_run["local_only_test"].items()}
     assert dp_run["sites"] == no_dp_run["sites"]  # the same sites at every budget
+    # the DP point runs the DP recipe, the no-DP point simulate's --no-dp run (the declared defaults)
+    dp_config = json.loads((out / "seed-0" / "epsilon-8" / "config.json").read_text())["run_config"]
+    no_dp_config = json.loads((out / "seed-0" / "no-dp" / "config.json").read_text())["run_config"]
+    defaults = FederationConfig().to_run_config()
+    assert {k: dp_config[k] for k in DP_RECIPE} == DP_RECIPE
+    assert {k: no_dp_config[k] for k in DP_RECIPE} == {k: defaults[k] for k in DP_RECIPE}

@@ -47,10 +47,11 @@ def test_simulate_is_private_by_default_with_the_dp_recipe_and_a_no_dp_reference
     private = FederationConfig(
         privacy=PrivacyConfig(enabled=True, epsilon=8.0, delta=1e-5),
         model=ModelConfig(head_init="zero"),
+        train=TrainConfig(learning_rate=3e-3),
         aggregation=AggregationConfig(server_optimizer="fedavgm"),
     )
     assert fed == private
-    assert set(DP_RECIPE) == {"server-optimizer", "head-init"}  # what the by-hand config above spells out
+    assert set(DP_RECIPE) == {"server-optimizer", "head-init", "learning-rate"}  # what is spelled out above
     assert reference(args, preset, args.sites) == FederationConfig()  # --no-dp: the non-DP recipe
     assert experiment_spec(args, fed, Path("out"), ExperimentSpec).site_epsilons is None  # one budget
 

@@ -46,7 +46,7 @@ import torch
 
 from fedshift.client.dp import PrivateTraining, sample_rate
 from fedshift.client.training import device_for, evaluate, train_local
-from fedshift.common.config import TrainConfig
+from fedshift.common.config import FederationConfig, TrainConfig, with_recipe
 from fedshift.common.data import ImageSet, to_tensor
 from fedshift.common.errors import ConfigError, FedshiftError
 from fedshift.common.model import ModelConfig, build_model
@@ -174,8 +174,8 @@ def _utility(settings: BenchSettings, device: torch.device, inputs: _Inputs, m: 
     subset = train.subset(np.random.default_rng(seed).permutation(n)[: min(n, k * b)])
     train_local(model, subset, utility_config, device, seed=seed)
     m.auc_np = evaluate(model, test, device)["auc"]
-    logger.info("Utility: fedshift DP, %d steps", k)
-    model = build_model(inputs.config)
+    logger.info("Utility: fedshift DP, %d steps (the DP recipe's model: %s)", k, _recipe_model(inputs.config))
+    model = build_model(_recipe_model(inputs.config))
     plan = PrivateTraining(sigma, clip, q, steps=k, seed=seed)
     train_local(model, train, utility_config, device, seed=seed, private=plan)
     m.auc_dp = evaluate(model, test, device)["auc"]
@@ -189,6 +189,12 @@ def _utility(settings: BenchSettings, device: torch.device, inputs: _Inputs, m: 
     m.eps_stock = result.epsilon
     if not math.isclose(m.eps, m.eps_stock, rel_tol=1e-9):
         logger.warning("Epsilon differs: fedshift %.6g, stock Opacus accountant %.6g", m.eps, m.eps_stock)
+
+
+def _recipe_model(config: ModelConfig) -> ModelConfig:
+    """The model of ``config``'s size and seed as a DP run builds it: with the DP recipe's model keys."""
+    run_config = with_recipe({"image-size": config.image_size, "seed": config.seed}, private=True)
+    return FederationConfig.from_run_config(run_config).model
 
 
 def run_benchmark(settings: BenchSettings) -> tuple[list[Row], dict[str, Any]]:
