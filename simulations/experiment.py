@@ -217,8 +217,8 @@ class _Runs:
 def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
     """Run everything; writes config, results JSON, checkpoint and plot into ``spec.out_dir``.
 
-    With DP on, the same configuration also runs without DP (``<out>/no-dp``)
-    unless ``spec.dp_reference`` is off, so the cost of privacy is printed beside it.
+    With DP on, ``spec.dp_reference`` (the same options without DP) also runs
+    (``<out>/no-dp``) unless it is ``None``, so the cost of privacy is printed beside it.
     """
     started = time.time()
     out = spec.out_dir

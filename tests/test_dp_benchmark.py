@@ -132,3 +132,14 @@ def test_stock_and_fedshift_privacy_match_when_n_is_a_multiple_of_b() -> None:
     for _ in range(steps):
         accountant.step(noise_multiplier=sigma, sample_rate=q)
     assert epsilon([(sigma, q, steps)], 1e-5, "rdp") == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-12)
+
+
+def test_fedshift_dp_mode_runs_the_dp_recipe_at_the_benchmarks_size_and_seed() -> None:
+    from fedshift.common.config import DP_RECIPE, FederationConfig
+    from fedshift.common.model import ModelConfig
+    from fedshift.simulations.benchmarks.dp_throughput import _recipe
+
+    recipe = _recipe(ModelConfig(image_size=48, seed=7))
+    assert (recipe.model.image_size, recipe.model.seed, recipe.seed) == (48, 7, 7)
+    assert recipe.model.head_init == DP_RECIPE["head-init"] == "zero"
+    assert recipe.train.learning_rate == DP_RECIPE["learning-rate"] != FederationConfig().train.learning_rate
