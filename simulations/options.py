@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fedshift.common import settings
-from fedshift.common.config import FederationConfig, add_arguments, run_config_from_arguments, with_recipe
+from fedshift.common.config import (
+    DP_RECIPE,
+    FederationConfig,
+    add_arguments,
+    run_config_from_arguments,
+    with_recipe,
+)
 from fedshift.common.errors import ConfigError
 from fedshift.simulations.attacks import ATTACKS, parse_attacks
 from fedshift.simulations.experiment import ExperimentSpec
@@ -116,7 +122,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
 GROUP_HELP = {
     "differential privacy": (
         "differential privacy (DP-SGD at every site; simulate: on by default, --no-dp turns it off)",
-        "Each site's ledger lives in <out>/sites/site-k/.",
+        "Each site's ledger lives in <out>/sites/site-k/. With DP, the DP-aware recipe replaces these "
+        "defaults unless you set them: "
+        + ", ".join(f"--{k} {v:g}" if isinstance(v, float) else f"--{k} {v}" for k, v in DP_RECIPE.items())
+        + ".",
     ),
     "EWC": ("EWC (a Fisher-weighted pull towards each round's global adapters)", None),
     "aggregation": (
