@@ -70,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
         out,
         ExperimentSpec,
         baseline=not args.no_baseline,
-        dp_reference=None if args.no_dp_reference else reference(args, preset, args.sites),
+        dp_reference=reference(args, preset, args.sites)
+        if fed.privacy.enabled and not args.no_dp_reference
+        else None,
         unseen_sites=args.unseen_sites,
     )
     if args.continual:

@@ -236,11 +236,7 @@ def run_experiment(spec: ExperimentSpec) -> dict[str, Any]:
                 "unseen_sites": [site_summary(s) for s in unseen],
                 "run_config": fed.to_run_config(),
                 # the no-DP reference's (<out>/no-dp), when it runs: the same options, the non-DP recipe
-                "reference_run_config": (
-                    spec.dp_reference.to_run_config()
-                    if fed.privacy.enabled and spec.dp_reference is not None
-                    else None
-                ),
+                "reference_run_config": spec.dp_reference.to_run_config() if spec.dp_reference else None,
                 "quantity_skew": spec.quantity_skew,
                 "dirichlet_alpha": spec.dirichlet_alpha,
             }
